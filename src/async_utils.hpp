@@ -1,0 +1,35 @@
+// async_utils: Python's codestare.async_utils and the asyncio it stands on, for C++20.
+// This root file lists the parts in dependency order; amalgamate.py inlines them into the
+// single header at the repository root.
+#pragma once
+
+// Platform: configuration, errors, logging, the I/O backends.
+#include "platform/config.hpp"
+#include "platform/errors.hpp"
+#include "platform/log.hpp"
+#include "platform/posix.hpp"
+#include "platform/backend_epoll.hpp"
+#include "platform/backend_kqueue.hpp"
+#include "platform/backend_poll.hpp"
+#include "platform/backend.hpp"
+
+// Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
+#include "runtime/intrusive_list.hpp"
+#include "runtime/job_queue.hpp"
+#include "runtime/timer_heap.hpp"
+#include "runtime/future_core.hpp"
+#include "runtime/any_task.hpp"
+#include "runtime/handle.hpp"
+#include "runtime/event_loop.hpp"
+#include "runtime/task_steps.hpp"
+#include "runtime/test_support.hpp"
+#include "runtime/awaitable.hpp"
+#include "runtime/future.hpp"
+#include "runtime/coroutine.hpp"
+#include "runtime/task.hpp"
+#include "runtime/sleep.hpp"
+#include "runtime/wait_for.hpp"
+#include "runtime/gather.hpp"
+#include "runtime/shield.hpp"
+#include "runtime/io.hpp"
+#include "runtime/run.hpp"

@@ -1,0 +1,52 @@
+// Picks the I/O backend chosen in config.hpp, and the cross-thread wake-up descriptor.
+#pragma once
+
+#if defined(__linux__)
+#include <sys/eventfd.h>
+#endif
+
+namespace codestare::async_utils::detail {
+
+#if defined(ASYNC_UTILS_BACKEND_EPOLL)
+using io_backend = epoll_backend;
+#elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
+using io_backend = kqueue_backend;
+#else
+using io_backend = poll_backend;
+#endif
+
+/// Wakes a loop blocked in its backend from another thread: an eventfd on Linux, a pipe
+/// elsewhere. notify() is async-signal-safe and thread-safe; drain() runs on the loop thread.
+class wakeup_fd {
+ public:
+  wakeup_fd() {
+#if defined(__linux__)
+    read_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (!read_) throw_errno("eventfd");
+#else
+    int fds[2];
+    if (::pipe(fds) == -1) throw_errno("pipe");
+    read_.reset(fds[0]);
+    write_.reset(fds[1]);
+    make_nonblocking_cloexec(fds[0]);
+    make_nonblocking_cloexec(fds[1]);
+#endif
+  }
+  int fd() const noexcept { return read_.get(); }
+  void notify() const noexcept {
+    const std::uint64_t one = 1;
+    const int target = write_ ? write_.get() : read_.get();
+    // EAGAIN means a wake-up is already pending, which is all we need.
+    [[maybe_unused]] auto n = ::write(target, &one, write_ ? 1 : sizeof one);
+  }
+  void drain() const noexcept {
+    char buf[64];
+    while (::read(read_.get(), buf, sizeof buf) > 0) {
+    }
+  }
+
+ private:
+  unique_fd read_, write_;
+};
+
+}  // namespace codestare::async_utils::detail

@@ -1,0 +1,95 @@
+// The portable backend: poll(2) over a compact array of the armed descriptors.
+#pragma once
+
+#ifdef ASYNC_UTILS_BACKEND_POLL
+#include <poll.h>
+#include <vector>
+
+namespace codestare::async_utils::detail {
+
+/// Same contract as the epoll backend (one report per arm); the array holds only armed fds and
+/// permanent watches, so each wait costs O(armed), not O(largest fd).
+class poll_backend {
+ public:
+  static constexpr const char* name = "poll";
+
+  void add(int fd) { require_open_fd(fd, "add"); }
+  void arm(int fd, unsigned mask) {
+    short events = static_cast<short>(((mask & io_read) ? POLLIN : 0) | ((mask & io_write) ? POLLOUT : 0));
+    std::size_t i = slot(fd);
+    if (i == npos) {
+      if (events == 0) return;
+      index_at(fd) = fds_.size();
+      fds_.push_back({fd, events, 0});
+      permanent_.push_back(false);
+    } else if (events == 0 && !permanent_[i]) {
+      erase(i);
+    } else {
+      fds_[i].events = events;
+    }
+  }
+  void remove(int fd) noexcept {
+    std::size_t i = slot(fd);
+    if (i != npos && !permanent_[i]) erase(i);
+  }
+  void watch(int fd) {
+    arm(fd, io_read);
+    permanent_[slot(fd)] = true;
+  }
+
+  template <class F>
+  void wait(std::chrono::nanoseconds timeout, F&& on_event) {
+    int n = ::poll(fds_.data(), static_cast<nfds_t>(fds_.size()), timeout_ms(timeout));
+    if (n < 0) {
+      if (errno == EINTR) return;
+      throw_errno("poll");
+    }
+    reported_.clear();
+    for (std::size_t i = 0; i < fds_.size() && n > 0; ++i) {
+      const short re = fds_[i].revents;
+      if (re == 0) continue;
+      --n;
+      unsigned bits = 0;
+      if (re & POLLIN) bits |= io_read;
+      if (re & POLLOUT) bits |= io_write;
+      if (re & (POLLERR | POLLHUP | POLLNVAL)) bits |= io_error;
+      reported_.push_back({fds_[i].fd, bits});
+    }
+    // Disarm before dispatching, as a one-shot registration would be.
+    for (const auto& r : reported_) remove(r.fd);
+    for (const auto& r : reported_) on_event(r.fd, r.bits);
+  }
+
+ private:
+  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+  std::size_t slot(int fd) const noexcept {
+    auto u = static_cast<std::size_t>(fd);
+    return u < index_.size() ? index_[u] : npos;
+  }
+  std::size_t& index_at(int fd) {
+    auto u = static_cast<std::size_t>(fd);
+    if (u >= index_.size()) index_.resize(u + 1, npos);
+    return index_[u];
+  }
+  void erase(std::size_t i) noexcept {
+    index_[static_cast<std::size_t>(fds_[i].fd)] = npos;
+    if (i + 1 != fds_.size()) {
+      fds_[i] = fds_.back();
+      permanent_[i] = permanent_.back();
+      index_[static_cast<std::size_t>(fds_[i].fd)] = i;
+    }
+    fds_.pop_back();
+    permanent_.pop_back();
+  }
+  struct report {
+    int fd;
+    unsigned bits;
+  };
+  std::vector<pollfd> fds_;
+  std::vector<bool> permanent_;
+  std::vector<std::size_t> index_;  // fd -> position in fds_
+  std::vector<report> reported_;
+};
+
+}  // namespace codestare::async_utils::detail
+#endif  // ASYNC_UTILS_BACKEND_POLL

@@ -1,0 +1,45 @@
+// Version, backend selection and the hook that turns the embedded tests on.
+#pragma once
+
+#define ASYNC_UTILS_VERSION_MAJOR 0
+#define ASYNC_UTILS_VERSION_MINOR 1
+#define ASYNC_UTILS_VERSION_PATCH 0
+#define ASYNC_UTILS_VERSION "0.1.0"
+
+// Backend: forced by the user with ASYNC_UTILS_BACKEND_{EPOLL,KQUEUE,POLL}, else the best the
+// platform has. Exactly one of them ends up defined.
+#if (defined(ASYNC_UTILS_BACKEND_EPOLL) + defined(ASYNC_UTILS_BACKEND_KQUEUE) + \
+     defined(ASYNC_UTILS_BACKEND_POLL)) > 1
+#error "async_utils: define at most one of ASYNC_UTILS_BACKEND_EPOLL, _KQUEUE, _POLL"
+#endif
+#if !defined(ASYNC_UTILS_BACKEND_EPOLL) && !defined(ASYNC_UTILS_BACKEND_KQUEUE) && \
+    !defined(ASYNC_UTILS_BACKEND_POLL)
+#if defined(__linux__)
+#define ASYNC_UTILS_BACKEND_EPOLL
+#elif defined(__APPLE__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__) || \
+    defined(__DragonFly__)
+#define ASYNC_UTILS_BACKEND_KQUEUE
+#else
+#define ASYNC_UTILS_BACKEND_POLL
+#endif
+#endif
+
+#if !defined(__unix__) && !defined(__APPLE__)
+#error "async_utils needs a POSIX system (Linux, macOS or a BSD)"
+#endif
+
+#if __cplusplus < 202002L
+#error "async_utils needs C++20 (-std=c++20)"
+#endif
+
+// Embedded tests: ASYNC_UTILS_TESTS compiles the doctest TEST_CASEs that sit beside the code,
+// ASYNC_UTILS_TESTS_MAIN also supplies doctest's main(). Without either, doctest is never named.
+#if defined(ASYNC_UTILS_TESTS_MAIN) && !defined(ASYNC_UTILS_TESTS)
+#define ASYNC_UTILS_TESTS
+#endif
+#ifdef ASYNC_UTILS_TESTS
+#ifdef ASYNC_UTILS_TESTS_MAIN
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#endif
+#include <doctest/doctest.h>
+#endif

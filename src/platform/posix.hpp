@@ -1,0 +1,67 @@
+// Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
+#pragma once
+
+#include <cerrno>
+#include <chrono>
+#include <fcntl.h>
+#include <string>
+#include <system_error>
+#include <unistd.h>
+#include <utility>
+
+namespace codestare::async_utils::detail {
+
+/// Readiness bits the backends report and accept; `io_error` (error, hang-up, closed fd) is
+/// always reported and wakes readers and writers alike, so they retry and see the real error.
+inline constexpr unsigned io_read = 1;
+inline constexpr unsigned io_write = 2;
+inline constexpr unsigned io_error = 4;
+
+[[noreturn]] inline void throw_errno(int err, const std::string& what) {
+  throw std::system_error(err, std::generic_category(), what);
+}
+[[noreturn]] inline void throw_errno(const std::string& what) { throw_errno(errno, what); }
+
+/// Throws std::system_error(EBADF) unless fd is an open descriptor.
+inline void require_open_fd(int fd, const char* what) {
+  if (fd < 0 || ::fcntl(fd, F_GETFD) == -1) throw_errno(EBADF, std::string(what) + ": bad file descriptor " + std::to_string(fd));
+}
+
+/// Owns one descriptor; closes it on destruction.
+class unique_fd {
+ public:
+  unique_fd() noexcept = default;
+  explicit unique_fd(int fd) noexcept : fd_(fd) {}
+  unique_fd(unique_fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  unique_fd& operator=(unique_fd&& other) noexcept {
+    reset(std::exchange(other.fd_, -1));
+    return *this;
+  }
+  ~unique_fd() { reset(); }
+  int get() const noexcept { return fd_; }
+  explicit operator bool() const noexcept { return fd_ >= 0; }
+  void reset(int fd = -1) noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+/// Sets O_NONBLOCK and FD_CLOEXEC, the state every descriptor the loop owns must be in.
+inline void make_nonblocking_cloexec(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags == -1 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1) throw_errno("fcntl(O_NONBLOCK)");
+  flags = ::fcntl(fd, F_GETFD);
+  if (flags == -1 || ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == -1) throw_errno("fcntl(FD_CLOEXEC)");
+}
+
+/// Milliseconds for poll-style calls: rounded up, so a timer is never woken early and spun on.
+inline int timeout_ms(std::chrono::nanoseconds timeout) noexcept {
+  if (timeout.count() < 0) return -1;
+  auto ms = std::chrono::ceil<std::chrono::milliseconds>(timeout).count();
+  return ms > 0x7fffffff ? 0x7fffffff : static_cast<int>(ms);
+}
+
+}  // namespace codestare::async_utils::detail

@@ -1,0 +1,545 @@
+// event_loop: asyncio's loop. Ready jobs, timers, descriptors, cross-thread posts, the
+// exception handler; one loop runs per thread at a time.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string_view>
+#include <sys/socket.h>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace codestare::async_utils {
+
+template <class T>
+class coroutine;
+template <class T>
+class task;
+template <class T>
+class future;
+
+namespace detail {
+
+/// A task waiting for readiness of a descriptor (wait_readable, sock_recv, ...). ready() gets
+/// the reported bits and says whether the wait is over (it may do the I/O itself and keep
+/// waiting after EAGAIN); it runs on the loop thread and only schedules.
+struct io_waiter : list_node {
+  bool (*ready)(io_waiter*, unsigned bits) noexcept = nullptr;
+};
+
+/// Everything the loop knows about one descriptor.
+struct fd_watch {
+  intrusive_list<io_waiter> readers, writers;
+  handle_state* reader = nullptr;  // add_reader callback (persistent), owned reference
+  handle_state* writer = nullptr;
+  void (*internal)(void*) = nullptr;  // permanent watch of the loop's own parts (wake-up, signals)
+  void* internal_context = nullptr;
+  unsigned armed = 0;  // bits the backend is armed for
+  bool known = false;  // added to the backend
+  bool dirty = false;  // listed for re-arming before the next wait
+  unsigned wanted() const noexcept {
+    return ((reader || !readers.empty()) ? io_read : 0u) | ((writer || !writers.empty()) ? io_write : 0u);
+  }
+};
+
+struct signal_registry;  // signals.hpp
+struct executor_slot;    // executor.hpp
+template <class T>
+using erased_ptr = std::unique_ptr<T, void (*)(T*)>;
+
+inline thread_local event_loop* running_loop = nullptr;
+
+}  // namespace detail
+
+/// asyncio's event loop. Create one per thread (or let run() do it); all methods but
+/// call_soon_threadsafe (and handle::cancel) belong to the loop's thread.
+class event_loop {
+ public:
+  using clock = detail::clock;
+  using time_point = clock::time_point;
+  using duration = clock::duration;
+  using exception_handler = std::function<void(event_loop&, const exception_context&)>;
+
+  event_loop();
+  ~event_loop();
+  event_loop(const event_loop&) = delete;
+  event_loop& operator=(const event_loop&) = delete;
+
+  /// The loop running on this thread; std::runtime_error("no running event loop") otherwise.
+  static event_loop& current();
+
+  /// Runs until `aw` (any awaitable, task or future) is done; returns its result or rethrows.
+  template <class A>
+  auto run_until_complete(A&& aw);
+  /// Runs until stop() is called.
+  void run_forever();
+  /// Makes run_forever() return after the current iteration.
+  void stop() noexcept { stopping_ = true; }
+  bool is_running() const noexcept { return running_; }
+  /// Cancels nothing: ends pending tasks (destroying their coroutines), drops queued callbacks,
+  /// removes signal handlers, shuts the executor down. Throws if the loop is running.
+  void close();
+  bool is_closed() const noexcept { return closed_; }
+  /// The loop's monotonic clock.
+  time_point time() const noexcept { return clock::now(); }
+
+  handle call_soon(std::function<void()> fn);
+  /// The only method safe from any thread; wakes the loop if it sleeps.
+  handle call_soon_threadsafe(std::function<void()> fn);
+  handle call_later(duration delay, std::function<void()> fn);
+  handle call_at(time_point when, std::function<void()> fn);
+
+  /// Wraps `aw` in a task that starts on a later iteration (asyncio's create_task).
+  template <class A>
+  auto create_task(A&& aw, std::string name = {});
+  template <class T = void>
+  future<T> create_future();
+
+  /// Calls fn on the loop each time fd is readable, until remove_reader(fd); replaces an
+  /// earlier reader callback. Throws std::system_error for a bad descriptor.
+  void add_reader(int fd, std::function<void()> fn);
+  bool remove_reader(int fd);
+  void add_writer(int fd, std::function<void()> fn);
+  bool remove_writer(int fd);
+
+  // Awaitable I/O on non-blocking descriptors (io.hpp; the same as the free functions there).
+  auto sock_recv(int fd, std::size_t max_bytes);
+  auto sock_recv_into(int fd, std::span<char> buffer);
+  auto sock_sendall(int fd, std::string_view data);
+  auto sock_accept(int fd);
+  auto sock_connect(int fd, const sockaddr* address, socklen_t length);
+  auto wait_readable(int fd);
+  auto wait_writable(int fd);
+
+  // Signals (signals.hpp): the callback runs on the loop thread, never in signal context.
+  void add_signal_handler(int sig, std::function<void()> fn);
+  bool remove_signal_handler(int sig);
+
+  /// Waits for the default executor's jobs and joins its threads (executor.hpp).
+  void shutdown_default_executor_now() { executor_.reset(); }
+
+  void set_exception_handler(exception_handler handler) { handler_ = std::move(handler); }
+  const exception_handler& get_exception_handler() const noexcept { return handler_; }
+  /// Logs the context through the library logger.
+  void default_exception_handler(const exception_context& context);
+  /// Calls the handler set (or the default one); never throws.
+  void call_exception_handler(const exception_context& context) noexcept;
+
+  // ---- Internal interface for the library's own awaitables and primitives ----------------
+  /// Queues a job for this or the next iteration (loop thread).
+  void schedule(detail::job j) { ready_.push(j); }
+  /// Queues a job from any thread and wakes the loop; false if the loop is closed.
+  bool post(detail::job j);
+  detail::future_core* running_task() const noexcept { return current_; }
+  void add_timer(detail::timer_node& node, time_point when) {
+    node.when = when;
+    timers_.push(node);
+  }
+  void remove_timer(detail::timer_node& node) noexcept { timers_.remove(node); }
+  /// Waits for readiness of fd; wake-ups go through waiter.ready.
+  void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
+  /// Permanent read watch run synchronously on the loop thread (signal descriptors).
+  void watch_internal(int fd, void (*fn)(void*), void* context);
+  void unwatch_internal(int fd) noexcept;
+  std::uint64_t next_task_number() noexcept { return ++task_counter_; }
+  void register_core(detail::future_core& core) { (core.is_task() ? tasks_ : others_).push_back(core); }
+  void retire_core(detail::future_core& core) { others_.push_back(core); }
+  template <class F>
+  void for_each_task(F&& fn) {
+    tasks_.for_each(fn);
+  }
+  detail::erased_ptr<detail::signal_registry>& signal_slot() noexcept { return signals_; }
+  detail::erased_ptr<detail::executor_slot>& executor_slot() noexcept { return executor_; }
+  void check_open() const;
+
+ private:
+  friend class detail::future_core;
+  void run_once();
+  void take_posted();
+  void rearm();
+  void dispatch_io(int fd, unsigned bits) noexcept;
+  detail::fd_watch& watch_of(int fd);
+  void set_callback(int fd, bool reader, std::function<void()> fn);
+  bool clear_callback(int fd, bool reader);
+  void mark_dirty(int fd, detail::fd_watch& w);
+
+  detail::io_backend backend_;
+  detail::wakeup_fd wakeup_;
+  detail::job_queue ready_;
+  detail::timer_heap timers_;
+  std::vector<std::unique_ptr<detail::fd_watch>> fds_;  // indexed by descriptor
+  std::vector<int> dirty_;
+  std::size_t polled_ = 0;  // armed descriptors plus internal watches other than the wake-up
+
+  std::mutex posted_mutex_;
+  detail::job_queue posted_;
+  std::atomic<bool> posted_pending_{false};
+  std::atomic<bool> sleeping_{false};
+  std::atomic<bool> accepting_posts_{true};
+
+  detail::intrusive_list<detail::future_core> tasks_;   // pending tasks, for all_tasks()
+  detail::intrusive_list<detail::future_core> others_;  // futures and finished tasks with handles
+  detail::future_core* current_ = nullptr;
+  std::uint64_t task_counter_ = 0;
+  exception_handler handler_;
+  detail::erased_ptr<detail::signal_registry> signals_{nullptr, nullptr};
+  detail::erased_ptr<detail::executor_slot> executor_{nullptr, nullptr};
+  std::atomic<bool> running_{false};
+  bool stopping_ = false;
+  bool closed_ = false;
+};
+
+// ---- event_loop ------------------------------------------------------------------------------
+
+inline event_loop::event_loop() {
+  watch_internal(wakeup_.fd(), [](void* self) { static_cast<event_loop*>(self)->wakeup_.drain(); }, this);
+  --polled_;  // cross-thread posts are seen through posted_pending_ without polling
+}
+
+inline event_loop::~event_loop() {
+  // Destroying a running loop (from one of its own callbacks) cannot be made safe.
+  if (running_) std::terminate();
+  close();
+}
+
+inline event_loop& event_loop::current() {
+  if (!detail::running_loop) throw std::runtime_error("no running event loop");
+  return *detail::running_loop;
+}
+
+inline void event_loop::check_open() const {
+  if (closed_) throw std::runtime_error("event loop is closed");
+}
+
+inline void event_loop::run_forever() {
+  check_open();
+  if (running_) throw std::runtime_error("this event loop is already running");
+  if (detail::running_loop) throw std::runtime_error("another event loop is running on this thread");
+  running_ = true;
+  detail::running_loop = this;
+  struct reset {
+    event_loop& loop;
+    ~reset() {
+      loop.stopping_ = false;
+      loop.running_ = false;
+      detail::running_loop = nullptr;
+    }
+  } guard{*this};
+  for (;;) {
+    run_once();
+    if (stopping_) break;
+  }
+}
+
+// One iteration, as asyncio's _run_once: poll (without blocking when work is ready), move due
+// timers to the ready queue, then run exactly the jobs that were ready at that point.
+inline void event_loop::run_once() {
+  take_posted();
+  rearm();
+  std::chrono::nanoseconds timeout{-1};
+  if (!ready_.empty() || stopping_) {
+    timeout = std::chrono::nanoseconds{0};
+  } else if (!timers_.empty()) {
+    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top().when - clock::now());
+  }
+  // A busy loop with no descriptor to watch skips the syscall entirely.
+  if (timeout.count() != 0 || polled_ > 0) {
+    if (timeout.count() != 0) {
+      sleeping_.store(true);
+      if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
+    }
+    backend_.wait(timeout, [this](int fd, unsigned bits) { dispatch_io(fd, bits); });
+    sleeping_.store(false, std::memory_order_relaxed);
+    take_posted();
+  }
+  if (!timers_.empty()) {
+    const auto now = clock::now();
+    while (!timers_.empty() && timers_.top().when <= now) {
+      detail::timer_node& node = timers_.pop();
+      node.fire(&node, true);
+    }
+  }
+  for (std::size_t n = ready_.size(); n > 0; --n) {
+    detail::job j = ready_.pop();
+    j.fn(j.arg, true);
+  }
+}
+
+inline void event_loop::take_posted() {
+  if (!posted_pending_.load(std::memory_order_acquire)) return;
+  std::lock_guard guard(posted_mutex_);
+  posted_pending_.store(false, std::memory_order_relaxed);
+  ready_.splice(posted_);
+}
+
+inline bool event_loop::post(detail::job j) {
+  bool first;
+  {
+    std::lock_guard guard(posted_mutex_);
+    if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
+    posted_.push(j);
+    first = !posted_pending_.exchange(true);
+  }
+  // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
+  if (first && sleeping_.load()) wakeup_.notify();
+  return true;
+}
+
+inline detail::fd_watch& event_loop::watch_of(int fd) {
+  if (fd < 0) detail::throw_errno(EBADF, "bad file descriptor " + std::to_string(fd));
+  auto u = static_cast<std::size_t>(fd);
+  if (u >= fds_.size()) fds_.resize(u + 1);
+  if (!fds_[u]) fds_[u] = std::make_unique<detail::fd_watch>();
+  detail::fd_watch& w = *fds_[u];
+  if (!w.known && !w.internal) {
+    backend_.add(fd);
+    w.known = true;
+  }
+  return w;
+}
+
+inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
+  if (!w.dirty) {
+    w.dirty = true;
+    dirty_.push_back(fd);
+  }
+}
+
+inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
+  check_open();
+  detail::fd_watch& w = watch_of(fd);
+  (bit == detail::io_read ? w.readers : w.writers).push_back(waiter);
+  if (!(w.armed & bit)) mark_dirty(fd, w);
+}
+
+inline void event_loop::rearm() {
+  // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
+  for (std::size_t i = 0; i < dirty_.size(); ++i) {
+    const int fd = dirty_[i];
+    detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
+    w.dirty = false;
+    const unsigned want = w.wanted();
+    if (want == w.armed) continue;
+    try {
+      backend_.arm(fd, want);
+    } catch (const std::system_error&) {
+      // The descriptor was closed under us: wake its waiters so they retry and see the error.
+      polled_ -= (w.armed != 0);
+      w.armed = 0;
+      dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
+      continue;
+    }
+    polled_ += (want != 0);
+    polled_ -= (w.armed != 0);
+    w.armed = want;
+  }
+  dirty_.clear();
+}
+
+inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
+  detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
+  if (w.internal) {
+    w.internal(w.internal_context);
+    return;
+  }
+  polled_ -= (w.armed != 0);
+  w.armed = 0;  // a report disarms (one-shot)
+  auto wake = [bits](detail::intrusive_list<detail::io_waiter>& list) {
+    list.for_each([bits](detail::io_waiter& x) {
+      if (x.ready(&x, bits)) x.unlink();
+    });
+  };
+  if (bits & (detail::io_read | detail::io_error)) {
+    wake(w.readers);
+    if (w.reader) schedule(w.reader->as_job());
+  }
+  if (bits & (detail::io_write | detail::io_error)) {
+    wake(w.writers);
+    if (w.writer) schedule(w.writer->as_job());
+  }
+  if (w.wanted()) mark_dirty(fd, w);
+}
+
+inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
+  auto u = static_cast<std::size_t>(fd);
+  if (u >= fds_.size()) fds_.resize(u + 1);
+  if (!fds_[u]) fds_[u] = std::make_unique<detail::fd_watch>();
+  backend_.watch(fd);
+  fds_[u]->internal = fn;
+  fds_[u]->internal_context = context;
+  ++polled_;
+}
+
+inline void event_loop::unwatch_internal(int fd) noexcept {
+  auto u = static_cast<std::size_t>(fd);
+  if (u >= fds_.size() || !fds_[u] || !fds_[u]->internal) return;
+  backend_.remove(fd);
+  fds_[u].reset();
+  --polled_;
+}
+
+inline void event_loop::set_callback(int fd, bool reader, std::function<void()> fn) {
+  check_open();
+  if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
+  detail::fd_watch& w = watch_of(fd);
+  detail::handle_state*& slot = reader ? w.reader : w.writer;
+  auto* state = new detail::handle_state(this, std::move(fn));
+  if (slot) {
+    slot->cancelled = true;
+    slot->release();
+  }
+  slot = state;
+  mark_dirty(fd, w);
+}
+
+inline bool event_loop::clear_callback(int fd, bool reader) {
+  auto u = static_cast<std::size_t>(fd);
+  if (fd < 0 || u >= fds_.size() || !fds_[u]) return false;
+  detail::fd_watch& w = *fds_[u];
+  detail::handle_state*& slot = reader ? w.reader : w.writer;
+  if (!slot) return false;
+  slot->cancelled = true;
+  slot->release();
+  slot = nullptr;
+  mark_dirty(fd, w);
+  return true;
+}
+
+inline void event_loop::add_reader(int fd, std::function<void()> fn) { set_callback(fd, true, std::move(fn)); }
+inline bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
+inline void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
+inline bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
+
+inline handle event_loop::call_soon(std::function<void()> fn) {
+  check_open();
+  if (!fn) throw std::invalid_argument("call_soon: empty callback");
+  auto* state = new detail::handle_state(this, std::move(fn));
+  handle h(state);
+  schedule({&detail::handle_state::run_job, state});  // the job takes the creation reference
+  return h;
+}
+
+inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
+  if (!fn) throw std::invalid_argument("call_soon_threadsafe: empty callback");
+  auto* state = new detail::handle_state(this, std::move(fn));
+  handle h(state);
+  if (!post({&detail::handle_state::run_job, state})) {
+    state->release();
+    throw std::runtime_error("event loop is closed");
+  }
+  return h;
+}
+
+inline handle event_loop::call_later(duration delay, std::function<void()> fn) {
+  return call_at(time() + delay, std::move(fn));
+}
+
+inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
+  check_open();
+  if (!fn) throw std::invalid_argument("call_at: empty callback");
+  auto* state = new detail::handle_state(this, std::move(fn));
+  handle h(state);
+  state->fire = [](detail::timer_node* node, bool run) {
+    auto* s = static_cast<detail::handle_state*>(node);
+    if (run) s->loop->schedule({&detail::handle_state::run_job, s});  // heap's reference moves on
+    else s->release();
+  };
+  add_timer(*state, when);  // the heap takes the creation reference
+  return h;
+}
+
+inline void handle::cancel() noexcept {
+  if (!state_ || state_->cancelled.exchange(true)) return;
+  // On the loop's own thread a timer leaves the heap now; elsewhere it is skipped when due.
+  event_loop* loop = state_->loop;
+  if (state_->scheduled() && (detail::running_loop == loop || !loop->is_running())) {
+    loop->remove_timer(*state_);
+    state_->release();
+  }
+}
+
+inline void detail::handle_state::run_job(void* self, bool run) noexcept {
+  auto* state = static_cast<handle_state*>(self);
+  if (run && !state->cancelled.load(std::memory_order_acquire)) {
+    try {
+      state->fn();
+    } catch (...) {
+      state->loop->call_exception_handler({"Exception in callback", std::current_exception(), {}, {}});
+    }
+  }
+  state->release();
+}
+
+inline void event_loop::default_exception_handler(const exception_context& context) {
+  std::string text = context.message.empty() ? "Unhandled exception in event loop" : context.message;
+  if (context.task && *context.task) text += " (task " + context.task->name() + ")";
+  if (context.exception) text += ": " + describe(context.exception);
+  log(log_level::error, text);
+}
+
+inline void event_loop::call_exception_handler(const exception_context& context) noexcept {
+  try {
+    if (handler_) {
+      handler_(*this, context);
+      return;
+    }
+  } catch (...) {
+    try {
+      log(log_level::error, "Unhandled error in exception handler: " + describe(std::current_exception()));
+    } catch (...) {
+    }
+  }
+  try {
+    default_exception_handler(context);
+  } catch (...) {
+  }
+}
+
+inline void event_loop::close() {
+  if (running_) throw std::runtime_error("cannot close a running event loop");
+  if (closed_) return;
+  closed_ = true;
+  // Pending tasks end cancelled; destroying their coroutines unlinks every wait they had.
+  while (!tasks_.empty()) {
+    detail::future_core& core = tasks_.front();
+    log(log_level::warning, "Task was destroyed but it is pending: " + core.name());
+    core.abandon();
+  }
+  signals_.reset();
+  executor_.reset();  // joins its threads; their last posts are discarded below
+  {
+    std::lock_guard guard(posted_mutex_);
+    accepting_posts_ = false;
+    ready_.splice(posted_);
+  }
+  while (!ready_.empty()) {
+    detail::job j = ready_.pop();
+    j.fn(j.arg, false);
+  }
+  while (!timers_.empty()) {
+    detail::timer_node& node = timers_.pop();
+    node.fire(&node, false);
+  }
+  for (auto& w : fds_) {
+    if (!w) continue;
+    for (auto* slot : {&w->reader, &w->writer}) {
+      if (*slot) {
+        (*slot)->cancelled = true;
+        (*slot)->release();
+        *slot = nullptr;
+      }
+    }
+  }
+  fds_.clear();
+  dirty_.clear();
+  // Handles that outlive the loop must not reach back into it.
+  while (detail::future_core* core = others_.pop_front()) core->loop_ = nullptr;
+}
+
+}  // namespace codestare::async_utils

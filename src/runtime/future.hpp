@@ -1,0 +1,142 @@
+// future<T>: asyncio.Future, a copyable handle to a result slot bound to a loop.
+#pragma once
+
+#include <optional>
+#include <type_traits>
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// future_core plus the typed value. Tasks derive from it too, so a task is a future.
+template <class T>
+class future_state : public future_core {
+ public:
+  using future_core::future_core;
+  template <class... Args>
+  void set_value(Args&&... args) {
+    if (is_task()) throw std::logic_error("a task's result is set by its coroutine, not by set_result");
+    if (done()) throw invalid_state_error("future is already done");
+    if constexpr (!std::is_void_v<T>) value_.emplace(std::forward<Args>(args)...);
+    finish(future_status::finished);
+  }
+  /// result(): the value, or what check_result() throws.
+  std::add_lvalue_reference_t<T> value() {
+    check_result();
+    if constexpr (!std::is_void_v<T>) return *value_;
+  }
+
+ protected:
+  struct empty {};
+  [[no_unique_address]] std::conditional_t<std::is_void_v<T>, empty, std::optional<std::conditional_t<std::is_void_v<T>, int, T>>> value_;
+};
+
+/// co_await on a future or task: waits on it from the running task. Cancelling the waiting task
+/// cancels the awaited future (asyncio's propagation) unless `shielded`.
+template <class T, bool Move, bool Shielded = false>
+struct future_awaiter : completion_waiter, cancel_hook {
+  future_state<T>* state;
+  future_core* task = nullptr;
+  bool withdrawn = false;
+
+  explicit future_awaiter(future_state<T>* s) noexcept : state(s) {}
+  bool await_ready() const noexcept { return state->done(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    task = &current_task_core("co_await on a future");
+    if (task == state) throw std::runtime_error("a task cannot await itself");
+    notify = [](completion_waiter* w) { static_cast<future_awaiter*>(w)->task->wake(); };
+    cancel = [](cancel_hook* c) {
+      auto* self = static_cast<future_awaiter*>(c);
+      if constexpr (Shielded) {
+        // shield(): only the waiting task is cancelled, the awaited one runs on.
+        self->completion_waiter::unlink();
+        self->withdrawn = true;
+        self->task->wake();
+        return true;
+      } else {
+        return self->state->cancel(self->task->cancel_message());
+      }
+    };
+    state->add_waiter(*this);
+    task->suspend_on(this, h);
+  }
+  T await_resume() {
+    completion_waiter::unlink();
+    if (task) task->throw_if_cancelled(withdrawn);
+    if constexpr (std::is_void_v<T>) state->value();
+    else if constexpr (!std::is_copy_constructible_v<T>) return std::move(state->value());
+    // An rvalue await may take the value only when no other handle can still read it.
+    else if constexpr (Move) return state->use_count() == 1 ? T(std::move(state->value())) : T(state->value());
+    else return state->value();
+  }
+};
+
+}  // namespace detail
+
+/// asyncio.Future. Copies share one slot. Use on the loop's thread (call_soon_threadsafe to
+/// reach it from another). Done callbacks run via call_soon, never inline.
+template <class T = void>
+class future {
+ public:
+  using value_type = T;
+  using state_type = detail::future_state<T>;
+
+  future() noexcept = default;
+  explicit future(state_type* state, bool adopt = false) noexcept : state_(state) {
+    if (state_ && !adopt) state_->add_ref();
+  }
+  future(const future& other) noexcept : future(other.state_) {}
+  future(future&& other) noexcept : state_(std::exchange(other.state_, nullptr)) {}
+  future& operator=(future other) noexcept {
+    std::swap(state_, other.state_);
+    return *this;
+  }
+  ~future() {
+    if (state_) state_->release();
+  }
+
+  explicit operator bool() const noexcept { return state_ != nullptr; }
+  bool done() const { return state().done(); }
+  bool cancelled() const { return state().cancelled(); }
+  /// The value; throws invalid_state_error while pending, cancelled_error if cancelled, or the
+  /// stored exception.
+  decltype(auto) result() const { return state().value(); }
+  std::exception_ptr exception() const { return state().exception(); }
+  template <class... Args>
+  void set_result(Args&&... args) {
+    state().set_value(std::forward<Args>(args)...);
+  }
+  void set_exception(std::exception_ptr error) { state().set_exception(std::move(error)); }
+  bool cancel(std::string message = {}) { return state().cancel(std::move(message)); }
+  /// fn(future) runs on the loop via call_soon once this is done (at once if it already is).
+  callback_id add_done_callback(std::function<void(future)> fn) {
+    if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
+    return state().add_done_callback([fn = std::move(fn)](detail::future_core& c) { fn(future(static_cast<state_type*>(&c))); });
+  }
+  std::size_t remove_done_callback(callback_id id) { return state().remove_done_callback(id); }
+  event_loop& get_loop() const {
+    if (!state().loop()) throw std::runtime_error("event loop is closed");
+    return *state().loop();
+  }
+
+  auto operator co_await() const& noexcept { return detail::future_awaiter<T, false>(state_ptr()); }
+  auto operator co_await() && noexcept { return detail::future_awaiter<T, true>(state_ptr()); }
+
+  state_type* state_ptr() const {
+    if (!state_) throw invalid_state_error("empty future handle");
+    return state_;
+  }
+
+ private:
+  state_type& state() const { return *state_ptr(); }
+  state_type* state_ = nullptr;
+};
+
+template <class T>
+future<T> event_loop::create_future() {
+  check_open();
+  auto* state = new detail::future_state<T>(this, false);
+  register_core(*state);
+  return future<T>(state, true);
+}
+
+}  // namespace codestare::async_utils

@@ -1,0 +1,129 @@
+// The untyped state behind future<T> and task<T>: status, waiters, done callbacks, cancellation.
+#pragma once
+
+#include <atomic>
+#include <coroutine>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace codestare::async_utils {
+
+class event_loop;
+/// Identifies a done callback for remove_done_callback (std::function cannot be compared).
+using callback_id = std::uint64_t;
+
+namespace detail {
+
+enum class future_status : std::uint8_t { pending, finished, cancelled };
+
+/// Waits for a future to finish (an awaiting task, gather, run_until_complete). Notified
+/// synchronously when it finishes, after being unlinked; notify only schedules, never runs user code.
+struct completion_waiter : list_node {
+  void (*notify)(completion_waiter*) = nullptr;
+};
+
+/// What a suspended task currently waits on. task.cancel() calls cancel(), which withdraws the
+/// wait and schedules the task so that its await throws cancelled_error; false means the wait
+/// can no longer be withdrawn (as asyncio's `_fut_waiter.cancel()` returning False).
+struct cancel_hook {
+  bool (*cancel)(cancel_hook*) = nullptr;
+};
+
+/// One object serves asyncio's Future and Task: a task is a future that also drives a coroutine.
+/// Reference counted by handles (loop thread only); a task holds one extra reference while it runs.
+class future_core : public list_node {
+ public:
+  future_core(event_loop* loop, bool is_task) noexcept : loop_(loop), is_task_(is_task) {}
+  future_core(const future_core&) = delete;
+  future_core& operator=(const future_core&) = delete;
+  virtual ~future_core() = default;
+
+  void add_ref() noexcept { ++refs_; }
+  void release() noexcept;
+  std::uint32_t use_count() const noexcept { return refs_; }
+
+  event_loop* loop() const noexcept { return loop_; }
+  bool done() const noexcept { return status_ != future_status::pending; }
+  bool cancelled() const noexcept { return status_ == future_status::cancelled; }
+  bool is_task() const noexcept { return is_task_; }
+  bool has_error() const noexcept { return status_ == future_status::finished && error_ != nullptr; }
+
+  /// Throws what result() must throw (invalid_state_error, cancelled_error, the stored
+  /// exception); returns normally when a value is there. Marks the outcome as retrieved.
+  void check_result();
+  /// asyncio's exception(): the stored exception or null; throws when pending or cancelled.
+  std::exception_ptr exception();
+  void set_exception(std::exception_ptr error);
+  /// Future: cancels now. Task: withdraws the current wait or cancels at the next suspension.
+  bool cancel(std::string message);
+  callback_id add_done_callback(std::function<void(future_core&)> fn);
+  std::size_t remove_done_callback(callback_id id) noexcept;
+  void add_waiter(completion_waiter& waiter) noexcept { waiters_.push_back(waiter); }
+  const std::string& cancel_message() const noexcept { return cancel_message_; }
+
+  // ---- task part -------------------------------------------------------------------------
+  std::string name() const;
+  void set_name(std::string name) { name_ = std::move(name); }
+  /// asyncio's cancelling(): the number of cancel() calls so far.
+  unsigned cancel_requests() const noexcept { return cancel_requests_; }
+  /// Called by an awaitable about to suspend the running task at `where`.
+  void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
+  /// Schedules the next step (the awaited thing is ready or was withdrawn).
+  void wake();
+  /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
+  /// cancel() arrived after the wake-up (consuming it, as one asyncio __step would).
+  void throw_if_cancelled(bool withdrawn = false);
+  /// Runs the task until its next suspension (loop thread).
+  void step();
+  /// Loop closing with this task pending: destroys the coroutine, ends the task cancelled.
+  void abandon() noexcept;
+
+ protected:
+  /// Task: moves the outcome out of the finished coroutine into this state.
+  virtual void harvest() noexcept {}
+  /// Task: destroys the coroutine frame (finished or not).
+  virtual void destroy_frame() noexcept {}
+  virtual bool frame_done() const noexcept { return true; }
+  void start(std::coroutine_handle<> top, std::string name);
+  void finish(future_status status) noexcept;
+
+  event_loop* loop_;
+  std::exception_ptr error_;
+  bool retrieved_ = false;  // someone looked at the outcome: no "never retrieved" report
+
+ private:
+  friend class codestare::async_utils::event_loop;
+  struct done_callback {
+    callback_id id;
+    std::function<void(future_core&)> fn;
+  };
+  static void run_step(void* self, bool run) noexcept;
+  void complete() noexcept;
+
+  std::uint32_t refs_ = 1;
+  future_status status_ = future_status::pending;
+  bool is_task_;
+  bool started_ = false;
+  bool scheduled_ = false;
+  bool must_cancel_ = false;
+  unsigned cancel_requests_ = 0;
+  callback_id next_callback_id_ = 0;
+  intrusive_list<completion_waiter> waiters_;
+  std::vector<done_callback> callbacks_;
+  std::string cancel_message_;
+  // Task part.
+  std::string name_;
+  std::uint64_t number_ = 0;
+  std::coroutine_handle<> resume_at_;
+  cancel_hook* waiting_on_ = nullptr;
+};
+
+/// The running task of the running loop, or an exception naming `what` that needs one.
+future_core& current_task_core(const char* what);
+
+}  // namespace detail
+}  // namespace codestare::async_utils

@@ -1,0 +1,174 @@
+// gather(aws...) and gather(range): asyncio.gather, with the return_exceptions form.
+#pragma once
+
+#include <array>
+#include <ranges>
+#include <span>
+#include <tuple>
+#include <variant>
+#include <vector>
+
+namespace codestare::async_utils {
+
+/// Tag for gather's return_exceptions form: gather(return_exceptions, a, b).
+struct return_exceptions_t {
+  explicit return_exceptions_t() = default;
+};
+inline constexpr return_exceptions_t return_exceptions{};
+
+/// A gathered result: void results become std::monostate.
+template <class T>
+using gathered_t = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+/// A gathered result with return_exceptions: the value or the exception (cancelled_error for
+/// a cancelled child).
+template <class T>
+using outcome = std::variant<gathered_t<T>, std::exception_ptr>;
+
+namespace detail {
+
+/// Waits for children: all of them, or (without return_exceptions) the first failure. Cancelling
+/// it cancels every child; it then throws cancelled_error once they are all done (asyncio).
+struct gather_awaiter : cancel_hook {
+  struct child_waiter : completion_waiter {
+    gather_awaiter* owner;
+    future_core* child;
+  };
+  std::span<future_core* const> children;
+  bool return_exceptions;
+  future_core* task = nullptr;
+  future_core* first_failure = nullptr;
+  std::size_t remaining = 0;
+  bool cancel_requested = false;
+  bool woken = false;
+  std::vector<child_waiter> waiters;
+
+  gather_awaiter(std::span<future_core* const> c, bool return_exc) noexcept : children(c), return_exceptions(return_exc) {}
+  gather_awaiter(const gather_awaiter&) = delete;
+  static bool failed(const future_core* c) { return c->cancelled() || c->has_error(); }
+  bool await_ready() {
+    for (future_core* c : children) {
+      if (!c->done()) ++remaining;
+      else if (!first_failure && failed(c)) first_failure = c;
+    }
+    return remaining == 0 || (!return_exceptions && first_failure);
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    task = &current_task_core("gather()");
+    waiters.resize(children.size());
+    for (std::size_t i = 0; i < children.size(); ++i) {
+      if (children[i]->done()) continue;
+      if (children[i] == task) throw std::runtime_error("a task cannot gather itself");
+      waiters[i].owner = this;
+      waiters[i].child = children[i];
+      waiters[i].notify = [](completion_waiter* w) {
+        auto* cw = static_cast<child_waiter*>(w);
+        gather_awaiter& g = *cw->owner;
+        --g.remaining;
+        if (!g.first_failure && failed(cw->child)) g.first_failure = cw->child;
+        if (!g.woken && (g.remaining == 0 || (!g.return_exceptions && g.first_failure == cw->child))) {
+          g.woken = true;
+          g.task->wake();
+        }
+      };
+      children[i]->add_waiter(waiters[i]);
+    }
+    cancel = [](cancel_hook* c) {
+      auto* self = static_cast<gather_awaiter*>(c);
+      bool any = false;
+      for (future_core* child : self->children) any = child->cancel(self->task->cancel_message()) || any;
+      if (any) self->cancel_requested = true;
+      return any;
+    };
+    task->suspend_on(this, h);
+  }
+  void await_resume() {
+    for (auto& w : waiters) w.unlink();
+    if (task) task->throw_if_cancelled();
+    if (cancel_requested && remaining == 0) throw cancelled_error(task->cancel_message());
+    if (!return_exceptions && first_failure) first_failure->check_result();
+  }
+};
+
+template <class T>
+gathered_t<T> gathered_value(future<T>& f) {
+  if constexpr (std::is_void_v<T>) {
+    f.result();
+    return {};
+  } else {
+    return take_result(*f.state_ptr());
+  }
+}
+template <class T>
+outcome<T> gathered_outcome(future<T>& f) {
+  try {
+    return outcome<T>(std::in_place_index<0>, gathered_value(f));
+  } catch (...) {
+    return outcome<T>(std::in_place_index<1>, std::current_exception());
+  }
+}
+
+template <bool ReturnExceptions, class... A>
+auto gather_impl(A... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<await_result_t<A>>...>,
+                                                            std::tuple<gathered_t<await_result_t<A>>...>>> {
+  // Braced initialisation creates the tasks left to right, in argument order.
+  std::tuple<decltype(ensure_future(std::forward<A>(aws)))...> futures{ensure_future(std::forward<A>(aws))...};
+  std::array<future_core*, sizeof...(A)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(A)>{f.state_ptr()...}; }, futures);
+  co_await gather_awaiter(cores, ReturnExceptions);
+  if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
+  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<await_result_t<A>>...>{gathered_value(f)...}; }, futures);
+}
+
+template <bool ReturnExceptions, class Range>
+auto gather_range_impl(Range range) {
+  using E = decltype(std::move(*std::ranges::begin(range)));
+  using T = await_result_t<E>;
+  using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
+  return [](Range r) -> coroutine<std::vector<V>> {
+    std::vector<future<T>> futures;
+    for (auto&& aw : r) {
+      if constexpr (std::is_copy_constructible_v<std::remove_cvref_t<decltype(aw)>>) futures.push_back(ensure_future(aw));
+      else futures.push_back(ensure_future(std::move(aw)));
+    }
+    std::vector<future_core*> cores;
+    cores.reserve(futures.size());
+    for (auto& f : futures) cores.push_back(f.state_ptr());
+    co_await gather_awaiter(cores, ReturnExceptions);
+    std::vector<V> results;
+    results.reserve(futures.size());
+    for (auto& f : futures) {
+      if constexpr (ReturnExceptions) results.push_back(gathered_outcome(f));
+      else results.push_back(gathered_value(f));
+    }
+    co_return results;
+  }(std::move(range));
+}
+
+template <class R>
+concept awaitable_range = std::ranges::input_range<R> && !awaitable<R> && awaitable<std::ranges::range_reference_t<R>>;
+
+}  // namespace detail
+
+/// Runs the awaitables concurrently (each in a task) and returns their results as a tuple
+/// (void -> std::monostate). The first exception (or child cancellation) is rethrown at once;
+/// the other children keep running. Cancelling gather cancels every child.
+template <awaitable... A>
+  requires(sizeof...(A) > 0)
+auto gather(A&&... aws) {
+  return detail::gather_impl<false, A...>(std::forward<A>(aws)...);
+}
+/// As gather(aws...), but every result is an outcome<T>: the value or the exception.
+template <awaitable... A>
+auto gather(return_exceptions_t, A&&... aws) {
+  return detail::gather_impl<true, A...>(std::forward<A>(aws)...);
+}
+/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector.
+template <detail::awaitable_range R>
+auto gather(R&& range) {
+  return detail::gather_range_impl<false>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+}
+template <detail::awaitable_range R>
+auto gather(return_exceptions_t, R&& range) {
+  return detail::gather_range_impl<true>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+}
+
+}  // namespace codestare::async_utils

@@ -1,0 +1,278 @@
+// Awaitable I/O on non-blocking descriptors: wait_readable/writable and asyncio's sock_* calls.
+// Each operation is tried first and waits only on EAGAIN; retries run in the loop's dispatch,
+// so a spurious wake-up never resumes the task.
+#pragma once
+
+#include <cstring>
+#include <netinet/in.h>
+#include <span>
+#include <string>
+#include <string_view>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+namespace codestare::async_utils {
+namespace detail {
+
+#ifdef MSG_NOSIGNAL
+inline constexpr int send_flags = MSG_DONTWAIT | MSG_NOSIGNAL;  // EPIPE, not SIGPIPE
+#else
+inline constexpr int send_flags = MSG_DONTWAIT;
+#endif
+
+inline bool would_block(int err) noexcept { return err == EAGAIN || err == EWOULDBLOCK; }
+
+inline void require_nonblocking(int fd, const char* what) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags == -1) throw_errno(std::string(what) + ": bad file descriptor " + std::to_string(fd));
+  if (!(flags & O_NONBLOCK)) throw std::invalid_argument(std::string(what) + ": the socket must be non-blocking");
+}
+
+/// An I/O wait driven by Op: `bool attempt(bool after_event)` does the I/O and says whether the
+/// operation is over (result or error kept in the op); `result()` returns it or throws.
+template <class Op>
+struct io_awaiter : io_waiter, cancel_hook {
+  Op op;
+  int fd;
+  unsigned direction;
+  future_core* task = nullptr;
+  bool withdrawn = false;
+
+  io_awaiter(Op o, int f, unsigned dir) : op(std::move(o)), fd(f), direction(dir) {}
+  io_awaiter(io_awaiter&& other) noexcept : op(std::move(other.op)), fd(other.fd), direction(other.direction) {}
+  bool await_ready() { return op.attempt(false); }
+  void await_suspend(std::coroutine_handle<> h) {
+    task = &current_task_core("I/O on a descriptor");
+    ready = [](io_waiter* w, unsigned bits) noexcept {
+      auto* self = static_cast<io_awaiter*>(w);
+      (void)bits;  // errors and hang-ups are seen by retrying the call itself
+      if (!self->op.attempt(true)) return false;
+      self->task->wake();
+      return true;
+    };
+    cancel = [](cancel_hook* c) {
+      auto* self = static_cast<io_awaiter*>(c);
+      self->io_waiter::unlink();
+      self->withdrawn = true;
+      self->task->wake();
+      return true;
+    };
+    task->loop()->add_io_waiter(fd, direction, *this);
+    task->suspend_on(this, h);
+  }
+  decltype(auto) await_resume() {
+    io_waiter::unlink();
+    if (task) task->throw_if_cancelled(withdrawn);
+    return op.result();
+  }
+};
+
+/// Shared error handling: keeps errno of a failed call, throws it from result().
+struct op_status {
+  int error = 0;
+  const char* what = "";
+  void check() const {
+    if (error) throw_errno(error, what);
+  }
+};
+
+struct readiness_op : op_status {
+  bool attempt(bool after_event) noexcept { return after_event; }
+  void result() const {}
+};
+
+struct recv_into_op : op_status {
+  int fd;
+  char* data;
+  std::size_t size;
+  std::size_t received = 0;
+  bool attempt(bool) noexcept {
+    for (;;) {
+      ssize_t n = ::recv(fd, data, size, MSG_DONTWAIT);
+      if (n >= 0) {
+        received = static_cast<std::size_t>(n);
+        return true;
+      }
+      if (errno == EINTR) continue;
+      if (would_block(errno)) return false;
+      error = errno;
+      what = "sock_recv";
+      return true;
+    }
+  }
+  std::size_t result() const {
+    check();
+    return received;
+  }
+};
+
+struct recv_op {
+  std::string buffer;
+  recv_into_op inner;
+  recv_op(int fd, std::size_t n) : buffer(n, '\0'), inner{{}, fd, nullptr, n, 0} {}
+  recv_op(recv_op&& other) noexcept : buffer(std::move(other.buffer)), inner(other.inner) {}
+  bool attempt(bool after_event) noexcept {
+    inner.data = buffer.data();  // the op may have moved since it was made
+    return inner.attempt(after_event);
+  }
+  std::string result() {
+    buffer.resize(inner.result());
+    return std::move(buffer);
+  }
+};
+
+struct sendall_op : op_status {
+  int fd;
+  const char* data;
+  std::size_t size;
+  std::size_t sent = 0;
+  bool attempt(bool) noexcept {
+    while (sent < size) {
+      ssize_t n = ::send(fd, data + sent, size - sent, send_flags);
+      if (n >= 0) {
+        sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (would_block(errno)) return false;
+      error = errno;
+      what = "sock_sendall";
+      return true;
+    }
+    return true;
+  }
+  void result() const { check(); }
+};
+
+}  // namespace detail
+
+/// What sock_accept returns: the new connection (non-blocking, close-on-exec) and its peer.
+struct accepted_socket {
+  int fd = -1;
+  sockaddr_storage address{};
+  socklen_t address_length = 0;
+};
+
+namespace detail {
+
+struct accept_op : op_status {
+  int fd;
+  accepted_socket out;
+  bool attempt(bool) noexcept {
+    for (;;) {
+      out.address_length = sizeof out.address;
+      auto* addr = reinterpret_cast<sockaddr*>(&out.address);
+#if defined(__linux__) || defined(__FreeBSD__) || defined(__NetBSD__) || defined(__OpenBSD__)
+      int conn = ::accept4(fd, addr, &out.address_length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+      int conn = ::accept(fd, addr, &out.address_length);
+      if (conn >= 0) {
+        try {
+          make_nonblocking_cloexec(conn);
+        } catch (...) {
+          ::close(conn);
+          error = EIO;
+          what = "sock_accept";
+          return true;
+        }
+      }
+#endif
+      if (conn >= 0) {
+        out.fd = conn;
+        return true;
+      }
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (would_block(errno)) return false;
+      error = errno;
+      what = "sock_accept";
+      return true;
+    }
+  }
+  accepted_socket result() const {
+    check();
+    return out;
+  }
+};
+
+struct connect_op : op_status {
+  int fd;
+  sockaddr_storage address;
+  socklen_t length;
+  bool attempt(bool after_event) noexcept {
+    if (after_event) {
+      int err = 0;
+      socklen_t len = sizeof err;
+      if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1) err = errno;
+      if (err == EINPROGRESS || err == EALREADY) return false;
+      error = err;
+      what = "sock_connect";
+      return true;
+    }
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&address), length) == 0) return true;
+    if (errno == EINPROGRESS || errno == EINTR) return false;
+    error = errno;
+    what = "sock_connect";
+    return true;
+  }
+  void result() const { check(); }
+};
+
+inline void require_buffer(const void* data, std::size_t size, const char* what) {
+  if (!data && size) throw std::invalid_argument(std::string(what) + ": null buffer");
+}
+
+}  // namespace detail
+
+/// Waits until fd is readable (or has an error or hang-up to report).
+inline auto wait_readable(int fd) { return detail::io_awaiter<detail::readiness_op>({}, fd, detail::io_read); }
+/// Waits until fd is writable (or has an error or hang-up to report).
+inline auto wait_writable(int fd) { return detail::io_awaiter<detail::readiness_op>({}, fd, detail::io_write); }
+
+/// Receives up to buffer.size() bytes; 0 means the peer closed. Throws std::system_error.
+inline auto sock_recv_into(int fd, std::span<char> buffer) {
+  detail::require_buffer(buffer.data(), buffer.size(), "sock_recv_into");
+  return detail::io_awaiter<detail::recv_into_op>({{}, fd, buffer.data(), buffer.size(), 0}, fd, detail::io_read);
+}
+inline auto sock_recv_into(int fd, std::span<std::byte> buffer) {
+  return sock_recv_into(fd, std::span<char>(reinterpret_cast<char*>(buffer.data()), buffer.size()));
+}
+/// Receives up to max_bytes; an empty string means the peer closed. Throws std::system_error.
+inline auto sock_recv(int fd, std::size_t max_bytes) {
+  return detail::io_awaiter<detail::recv_op>(detail::recv_op(fd, max_bytes), fd, detail::io_read);
+}
+/// Sends all of data (the caller keeps it alive until the await ends). Throws std::system_error
+/// (EPIPE when the peer has gone; never SIGPIPE).
+inline auto sock_sendall(int fd, std::string_view data) {
+  detail::require_buffer(data.data(), data.size(), "sock_sendall");
+  return detail::io_awaiter<detail::sendall_op>({{}, fd, data.data(), data.size(), 0}, fd, detail::io_write);
+}
+inline auto sock_sendall(int fd, std::span<const std::byte> data) {
+  return sock_sendall(fd, std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
+}
+/// Accepts one connection on a non-blocking listening socket.
+inline auto sock_accept(int fd) {
+  detail::require_nonblocking(fd, "sock_accept");
+  return detail::io_awaiter<detail::accept_op>({{}, fd, {}}, fd, detail::io_read);
+}
+/// Connects a non-blocking socket to `address`.
+inline auto sock_connect(int fd, const sockaddr* address, socklen_t length) {
+  detail::require_nonblocking(fd, "sock_connect");
+  if (!address || length == 0 || length > sizeof(sockaddr_storage)) throw std::invalid_argument("sock_connect: bad address");
+  detail::connect_op op{};
+  op.fd = fd;
+  std::memcpy(&op.address, address, length);
+  op.length = length;
+  return detail::io_awaiter<detail::connect_op>(op, fd, detail::io_write);
+}
+
+inline auto event_loop::sock_recv(int fd, std::size_t max_bytes) { return async_utils::sock_recv(fd, max_bytes); }
+inline auto event_loop::sock_recv_into(int fd, std::span<char> buffer) { return async_utils::sock_recv_into(fd, buffer); }
+inline auto event_loop::sock_sendall(int fd, std::string_view data) { return async_utils::sock_sendall(fd, data); }
+inline auto event_loop::sock_accept(int fd) { return async_utils::sock_accept(fd); }
+inline auto event_loop::sock_connect(int fd, const sockaddr* address, socklen_t length) {
+  return async_utils::sock_connect(fd, address, length);
+}
+inline auto event_loop::wait_readable(int fd) { return async_utils::wait_readable(fd); }
+inline auto event_loop::wait_writable(int fd) { return async_utils::wait_writable(fd); }
+
+}  // namespace codestare::async_utils

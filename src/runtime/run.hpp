@@ -1,0 +1,129 @@
+// run(aw): asyncio.run. A fresh loop runs aw, then cancels and awaits what is left, shuts the
+// executor down and closes, so nothing outlives the call.
+#pragma once
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// Cancels every pending task and runs the loop until all are done (rounds repeat for tasks
+/// started by cleanup code); failures other than cancellation go to the exception handler.
+inline void cancel_all_tasks(event_loop& loop) {
+  for (;;) {
+    std::vector<any_task> pending;
+    loop.for_each_task([&](future_core& core) { pending.emplace_back(&core); });
+    if (pending.empty()) return;
+    for (auto& t : pending) t.cancel();
+    loop.run_until_complete([](std::vector<any_task> tasks) -> coroutine<void> {
+      for (auto& t : tasks) co_await wait_done(t);
+    }(pending));
+    for (auto& t : pending) {
+      if (t.cancelled()) continue;
+      if (auto error = t.exception())
+        loop.call_exception_handler({"unhandled exception during run() shutdown", error, t, std::nullopt});
+    }
+  }
+}
+
+/// Everything run() does after the main coroutine, in asyncio's order.
+inline void finish_run(event_loop& loop) noexcept {
+  try {
+    cancel_all_tasks(loop);
+    loop.shutdown_default_executor_now();
+  } catch (...) {
+    log(log_level::error, "run(): error while shutting down: " + describe(std::current_exception()));
+  }
+  try {
+    loop.close();
+  } catch (...) {
+  }
+}
+
+}  // namespace detail
+
+/// asyncio.run: runs `aw` on a new loop and returns its result (or rethrows). Throws
+/// std::runtime_error when a loop is already running on this thread.
+template <class A>
+auto run(A&& aw) {
+  if (detail::running_loop) throw std::runtime_error("run() cannot be called when an event loop is running on this thread");
+  event_loop loop;
+  using R = await_result_t<A>;
+  try {
+    if constexpr (std::is_void_v<R>) {
+      loop.run_until_complete(std::forward<A>(aw));
+      detail::finish_run(loop);
+    } else {
+      R result = loop.run_until_complete(std::forward<A>(aw));
+      detail::finish_run(loop);
+      return result;
+    }
+  } catch (...) {
+    detail::finish_run(loop);
+    throw;
+  }
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+namespace codestare::async_utils::testing {
+inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit) { run(wait_for(std::move(body), limit)); }
+}  // namespace codestare::async_utils::testing
+
+TEST_SUITE("run") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("run returns the result, cancels leftovers, closes, leaks no descriptor") {
+    const int fds_before = testing::open_fds();
+    static bool leftover_cancelled = false;
+    auto leftover = []() -> coroutine<void> {
+      try {
+        co_await sleep(1h);
+      } catch (const cancelled_error&) {
+        leftover_cancelled = true;
+        throw;
+      }
+    };
+    auto main = [&]() -> coroutine<int> {
+      create_task(leftover());
+      co_await sleep(0s);
+      co_return 42;
+    };
+    CHECK(run(main()) == 42);
+    CHECK(leftover_cancelled);
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("run rethrows, and refuses to nest inside a running loop") {
+    auto fails = []() -> coroutine<void> {
+      co_await sleep(0s);
+      throw std::domain_error("failed");
+    };
+    CHECK_THROWS_AS(run(fails()), std::domain_error);
+    auto nested = []() -> coroutine<void> {
+      auto inner = []() -> coroutine<void> { co_return; };
+      CHECK_THROWS_AS(run(inner()), std::runtime_error);
+      co_return;
+    };
+    run(nested());
+  }
+
+  TEST_CASE("a leftover task may await cleanup after being cancelled at shutdown") {
+    static int cleanups = 0;
+    auto careful = []() -> coroutine<void> {
+      try {
+        co_await sleep(1h);
+      } catch (const cancelled_error&) {
+        ++cleanups;
+      }
+      co_await sleep(1ms);  // cleanup that itself awaits, then a normal return
+    };
+    auto main = [&]() -> coroutine<void> {
+      create_task(careful());
+      co_await sleep(0s);
+    };
+    run(main());
+    CHECK(cleanups == 1);
+  }
+}
+#endif

@@ -1,0 +1,227 @@
+// How futures finish and tasks run: the loop-facing half of future_core (step, suspend, wake,
+// cancel, finish), written after event_loop because it schedules on it.
+#pragma once
+
+#include <string>
+
+namespace codestare::async_utils::detail {
+
+inline future_core& current_task_core(const char* what) {
+  event_loop* loop = running_loop;
+  if (!loop || !loop->running_task())
+    throw std::runtime_error(std::string(what) + " must be awaited inside a task of a running event loop");
+  return *loop->running_task();
+}
+
+inline void future_core::release() noexcept {
+  if (--refs_ != 0) return;
+  if (status_ == future_status::finished && error_ && !retrieved_) {
+    retrieved_ = true;
+    refs_ = 1;  // a handle for the report; the handler may even keep it
+    {
+      exception_context context{is_task_ ? "Task exception was never retrieved" : "Future exception was never retrieved",
+                                error_, std::nullopt, std::nullopt};
+      if (is_task_) context.task = any_task(this);
+      if (loop_) {
+        loop_->call_exception_handler(context);
+      } else {
+        try {
+          log(log_level::error, context.message + ": " + describe(error_));
+        } catch (...) {
+        }
+      }
+    }
+    if (--refs_ != 0) return;
+  }
+  delete this;
+}
+
+inline void future_core::check_result() {
+  switch (status_) {
+    case future_status::pending: throw invalid_state_error("result is not set yet");
+    case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message_);
+    case future_status::finished:
+      retrieved_ = true;
+      if (error_) std::rethrow_exception(error_);
+  }
+}
+
+inline std::exception_ptr future_core::exception() {
+  if (status_ == future_status::pending) throw invalid_state_error("exception is not set yet");
+  if (status_ == future_status::cancelled) throw cancelled_error(cancel_message_);
+  retrieved_ = true;
+  return error_;
+}
+
+inline void future_core::set_exception(std::exception_ptr error) {
+  if (is_task_) throw std::logic_error("a task's outcome is set by its coroutine, not by set_exception");
+  if (done()) throw invalid_state_error("future is already done");
+  if (!error) throw std::invalid_argument("set_exception: null exception_ptr");
+  error_ = std::move(error);
+  finish(future_status::finished);
+}
+
+inline bool future_core::cancel(std::string message) {
+  if (done()) return false;
+  ++cancel_requests_;
+  cancel_message_ = std::move(message);
+  if (!is_task_) {
+    finish(future_status::cancelled);
+    return true;
+  }
+  // asyncio: withdraw the current wait if possible; it stays registered, since an awaited task
+  // may swallow this cancellation and need another one later.
+  if (waiting_on_ && waiting_on_->cancel(waiting_on_)) return true;
+  must_cancel_ = true;
+  return true;
+}
+
+/// A scheduled done callback: holds a reference to its future until it has run.
+struct done_callback_job {
+  future_core* core;
+  std::function<void(future_core&)> fn;
+};
+
+inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
+  if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
+  callbacks_.push_back({++next_callback_id_, std::move(fn)});
+  callback_id id = next_callback_id_;
+  if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
+  return id;
+}
+
+inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
+  std::size_t before = callbacks_.size();
+  std::erase_if(callbacks_, [id](const done_callback& c) { return c.id == id; });
+  return before - callbacks_.size();
+}
+
+inline void future_core::finish(future_status status) noexcept {
+  const bool first = status_ == future_status::pending;
+  status_ = status;
+  if (first) {
+    if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
+    while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
+  }
+  if (callbacks_.empty()) return;
+  std::vector<done_callback> callbacks;
+  callbacks.swap(callbacks_);
+  if (!loop_ || loop_->is_closed()) return;
+  for (auto& c : callbacks) {
+    add_ref();
+    auto* job = new (std::nothrow) done_callback_job{this, std::move(c.fn)};
+    if (!job) {
+      release();
+      continue;
+    }
+    loop_->schedule({[](void* arg, bool run) noexcept {
+                       auto* j = static_cast<done_callback_job*>(arg);
+                       if (run) {
+                         try {
+                           j->fn(*j->core);
+                         } catch (...) {
+                           if (j->core->loop_)
+                             j->core->loop_->call_exception_handler(
+                                 {"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
+                         }
+                       }
+                       j->core->release();
+                       delete j;
+                     },
+                     job});
+  }
+}
+
+inline std::string future_core::name() const {
+  if (!name_.empty() || !is_task_) return name_;
+  return "Task-" + std::to_string(number_);
+}
+
+inline void future_core::start(std::coroutine_handle<> top, std::string name) {
+  number_ = loop_->next_task_number();
+  name_ = std::move(name);
+  resume_at_ = top;
+  loop_->register_core(*this);
+  scheduled_ = true;
+  loop_->schedule({&run_step, this});  // never inline: the task starts on a later iteration
+}
+
+inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> where) {
+  resume_at_ = where;
+  waiting_on_ = hook;
+  // A cancel() that came while running reaches the new wait at once (asyncio's __step).
+  if (must_cancel_ && hook && hook->cancel(hook)) must_cancel_ = false;
+}
+
+inline void future_core::wake() {
+  waiting_on_ = nullptr;
+  if (scheduled_) {
+    // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
+    log(log_level::error, "internal error: task " + name() + " woken twice");
+    return;
+  }
+  if (!loop_ || done()) return;
+  scheduled_ = true;
+  loop_->schedule({&run_step, this});
+}
+
+inline void future_core::throw_if_cancelled(bool withdrawn) {
+  if (withdrawn || must_cancel_) {
+    must_cancel_ = false;
+    throw cancelled_error(cancel_message_);
+  }
+}
+
+inline void future_core::run_step(void* self, bool run) noexcept {
+  if (run) static_cast<future_core*>(self)->step();
+}
+
+inline void future_core::step() {
+  scheduled_ = false;
+  if (!started_) {
+    started_ = true;
+    if (must_cancel_) {  // cancelled before it started: the body never runs
+      must_cancel_ = false;
+      destroy_frame();
+      finish(future_status::cancelled);
+      release();
+      return;
+    }
+  }
+  future_core* previous = loop_->current_;
+  loop_->current_ = this;
+  resume_at_.resume();
+  loop_->current_ = previous;
+  if (frame_done()) complete();
+}
+
+inline void future_core::complete() noexcept {
+  harvest();
+  destroy_frame();
+  future_status status = future_status::finished;
+  if (error_) {
+    try {
+      std::rethrow_exception(error_);
+    } catch (const cancelled_error& e) {
+      status = future_status::cancelled;
+      cancel_message_ = e.message();
+      error_ = nullptr;
+    } catch (...) {
+    }
+  } else if (must_cancel_) {
+    status = future_status::cancelled;  // cancel() arrived right before the coroutine returned
+  }
+  must_cancel_ = false;
+  finish(status);
+  release();  // the running reference
+}
+
+inline void future_core::abandon() noexcept {
+  waiting_on_ = nullptr;
+  must_cancel_ = false;
+  destroy_frame();
+  finish(future_status::cancelled);
+  release();
+}
+
+}  // namespace codestare::async_utils::detail

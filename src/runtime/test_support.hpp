@@ -1,0 +1,46 @@
+// Helpers for the embedded tests only: bounded runs, descriptor and thread counts, log capture.
+#pragma once
+
+#ifdef ASYNC_UTILS_TESTS
+#include <dirent.h>
+#include <sstream>
+
+namespace codestare::async_utils::testing {
+
+/// Entries in a /proc/self directory (descriptors, threads), -1 where /proc is missing.
+inline int count_entries(const char* path) {
+  DIR* dir = ::opendir(path);
+  if (!dir) return -1;
+  int n = 0;
+  while (dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  ::closedir(dir);
+  return n - 1;  // the descriptor opendir itself holds (harmless for the task count: compared, not read)
+}
+inline int open_fds() { return count_entries("/proc/self/fd"); }
+inline int threads() { return count_entries("/proc/self/task") + 1; }
+
+/// run(body) under wait_for(limit), so a bug fails a test instead of hanging the suite.
+/// Declared here for the tests of every later part; defined in run.hpp, after run().
+void run_bounded(coroutine<void> body, std::chrono::milliseconds limit = std::chrono::milliseconds(10000));
+
+/// Captures the library log for the lifetime of the object.
+class log_capture {
+ public:
+  log_capture() {
+    previous_ = set_log_handler([this](log_level, std::string_view message) {
+      text_ += std::string(message);
+      text_ += '\n';
+    });
+  }
+  ~log_capture() { set_log_handler(std::move(previous_)); }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string text_;
+  log_handler previous_;
+};
+
+}  // namespace codestare::async_utils::testing
+#endif
