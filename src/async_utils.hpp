@@ -14,6 +14,7 @@
 #include "platform/backend.hpp"
 
 // Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
+#include "runtime/test_support.hpp"
 #include "runtime/intrusive_list.hpp"
 #include "runtime/job_queue.hpp"
 #include "runtime/timer_heap.hpp"
@@ -22,12 +23,12 @@
 #include "runtime/handle.hpp"
 #include "runtime/event_loop.hpp"
 #include "runtime/task_steps.hpp"
-#include "runtime/test_support.hpp"
 #include "runtime/awaitable.hpp"
 #include "runtime/future.hpp"
 #include "runtime/coroutine.hpp"
-#include "runtime/task.hpp"
 #include "runtime/sleep.hpp"
+#include "runtime/completion.hpp"
+#include "runtime/task.hpp"
 #include "runtime/wait_for.hpp"
 #include "runtime/gather.hpp"
 #include "runtime/shield.hpp"

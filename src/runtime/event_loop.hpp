@@ -388,6 +388,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   check_open();
   if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
   detail::fd_watch& w = watch_of(fd);
+  backend_.add(fd);  // validates even a number seen before: it may have been closed since
   detail::handle_state*& slot = reader ? w.reader : w.writer;
   auto* state = new detail::handle_state(this, std::move(fn));
   if (slot) {
@@ -543,3 +544,128 @@ inline void event_loop::close() {
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <thread>
+TEST_SUITE("event_loop") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("call_soon runs FIFO on a later iteration; a cancelled handle never runs") {
+    event_loop loop;
+    std::string seen;
+    loop.call_soon([&] { seen += "a"; });
+    auto h = loop.call_soon([&] { seen += "x"; });
+    loop.call_soon([&] {
+      seen += "b";
+      loop.call_soon([&] { seen += "d"; });  // next iteration, after c
+    });
+    loop.call_soon([&] { seen += "c"; });
+    h.cancel();
+    CHECK(h.cancelled());
+    CHECK(seen.empty());
+    loop.call_later(5ms, [&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(seen == "abcd");
+    CHECK_THROWS_AS(loop.call_soon(nullptr), std::invalid_argument);
+  }
+
+  TEST_CASE("call_later and call_at fire in deadline order; cancelled timers leave the heap") {
+    event_loop loop;
+    std::vector<int> order;
+    const auto now = loop.time();
+    loop.call_at(now + 30ms, [&] { order.push_back(3); });
+    loop.call_later(10ms, [&] { order.push_back(1); });
+    auto h = loop.call_later(20ms, [&] { order.push_back(99); });
+    loop.call_later(20ms, [&] { order.push_back(2); });
+    loop.call_later(40ms, [&] { loop.stop(); });
+    CHECK(h.when() >= now + 20ms);
+    h.cancel();
+    for (int i = 0; i < 100000; ++i) loop.call_later(1h, [] {}).cancel();  // no pile-up
+    loop.run_forever();
+    CHECK(order == std::vector<int>{1, 2, 3});
+    CHECK(loop.time() >= now + 40ms);
+  }
+
+  TEST_CASE("stop() before run_forever runs one iteration; close() is final") {
+    event_loop loop;
+    int runs = 0;
+    loop.call_soon([&] { ++runs; });
+    loop.stop();
+    loop.run_forever();
+    CHECK(runs == 1);
+    CHECK_FALSE(loop.is_running());
+    loop.close();
+    CHECK(loop.is_closed());
+    loop.close();  // idempotent
+    CHECK_THROWS_WITH_AS(loop.call_soon([] {}), "event loop is closed", std::runtime_error);
+    CHECK_THROWS_AS(loop.run_forever(), std::runtime_error);
+    CHECK_THROWS_AS(loop.call_soon_threadsafe([] {}), std::runtime_error);
+  }
+
+  TEST_CASE("an exception in a callback goes to the exception handler, the loop goes on") {
+    event_loop loop;
+    std::string seen;
+    loop.set_exception_handler([&](event_loop&, const exception_context& c) { seen += c.message + ": " + describe(c.exception); });
+    CHECK(static_cast<bool>(loop.get_exception_handler()));
+    loop.call_soon([] { throw std::runtime_error("oops"); });
+    loop.call_soon([&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(seen == "Exception in callback: oops");
+    testing::log_capture log;
+    loop.set_exception_handler([](event_loop&, const exception_context&) { throw std::logic_error("handler broke"); });
+    loop.call_exception_handler({"ctx", nullptr, std::nullopt, std::nullopt});
+    CHECK(log.text().find("handler broke") != std::string::npos);
+    CHECK(log.text().find("ctx") != std::string::npos);  // then the default handler
+  }
+
+  TEST_CASE("call_soon_threadsafe: 4 threads x 100,000 calls each run exactly once") {
+    event_loop loop;
+    constexpr int per_thread = 100000;
+    std::vector<int> counts(4, 0);
+    int total = 0;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < per_thread; ++i) loop.call_soon_threadsafe([&, t] {
+            ++counts[static_cast<std::size_t>(t)];
+            if (++total == 4 * per_thread) loop.stop();
+          });
+      });
+    }
+    auto guard = loop.call_later(30s, [&] { loop.stop(); });  // bound: fail, never hang
+    loop.run_forever();
+    for (auto& th : threads) th.join();
+    CHECK(total == 4 * per_thread);
+    for (int c : counts) CHECK(c == per_thread);
+  }
+
+  TEST_CASE("add_reader / add_writer callbacks, removal, and bad descriptors") {
+    event_loop loop;
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    int reads = 0;
+    loop.add_reader(fds[0], [&] {
+      char c;
+      CHECK(::read(fds[0], &c, 1) == 1);
+      if (++reads == 3) loop.stop();
+    });
+    loop.add_writer(fds[1], [&] {
+      CHECK(::write(fds[1], "xyz", 3) == 3);
+      CHECK(loop.remove_writer(fds[1]));
+    });
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(reads == 3);
+    CHECK(loop.remove_reader(fds[0]));
+    CHECK_FALSE(loop.remove_reader(fds[0]));
+    CHECK_FALSE(loop.remove_writer(12345));
+    ::close(fds[0]);
+    ::close(fds[1]);
+    CHECK_THROWS_AS(loop.add_reader(-1, [] {}), std::system_error);
+    CHECK_THROWS_AS(loop.add_reader(fds[0], [] {}), std::system_error);  // closed now
+    CHECK_THROWS_AS(loop.add_reader(0, nullptr), std::invalid_argument);
+  }
+
+}
+#endif

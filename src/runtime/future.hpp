@@ -140,3 +140,49 @@ future<T> event_loop::create_future() {
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <thread>
+TEST_SUITE("future") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("futures: results, exceptions, cancellation, misuse") {
+    event_loop loop;
+    auto f = loop.create_future<std::string>();
+    CHECK_FALSE(f.done());
+    CHECK_THROWS_AS(f.result(), invalid_state_error);
+    CHECK_THROWS_AS(f.exception(), invalid_state_error);
+    f.set_result("v");
+    CHECK(f.result() == "v");
+    CHECK(f.exception() == nullptr);
+    CHECK_THROWS_AS(f.set_result("again"), invalid_state_error);
+    CHECK_FALSE(f.cancel());
+    auto g = loop.create_future<int>();
+    CHECK_THROWS_AS(g.set_exception(nullptr), std::invalid_argument);
+    g.set_exception(std::make_exception_ptr(std::out_of_range("r")));
+    CHECK_THROWS_AS(g.result(), std::out_of_range);
+    auto h = loop.create_future<void>();
+    CHECK(h.cancel("why"));
+    CHECK(h.cancelled());
+    CHECK_THROWS_WITH_AS(h.result(), "why", cancelled_error);
+    future<int> empty;
+    CHECK_THROWS_AS(empty.done(), invalid_state_error);
+    CHECK(&f.get_loop() == &loop);
+  }
+  TEST_CASE("a loop blocked with nothing to do wakes for a post from another thread") {
+    event_loop loop;
+    auto fut = loop.create_future<int>();
+    std::thread poster([&] {
+      std::this_thread::sleep_for(20ms);
+      loop.call_soon_threadsafe([&] { fut.set_result(9); });
+    });
+    auto guard = loop.call_later(30s, [&] { fut.cancel("not woken"); });
+    fut.add_done_callback([&](future<int>) { loop.stop(); });
+    loop.run_forever();
+    CHECK(fut.result() == 9);
+    poster.join();
+  }
+
+}
+#endif

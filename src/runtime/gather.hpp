@@ -172,3 +172,74 @@ auto gather(return_exceptions_t, R&& range) {
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("gather") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  coroutine<int> after(std::chrono::milliseconds d, int v) {
+    co_await sleep(d);
+    co_return v;
+  }
+  coroutine<void> fail_after(std::chrono::milliseconds d) {
+    co_await sleep(d);
+    throw std::runtime_error("child failed");
+  }
+
+  TEST_CASE("tuple and vector results in argument order, void as monostate") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto [a, b, c] = co_await gather(after(3ms, 1), after(1ms, 2), []() -> coroutine<void> { co_return; }());
+      CHECK(a == 1);
+      CHECK(b == 2);
+      CHECK(c == std::monostate{});
+      std::vector<coroutine<int>> many;
+      for (int i = 0; i < 50; ++i) many.push_back(after(std::chrono::milliseconds(i % 5), i));
+      auto results = co_await gather(std::move(many));
+      REQUIRE(results.size() == 50);
+      for (int i = 0; i < 50; ++i) CHECK(results[static_cast<std::size_t>(i)] == i);
+      auto t = create_task(after(1ms, 5));
+      auto [x] = co_await gather(t);  // tasks are awaited as they are
+      CHECK(x == 5);
+      CHECK((co_await gather(std::vector<coroutine<int>>{})).empty());
+    }());
+  }
+
+  TEST_CASE("the first failure propagates at once; return_exceptions collects outcomes") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto slow = create_task(after(50ms, 1));
+      std::string message;
+      try {
+        co_await gather(slow, fail_after(1ms));
+      } catch (const std::runtime_error& e) {
+        message = e.what();
+      }
+      CHECK(message == "child failed");
+      CHECK_FALSE(slow.done());  // the others keep running, as in asyncio
+      auto [ok, bad] = co_await gather(return_exceptions, after(1ms, 3), fail_after(1ms));
+      CHECK(std::get<0>(ok) == 3);
+      CHECK_THROWS_AS(std::rethrow_exception(std::get<1>(bad)), std::runtime_error);
+      auto cancelled = create_task(after(1h, 0));
+      cancelled.cancel();
+      std::vector<task<int>> tasks(1, cancelled);  // (g++ 12 rejects an initializer_list inside co_await)
+      auto outcomes = co_await gather(return_exceptions, tasks);
+      CHECK_THROWS_AS(std::rethrow_exception(std::get<1>(outcomes[0])), cancelled_error);
+      co_await slow;
+    }());
+  }
+
+  TEST_CASE("cancelling gather cancels every child and then raises cancelled_error") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto a = create_task(after(1h, 1));
+      auto b = create_task(after(1h, 2));
+      auto g = create_task(gather(a, b));
+      co_await sleep(1ms);
+      g.cancel();
+      co_await wait_done(g);
+      CHECK(g.cancelled());
+      CHECK(a.cancelled());
+      CHECK(b.cancelled());
+    }());
+  }
+}
+#endif

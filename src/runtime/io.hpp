@@ -276,3 +276,147 @@ inline auto event_loop::wait_readable(int fd) { return async_utils::wait_readabl
 inline auto event_loop::wait_writable(int fd) { return async_utils::wait_writable(fd); }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <arpa/inet.h>
+TEST_SUITE("io") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  struct socket_pair {
+    int fd[2] = {-1, -1};
+    socket_pair() {
+      REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fd) == 0);
+      detail::make_nonblocking_cloexec(fd[0]);
+      detail::make_nonblocking_cloexec(fd[1]);
+    }
+    ~socket_pair() {
+      for (int f : fd)
+        if (f >= 0) ::close(f);
+    }
+    void close(int i) {
+      ::close(fd[i]);
+      fd[i] = -1;
+    }
+  };
+
+  coroutine<void> echo_server(int fd) {
+    char buf[4096];
+    for (;;) {
+      std::size_t n = co_await sock_recv_into(fd, std::span<char>(buf));
+      if (n == 0) co_return;
+      co_await sock_sendall(fd, std::string_view(buf, n));
+    }
+  }
+
+  // Sends `rounds` messages of `size` bytes and checks every echoed byte.
+  coroutine<void> echo_client(int fd, int rounds, std::size_t size) {
+    for (int r = 0; r < rounds; ++r) {
+      std::string msg(size, static_cast<char>('a' + r % 26));
+      // Send while receiving: a message larger than the socket buffers would deadlock otherwise.
+      auto sending = create_task(sock_sendall(fd, msg));
+      std::string got;
+      while (got.size() < size) {
+        std::string part = co_await sock_recv(fd, size - got.size());
+        REQUIRE_FALSE(part.empty());
+        got += part;
+      }
+      co_await sending;
+      CHECK(got == msg);
+    }
+  }
+
+  TEST_CASE("echo over a socketpair, small messages and ones larger than the socket buffer") {
+    const int fds_before = testing::open_fds();
+    {
+      socket_pair p;
+      testing::run_bounded([&]() -> coroutine<void> {
+        auto server = create_task(echo_server(p.fd[1]));
+        co_await echo_client(p.fd[0], 200, 64);
+        co_await echo_client(p.fd[0], 3, 1 << 20);  // needs partial sends and many waits
+        ::shutdown(p.fd[0], SHUT_WR);
+        co_await server;
+      }());
+    }
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("echo over 127.0.0.1 with sock_accept and sock_connect") {
+    int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(listener, 16) == 0);
+    socklen_t len = sizeof addr;
+    REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto server = create_task([](int l) -> coroutine<void> {
+        accepted_socket conn = co_await sock_accept(l);
+        CHECK(conn.address.ss_family == AF_INET);
+        co_await echo_server(conn.fd);
+        ::close(conn.fd);
+      }(listener));
+      int client = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      co_await sock_connect(client, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+      co_await echo_client(client, 100, 64);
+      ::close(client);
+      co_await server;
+    }());
+    ::close(listener);
+  }
+
+  TEST_CASE("a peer that closes early: EOF for readers, EPIPE (not SIGPIPE) for writers") {
+    socket_pair p;
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto reader = create_task(sock_recv(p.fd[0], 100));
+      co_await sleep(1ms);
+      p.close(1);
+      CHECK((co_await reader).empty());
+      std::string big(1 << 20, 'x');
+      try {
+        co_await sock_sendall(p.fd[0], big);
+        FAIL("sendall to a closed peer succeeded");
+      } catch (const std::system_error& e) {
+        CHECK(e.code().value() == EPIPE);
+      }
+    }());
+  }
+
+  TEST_CASE("a refused connection, bad descriptors and blocking sockets give clear errors") {
+    testing::run_bounded([]() -> coroutine<void> {
+      int s = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(1);  // nothing listens on port 1
+      CHECK_THROWS_AS(co_await sock_connect(s, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), std::system_error);
+      ::close(s);
+      char buf[8];
+      CHECK_THROWS_AS(co_await sock_recv_into(-1, std::span<char>(buf)), std::system_error);
+      CHECK_THROWS_AS(co_await sock_sendall(987654, "x"), std::system_error);
+      CHECK_THROWS_AS(co_await wait_readable(-1), std::system_error);
+      int blocking = ::socket(AF_INET, SOCK_STREAM, 0);
+      CHECK_THROWS_AS(sock_accept(blocking), std::invalid_argument);
+      CHECK_THROWS_AS(sock_connect(blocking, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), std::invalid_argument);
+      ::close(blocking);
+    }());
+  }
+
+  TEST_CASE("cancel while waiting on a descriptor; wait_readable and wait_writable") {
+    socket_pair p;
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(sock_recv(p.fd[0], 10));
+      co_await sleep(1ms);
+      t.cancel();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      co_await wait_writable(p.fd[1]);
+      CHECK(::write(p.fd[1], "z", 1) == 1);
+      co_await wait_readable(p.fd[0]);
+      CHECK(co_await sock_recv(p.fd[0], 10) == "z");  // the cancelled read took nothing
+    }());
+  }
+}
+#endif

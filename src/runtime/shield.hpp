@@ -20,3 +20,27 @@ auto shield(A&& aw) {
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("shield") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("cancellation stops at the shield; the inner task finishes") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto inner = create_task([]() -> coroutine<int> {
+        co_await sleep(5ms);
+        co_return 6;
+      }());
+      auto outer = create_task([](task<int> i) -> coroutine<int> { co_return co_await shield(i); }(inner));
+      co_await sleep(1ms);
+      outer.cancel();
+      co_await wait_done(outer);
+      CHECK(outer.cancelled());
+      CHECK_FALSE(inner.done());
+      CHECK(co_await inner == 6);
+      CHECK(co_await shield([]() -> coroutine<int> { co_return 1; }()) == 1);
+    }());
+  }
+}
+#endif

@@ -152,3 +152,213 @@ inline std::vector<any_task> all_tasks() {
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("task") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("tasks start on a later iteration, never inline, in creation order") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<int> order;
+      auto note = [&](int i) -> coroutine<void> {
+        order.push_back(i);
+        co_return;
+      };
+      auto a = create_task(note(1));
+      auto b = create_task(note(2));
+      CHECK(order.empty());
+      CHECK_FALSE(a.done());
+      co_await sleep(0s);
+      CHECK(order == std::vector<int>{1, 2});
+      CHECK(a.done());
+      CHECK(b.done());
+    }());
+  }
+
+  TEST_CASE("result, exception and names") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto value = []() -> coroutine<int> { co_return 7; };
+      auto fails = []() -> coroutine<int> {
+        co_await sleep(0s);
+        throw std::logic_error("no");
+      };
+      auto t = create_task(value(), "worker");
+      CHECK(t.name() == "worker");
+      CHECK_THROWS_AS(t.result(), invalid_state_error);
+      CHECK(co_await t == 7);
+      CHECK(t.result() == 7);
+      auto f = create_task(fails());
+      CHECK(f.name().rfind("Task-", 0) == 0);
+      f.set_name("renamed");
+      CHECK(f.name() == "renamed");
+      CHECK_THROWS_AS(co_await f, std::logic_error);
+      CHECK(f.exception() != nullptr);
+      CHECK_FALSE(f.cancel());  // done already
+    }());
+  }
+
+  TEST_CASE("cancel while sleeping; the message reaches cancelled_error") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto sleeper = []() -> coroutine<void> { co_await sleep(1h); };
+      auto t = create_task(sleeper());
+      co_await sleep(0s);
+      CHECK(t.cancel("enough"));
+      CHECK(t.cancelling() == 1);
+      try {
+        co_await t;
+        FAIL("no exception");
+      } catch (const cancelled_error& e) {
+        CHECK(e.message() == "enough");
+      }
+      CHECK(t.cancelled());
+      CHECK_THROWS_AS(t.result(), cancelled_error);
+      CHECK_THROWS_AS(t.exception(), cancelled_error);
+    }());
+  }
+
+  TEST_CASE("cancel before start: the body never runs") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool ran = false;
+      auto body = [&]() -> coroutine<void> {
+        ran = true;
+        co_return;
+      };
+      auto t = create_task(body());
+      CHECK(t.cancel());
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK_FALSE(ran);
+    }());
+  }
+
+  TEST_CASE("cancelling twice, and a coroutine that catches cancelled_error and returns") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto stubborn = []() -> coroutine<int> {
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+          co_return 5;
+        }
+        co_return 0;
+      };
+      auto t = create_task(stubborn());
+      co_await sleep(0s);
+      CHECK(t.cancel());
+      CHECK(t.cancel());  // still pending: accepted, delivered as the same single cancellation
+      CHECK(t.cancelling() == 2);
+      CHECK(co_await t == 5);
+      CHECK_FALSE(t.cancelled());
+    }());
+  }
+
+  TEST_CASE("cancel while waiting on a future, and on another task (propagates)") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto fut = event_loop::current().create_future<int>();
+      auto waiter = [](future<int> f) -> coroutine<int> { co_return co_await f; };
+      auto t = create_task(waiter(fut));
+      co_await sleep(0s);
+      t.cancel();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK(fut.cancelled());  // asyncio: cancelling the awaiting task cancels what it awaits
+
+      auto inner = create_task([]() -> coroutine<void> { co_await sleep(1h); }());
+      auto outer = create_task([](task<void> i) -> coroutine<void> { co_await i; }(inner));
+      co_await sleep(0s);
+      outer.cancel();
+      co_await wait_done(outer);
+      CHECK(outer.cancelled());
+      CHECK(inner.cancelled());
+    }());
+  }
+
+  TEST_CASE("a task cannot await itself; current_task and all_tasks") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto me = current_task();
+      REQUIRE(me);
+      CHECK_FALSE(me->done());
+      auto t = create_task([]() -> coroutine<void> { co_await sleep(1h); }(), "sleeper");
+      bool found = false;
+      for (auto& x : all_tasks()) found = found || x.name() == "sleeper";
+      CHECK(found);
+      t.cancel();
+      co_await wait_done(t);
+      for (auto& x : all_tasks()) CHECK(x.name() != "sleeper");
+    }());
+    CHECK_FALSE(current_task());
+    CHECK_THROWS_AS(all_tasks(), std::runtime_error);
+    CHECK_THROWS_WITH_AS(event_loop::current(), "no running event loop", std::runtime_error);
+  }
+
+  TEST_CASE("an exception nobody retrieved is reported when the last handle goes") {
+    std::vector<std::string> reports;
+    event_loop loop;
+    loop.set_exception_handler([&](event_loop&, const exception_context& c) {
+      reports.push_back(c.message + " / " + (c.task ? c.task->name() : "") + " / " + describe(c.exception));
+    });
+    {
+      auto t = loop.create_task([]() -> coroutine<void> {
+        throw std::runtime_error("lost");
+        co_return;
+      }(), "careless");
+      loop.run_until_complete(sleep(1ms));
+      CHECK(t.done());
+      CHECK(reports.empty());  // a handle is still alive
+    }
+    REQUIRE(reports.size() == 1);
+    CHECK(reports[0] == "Task exception was never retrieved / careless / lost");
+    {
+      auto t = loop.create_task([]() -> coroutine<void> {
+        throw std::runtime_error("seen");
+        co_return;
+      }());
+      loop.run_until_complete(sleep(1ms));
+      CHECK_THROWS_AS(t.result(), std::runtime_error);
+    }
+    CHECK(reports.size() == 1);  // retrieved: not reported
+  }
+
+  TEST_CASE("done callbacks run via call_soon, never inline, and can be removed") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> seen;
+      auto t = create_task([]() -> coroutine<int> { co_return 3; }());
+      t.add_done_callback([&](future<int> f) { seen.push_back("a" + std::to_string(f.result())); });
+      auto id = t.add_done_callback([&](future<int>) { seen.push_back("b"); });
+      CHECK(t.remove_done_callback(id) == 1);
+      CHECK(t.remove_done_callback(id) == 0);
+      co_await wait_done(t);
+      CHECK(seen.empty());  // scheduled, not yet run
+      co_await sleep(0s);
+      CHECK(seen == std::vector<std::string>{"a3"});
+      any_task(t).add_done_callback([&](any_task x) { seen.push_back(x.name()); });  // done already
+      CHECK(seen.size() == 1);
+      co_await sleep(0s);
+      CHECK(seen.size() == 2);
+    }());
+  }
+
+  TEST_CASE("closing a loop with a pending task ends it cancelled and frees its coroutine") {
+    static int alive = 0;
+    struct guard {
+      guard() { ++alive; }
+      ~guard() { --alive; }
+    };
+    testing::log_capture log;
+    task<void> t;
+    {
+      event_loop loop;
+      t = loop.create_task([]() -> coroutine<void> {
+        guard g;
+        co_await sleep(1h);
+      }());
+      loop.run_until_complete(sleep(1ms));
+      CHECK(alive == 1);
+      loop.close();
+      CHECK(alive == 0);
+    }
+    CHECK(t.cancelled());  // the handle outlives the loop safely
+    CHECK(log.text().find("pending") != std::string::npos);
+  }
+}
+#endif

@@ -5,6 +5,10 @@
 #include <dirent.h>
 #include <sstream>
 
+namespace codestare::async_utils {
+template <class T>
+class coroutine;
+}
 namespace codestare::async_utils::testing {
 
 /// Entries in a /proc/self directory (descriptors, threads), -1 where /proc is missing.

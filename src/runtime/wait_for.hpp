@@ -1,5 +1,5 @@
 // wait_for(aw, timeout): asyncio.wait_for. On timeout the inner task is cancelled, awaited, and
-// timeout_error is thrown; wait_done(fut) waits for completion without touching the outcome.
+// timeout_error is thrown.
 #pragma once
 
 #include <chrono>
@@ -13,54 +13,6 @@ auto ensure_future(A&& aw) {
   if constexpr (is_future_handle<std::remove_cvref_t<A>>::value) return future<typename std::remove_cvref_t<A>::value_type>(aw);
   else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
 }
-
-/// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
-/// the awaited one (unless shielded); the deadline does the same and records that it expired.
-struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
-  future_core* core;
-  future_core* task = nullptr;
-  bool propagate_cancel;
-  bool has_deadline = false;
-  bool expired = false;
-  bool withdrawn = false;
-  clock::duration timeout{};
-
-  completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
-  completion_awaiter(const completion_awaiter&) = delete;
-  bool await_ready() const noexcept { return core->done(); }
-  void await_suspend(std::coroutine_handle<> h) {
-    task = &current_task_core("waiting on a task");
-    if (task == core) throw std::runtime_error("a task cannot await itself");
-    notify = [](completion_waiter* w) { static_cast<completion_awaiter*>(w)->task->wake(); };
-    cancel = [](cancel_hook* c) {
-      auto* self = static_cast<completion_awaiter*>(c);
-      if (self->propagate_cancel) return self->core->cancel(self->task->cancel_message());
-      self->completion_waiter::unlink();
-      self->withdrawn = true;
-      self->task->wake();
-      return true;
-    };
-    if (has_deadline) {
-      fire = [](timer_node* node, bool run) {
-        auto* self = static_cast<completion_awaiter*>(node);
-        if (!run) return;
-        self->expired = true;
-        self->core->cancel({});  // its completion wakes us, once the cancellation has landed
-      };
-      task->loop()->add_timer(*this, clock::now() + timeout);
-    }
-    core->add_waiter(*this);
-    task->suspend_on(this, h);
-  }
-  void await_resume() {
-    completion_waiter::unlink();
-    if (scheduled()) task->loop()->remove_timer(*this);
-    if (task) task->throw_if_cancelled(withdrawn);
-  }
-  ~completion_awaiter() {
-    if (scheduled() && task && task->loop()) task->loop()->remove_timer(*this);
-  }
-};
 
 template <class R, class A>
 coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
@@ -76,11 +28,6 @@ coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
   co_return take_result(*state);
 }
 
-struct done_waiter {
-  future_core* core;
-  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
-};
-
 }  // namespace detail
 
 /// Waits for `aw` at most `timeout` (asyncio.wait_for). On timeout, cancels it, waits for the
@@ -92,12 +39,61 @@ auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
   return detail::wait_for_impl<R, A>(std::forward<A>(aw), std::chrono::duration_cast<detail::clock::duration>(timeout));
 }
 
-/// Waits until a task or future is done, whatever its outcome, without retrieving it and
-/// without cancelling it when the waiter is cancelled.
-inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
-template <class T>
-detail::done_waiter wait_done(const future<T>& f) {
-  return {f.state_ptr()};
-}
-
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("wait_for") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("returns the result in time; on timeout cancels the inner task and throws") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto quick = []() -> coroutine<int> {
+        co_await sleep(1ms);
+        co_return 4;
+      };
+      CHECK(co_await wait_for(quick(), 5s) == 4);
+      bool inner_cancelled = false;
+      auto slow = [&]() -> coroutine<int> {
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+          inner_cancelled = true;
+          throw;
+        }
+        co_return 0;
+      };
+      CHECK_THROWS_AS(co_await wait_for(slow(), 10ms), timeout_error);
+      CHECK(inner_cancelled);
+      auto t = create_task(slow());
+      CHECK_THROWS_AS(co_await wait_for(t, 0s), timeout_error);
+      CHECK(t.cancelled());
+    }());
+  }
+
+  TEST_CASE("an inner task that swallows the cancellation returns its value") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto stubborn = []() -> coroutine<int> {
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+        }
+        co_return 8;
+      };
+      CHECK(co_await wait_for(stubborn(), 5ms) == 8);
+    }());
+  }
+
+  TEST_CASE("cancelling the waiter cancels the inner awaitable") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto inner = create_task([]() -> coroutine<void> { co_await sleep(1h); }());
+      auto outer = create_task(wait_for(inner, 1h));
+      co_await sleep(1ms);
+      outer.cancel();
+      co_await wait_done(outer);
+      CHECK(outer.cancelled());
+      CHECK(inner.cancelled());
+    }());
+  }
+}
+#endif

@@ -1,0 +1,71 @@
+// wait_done(fut): waits until a future or task is done, without touching its outcome; and the
+// completion awaiter behind it, wait_for and run().
+#pragma once
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
+/// the awaited one (unless shielded); the deadline does the same and records that it expired.
+struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
+  future_core* core;
+  future_core* task = nullptr;
+  bool propagate_cancel;
+  bool has_deadline = false;
+  bool expired = false;
+  bool withdrawn = false;
+  clock::duration timeout{};
+
+  completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
+  completion_awaiter(const completion_awaiter&) = delete;
+  bool await_ready() const noexcept { return core->done(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    task = &current_task_core("waiting on a task");
+    if (task == core) throw std::runtime_error("a task cannot await itself");
+    notify = [](completion_waiter* w) { static_cast<completion_awaiter*>(w)->task->wake(); };
+    cancel = [](cancel_hook* c) {
+      auto* self = static_cast<completion_awaiter*>(c);
+      if (self->propagate_cancel) return self->core->cancel(self->task->cancel_message());
+      self->completion_waiter::unlink();
+      self->withdrawn = true;
+      self->task->wake();
+      return true;
+    };
+    if (has_deadline) {
+      fire = [](timer_node* node, bool run) {
+        auto* self = static_cast<completion_awaiter*>(node);
+        if (!run) return;
+        self->expired = true;
+        self->core->cancel({});  // its completion wakes us, once the cancellation has landed
+      };
+      task->loop()->add_timer(*this, clock::now() + timeout);
+    }
+    core->add_waiter(*this);
+    task->suspend_on(this, h);
+  }
+  void await_resume() {
+    completion_waiter::unlink();
+    if (scheduled()) task->loop()->remove_timer(*this);
+    if (task) task->throw_if_cancelled(withdrawn);
+  }
+  ~completion_awaiter() {
+    if (scheduled() && task && task->loop()) task->loop()->remove_timer(*this);
+  }
+};
+
+struct done_waiter {
+  future_core* core;
+  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
+};
+
+}  // namespace detail
+
+/// Waits until a task or future is done, whatever its outcome, without retrieving it and
+/// without cancelling it when the waiter is cancelled.
+inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
+template <class T>
+detail::done_waiter wait_done(const future<T>& f) {
+  return {f.state_ptr()};
+}
+
+}  // namespace codestare::async_utils
