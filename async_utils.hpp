@@ -119,6 +119,7 @@
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
+#include <new>
 #include <optional>
 #include <ostream>
 #include <ranges>
@@ -1141,6 +1142,8 @@ class future_core : public list_node {
  protected:
   /// Task: moves the outcome out of the finished coroutine into this state.
   virtual void harvest() noexcept {}
+  /// Frees this state (a task state may live in its coroutine's frame block).
+  virtual void dispose() noexcept { delete this; }
   /// Task: destroys the coroutine frame (finished or not).
   virtual void destroy_frame() noexcept {}
   virtual bool frame_done() const noexcept { return true; }
@@ -2025,7 +2028,7 @@ inline void future_core::release() noexcept {
     }
     if (--refs_ != 0) return;
   }
-  delete this;
+  dispose();
 }
 
 inline void future_core::check_result() {
@@ -2452,6 +2455,38 @@ TEST_SUITE("future") {
 namespace codestare::async_utils {
 namespace detail {
 
+/// Every coroutine frame is allocated with room behind it for the state of a task, so that
+/// create_task costs no second allocation: [header][frame][room]. While a task state lives in
+/// the room, destroying the frame leaves the block to the state, which frees it last.
+/// (Out of line: g++ 12 misreads the offset pointer as a mismatched new/delete pair when inlined.)
+struct frame_header {
+  std::size_t frame_size;
+  bool holds_task;
+  bool frame_gone;
+};
+inline constexpr std::size_t frame_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
+inline constexpr std::size_t task_room = 256;
+inline std::size_t round_to_frame_align(std::size_t n) noexcept { return (n + frame_align - 1) / frame_align * frame_align; }
+inline frame_header* header_of(void* frame) noexcept {
+  return std::launder(reinterpret_cast<frame_header*>(static_cast<std::byte*>(frame) - frame_align));
+}
+inline void* task_room_of(void* frame) noexcept {
+  return static_cast<std::byte*>(frame) + round_to_frame_align(header_of(frame)->frame_size);
+}
+[[gnu::noinline]] inline void* allocate_frame(std::size_t n) {
+  auto* block = static_cast<std::byte*>(::operator new(frame_align + round_to_frame_align(n) + task_room));
+  ::new (static_cast<void*>(block)) frame_header{n, false, false};
+  return block + frame_align;
+}
+[[gnu::noinline]] inline void free_frame(void* frame) noexcept {
+  frame_header* header = header_of(frame);
+  if (header->holds_task) {
+    header->frame_gone = true;  // the task state in the room frees the block
+    return;
+  }
+  ::operator delete(static_cast<void*>(header));
+}
+
 /// Shared by every coroutine promise. Awaiting a child starts it inline and, if it finishes
 /// without suspending, continues the parent by returning from await_suspend: no new stack frame
 /// per await, so a million ready awaits in a loop cannot overflow the stack even where the
@@ -2460,6 +2495,9 @@ struct promise_base {
   std::coroutine_handle<> continuation;
   bool started_inline = false;  // the parent's await_suspend is still on the stack below us
   std::exception_ptr error;
+
+  static void* operator new(std::size_t n) { return allocate_frame(n); }
+  static void operator delete(void* frame) noexcept { free_frame(frame); }
 
   std::suspend_always initial_suspend() noexcept { return {}; }
   struct final_awaiter {
@@ -2533,6 +2571,7 @@ class [[nodiscard]] coroutine {
   void reset() noexcept {
     if (handle_) std::exchange(handle_, {}).destroy();
   }
+  handle_type handle() const noexcept { return handle_; }
   /// Hands the frame over (to a task); the coroutine becomes invalid.
   handle_type release() noexcept { return std::exchange(handle_, {}); }
 
@@ -2758,13 +2797,43 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name)
-      : future_state<T>(loop, true), frame_(frame) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name, frame_header* block = nullptr)
+      : future_state<T>(loop, true), frame_(frame), block_(block) {
     this->start(frame, std::move(name));
   }
   ~task_state() override { destroy_frame(); }
 
+  /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
+  /// task), else on its own. Takes the frame only when it succeeds.
+  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string name) {
+    auto frame = coro.handle();
+    task_state* state;
+    if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
+      frame_header* header = header_of(frame.address());
+      header->holds_task = true;
+      try {
+        state = ::new (task_room_of(frame.address())) task_state(loop, frame, std::move(name), header);
+      } catch (...) {
+        header->holds_task = false;
+        throw;
+      }
+    } else {
+      state = new task_state(loop, frame, std::move(name));
+    }
+    coro.release();
+    return state;
+  }
+
  protected:
+  void dispose() noexcept override {
+    if (!block_) {
+      delete this;
+      return;
+    }
+    frame_header* block = block_;
+    this->~task_state();  // destroys the frame first, which leaves the block to us
+    ::operator delete(static_cast<void*>(block));
+  }
   void harvest() noexcept override {
     auto& p = frame_.promise();
     if (p.error) {
@@ -2786,6 +2855,7 @@ class task_state final : public future_state<T> {
 
  private:
   typename coroutine<T>::handle_type frame_;
+  frame_header* block_;  // the frame block this state lives in, or null
 };
 
 template <class R, class A>
@@ -2844,7 +2914,7 @@ auto event_loop::create_task(A&& aw, std::string name) {
   using R = await_result_t<A>;
   coroutine<R> coro = detail::as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
-  auto* state = new detail::task_state<R>(this, coro.release(), std::move(name));
+  auto* state = detail::task_state<R>::create(this, coro, std::move(name));
   return task<R>(state);  // the new state's own reference is the "running" one
 }
 

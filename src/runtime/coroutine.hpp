@@ -2,13 +2,47 @@
 #pragma once
 
 #include <coroutine>
+#include <cstddef>
 #include <exception>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <utility>
 
 namespace codestare::async_utils {
 namespace detail {
+
+/// Every coroutine frame is allocated with room behind it for the state of a task, so that
+/// create_task costs no second allocation: [header][frame][room]. While a task state lives in
+/// the room, destroying the frame leaves the block to the state, which frees it last.
+/// (Out of line: g++ 12 misreads the offset pointer as a mismatched new/delete pair when inlined.)
+struct frame_header {
+  std::size_t frame_size;
+  bool holds_task;
+  bool frame_gone;
+};
+inline constexpr std::size_t frame_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
+inline constexpr std::size_t task_room = 256;
+inline std::size_t round_to_frame_align(std::size_t n) noexcept { return (n + frame_align - 1) / frame_align * frame_align; }
+inline frame_header* header_of(void* frame) noexcept {
+  return std::launder(reinterpret_cast<frame_header*>(static_cast<std::byte*>(frame) - frame_align));
+}
+inline void* task_room_of(void* frame) noexcept {
+  return static_cast<std::byte*>(frame) + round_to_frame_align(header_of(frame)->frame_size);
+}
+[[gnu::noinline]] inline void* allocate_frame(std::size_t n) {
+  auto* block = static_cast<std::byte*>(::operator new(frame_align + round_to_frame_align(n) + task_room));
+  ::new (static_cast<void*>(block)) frame_header{n, false, false};
+  return block + frame_align;
+}
+[[gnu::noinline]] inline void free_frame(void* frame) noexcept {
+  frame_header* header = header_of(frame);
+  if (header->holds_task) {
+    header->frame_gone = true;  // the task state in the room frees the block
+    return;
+  }
+  ::operator delete(static_cast<void*>(header));
+}
 
 /// Shared by every coroutine promise. Awaiting a child starts it inline and, if it finishes
 /// without suspending, continues the parent by returning from await_suspend: no new stack frame
@@ -18,6 +52,9 @@ struct promise_base {
   std::coroutine_handle<> continuation;
   bool started_inline = false;  // the parent's await_suspend is still on the stack below us
   std::exception_ptr error;
+
+  static void* operator new(std::size_t n) { return allocate_frame(n); }
+  static void operator delete(void* frame) noexcept { free_frame(frame); }
 
   std::suspend_always initial_suspend() noexcept { return {}; }
   struct final_awaiter {
@@ -91,6 +128,7 @@ class [[nodiscard]] coroutine {
   void reset() noexcept {
     if (handle_) std::exchange(handle_, {}).destroy();
   }
+  handle_type handle() const noexcept { return handle_; }
   /// Hands the frame over (to a task); the coroutine becomes invalid.
   handle_type release() noexcept { return std::exchange(handle_, {}); }
 

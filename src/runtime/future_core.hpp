@@ -85,6 +85,8 @@ class future_core : public list_node {
  protected:
   /// Task: moves the outcome out of the finished coroutine into this state.
   virtual void harvest() noexcept {}
+  /// Frees this state (a task state may live in its coroutine's frame block).
+  virtual void dispose() noexcept { delete this; }
   /// Task: destroys the coroutine frame (finished or not).
   virtual void destroy_frame() noexcept {}
   virtual bool frame_done() const noexcept { return true; }

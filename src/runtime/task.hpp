@@ -12,13 +12,43 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name)
-      : future_state<T>(loop, true), frame_(frame) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name, frame_header* block = nullptr)
+      : future_state<T>(loop, true), frame_(frame), block_(block) {
     this->start(frame, std::move(name));
   }
   ~task_state() override { destroy_frame(); }
 
+  /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
+  /// task), else on its own. Takes the frame only when it succeeds.
+  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string name) {
+    auto frame = coro.handle();
+    task_state* state;
+    if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
+      frame_header* header = header_of(frame.address());
+      header->holds_task = true;
+      try {
+        state = ::new (task_room_of(frame.address())) task_state(loop, frame, std::move(name), header);
+      } catch (...) {
+        header->holds_task = false;
+        throw;
+      }
+    } else {
+      state = new task_state(loop, frame, std::move(name));
+    }
+    coro.release();
+    return state;
+  }
+
  protected:
+  void dispose() noexcept override {
+    if (!block_) {
+      delete this;
+      return;
+    }
+    frame_header* block = block_;
+    this->~task_state();  // destroys the frame first, which leaves the block to us
+    ::operator delete(static_cast<void*>(block));
+  }
   void harvest() noexcept override {
     auto& p = frame_.promise();
     if (p.error) {
@@ -40,6 +70,7 @@ class task_state final : public future_state<T> {
 
  private:
   typename coroutine<T>::handle_type frame_;
+  frame_header* block_;  // the frame block this state lives in, or null
 };
 
 template <class R, class A>
@@ -98,7 +129,7 @@ auto event_loop::create_task(A&& aw, std::string name) {
   using R = await_result_t<A>;
   coroutine<R> coro = detail::as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
-  auto* state = new detail::task_state<R>(this, coro.release(), std::move(name));
+  auto* state = detail::task_state<R>::create(this, coro, std::move(name));
   return task<R>(state);  // the new state's own reference is the "running" one
 }
 

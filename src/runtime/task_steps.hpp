@@ -33,7 +33,7 @@ inline void future_core::release() noexcept {
     }
     if (--refs_ != 0) return;
   }
-  delete this;
+  dispose();
 }
 
 inline void future_core::check_result() {
