@@ -33,3 +33,7 @@
 #include "runtime/shield.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
+
+// Primitives: asyncio's locks, conditions, events, semaphores and queues.
+#include "primitives/waiter.hpp"
+#include "primitives/lock.hpp"
