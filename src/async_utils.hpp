@@ -37,3 +37,4 @@
 // Primitives: asyncio's locks, conditions, events, semaphores and queues.
 #include "primitives/waiter.hpp"
 #include "primitives/lock.hpp"
+#include "primitives/condition.hpp"
