@@ -38,3 +38,4 @@
 #include "primitives/waiter.hpp"
 #include "primitives/lock.hpp"
 #include "primitives/condition.hpp"
+#include "primitives/event.hpp"
