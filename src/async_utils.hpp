@@ -39,3 +39,4 @@
 #include "primitives/lock.hpp"
 #include "primitives/condition.hpp"
 #include "primitives/event.hpp"
+#include "primitives/semaphore.hpp"
