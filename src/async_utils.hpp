@@ -40,3 +40,4 @@
 #include "primitives/condition.hpp"
 #include "primitives/event.hpp"
 #include "primitives/semaphore.hpp"
+#include "primitives/queue.hpp"
