@@ -328,5 +328,35 @@ TEST_SUITE("lock") {
       CHECK_FALSE(lk.locked());
     }());
   }
+
+  TEST_CASE("a loop closed between a waiter's wake-up and its resumption leaves the lock usable") {
+    lock lk;
+    std::vector<any_task> workers;
+    {
+      testing::log_capture quiet;  // "Task was destroyed but it is pending"
+      event_loop loop;
+      auto worker = [](lock& l) -> coroutine<void> {
+        co_await l.acquire();
+        l.release();
+      };
+      auto body = [](lock& l, std::vector<any_task>& out, coroutine<void> a, coroutine<void> b) -> coroutine<void> {
+        co_await l.acquire();
+        out.push_back(create_task(std::move(a)));
+        out.push_back(create_task(std::move(b)));
+        co_await sleep(0s);
+        l.release();  // wakes the first worker, which never gets to run
+      };
+      loop.run_until_complete(body(lk, workers, worker(lk), worker(lk)));
+      CHECK_FALSE(workers[0].done());
+      loop.close();
+    }
+    CHECK(workers[0].cancelled());
+    CHECK(workers[1].cancelled());
+    CHECK_FALSE(lk.locked());
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK(co_await lk.acquire());  // no stale waiter ahead of us
+      lk.release();
+    }());
+  }
 }
 #endif

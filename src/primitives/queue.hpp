@@ -391,5 +391,31 @@ TEST_SUITE("queue") {
       CHECK(processed.back() == 7);
     }());
   }
+
+  TEST_CASE("a loop closed between wake-ups and resumptions leaves no item or slot claimed") {
+    queue<int> items, slots(1);
+    {
+      testing::log_capture quiet;
+      event_loop loop;
+      auto getter = [](queue<int>& q) -> coroutine<void> { (void)co_await q.get(); };
+      auto putter = [](queue<int>& q) -> coroutine<void> { co_await q.put(2); };
+      auto body = [](queue<int>& a, queue<int>& b, coroutine<void> g, coroutine<void> p) -> coroutine<void> {
+        create_task(std::move(g));
+        b.put_nowait(1);
+        create_task(std::move(p));
+        co_await sleep(0s);
+        a.put_nowait(1);  // promised to the getter
+        CHECK(b.get_nowait() == 1);  // the free slot is promised to the putter
+      };
+      loop.run_until_complete(body(items, slots, getter(items), putter(slots)));
+      CHECK(items.empty());
+      CHECK(slots.full());
+      loop.close();
+    }
+    CHECK(items.qsize() == 1);
+    CHECK(items.get_nowait() == 1);
+    CHECK_FALSE(slots.full());
+    CHECK(slots.empty());
+  }
 }
 #endif

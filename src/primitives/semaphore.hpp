@@ -245,5 +245,31 @@ TEST_SUITE("semaphore") {
       CHECK_THROWS_AS(sem.release(), std::invalid_argument);  // exactly one unit, back home
     }());
   }
+
+  TEST_CASE("a loop closed between a waiter's hand-over and its resumption loses no unit") {
+    bounded_semaphore sem(1);
+    std::vector<any_task> workers;
+    {
+      testing::log_capture quiet;
+      event_loop loop;
+      auto worker = [](semaphore& s) -> coroutine<void> {
+        co_await s.acquire();
+        s.release();
+      };
+      auto body = [](semaphore& s, std::vector<any_task>& out, coroutine<void> a, coroutine<void> b) -> coroutine<void> {
+        co_await s.acquire();
+        out.push_back(create_task(std::move(a)));
+        out.push_back(create_task(std::move(b)));
+        co_await sleep(0s);
+        s.release();  // handed to the first worker, which never gets to run
+      };
+      loop.run_until_complete(body(sem, workers, worker(sem), worker(sem)));
+      CHECK(sem.locked());
+      loop.close();
+    }
+    CHECK(workers[0].cancelled());
+    CHECK_FALSE(sem.locked());
+    CHECK_THROWS_AS(sem.release(), std::invalid_argument);  // the unit is home
+  }
 }
 #endif
