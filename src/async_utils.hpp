@@ -34,3 +34,11 @@
 #include "runtime/shield.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
+
+// Primitives: asyncio's locks, conditions, events, semaphores and queues.
+#include "primitives/waiter.hpp"
+#include "primitives/lock.hpp"
+#include "primitives/condition.hpp"
+#include "primitives/event.hpp"
+#include "primitives/semaphore.hpp"
+#include "primitives/queue.hpp"

@@ -1,0 +1,103 @@
+// The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
+#pragma once
+
+#include <coroutine>
+#include <exception>
+#include <string>
+#include <utility>
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// A task suspended on a primitive (asyncio keeps a future per waiter; we keep this node in the
+/// awaiting coroutine frame, so waiting never allocates). Its list is the primitive's FIFO.
+struct parked_task : list_node, cancel_hook {
+  future_core* task = nullptr;
+  bool woken = false;      // chosen by the primitive; resumes on a later loop iteration
+  bool withdrawn = false;  // cancelled while parked: unlinked, resumes only to throw
+
+  parked_task() noexcept = default;
+  parked_task(const parked_task&) = delete;
+  parked_task& operator=(const parked_task&) = delete;
+
+  /// Binds the running task (await_suspend; throws outside a task before anything changed).
+  void bind(const char* what) { task = &current_task_core(what); }
+  /// Links this node into `queue` and suspends the task; `cancel` must be set already, since
+  /// suspend_on may call it at once for a cancel() that arrived while the task ran.
+  template <class Node>
+  void park(intrusive_list<Node>& queue, std::coroutine_handle<> h) {
+    queue.push_back(static_cast<Node&>(*this));
+    task->suspend_on(this, h);
+  }
+  /// The primitive hands this waiter what it waited for: schedule its task.
+  void wake_up() {
+    woken = true;
+    task->wake();
+  }
+  /// The usual cancel hook body: leave the queue, resume the task so that it throws.
+  void withdraw() {
+    unlink();
+    withdrawn = true;
+    task->wake();
+  }
+  static bool withdraw_hook(cancel_hook* c) {
+    static_cast<parked_task*>(c)->withdraw();
+    return true;
+  }
+  /// Throws cancelled_error when the wait was withdrawn or a cancel() came after the wake-up.
+  void check_cancelled() { task->throw_if_cancelled(withdrawn); }
+};
+
+/// Runs fn, which may schedule tasks, from a destructor: a failure there (out of memory while
+/// scheduling) is logged instead of terminating.
+template <class F>
+void from_destructor(const char* what, F&& fn) noexcept {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    try {
+      log(log_level::error, std::string(what) + ": " + e.what());
+    } catch (...) {
+    }
+  } catch (...) {
+  }
+}
+
+}  // namespace detail
+
+/// What `co_await x.scoped()` returns for a lock, condition or semaphore: owns one acquisition
+/// and releases it when destroyed (Python's `async with x:`). Move-only.
+template <class Primitive>
+class [[nodiscard]] scoped_guard {
+ public:
+  scoped_guard() noexcept = default;
+  explicit scoped_guard(Primitive& p) noexcept : p_(&p) {}
+  scoped_guard(scoped_guard&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
+  scoped_guard& operator=(scoped_guard&& other) {
+    if (this != &other) {
+      reset();
+      p_ = std::exchange(other.p_, nullptr);
+    }
+    return *this;
+  }
+  scoped_guard(const scoped_guard&) = delete;
+  scoped_guard& operator=(const scoped_guard&) = delete;
+  ~scoped_guard() {
+    // Releasing can only fail if someone released behind the guard's back; a destructor must
+    // not throw, so that misuse is logged.
+    detail::from_destructor("scoped_guard: release failed", [this] { reset(); });
+  }
+
+  /// True while the guard still owns its acquisition.
+  bool owns() const noexcept { return p_ != nullptr; }
+  explicit operator bool() const noexcept { return owns(); }
+  /// Releases now (the end of the `async with` block, early).
+  void reset() {
+    if (p_) std::exchange(p_, nullptr)->release();
+  }
+
+ private:
+  Primitive* p_ = nullptr;
+};
+
+}  // namespace codestare::async_utils
