@@ -31,71 +31,92 @@
 //
 // Contents:
 //   Platform: configuration, errors, logging, the I/O backends.
-//     src/platform/config.hpp          Version, backend selection and the hook that turns the
-//                                      embedded tests on.
-//     src/platform/errors.hpp          The exceptions of asyncio, spelled the C++ way (SPEC section
-//                                      0).
-//     src/platform/log.hpp             The library's logger: one pluggable sink, stderr by default.
-//     src/platform/posix.hpp           Small POSIX helpers shared by the backends: errno to
-//                                      exceptions, an owning fd, readiness bits.
-//     src/platform/backend_epoll.hpp   The Linux backend: epoll with one-shot arming, so a closed
-//                                      and reused descriptor cannot hang.
-//     src/platform/backend_kqueue.hpp  The Apple/BSD backend: kqueue with EV_ONESHOT filters.
-//                                      Compiled here only against a shim.
-//     src/platform/backend_poll.hpp    The portable backend: poll(2) over a compact array of the
-//                                      armed descriptors.
-//     src/platform/backend.hpp         Picks the I/O backend chosen in config.hpp, and the
-//                                      cross-thread wake-up descriptor.
+//     src/platform/config.hpp                Version, backend selection and the hook that turns the
+//                                            embedded tests on.
+//     src/platform/errors.hpp                The exceptions of asyncio, spelled the C++ way (SPEC
+//                                            section 0).
+//     src/platform/log.hpp                   The library's logger: one pluggable sink, stderr by
+//                                            default.
+//     src/platform/posix.hpp                 Small POSIX helpers shared by the backends: errno to
+//                                            exceptions, an owning fd, readiness bits.
+//     src/platform/backend_epoll.hpp         The Linux backend: epoll with one-shot arming, so a
+//                                            closed and reused descriptor cannot hang.
+//     src/platform/backend_kqueue.hpp        The Apple/BSD backend: kqueue with EV_ONESHOT filters.
+//                                            Compiled here only against a shim.
+//     src/platform/backend_poll.hpp          The portable backend: poll(2) over a compact array of
+//                                            the armed descriptors.
+//     src/platform/backend.hpp               Picks the I/O backend chosen in config.hpp, and the
+//                                            cross-thread wake-up descriptor.
 //   Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
-//     src/runtime/test_support.hpp     Helpers for the embedded tests only: bounded runs,
-//                                      descriptor and thread counts, log capture.
-//     src/runtime/intrusive_list.hpp   An intrusive doubly linked FIFO: waiters live in the
-//                                      awaiting coroutine frame, never on the heap.
-//     src/runtime/job_queue.hpp        The loop's ready queue: a ring buffer of two-word jobs, so
-//                                      scheduling never allocates once warm.
-//     src/runtime/timer_heap.hpp       Timers in a binary min-heap whose nodes know their position,
-//                                      so cancelling removes at once.
-//     src/runtime/future_core.hpp      The untyped state behind future<T> and task<T>: status,
-//                                      waiters, done callbacks, cancellation.
-//     src/runtime/any_task.hpp         any_task, the untyped task handle (what current_task() and
-//                                      all_tasks() return), and the exception_context given to the
-//                                      loop's exception handler.
-//     src/runtime/handle.hpp           handle: what call_soon, call_later and call_at return
-//                                      (asyncio's Handle and TimerHandle).
-//     src/runtime/event_loop.hpp       event_loop: asyncio's loop. Ready jobs, timers, descriptors,
-//                                      cross-thread posts, the exception handler; one loop runs per
-//                                      thread at a time.
-//     src/runtime/task_steps.hpp       How futures finish and tasks run: the loop-facing half of
-//                                      future_core (step, suspend, wake, cancel, finish), written
-//                                      after event_loop because it schedules on it.
-//     src/runtime/awaitable.hpp        What counts as an awaitable, and what co_await on it yields
-//                                      (used by create_task and friends).
-//     src/runtime/future.hpp           future<T>: asyncio.Future, a copyable handle to a result
-//                                      slot bound to a loop.
-//     src/runtime/coroutine.hpp        coroutine<T>: what an `async def` returns. Lazy, move-only,
-//                                      awaited once or run by a task.
-//     src/runtime/sleep.hpp            sleep(duration): asyncio.sleep. sleep(0s) yields to the loop
-//                                      once without a timer.
-//     src/runtime/completion.hpp       wait_done(fut): waits until a future or task is done,
-//                                      without touching its outcome; and the completion awaiter
-//                                      behind it, wait_for and run().
-//     src/runtime/task.hpp             task<T>: asyncio.Task, a future driving a coroutine;
-//                                      create_task, current_task, all_tasks.
-//     src/runtime/wait_for.hpp         wait_for(aw, timeout): asyncio.wait_for. On timeout the
-//                                      inner task is cancelled, awaited, and timeout_error is
-//                                      thrown.
-//     src/runtime/gather.hpp           gather(aws...) and gather(range): asyncio.gather, with the
-//                                      return_exceptions form.
-//     src/runtime/shield.hpp           shield(aw): asyncio.shield. Cancelling the awaiting task
-//                                      does not cancel what it awaits.
-//     src/runtime/io.hpp               Awaitable I/O on non-blocking descriptors:
-//                                      wait_readable/writable and asyncio's sock_* calls. Each
-//                                      operation is tried first and waits only on EAGAIN; retries
-//                                      run in the loop's dispatch, so a spurious wake-up never
-//                                      resumes the task.
-//     src/runtime/run.hpp              run(aw): asyncio.run. A fresh loop runs aw, then cancels and
-//                                      awaits what is left, shuts the executor down and closes, so
-//                                      nothing outlives the call.
+//     src/runtime/test_support.hpp           Helpers for the embedded tests only: bounded runs,
+//                                            descriptor and thread counts, log capture.
+//     src/runtime/intrusive_list.hpp         An intrusive doubly linked FIFO: waiters live in the
+//                                            awaiting coroutine frame, never on the heap.
+//     src/runtime/job_queue.hpp              The loop's ready queue: a ring buffer of two-word
+//                                            jobs, so scheduling never allocates once warm.
+//     src/runtime/timer_heap.hpp             Timers in a binary min-heap whose nodes know their
+//                                            position, so cancelling removes at once.
+//     src/runtime/future_core.hpp            The untyped state behind future<T> and task<T>:
+//                                            status, waiters, done callbacks, cancellation.
+//     src/runtime/any_task.hpp               any_task, the untyped task handle (what current_task()
+//                                            and all_tasks() return), and the exception_context
+//                                            given to the loop's exception handler.
+//     src/runtime/handle.hpp                 handle: what call_soon, call_later and call_at return
+//                                            (asyncio's Handle and TimerHandle).
+//     src/runtime/event_loop.hpp             event_loop: asyncio's loop. Ready jobs, timers,
+//                                            descriptors, cross-thread posts, the exception
+//                                            handler; one loop runs per thread at a time.
+//     src/runtime/task_steps.hpp             How futures finish and tasks run: the loop-facing half
+//                                            of future_core (step, suspend, wake, cancel, finish),
+//                                            written after event_loop because it schedules on it.
+//     src/runtime/awaitable.hpp              What counts as an awaitable, and what co_await on it
+//                                            yields (used by create_task and friends).
+//     src/runtime/future.hpp                 future<T>: asyncio.Future, a copyable handle to a
+//                                            result slot bound to a loop.
+//     src/runtime/coroutine.hpp              coroutine<T>: what an `async def` returns. Lazy,
+//                                            move-only, awaited once or run by a task.
+//     src/runtime/sleep.hpp                  sleep(duration): asyncio.sleep. sleep(0s) yields to
+//                                            the loop once without a timer.
+//     src/runtime/completion.hpp             wait_done(fut): waits until a future or task is done,
+//                                            without touching its outcome; and the completion
+//                                            awaiter behind it, wait_for and run().
+//     src/runtime/task.hpp                   task<T>: asyncio.Task, a future driving a coroutine;
+//                                            create_task, current_task, all_tasks.
+//     src/runtime/wait_for.hpp               wait_for(aw, timeout): asyncio.wait_for. On timeout
+//                                            the inner task is cancelled, awaited, and
+//                                            timeout_error is thrown.
+//     src/runtime/gather.hpp                 gather(aws...) and gather(range): asyncio.gather, with
+//                                            the return_exceptions form.
+//     src/runtime/shield.hpp                 shield(aw): asyncio.shield. Cancelling the awaiting
+//                                            task does not cancel what it awaits.
+//     src/runtime/io.hpp                     Awaitable I/O on non-blocking descriptors:
+//                                            wait_readable/writable and asyncio's sock_* calls.
+//                                            Each operation is tried first and waits only on
+//                                            EAGAIN; retries run in the loop's dispatch, so a
+//                                            spurious wake-up never resumes the task.
+//     src/runtime/run.hpp                    run(aw): asyncio.run. A fresh loop runs aw, then
+//                                            cancels and awaits what is left, shuts the executor
+//                                            down and closes, so nothing outlives the call.
+//   Primitives: asyncio's locks, conditions, events, semaphores and queues.
+//     src/primitives/waiter.hpp              The parked task every primitive queues: a node in the
+//                                            awaiting frame, plus the scoped guard.
+//     src/primitives/lock.hpp                lock: asyncio.Lock, a FIFO-fair mutual exclusion lock
+//                                            for tasks, and its scoped guard awaiter.
+//     src/primitives/condition.hpp           condition: asyncio.Condition, a condition variable for
+//                                            tasks over an own or shared lock.
+//     src/primitives/event.hpp               event: asyncio.Event, a flag that tasks can wait to
+//                                            see set.
+//     src/primitives/semaphore.hpp           semaphore and bounded_semaphore: asyncio.Semaphore and
+//                                            asyncio.BoundedSemaphore, FIFO fair.
+//     src/primitives/queue.hpp               queue<T>: asyncio.Queue, a FIFO queue for producer and
+//                                            consumer tasks, with task_done/join.
+//   Utilities: the codestare.async_utils classes.
+//     src/utilities/awaitable_predicate.hpp  awaitable_predicate: a predicate that is a bool now
+//                                            and an awaitable "until it holds".
+//     src/utilities/accessor.hpp             accessor<T>: shared access to a value, synchronised by
+//                                            a condition (codestare's accessor).
+//     src/utilities/condition_property.hpp   condition_property: the codestare decorator as a class
+//                                            member that behaves as an accessor.
 
 #if !defined(__INCLUDE_LEVEL__) || __INCLUDE_LEVEL__ > 0
 #pragma once
@@ -113,9 +134,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <fcntl.h>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
@@ -4111,5 +4134,2367 @@ TEST_SUITE("run") {
 }
 #endif
 // ---- end src/runtime/run.hpp ----
+
+// Primitives: asyncio's locks, conditions, events, semaphores and queues.
+// ---- begin src/primitives/waiter.hpp ----
+// The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// A task suspended on a primitive (asyncio keeps a future per waiter; we keep this node in the
+/// awaiting coroutine frame, so waiting never allocates). Its list is the primitive's FIFO.
+struct parked_task : list_node, cancel_hook {
+  future_core* task = nullptr;
+  bool woken = false;      // chosen by the primitive; resumes on a later loop iteration
+  bool withdrawn = false;  // cancelled while parked: unlinked, resumes only to throw
+
+  parked_task() noexcept = default;
+  parked_task(const parked_task&) = delete;
+  parked_task& operator=(const parked_task&) = delete;
+
+  /// Binds the running task (await_suspend; throws outside a task before anything changed).
+  void bind(const char* what) { task = &current_task_core(what); }
+  /// Links this node into `queue` and suspends the task; `cancel` must be set already, since
+  /// suspend_on may call it at once for a cancel() that arrived while the task ran.
+  template <class Node>
+  void park(intrusive_list<Node>& queue, std::coroutine_handle<> h) {
+    queue.push_back(static_cast<Node&>(*this));
+    task->suspend_on(this, h);
+  }
+  /// The primitive hands this waiter what it waited for: schedule its task.
+  void wake_up() {
+    woken = true;
+    task->wake();
+  }
+  /// The usual cancel hook body: leave the queue, resume the task so that it throws.
+  void withdraw() {
+    unlink();
+    withdrawn = true;
+    task->wake();
+  }
+  static bool withdraw_hook(cancel_hook* c) {
+    static_cast<parked_task*>(c)->withdraw();
+    return true;
+  }
+  /// Throws cancelled_error when the wait was withdrawn or a cancel() came after the wake-up.
+  void check_cancelled() { task->throw_if_cancelled(withdrawn); }
+};
+
+/// Runs fn, which may schedule tasks, from a destructor: a failure there (out of memory while
+/// scheduling) is logged instead of terminating.
+template <class F>
+void from_destructor(const char* what, F&& fn) noexcept {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    try {
+      log(log_level::error, std::string(what) + ": " + e.what());
+    } catch (...) {
+    }
+  } catch (...) {
+  }
+}
+
+}  // namespace detail
+
+/// What `co_await x.scoped()` returns for a lock, condition or semaphore: owns one acquisition
+/// and releases it when destroyed (Python's `async with x:`). Move-only.
+template <class Primitive>
+class [[nodiscard]] scoped_guard {
+ public:
+  scoped_guard() noexcept = default;
+  explicit scoped_guard(Primitive& p) noexcept : p_(&p) {}
+  scoped_guard(scoped_guard&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
+  scoped_guard& operator=(scoped_guard&& other) {
+    if (this != &other) {
+      reset();
+      p_ = std::exchange(other.p_, nullptr);
+    }
+    return *this;
+  }
+  scoped_guard(const scoped_guard&) = delete;
+  scoped_guard& operator=(const scoped_guard&) = delete;
+  ~scoped_guard() {
+    // Releasing can only fail if someone released behind the guard's back; a destructor must
+    // not throw, so that misuse is logged.
+    detail::from_destructor("scoped_guard: release failed", [this] { reset(); });
+  }
+
+  /// True while the guard still owns its acquisition.
+  bool owns() const noexcept { return p_ != nullptr; }
+  explicit operator bool() const noexcept { return owns(); }
+  /// Releases now (the end of the `async with` block, early).
+  void reset() {
+    if (p_) std::exchange(p_, nullptr)->release();
+  }
+
+ private:
+  Primitive* p_ = nullptr;
+};
+
+}  // namespace codestare::async_utils
+// ---- end src/primitives/waiter.hpp ----
+// ---- begin src/primitives/lock.hpp ----
+// lock: asyncio.Lock, a FIFO-fair mutual exclusion lock for tasks, and its scoped guard awaiter.
+
+
+namespace codestare::async_utils {
+
+class lock;
+class condition;
+
+namespace detail {
+
+/// co_await lock.acquire(). A woken waiter stays at the head of the queue until it resumes, so
+/// the lock is free in between (as in asyncio) but nobody can barge past it.
+struct lock_acquire : parked_task {
+  lock* owner;
+
+  explicit lock_acquire(lock& l) noexcept : owner(&l) {}
+  bool await_ready() noexcept;
+  void await_suspend(std::coroutine_handle<> h);
+  bool await_resume();
+  ~lock_acquire();
+};
+
+/// co_await lock.scoped(): acquires, then hands the caller a guard that releases.
+struct lock_scoped : lock_acquire {
+  using lock_acquire::lock_acquire;
+  scoped_guard<lock> await_resume();
+};
+
+struct condition_wait;
+
+}  // namespace detail
+
+/// asyncio.Lock: not owned by a task (any task may release it), FIFO fair: a task arriving
+/// while others wait queues behind them even if the lock happens to be free. Loop thread only.
+class lock {
+ public:
+  lock() noexcept = default;
+  lock(const lock&) = delete;
+  lock& operator=(const lock&) = delete;
+
+  /// Lock.acquire(): `co_await lk.acquire()` waits until the lock is ours; yields true.
+  /// Cancelled while waiting, it throws cancelled_error and leaves the lock to the next waiter.
+  [[nodiscard]] detail::lock_acquire acquire() noexcept { return detail::lock_acquire(*this); }
+  /// Lock.release(): frees the lock and wakes the first waiter. Throws std::runtime_error when
+  /// the lock is not locked.
+  void release() {
+    if (!locked_) throw std::runtime_error("lock.release(): the lock is not acquired");
+    locked_ = false;
+    wake_first();
+  }
+  /// Lock.locked().
+  bool locked() const noexcept { return locked_; }
+  /// `async with lock:` — `auto guard = co_await lk.scoped();` releases when guard dies.
+  [[nodiscard]] detail::lock_scoped scoped() noexcept { return detail::lock_scoped(*this); }
+
+ private:
+  friend struct detail::lock_acquire;
+  friend struct detail::condition_wait;
+
+  /// Takes the lock at once when that does not jump the queue.
+  bool try_take() noexcept {
+    if (locked_ || !waiters_.empty()) return false;
+    locked_ = true;
+    return true;
+  }
+  /// Hands the free lock to the head waiter, unless it was handed to it already.
+  void wake_first() {
+    if (locked_ || waiters_.empty() || waiters_.front().woken) return;
+    waiters_.front().wake_up();
+  }
+
+  bool locked_ = false;
+  detail::intrusive_list<detail::parked_task> waiters_;
+};
+
+namespace detail {
+
+inline bool lock_acquire::await_ready() noexcept { return owner->try_take(); }
+
+inline void lock_acquire::await_suspend(std::coroutine_handle<> h) {
+  bind("lock.acquire()");
+  cancel = [](cancel_hook* c) {
+    auto* self = static_cast<lock_acquire*>(c);
+    self->withdraw();
+    self->owner->wake_first();
+    return true;
+  };
+  park(owner->waiters_, h);
+}
+
+inline bool lock_acquire::await_resume() {
+  if (!task) return true;  // taken in await_ready
+  unlink();
+  try {
+    check_cancelled();
+  } catch (...) {
+    // Cancelled after being woken: the wake-up must reach the next waiter instead.
+    owner->wake_first();
+    throw;
+  }
+  owner->locked_ = true;
+  return true;
+}
+
+inline lock_acquire::~lock_acquire() {
+  // A frame destroyed between wake-up and resumption (loop closing) passes the lock on.
+  if (woken && linked()) {
+    unlink();
+    from_destructor("lock: waking the next waiter failed", [this] { owner->wake_first(); });
+  }
+}
+
+inline scoped_guard<lock> lock_scoped::await_resume() {
+  lock_acquire::await_resume();
+  return scoped_guard<lock>(*owner);
+}
+
+}  // namespace detail
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("lock") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("acquire, release, locked, and releasing an unlocked lock") {
+    lock lk;
+    CHECK_FALSE(lk.locked());
+    CHECK_THROWS_AS(lk.release(), std::runtime_error);
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK(co_await lk.acquire());
+      CHECK(lk.locked());
+      lk.release();
+      CHECK_FALSE(lk.locked());
+      CHECK_THROWS_AS(lk.release(), std::runtime_error);
+      CHECK_FALSE(lk.locked());
+    }());
+  }
+
+  TEST_CASE("waiters get the lock in FIFO order; another task may release it") {
+    lock lk;
+    std::vector<int> order;
+    auto worker = [](lock& l, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await l.acquire();
+      log.push_back(id);
+      co_await sleep(0s);  // hold it across an iteration
+      l.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      std::vector<task<void>> tasks;
+      for (int i = 1; i <= 4; ++i) tasks.push_back(create_task(worker(lk, order, i)));
+      co_await sleep(0s);
+      CHECK(order.empty());
+      lk.release();
+      for (auto& t : tasks) co_await t;
+      CHECK(order == std::vector<int>{1, 2, 3, 4});
+      CHECK_FALSE(lk.locked());
+    }());
+  }
+
+  TEST_CASE("a newcomer does not barge past a woken waiter while the lock is free") {
+    lock lk;
+    std::vector<int> order;
+    auto worker = [](lock& l, std::vector<int>& log) -> coroutine<void> {
+      co_await l.acquire();
+      log.push_back(1);
+      l.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      auto t = create_task(worker(lk, order));
+      co_await sleep(0s);
+      lk.release();
+      CHECK_FALSE(lk.locked());  // free, but promised to the woken waiter
+      co_await lk.acquire();     // queues behind it
+      order.push_back(2);
+      lk.release();
+      co_await t;
+      CHECK(order == std::vector<int>{1, 2});
+    }());
+  }
+
+  TEST_CASE("an acquirer cancelled while waiting leaves the queue; the others proceed in order") {
+    lock lk;
+    std::vector<int> order;
+    auto worker = [](lock& l, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await l.acquire();
+      log.push_back(id);
+      l.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      auto t1 = create_task(worker(lk, order, 1));
+      auto t2 = create_task(worker(lk, order, 2));
+      auto t3 = create_task(worker(lk, order, 3));
+      co_await sleep(0s);
+      CHECK(t2.cancel());
+      co_await wait_done(t2);
+      CHECK(t2.cancelled());
+      CHECK(lk.locked());  // still ours
+      lk.release();
+      co_await t1;
+      co_await t3;
+      CHECK(order == std::vector<int>{1, 3});
+      CHECK_FALSE(lk.locked());
+      CHECK(co_await lk.acquire());  // nothing left queued: the fast path works
+      lk.release();
+    }());
+  }
+
+  TEST_CASE("an acquirer cancelled after its wake-up passes the lock on") {
+    lock lk;
+    std::vector<int> order;
+    auto worker = [](lock& l, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await l.acquire();
+      log.push_back(id);
+      l.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      auto t1 = create_task(worker(lk, order, 1));
+      auto t2 = create_task(worker(lk, order, 2));
+      co_await sleep(0s);
+      lk.release();  // wakes t1 ...
+      t1.cancel();   // ... which is cancelled before it runs
+      co_await wait_done(t1);
+      CHECK(t1.cancelled());
+      co_await t2;
+      CHECK(order == std::vector<int>{2});
+      CHECK_FALSE(lk.locked());
+    }());
+  }
+
+  TEST_CASE("the last waiter cancelled after its wake-up leaves the lock free") {
+    lock lk;
+    auto worker = [](lock& l) -> coroutine<void> {
+      co_await l.acquire();
+      l.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      auto t = create_task(worker(lk));
+      co_await sleep(0s);
+      lk.release();
+      t.cancel();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK_FALSE(lk.locked());
+      CHECK(co_await lk.acquire());
+      lk.release();
+    }());
+  }
+
+  TEST_CASE("a cancellation pending when the wait starts withdraws it at once") {
+    lock lk;
+    static bool acquired = false;
+    auto worker = [](lock& l) -> coroutine<void> {
+      current_task()->cancel();  // while running: lands on the next suspension
+      co_await l.acquire();
+      acquired = true;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await lk.acquire();
+      auto t = create_task(worker(lk));
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK_FALSE(acquired);
+      CHECK(lk.locked());
+      lk.release();
+      CHECK(co_await lk.acquire());  // the queue is empty again
+      lk.release();
+    }());
+  }
+
+  TEST_CASE("scoped(): the guard releases on scope exit, on exceptions, and when reset") {
+    lock lk;
+    testing::run_bounded([&]() -> coroutine<void> {
+      {
+        auto guard = co_await lk.scoped();
+        CHECK(guard.owns());
+        CHECK(lk.locked());
+        auto moved = std::move(guard);
+        CHECK_FALSE(guard.owns());
+        CHECK(moved);
+        CHECK(lk.locked());
+      }
+      CHECK_FALSE(lk.locked());
+      try {
+        auto guard = co_await lk.scoped();
+        throw std::domain_error("inside");
+      } catch (const std::domain_error&) {
+      }
+      CHECK_FALSE(lk.locked());
+      auto guard = co_await lk.scoped();
+      guard.reset();
+      CHECK_FALSE(lk.locked());
+      guard.reset();  // a second reset does nothing
+      testing::log_capture captured;
+      {
+        auto misused = co_await lk.scoped();
+        lk.release();  // behind the guard's back: its destructor logs instead of throwing
+      }
+      CHECK(captured.text().find("release failed") != std::string::npos);
+    }());
+    CHECK_FALSE(lk.locked());
+  }
+
+  TEST_CASE("scoped() waits its turn like acquire()") {
+    lock lk;
+    std::vector<int> order;
+    auto worker = [](lock& l, std::vector<int>& log, int id) -> coroutine<void> {
+      auto guard = co_await l.scoped();
+      log.push_back(id);
+      co_await sleep(0s);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(worker(lk, order, 1));
+      auto t2 = create_task(worker(lk, order, 2));
+      auto t3 = create_task(worker(lk, order, 3));
+      co_await t1;
+      co_await t2;
+      co_await t3;
+      CHECK(order == std::vector<int>{1, 2, 3});
+      CHECK_FALSE(lk.locked());
+    }());
+  }
+
+  TEST_CASE("a loop closed between a waiter's wake-up and its resumption leaves the lock usable") {
+    lock lk;
+    std::vector<any_task> workers;
+    {
+      testing::log_capture quiet;  // "Task was destroyed but it is pending"
+      event_loop loop;
+      auto worker = [](lock& l) -> coroutine<void> {
+        co_await l.acquire();
+        l.release();
+      };
+      auto body = [](lock& l, std::vector<any_task>& out, coroutine<void> a, coroutine<void> b) -> coroutine<void> {
+        co_await l.acquire();
+        out.push_back(create_task(std::move(a)));
+        out.push_back(create_task(std::move(b)));
+        co_await sleep(0s);
+        l.release();  // wakes the first worker, which never gets to run
+      };
+      loop.run_until_complete(body(lk, workers, worker(lk), worker(lk)));
+      CHECK_FALSE(workers[0].done());
+      loop.close();
+    }
+    CHECK(workers[0].cancelled());
+    CHECK(workers[1].cancelled());
+    CHECK_FALSE(lk.locked());
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK(co_await lk.acquire());  // no stale waiter ahead of us
+      lk.release();
+    }());
+  }
+}
+#endif
+// ---- end src/primitives/lock.hpp ----
+// ---- begin src/primitives/condition.hpp ----
+// condition: asyncio.Condition, a condition variable for tasks over an own or shared lock.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// co_await condition.wait(). One node, two queues: first the condition's (until notified or
+/// cancelled), then the lock's, so re-acquiring keeps its place and never allocates.
+struct condition_wait : parked_task {
+  condition* cond;
+  lock* lk;
+  bool notified = false;
+  bool cancelled = false;  // cancelled before the notification: rethrown once the lock is back
+
+  condition_wait(condition& c, lock& l) noexcept : cond(&c), lk(&l) {}
+  bool await_ready() const {
+    if (!lk->locked()) throw std::runtime_error("condition.wait(): the lock is not acquired");
+    return false;
+  }
+  void await_suspend(std::coroutine_handle<> h);
+  bool await_resume();
+  ~condition_wait() {
+    if (woken && linked()) {  // destroyed after the lock was handed to it (loop closing)
+      unlink();
+      from_destructor("condition: waking the next lock waiter failed", [this] { lk->wake_first(); });
+    }
+  }
+
+  /// Notified or cancelled: from now on the wait is for the lock. That part is not withdrawn on
+  /// cancel (the hook refuses, so the task keeps a pending cancellation that await_resume
+  /// throws once the lock is ours), as asyncio retries the acquire until it succeeds.
+  void queue_for_lock() {
+    unlink();
+    cancel = [](cancel_hook*) { return false; };
+    lk->waiters_.push_back(*this);
+    lk->wake_first();
+  }
+};
+
+/// What condition.wait_for(pred) returns: keeps the predicate in the awaiting frame.
+template <class Predicate>
+struct condition_wait_for {
+  using result_type = std::decay_t<std::invoke_result_t<Predicate&>>;
+  condition* cond;
+  Predicate predicate;
+
+  static result_type evaluate(void* p) { return (*static_cast<Predicate*>(p))(); }
+  typename coroutine<result_type>::awaiter operator co_await() &;
+  typename coroutine<result_type>::awaiter operator co_await() && { return operator co_await(); }
+};
+
+}  // namespace detail
+
+/// asyncio.Condition: tasks wait() until another task, holding the same lock, notifies them.
+/// "Holding" means the lock is locked (asyncio's locks have no owner). Loop thread only.
+class condition {
+ public:
+  /// Condition() with a lock of its own.
+  condition() noexcept : lock_(&own_) {}
+  /// Condition(lock) sharing `shared`; throws std::invalid_argument when it is null.
+  explicit condition(std::shared_ptr<lock> shared) : shared_(std::move(shared)) {
+    if (!shared_) throw std::invalid_argument("condition: null lock");
+    lock_ = shared_.get();
+  }
+  /// Condition(lock) over a lock the caller keeps alive for as long as this condition.
+  explicit condition(lock& borrowed) noexcept : lock_(&borrowed) {}
+  condition(const condition&) = delete;
+  condition& operator=(const condition&) = delete;
+
+  /// Condition.acquire() / release() / locked(): the underlying lock's.
+  [[nodiscard]] detail::lock_acquire acquire() noexcept { return lock_->acquire(); }
+  void release() { lock_->release(); }
+  bool locked() const noexcept { return lock_->locked(); }
+  /// `async with condition:` — `auto guard = co_await cond.scoped();`.
+  [[nodiscard]] detail::lock_scoped scoped() noexcept { return lock_->scoped(); }
+
+  /// Condition.wait(): releases the lock, waits for a notification, re-acquires the lock and
+  /// yields true. Throws std::runtime_error when the lock is not held. Cancelled, it still
+  /// re-acquires the lock before cancelled_error leaves it; a notification it received but can
+  /// no longer act on goes to the next waiter.
+  [[nodiscard]] detail::condition_wait wait() noexcept { return detail::condition_wait(*this, *lock_); }
+
+  /// Condition.wait_for(predicate): `co_await cond.wait_for(pred)` waits until pred() is
+  /// truthy, evaluating it (with the lock held) first and after every wake-up, and yields its
+  /// last value. Runs as one coroutine frame per call; the waits inside it allocate nothing.
+  template <class Predicate>
+    requires std::invocable<Predicate&>
+  [[nodiscard]] detail::condition_wait_for<Predicate> wait_for(Predicate predicate) {
+    using result_type = std::decay_t<std::invoke_result_t<Predicate&>>;
+    static_assert(std::is_constructible_v<bool, result_type>, "wait_for: the predicate must return something testable as bool");
+    return {this, std::move(predicate)};
+  }
+
+  /// Condition.notify(n): wakes up to n waiters, longest waiting first. Throws
+  /// std::runtime_error when the lock is not held.
+  void notify(std::size_t n = 1) {
+    if (!locked()) throw std::runtime_error("condition.notify(): the lock is not acquired");
+    wake(n);
+  }
+  /// Condition.notify_all().
+  void notify_all() {
+    if (!locked()) throw std::runtime_error("condition.notify_all(): the lock is not acquired");
+    wake(std::numeric_limits<std::size_t>::max());
+  }
+
+ private:
+  friend struct detail::condition_wait;
+  template <class Predicate>
+  friend struct detail::condition_wait_for;
+
+  /// wait_for's loop. The predicate arrives type-erased so that the frame holds no closure type
+  /// (g++ warns about frames of header templates holding types without linkage).
+  template <class R>
+  coroutine<R> wait_until(R (*evaluate)(void*), void* predicate) {
+    if (!locked()) throw std::runtime_error("condition.wait_for(): the lock is not acquired");
+    R result = evaluate(predicate);
+    while (!static_cast<bool>(result)) {
+      co_await wait();
+      result = evaluate(predicate);
+    }
+    co_return result;
+  }
+
+  void wake(std::size_t n) {
+    for (; n != 0 && !waiters_.empty(); --n) {
+      auto& w = static_cast<detail::condition_wait&>(waiters_.front());
+      w.notified = true;
+      w.queue_for_lock();
+    }
+  }
+
+  lock own_;
+  std::shared_ptr<lock> shared_;
+  lock* lock_;
+  detail::intrusive_list<detail::parked_task> waiters_;
+};
+
+namespace detail {
+
+template <class Predicate>
+typename coroutine<typename condition_wait_for<Predicate>::result_type>::awaiter condition_wait_for<Predicate>::operator co_await() & {
+  return cond->template wait_until<result_type>(&evaluate, &predicate).operator co_await();
+}
+
+inline void condition_wait::await_suspend(std::coroutine_handle<> h) {
+  bind("condition.wait()");
+  cancel = [](cancel_hook* c) {
+    auto* self = static_cast<condition_wait*>(c);
+    self->cancelled = true;
+    self->queue_for_lock();
+    return true;
+  };
+  lk->release();
+  park(cond->waiters_, h);
+}
+
+inline bool condition_wait::await_resume() {
+  // Only the lock wakes us, and it is free and promised to us: take it.
+  unlink();
+  lk->locked_ = true;
+  try {
+    task->throw_if_cancelled(cancelled);
+  } catch (...) {
+    if (notified) cond->wake(1);  // we will not act on it: pass it on
+    throw;
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("condition") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("waiting or notifying without the lock throws std::runtime_error") {
+    condition cond;
+    CHECK_THROWS_AS(cond.notify(), std::runtime_error);
+    CHECK_THROWS_AS(cond.notify_all(), std::runtime_error);
+    CHECK_THROWS_AS(condition(std::shared_ptr<lock>()), std::invalid_argument);
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK_THROWS_AS(co_await cond.wait(), std::runtime_error);
+      CHECK_THROWS_AS(co_await cond.wait_for([] { return true; }), std::runtime_error);
+      CHECK_FALSE(cond.locked());
+      co_await cond.acquire();
+      cond.notify();  // nobody waits: nothing happens
+      cond.notify_all();
+      cond.release();
+      CHECK_THROWS_AS(cond.release(), std::runtime_error);
+    }());
+  }
+
+  TEST_CASE("wait releases the lock and returns true with the lock held again") {
+    condition cond;
+    static bool saw_lock = false;
+    auto waiter = [](condition& c) -> coroutine<void> {
+      co_await c.acquire();
+      CHECK(co_await c.wait());
+      saw_lock = c.locked();
+      c.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(waiter(cond));
+      co_await sleep(0s);
+      CHECK_FALSE(cond.locked());  // released by wait()
+      co_await cond.acquire();
+      cond.notify();
+      co_await sleep(0s);
+      CHECK_FALSE(t.done());  // notified, but the lock is still ours
+      cond.release();
+      co_await t;
+      CHECK(saw_lock);
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("notify(n) wakes exactly n waiters in FIFO order; notify_all the rest") {
+    condition cond;
+    std::vector<int> order;
+    auto waiter = [](condition& c, std::vector<int>& log, int id) -> coroutine<void> {
+      auto guard = co_await c.scoped();
+      co_await c.wait();
+      log.push_back(id);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      std::vector<task<void>> tasks;
+      for (int i = 1; i <= 6; ++i) tasks.push_back(create_task(waiter(cond, order, i)));
+      co_await sleep(0s);
+      auto settle = [&]() -> coroutine<void> {
+        for (int i = 0; i < 5; ++i) co_await sleep(0s);
+      };
+      {
+        auto guard = co_await cond.scoped();
+        cond.notify(2);
+      }
+      co_await settle();
+      CHECK(order == std::vector<int>{1, 2});
+      {
+        auto guard = co_await cond.scoped();
+        cond.notify();
+      }
+      co_await settle();
+      CHECK(order == std::vector<int>{1, 2, 3});
+      {
+        auto guard = co_await cond.scoped();
+        cond.notify(0);
+      }
+      co_await settle();
+      CHECK(order.size() == 3);
+      {
+        auto guard = co_await cond.scoped();
+        cond.notify_all();
+      }
+      for (auto& t : tasks) co_await t;
+      CHECK(order == std::vector<int>{1, 2, 3, 4, 5, 6});
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("wait_for returns at once when the predicate holds, else re-checks after every wake-up") {
+    condition cond;
+    static int value = 0;
+    static int checks = 0;
+    auto waiter = [](condition& c) -> coroutine<int> {
+      auto guard = co_await c.scoped();
+      co_return co_await c.wait_for([]() -> int {
+        ++checks;
+        return value >= 3 ? value * 10 : 0;
+      });
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(waiter(cond));
+      co_await sleep(0s);
+      CHECK(checks == 1);
+      for (int i = 1; i <= 3; ++i) {
+        auto guard = co_await cond.scoped();
+        value = i;
+        cond.notify();
+        guard.reset();
+        co_await sleep(0s);
+        co_await sleep(0s);
+        CHECK(checks == i + 1);
+      }
+      CHECK(co_await t == 30);  // the predicate's value
+      checks = 0;
+      co_await cond.acquire();
+      CHECK(co_await cond.wait_for([] { ++checks; return std::optional<int>(7); }) == std::optional<int>(7));
+      CHECK(checks == 1);
+      CHECK(cond.locked());
+      cond.release();
+    }());
+  }
+
+  TEST_CASE("wait_for lets an exception from the predicate out with the lock held") {
+    condition cond;
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await cond.acquire();
+      CHECK_THROWS_AS(co_await cond.wait_for([]() -> bool { throw std::domain_error("pred"); }), std::domain_error);
+      CHECK(cond.locked());
+      cond.release();
+    }());
+  }
+
+  TEST_CASE("conditions over a shared lock, or a borrowed one") {
+    auto shared = std::make_shared<lock>();
+    condition a(shared), b(shared);
+    lock plain;
+    condition c(plain);
+    static std::vector<char> order;
+    auto waiter = [](condition& cond, char id) -> coroutine<void> {
+      auto guard = co_await cond.scoped();
+      co_await cond.wait();
+      order.push_back(id);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await a.acquire();
+      CHECK(b.locked());
+      CHECK(shared->locked());
+      b.release();
+      CHECK_FALSE(a.locked());
+      co_await plain.acquire();
+      CHECK(c.locked());
+      c.release();
+      CHECK_FALSE(plain.locked());
+
+      auto ta = create_task(waiter(a, 'a'));
+      auto tb = create_task(waiter(b, 'b'));
+      co_await sleep(0s);
+      co_await shared->acquire();
+      b.notify();  // only b's waiter
+      shared->release();
+      co_await tb;
+      CHECK(order == std::vector<char>{'b'});
+      co_await a.acquire();
+      a.notify();
+      a.release();
+      co_await ta;
+      CHECK(order == std::vector<char>{'b', 'a'});
+    }());
+  }
+
+  TEST_CASE("a waiter cancelled while waiting re-acquires the lock before cancelled_error leaves wait") {
+    condition cond;
+    static int phase = 0;
+    static bool locked_in_handler = false;
+    auto waiter = [](condition& c) -> coroutine<void> {
+      co_await c.acquire();
+      try {
+        co_await c.wait();
+      } catch (const cancelled_error&) {
+        locked_in_handler = c.locked();
+        phase = 1;
+        c.release();
+        throw;
+      }
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(waiter(cond));
+      co_await sleep(0s);
+      co_await cond.acquire();
+      t.cancel();
+      for (int i = 0; i < 3; ++i) co_await sleep(0s);
+      CHECK(phase == 0);  // cannot leave wait() while we hold the lock
+      CHECK_FALSE(t.done());
+      cond.release();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK(phase == 1);
+      CHECK(locked_in_handler);
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("a waiter cancelled right after notify passes the notification on") {
+    condition cond;
+    std::vector<int> order;
+    auto waiter = [](condition& c, std::vector<int>& log, int id) -> coroutine<void> {
+      auto guard = co_await c.scoped();
+      try {
+        co_await c.wait();
+      } catch (const cancelled_error&) {
+        log.push_back(-id);
+        CHECK(c.locked());
+        throw;
+      }
+      log.push_back(id);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(cond, order, 1));
+      auto t2 = create_task(waiter(cond, order, 2));
+      auto t3 = create_task(waiter(cond, order, 3));
+      co_await sleep(0s);
+      co_await cond.acquire();
+      cond.notify(1);  // t1 ...
+      CHECK(t1.cancel());  // ... cancelled in the same iteration
+      cond.release();
+      co_await wait_done(t1);
+      CHECK(t1.cancelled());
+      co_await t2;  // got t1's notification
+      for (int i = 0; i < 3; ++i) co_await sleep(0s);
+      CHECK(order == std::vector<int>{-1, 2});
+      CHECK_FALSE(t3.done());  // exactly one notification went round
+      co_await cond.acquire();
+      cond.notify();
+      cond.release();
+      co_await t3;
+      CHECK(order == std::vector<int>{-1, 2, 3});
+    }());
+  }
+
+  TEST_CASE("a cancel during the re-acquire is deferred until the lock is back") {
+    condition cond;
+    std::vector<int> order;
+    static bool locked_in_handler = false;
+    auto waiter = [](condition& c, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await c.acquire();
+      try {
+        co_await c.wait();
+      } catch (const cancelled_error&) {
+        locked_in_handler = c.locked();
+        log.push_back(-id);
+        c.release();
+        throw;
+      }
+      log.push_back(id);
+      c.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(cond, order, 1));
+      auto t2 = create_task(waiter(cond, order, 2));
+      co_await sleep(0s);
+      co_await cond.acquire();
+      cond.notify();
+      co_await sleep(0s);  // t1 now waits for the lock we hold
+      CHECK(t1.cancel());
+      CHECK(t1.cancel());  // a second cancel changes nothing
+      co_await sleep(0s);
+      co_await sleep(0s);
+      CHECK_FALSE(t1.done());
+      CHECK(order.empty());
+      cond.release();
+      co_await wait_done(t1);
+      CHECK(t1.cancelled());
+      CHECK(locked_in_handler);
+      co_await t2;  // the notification t1 dropped
+      CHECK(order == std::vector<int>{-1, 2});
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("a waiter cancelled while another holds the re-acquired lock keeps FIFO lock order") {
+    condition cond;
+    std::vector<int> order;
+    auto waiter = [](condition& c, std::vector<int>& log, int id) -> coroutine<void> {
+      auto guard = co_await c.scoped();
+      try {
+        co_await c.wait();
+        log.push_back(id);
+      } catch (const cancelled_error&) {
+        log.push_back(-id);
+      }
+      co_await sleep(0s);  // keep the lock an iteration
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(cond, order, 1));
+      auto t2 = create_task(waiter(cond, order, 2));
+      auto t3 = create_task(waiter(cond, order, 3));
+      co_await sleep(0s);
+      co_await cond.acquire();
+      cond.notify();  // t1 queues for the lock first
+      t3.cancel();    // t3 queues second, not notified
+      cond.release();
+      co_await t1;
+      co_await t3;
+      CHECK(order == std::vector<int>{1, -3});
+      CHECK_FALSE(t2.done());
+      co_await cond.acquire();
+      cond.notify_all();
+      cond.release();
+      co_await t2;
+      CHECK(order == std::vector<int>{1, -3, 2});
+    }());
+  }
+}
+#endif
+// ---- end src/primitives/condition.hpp ----
+// ---- begin src/primitives/event.hpp ----
+// event: asyncio.Event, a flag that tasks can wait to see set.
+
+
+namespace codestare::async_utils {
+
+class event;
+
+namespace detail {
+
+/// co_await event.wait(): returns at once when set, else parks until set() wakes everyone.
+struct event_wait : parked_task {
+  event* ev;
+
+  explicit event_wait(event& e) noexcept : ev(&e) {}
+  bool await_ready() const noexcept;
+  void await_suspend(std::coroutine_handle<> h);
+  bool await_resume() {
+    if (task) {
+      unlink();
+      check_cancelled();
+    }
+    return true;
+  }
+};
+
+}  // namespace detail
+
+/// asyncio.Event: set() wakes every waiter; clear() resets the flag. A waiter woken by set()
+/// returns even if clear() follows before it runs. Loop thread only.
+class event {
+ public:
+  event() noexcept = default;
+  event(const event&) = delete;
+  event& operator=(const event&) = delete;
+
+  /// Event.set(): sets the flag and wakes all waiters (they run on later iterations).
+  void set() {
+    if (flag_) return;
+    flag_ = true;
+    while (detail::parked_task* w = waiters_.pop_front()) w->wake_up();
+  }
+  /// Event.clear().
+  void clear() noexcept { flag_ = false; }
+  /// Event.is_set().
+  bool is_set() const noexcept { return flag_; }
+  /// Event.wait(): `co_await ev.wait()` yields true once the flag is (or was) set.
+  [[nodiscard]] detail::event_wait wait() noexcept { return detail::event_wait(*this); }
+
+ private:
+  friend struct detail::event_wait;
+  bool flag_ = false;
+  detail::intrusive_list<detail::parked_task> waiters_;
+};
+
+namespace detail {
+
+inline bool event_wait::await_ready() const noexcept { return ev->flag_; }
+
+inline void event_wait::await_suspend(std::coroutine_handle<> h) {
+  bind("event.wait()");
+  cancel = &withdraw_hook;
+  park(ev->waiters_, h);
+}
+
+}  // namespace detail
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("event") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("set, clear, is_set, and wait returning at once when set") {
+    event ev;
+    CHECK_FALSE(ev.is_set());
+    ev.set();
+    CHECK(ev.is_set());
+    ev.set();  // idempotent
+    testing::run_bounded([&]() -> coroutine<void> { CHECK(co_await ev.wait()); }());
+    ev.clear();
+    CHECK_FALSE(ev.is_set());
+  }
+
+  TEST_CASE("set wakes every waiter, in FIFO order, even if cleared before they run") {
+    event ev;
+    std::vector<int> order;
+    auto waiter = [](event& e, std::vector<int>& log, int id) -> coroutine<void> {
+      CHECK(co_await e.wait());
+      log.push_back(id);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      std::vector<task<void>> tasks;
+      for (int i = 1; i <= 3; ++i) tasks.push_back(create_task(waiter(ev, order, i)));
+      co_await sleep(0s);
+      co_await sleep(0s);
+      CHECK(order.empty());
+      ev.set();
+      ev.clear();
+      for (auto& t : tasks) co_await t;
+      CHECK(order == std::vector<int>{1, 2, 3});
+      CHECK_FALSE(ev.is_set());
+      auto late = create_task(waiter(ev, order, 4));  // cleared: waits again
+      co_await sleep(0s);
+      CHECK_FALSE(late.done());
+      ev.set();
+      co_await late;
+      CHECK(order.back() == 4);
+    }());
+  }
+
+  TEST_CASE("a cancelled waiter leaves; one cancelled after set() still throws cancelled_error") {
+    event ev;
+    std::vector<int> order;
+    auto waiter = [](event& e, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await e.wait();
+      log.push_back(id);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(ev, order, 1));
+      auto t2 = create_task(waiter(ev, order, 2));
+      auto t3 = create_task(waiter(ev, order, 3));
+      co_await sleep(0s);
+      t1.cancel();
+      co_await wait_done(t1);
+      CHECK(t1.cancelled());
+      ev.set();
+      t2.cancel();  // woken, not yet resumed
+      co_await wait_done(t2);
+      CHECK(t2.cancelled());
+      co_await t3;
+      CHECK(order == std::vector<int>{3});
+    }());
+  }
+}
+#endif
+// ---- end src/primitives/event.hpp ----
+// ---- begin src/primitives/semaphore.hpp ----
+// semaphore and bounded_semaphore: asyncio.Semaphore and asyncio.BoundedSemaphore, FIFO fair.
+
+
+namespace codestare::async_utils {
+
+class semaphore;
+
+namespace detail {
+
+/// co_await semaphore.acquire(). A woken waiter has been handed its unit already (asyncio's
+/// release() counts it off when it wakes the waiter), so nobody can take it in between.
+struct semaphore_acquire : parked_task {
+  semaphore* owner;
+
+  explicit semaphore_acquire(semaphore& s) noexcept : owner(&s) {}
+  bool await_ready() noexcept;
+  void await_suspend(std::coroutine_handle<> h);
+  bool await_resume();
+  ~semaphore_acquire();
+};
+
+/// co_await semaphore.scoped(): acquires, then hands the caller a guard that releases.
+struct semaphore_scoped : semaphore_acquire {
+  using semaphore_acquire::semaphore_acquire;
+  scoped_guard<semaphore> await_resume();
+};
+
+}  // namespace detail
+
+/// asyncio.Semaphore: a counter of free units; acquire() takes one (waiting while none is
+/// free), release() gives one back. FIFO fair: newcomers queue behind waiters. Loop thread only.
+class semaphore {
+ public:
+  /// Semaphore(value): throws std::invalid_argument when value is negative.
+  explicit semaphore(std::ptrdiff_t value = 1) : semaphore(value, std::numeric_limits<std::size_t>::max()) {}
+  semaphore(const semaphore&) = delete;
+  semaphore& operator=(const semaphore&) = delete;
+
+  /// Semaphore.acquire(): `co_await sem.acquire()` takes a unit; yields true. Cancelled after
+  /// being handed a unit, it gives the unit to the next waiter.
+  [[nodiscard]] detail::semaphore_acquire acquire() noexcept { return detail::semaphore_acquire(*this); }
+  /// Semaphore.release(): returns a unit, waking the first waiter. A bounded semaphore throws
+  /// std::invalid_argument when that would exceed its initial value.
+  void release() {
+    if (value_ >= bound_) throw std::invalid_argument("bounded_semaphore released too many times");
+    ++value_;
+    wake_next();
+  }
+  /// Semaphore.locked(): true when acquire() would wait.
+  bool locked() const noexcept { return value_ == 0 || !waiters_.empty(); }
+  /// `async with semaphore:` — `auto guard = co_await sem.scoped();`.
+  [[nodiscard]] detail::semaphore_scoped scoped() noexcept { return detail::semaphore_scoped(*this); }
+
+ protected:
+  semaphore(std::ptrdiff_t value, std::size_t bound) : value_(checked(value)), bound_(bound) {}
+
+ private:
+  friend struct detail::semaphore_acquire;
+
+  static std::size_t checked(std::ptrdiff_t value) {
+    if (value < 0) throw std::invalid_argument("semaphore initial value must be >= 0");
+    return static_cast<std::size_t>(value);
+  }
+  /// Hands free units to waiters, first come first served.
+  void wake_next() {
+    while (value_ > 0 && !waiters_.empty()) {
+      --value_;
+      waiters_.pop_front()->wake_up();
+    }
+  }
+  /// A unit handed to a waiter that will not use it goes back round.
+  void give_back() {
+    ++value_;
+    wake_next();
+  }
+
+  std::size_t value_;
+  std::size_t bound_;
+  detail::intrusive_list<detail::parked_task> waiters_;
+};
+
+/// asyncio.BoundedSemaphore: release() beyond the initial value throws std::invalid_argument.
+class bounded_semaphore : public semaphore {
+ public:
+  /// BoundedSemaphore(value): throws std::invalid_argument when value is negative.
+  explicit bounded_semaphore(std::ptrdiff_t value = 1) : semaphore(value, bound_of(value)) {}
+
+ private:
+  static std::size_t bound_of(std::ptrdiff_t value) noexcept { return value < 0 ? 0 : static_cast<std::size_t>(value); }
+};
+
+namespace detail {
+
+inline bool semaphore_acquire::await_ready() noexcept {
+  if (owner->locked()) return false;
+  --owner->value_;
+  return true;
+}
+
+inline void semaphore_acquire::await_suspend(std::coroutine_handle<> h) {
+  bind("semaphore.acquire()");
+  cancel = &withdraw_hook;  // not handed a unit yet: nothing to give back
+  park(owner->waiters_, h);
+}
+
+inline bool semaphore_acquire::await_resume() {
+  if (!task) return true;  // taken in await_ready
+  const bool handed = std::exchange(woken, false);
+  try {
+    check_cancelled();
+  } catch (...) {
+    if (handed) owner->give_back();
+    throw;
+  }
+  return true;
+}
+
+inline semaphore_acquire::~semaphore_acquire() {
+  // A frame destroyed between hand-over and resumption (loop closing) returns its unit.
+  if (woken) from_destructor("semaphore: returning a unit failed", [this] { owner->give_back(); });
+}
+
+inline scoped_guard<semaphore> semaphore_scoped::await_resume() {
+  semaphore_acquire::await_resume();
+  return scoped_guard<semaphore>(*owner);
+}
+
+}  // namespace detail
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("semaphore") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("construction, counting, locked, and the bounded over-release") {
+    CHECK_THROWS_AS(semaphore(-1), std::invalid_argument);
+    CHECK_THROWS_AS(bounded_semaphore(-1), std::invalid_argument);
+    semaphore zero(0);
+    CHECK(zero.locked());
+    zero.release();  // an unbounded semaphore may grow past its start
+    CHECK_FALSE(zero.locked());
+    semaphore sem(2);
+    bounded_semaphore bounded(2);
+    CHECK_THROWS_AS(bounded.release(), std::invalid_argument);
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK(co_await sem.acquire());
+      CHECK_FALSE(sem.locked());
+      CHECK(co_await sem.acquire());
+      CHECK(sem.locked());
+      sem.release();
+      sem.release();
+      sem.release();
+      CHECK_FALSE(sem.locked());
+
+      co_await bounded.acquire();
+      co_await bounded.acquire();
+      CHECK(bounded.locked());
+      bounded.release();
+      bounded.release();
+      CHECK_THROWS_AS(bounded.release(), std::invalid_argument);
+      CHECK_FALSE(bounded.locked());
+      {
+        auto guard = co_await bounded.scoped();
+        auto guard2 = co_await bounded.scoped();
+        CHECK(bounded.locked());
+      }
+      CHECK_THROWS_AS(bounded.release(), std::invalid_argument);  // the guards gave both back
+    }());
+  }
+
+  TEST_CASE("waiters are served in FIFO order; newcomers do not barge") {
+    semaphore sem(1);
+    std::vector<int> order;
+    auto worker = [](semaphore& s, std::vector<int>& log, int id) -> coroutine<void> {
+      auto guard = co_await s.scoped();
+      log.push_back(id);
+      co_await sleep(0s);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await sem.acquire();
+      auto t1 = create_task(worker(sem, order, 1));
+      auto t2 = create_task(worker(sem, order, 2));
+      co_await sleep(0s);
+      sem.release();         // handed to t1 ...
+      CHECK(sem.locked());   // ... so nothing is free for a newcomer
+      co_await sem.acquire();  // queues behind t2
+      order.push_back(3);
+      sem.release();
+      co_await t1;
+      co_await t2;
+      CHECK(order == std::vector<int>{1, 2, 3});
+      CHECK_FALSE(sem.locked());
+    }());
+  }
+
+  TEST_CASE("several units wake several waiters; at most value tasks hold it at once") {
+    semaphore sem(3);
+    static int inside = 0, most = 0;
+    auto worker = [](semaphore& s) -> coroutine<void> {
+      auto guard = co_await s.scoped();
+      most = std::max(most, ++inside);
+      co_await sleep(1ms);
+      --inside;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      std::vector<task<void>> tasks;
+      for (int i = 0; i < 10; ++i) tasks.push_back(create_task(worker(sem)));
+      for (auto& t : tasks) co_await t;
+      CHECK(most == 3);
+      CHECK(inside == 0);
+      CHECK_FALSE(sem.locked());
+    }());
+  }
+
+  TEST_CASE("cancelled while waiting: no unit lost; cancelled after the hand-over: unit passed on") {
+    bounded_semaphore sem(1);
+    std::vector<int> order;
+    auto worker = [](semaphore& s, std::vector<int>& log, int id) -> coroutine<void> {
+      co_await s.acquire();
+      log.push_back(id);
+      s.release();
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await sem.acquire();
+      auto t1 = create_task(worker(sem, order, 1));
+      auto t2 = create_task(worker(sem, order, 2));
+      auto t3 = create_task(worker(sem, order, 3));
+      co_await sleep(0s);
+      t2.cancel();  // while waiting
+      co_await wait_done(t2);
+      CHECK(t2.cancelled());
+      sem.release();  // handed to t1 ...
+      t1.cancel();    // ... which is cancelled before it runs: t3 gets the unit
+      co_await wait_done(t1);
+      CHECK(t1.cancelled());
+      co_await t3;
+      CHECK(order == std::vector<int>{3});
+      CHECK_FALSE(sem.locked());
+      CHECK_THROWS_AS(sem.release(), std::invalid_argument);  // exactly one unit, back home
+    }());
+  }
+
+  TEST_CASE("a loop closed between a waiter's hand-over and its resumption loses no unit") {
+    bounded_semaphore sem(1);
+    std::vector<any_task> workers;
+    {
+      testing::log_capture quiet;
+      event_loop loop;
+      auto worker = [](semaphore& s) -> coroutine<void> {
+        co_await s.acquire();
+        s.release();
+      };
+      auto body = [](semaphore& s, std::vector<any_task>& out, coroutine<void> a, coroutine<void> b) -> coroutine<void> {
+        co_await s.acquire();
+        out.push_back(create_task(std::move(a)));
+        out.push_back(create_task(std::move(b)));
+        co_await sleep(0s);
+        s.release();  // handed to the first worker, which never gets to run
+      };
+      loop.run_until_complete(body(sem, workers, worker(sem), worker(sem)));
+      CHECK(sem.locked());
+      loop.close();
+    }
+    CHECK(workers[0].cancelled());
+    CHECK_FALSE(sem.locked());
+    CHECK_THROWS_AS(sem.release(), std::invalid_argument);  // the unit is home
+  }
+}
+#endif
+// ---- end src/primitives/semaphore.hpp ----
+// ---- begin src/primitives/queue.hpp ----
+// queue<T>: asyncio.Queue, a FIFO queue for producer and consumer tasks, with task_done/join.
+
+
+namespace codestare::async_utils {
+
+template <class T>
+class queue;
+
+namespace detail {
+
+/// co_await queue.get(). A woken getter holds a claim on one item, which stays in the queue
+/// until the getter resumes and takes the front item; cancelled first, it drops the claim and
+/// the next getter is woken instead.
+template <class T>
+struct queue_get : parked_task {
+  queue<T>* q;
+
+  explicit queue_get(queue<T>& owner) noexcept : q(&owner) {}
+  bool await_ready() const noexcept { return !q->empty(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("queue.get()");
+    cancel = &withdraw_hook;
+    park(q->getters_, h);
+  }
+  T await_resume() {
+    if (task) {
+      const bool claimed = std::exchange(woken, false);
+      if (claimed) --q->claimed_items_;
+      try {
+        check_cancelled();
+      } catch (...) {
+        if (claimed) q->wake_getters();
+        throw;
+      }
+    }
+    return q->take();
+  }
+  ~queue_get() {
+    if (woken) {  // destroyed between wake-up and resumption (loop closing)
+      --q->claimed_items_;
+      from_destructor("queue: waking the next getter failed", [this] { q->wake_getters(); });
+    }
+  }
+};
+
+/// co_await queue.put(item). Holds the item; a woken putter holds a claim on one free slot.
+/// A cancelled put puts nothing.
+template <class T>
+struct queue_put : parked_task {
+  queue<T>* q;
+  T item;
+
+  queue_put(queue<T>& owner, T&& value) : q(&owner), item(std::move(value)) {}
+  bool await_ready() const noexcept { return !q->full(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("queue.put()");
+    cancel = &withdraw_hook;
+    park(q->putters_, h);
+  }
+  void await_resume() {
+    if (task) {
+      const bool claimed = std::exchange(woken, false);
+      if (claimed) --q->claimed_slots_;
+      try {
+        check_cancelled();
+      } catch (...) {
+        if (claimed) q->wake_putters();
+        throw;
+      }
+    }
+    q->store(std::move(item));
+  }
+  ~queue_put() {
+    if (woken) {
+      --q->claimed_slots_;
+      from_destructor("queue: waking the next putter failed", [this] { q->wake_putters(); });
+    }
+  }
+};
+
+/// co_await queue.join(): parks until the count of unfinished items drops to zero.
+struct queue_join : parked_task {
+  const std::size_t* unfinished;
+  intrusive_list<parked_task>* joiners;
+
+  queue_join(const std::size_t& count, intrusive_list<parked_task>& list) noexcept : unfinished(&count), joiners(&list) {}
+
+  bool await_ready() const noexcept { return *unfinished == 0; }
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("queue.join()");
+    cancel = &withdraw_hook;
+    park(*joiners, h);
+  }
+  void await_resume() {
+    if (task) {
+      unlink();
+      check_cancelled();
+    }
+  }
+};
+
+}  // namespace detail
+
+/// asyncio.Queue: items come out in the order they went in; get() waits while the queue is
+/// empty, put() while it is full (maxsize > 0). Waiters are served first come first served:
+/// an item (or free slot) promised to a woken waiter is no longer offered to anybody else, so
+/// qsize(), empty() and full() describe what a newcomer can get or put. Loop thread only.
+template <class T>
+class queue {
+ public:
+  using value_type = T;
+
+  /// Queue(maxsize): maxsize <= 0 means unbounded.
+  explicit queue(std::ptrdiff_t maxsize = 0) noexcept : maxsize_(maxsize) {}
+  queue(const queue&) = delete;
+  queue& operator=(const queue&) = delete;
+
+  /// Queue.maxsize, as given.
+  std::ptrdiff_t maxsize() const noexcept { return maxsize_; }
+  /// Queue.qsize(): items a getter could take now (those promised to woken getters excluded).
+  std::size_t qsize() const noexcept { return items_.size() - claimed_items_; }
+  /// Queue.empty(): true when get_nowait() would throw queue_empty.
+  bool empty() const noexcept { return qsize() == 0; }
+  /// Queue.full(): true when put_nowait() would throw queue_full.
+  bool full() const noexcept {
+    return maxsize_ > 0 && items_.size() + claimed_slots_ >= static_cast<std::size_t>(maxsize_);
+  }
+
+  /// Queue.put(item): `co_await q.put(item)` waits for a free slot, then appends. Cancelled,
+  /// it puts nothing (the item, held by the awaiter, is dropped).
+  [[nodiscard]] detail::queue_put<T> put(const T& item) { return detail::queue_put<T>(*this, T(item)); }
+  [[nodiscard]] detail::queue_put<T> put(T&& item) { return detail::queue_put<T>(*this, std::move(item)); }
+  /// Queue.get(): `co_await q.get()` waits for an item and yields it.
+  [[nodiscard]] detail::queue_get<T> get() noexcept { return detail::queue_get<T>(*this); }
+
+  /// Queue.put_nowait(item): throws queue_full when full (an rvalue item is then left intact).
+  void put_nowait(const T& item) {
+    if (full()) throw queue_full();
+    store(T(item));
+  }
+  void put_nowait(T&& item) {
+    if (full()) throw queue_full();
+    store(std::move(item));
+  }
+  /// Queue.get_nowait(): throws queue_empty when empty.
+  T get_nowait() {
+    if (empty()) throw queue_empty();
+    return take();
+  }
+
+  /// Queue.task_done(): one item taken earlier is fully processed. Throws
+  /// std::invalid_argument when called more times than items were put.
+  void task_done() {
+    if (unfinished_ == 0) throw std::invalid_argument("queue.task_done() called too many times");
+    if (--unfinished_ == 0) {
+      while (detail::parked_task* w = joiners_.pop_front()) w->wake_up();
+    }
+  }
+  /// Queue.join(): `co_await q.join()` waits until every item put has had its task_done().
+  [[nodiscard]] detail::queue_join join() noexcept {
+    return detail::queue_join(unfinished_, joiners_);
+  }
+
+ private:
+  friend struct detail::queue_get<T>;
+  friend struct detail::queue_put<T>;
+
+  void store(T&& item) {
+    items_.push_back(std::move(item));
+    ++unfinished_;
+    wake_getters();
+  }
+  T take() {
+    T item = std::move(items_.front());
+    items_.pop_front();
+    wake_putters();
+    return item;
+  }
+  void wake_getters() {
+    while (qsize() > 0 && !getters_.empty()) {
+      ++claimed_items_;
+      getters_.pop_front()->wake_up();
+    }
+  }
+  void wake_putters() {
+    while (!full() && !putters_.empty()) {
+      ++claimed_slots_;
+      putters_.pop_front()->wake_up();
+    }
+  }
+
+  std::ptrdiff_t maxsize_;
+  std::deque<T> items_;
+  std::size_t claimed_items_ = 0;  // items promised to woken getters
+  std::size_t claimed_slots_ = 0;  // free slots promised to woken putters
+  std::size_t unfinished_ = 0;     // put but not yet task_done()
+  detail::intrusive_list<detail::parked_task> getters_;
+  detail::intrusive_list<detail::parked_task> putters_;
+  detail::intrusive_list<detail::parked_task> joiners_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("queue") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("put_nowait, get_nowait, sizes, FIFO order, and the queue_full / queue_empty errors") {
+    queue<int> q(2);
+    CHECK(q.maxsize() == 2);
+    CHECK(q.empty());
+    CHECK_FALSE(q.full());
+    CHECK_THROWS_AS(q.get_nowait(), queue_empty);
+    q.put_nowait(1);
+    q.put_nowait(2);
+    CHECK(q.qsize() == 2);
+    CHECK(q.full());
+    CHECK_THROWS_AS(q.put_nowait(3), queue_full);
+    CHECK(q.qsize() == 2);
+    CHECK(q.get_nowait() == 1);
+    CHECK_FALSE(q.full());
+    CHECK(q.get_nowait() == 2);
+    CHECK(q.empty());
+    CHECK_THROWS_AS(q.get_nowait(), queue_empty);
+
+    queue<int> unbounded(-1);
+    CHECK(unbounded.maxsize() == -1);
+    for (int i = 0; i < 1000; ++i) unbounded.put_nowait(i);
+    CHECK_FALSE(unbounded.full());
+    for (int i = 0; i < 1000; ++i) CHECK(unbounded.get_nowait() == i);
+  }
+
+  TEST_CASE("move-only items, through put_nowait and the awaiting put/get") {
+    queue<std::unique_ptr<int>> q(1);
+    auto item = std::make_unique<int>(1);
+    q.put_nowait(std::move(item));
+    CHECK(item == nullptr);
+    auto spare = std::make_unique<int>(2);
+    CHECK_THROWS_AS(q.put_nowait(std::move(spare)), queue_full);
+    CHECK(spare != nullptr);  // a refused item stays with the caller
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK(*co_await q.get() == 1);
+      co_await q.put(std::make_unique<int>(3));
+      CHECK(*q.get_nowait() == 3);
+    }());
+  }
+
+  TEST_CASE("get waits for put; waiting getters are served in FIFO order with FIFO items") {
+    queue<int> q;
+    std::vector<std::pair<int, int>> got;  // (getter, item)
+    auto getter = [](queue<int>& qu, std::vector<std::pair<int, int>>& log, int id) -> coroutine<void> {
+      int v = co_await qu.get();
+      log.emplace_back(id, v);
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      std::vector<task<void>> tasks;
+      for (int i = 1; i <= 3; ++i) tasks.push_back(create_task(getter(q, got, i)));
+      co_await sleep(0s);
+      CHECK(got.empty());
+      q.put_nowait(10);
+      CHECK(q.empty());  // promised to getter 1
+      CHECK_THROWS_AS(q.get_nowait(), queue_empty);
+      co_await q.put(20);
+      co_await q.put(30);
+      for (auto& t : tasks) co_await t;
+      CHECK(got == std::vector<std::pair<int, int>>{{1, 10}, {2, 20}, {3, 30}});
+      CHECK(q.empty());
+    }());
+  }
+
+  TEST_CASE("put waits while full; waiting putters go in FIFO order as items are taken") {
+    queue<int> q(1);
+    auto putter = [](queue<int>& qu, int v) -> coroutine<void> { co_await qu.put(v); };
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await q.put(0);
+      std::vector<task<void>> tasks;
+      for (int i = 1; i <= 3; ++i) tasks.push_back(create_task(putter(q, i)));
+      co_await sleep(0s);
+      CHECK(q.full());
+      std::vector<int> seen;
+      for (int i = 0; i <= 3; ++i) seen.push_back(co_await q.get());
+      for (auto& t : tasks) co_await t;
+      CHECK(seen == std::vector<int>{0, 1, 2, 3});
+      CHECK(q.empty());
+      CHECK(q.qsize() == 0);
+    }());
+  }
+
+  TEST_CASE("a getter cancelled while waiting or after its wake-up loses no item") {
+    queue<int> q;
+    std::vector<int> got;
+    auto getter = [](queue<int>& qu, std::vector<int>& log) -> coroutine<void> { log.push_back(co_await qu.get()); };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(getter(q, got));
+      auto t2 = create_task(getter(q, got));
+      auto t3 = create_task(getter(q, got));
+      co_await sleep(0s);
+      t1.cancel();  // while waiting
+      co_await wait_done(t1);
+      q.put_nowait(1);  // promised to t2 ...
+      t2.cancel();      // ... cancelled before it runs: the item goes to t3
+      co_await wait_done(t2);
+      CHECK(t1.cancelled());
+      CHECK(t2.cancelled());
+      co_await t3;
+      CHECK(got == std::vector<int>{1});
+
+      auto t4 = create_task(getter(q, got));
+      co_await sleep(0s);
+      q.put_nowait(2);
+      t4.cancel();  // the last getter: the item stays in the queue
+      co_await wait_done(t4);
+      CHECK(t4.cancelled());
+      CHECK(q.qsize() == 1);
+      CHECK(q.get_nowait() == 2);
+    }());
+  }
+
+  TEST_CASE("a putter cancelled while waiting or after its wake-up puts nothing and passes the slot on") {
+    queue<int> q(1);
+    auto putter = [](queue<int>& qu, int v) -> coroutine<void> { co_await qu.put(v); };
+    testing::run_bounded([&]() -> coroutine<void> {
+      q.put_nowait(0);
+      auto t1 = create_task(putter(q, 1));
+      auto t2 = create_task(putter(q, 2));
+      auto t3 = create_task(putter(q, 3));
+      co_await sleep(0s);
+      t1.cancel();
+      co_await wait_done(t1);
+      CHECK(q.get_nowait() == 0);  // frees the slot for t2 ...
+      CHECK(q.full());             // ... promised to it
+      t2.cancel();                 // cancelled before it runs: t3 gets the slot
+      co_await wait_done(t2);
+      co_await t3;
+      CHECK(t1.cancelled());
+      CHECK(t2.cancelled());
+      CHECK(q.qsize() == 1);
+      CHECK(q.get_nowait() == 3);
+      CHECK(q.empty());
+      CHECK_FALSE(q.full());
+      q.task_done();  // 0 and 3 were put; 1 and 2 never were
+      q.task_done();
+      CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
+    }());
+  }
+
+  TEST_CASE("join waits until every item put has had task_done") {
+    queue<int> q;
+    static std::vector<int> processed;
+    auto worker = [](queue<int>& qu) -> coroutine<void> {
+      for (;;) {
+        int v = co_await qu.get();
+        co_await sleep(1ms);
+        processed.push_back(v);
+        qu.task_done();
+      }
+    };
+    CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await q.join();  // nothing unfinished: returns at once
+      auto w1 = create_task(worker(q));
+      auto w2 = create_task(worker(q));
+      for (int i = 0; i < 6; ++i) co_await q.put(i);
+      co_await q.join();
+      CHECK(processed.size() == 6);
+      CHECK(q.empty());
+      CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
+
+      // A cancelled joiner leaves; the others still see the queue finish.
+      q.put_nowait(7);
+      auto joiner = [](queue<int>& qu) -> coroutine<void> { co_await qu.join(); };
+      auto j1 = create_task(joiner(q));
+      auto j2 = create_task(joiner(q));
+      co_await sleep(0s);
+      CHECK_FALSE(j2.done());
+      j1.cancel();
+      co_await j2;
+      co_await wait_done(j1);
+      CHECK(j1.cancelled());
+      w1.cancel();
+      w2.cancel();
+      co_await wait_done(w1);
+      co_await wait_done(w2);
+      CHECK(processed.back() == 7);
+    }());
+  }
+
+  TEST_CASE("a loop closed between wake-ups and resumptions leaves no item or slot claimed") {
+    queue<int> items, slots(1);
+    {
+      testing::log_capture quiet;
+      event_loop loop;
+      auto getter = [](queue<int>& q) -> coroutine<void> { (void)co_await q.get(); };
+      auto putter = [](queue<int>& q) -> coroutine<void> { co_await q.put(2); };
+      auto body = [](queue<int>& a, queue<int>& b, coroutine<void> g, coroutine<void> p) -> coroutine<void> {
+        create_task(std::move(g));
+        b.put_nowait(1);
+        create_task(std::move(p));
+        co_await sleep(0s);
+        a.put_nowait(1);  // promised to the getter
+        CHECK(b.get_nowait() == 1);  // the free slot is promised to the putter
+      };
+      loop.run_until_complete(body(items, slots, getter(items), putter(slots)));
+      CHECK(items.empty());
+      CHECK(slots.full());
+      loop.close();
+    }
+    CHECK(items.qsize() == 1);
+    CHECK(items.get_nowait() == 1);
+    CHECK_FALSE(slots.full());
+    CHECK(slots.empty());
+  }
+}
+#endif
+// ---- end src/primitives/queue.hpp ----
+
+// Utilities: the codestare.async_utils classes.
+// ---- begin src/utilities/awaitable_predicate.hpp ----
+// awaitable_predicate: a predicate that is a bool now and an awaitable "until it holds".
+
+
+namespace codestare::async_utils {
+
+/// codestare's awaitable_predicate. `bool(p)` evaluates the predicate now; `co_await p` takes
+/// the condition's lock and waits (condition.wait_for) until the predicate holds, or throws
+/// timeout_error after the timeout. Writers change the state under the condition's lock and
+/// notify it. Each await is independent: one timing out or being cancelled does not disturb
+/// the others (the Python original shares one waiter task between them).
+class awaitable_predicate {
+ public:
+  using predicate_type = std::function<bool()>;
+  using duration = std::chrono::steady_clock::duration;
+
+  explicit awaitable_predicate(predicate_type predicate, std::shared_ptr<async_utils::condition> cond = nullptr,
+                               std::optional<duration> timeout = std::nullopt)
+      : predicate_(std::move(predicate)),
+        condition_(cond ? std::move(cond) : std::make_shared<async_utils::condition>()),
+        timeout_(timeout) {
+    if (!predicate_) throw std::invalid_argument("awaitable_predicate: empty predicate");
+    if (timeout_ && *timeout_ < duration::zero()) throw std::invalid_argument("awaitable_predicate: negative timeout");
+  }
+
+  /// The predicate's value now (no lock taken).
+  explicit operator bool() const { return predicate_(); }
+  /// The condition writers notify after changing what the predicate reads.
+  async_utils::condition& condition() const noexcept { return *condition_; }
+  const std::shared_ptr<async_utils::condition>& shared_condition() const noexcept { return condition_; }
+  const std::optional<duration>& timeout() const noexcept { return timeout_; }
+
+  /// Waits until the predicate holds (the awaitable behind `co_await p`).
+  coroutine<void> wait() const { return wait_impl(predicate_, condition_, timeout_); }
+  auto operator co_await() const { return wait().operator co_await(); }
+
+ private:
+  // Takes copies: the coroutine may outlive the object it was started from.
+  static coroutine<void> wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
+                                   std::optional<duration> timeout) {
+    auto guard = co_await cond->scoped();
+    if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
+    else co_await cond->wait_for(predicate);
+  }
+
+  predicate_type predicate_;
+  std::shared_ptr<async_utils::condition> condition_;
+  std::optional<duration> timeout_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("awaitable_predicate") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("reference example: bool conversion, then awaiting until the value is zero") {
+    std::ostringstream out;
+    int value = 0;
+    awaitable_predicate is_zero([&] { return value == 0; });
+    out << std::boolalpha << static_cast<bool>(is_zero) << '\n';
+    value = 1;
+    out << static_cast<bool>(is_zero) << '\n';
+    auto set_value = [&](int number) -> coroutine<void> {
+      auto guard = co_await is_zero.condition().scoped();
+      value = number;
+      is_zero.condition().notify();
+    };
+    auto wait_for_zero = [&]() -> coroutine<void> {
+      co_await is_zero;
+      out << "Finally! value: " << value << '\n';
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto waiter = create_task(wait_for_zero());
+      for (int n = 2; n >= 0; --n) co_await set_value(n);
+      co_await waiter;
+    }());
+    CHECK(out.str() == "true\nfalse\nFinally! value: 0\n");
+  }
+
+  TEST_CASE("returns at once when the predicate already holds; times out otherwise") {
+    bool flag = true;
+    awaitable_predicate p([&] { return flag; }, nullptr, 20ms);
+    testing::run_bounded([&]() -> coroutine<void> {
+      co_await p;
+      flag = false;
+      CHECK_THROWS_AS(co_await p, timeout_error);
+      CHECK_FALSE(p.condition().locked());  // the lock is released after a timeout
+    }());
+  }
+
+  TEST_CASE("concurrent awaits are independent: a timeout or cancellation leaves the others waiting") {
+    int value = 0;
+    auto cond = std::make_shared<condition>();
+    awaitable_predicate forever([&] { return value == 1; }, cond);
+    awaitable_predicate impatient([&] { return value == 1; }, cond, 5ms);
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto a = create_task(forever.wait());
+      auto b = create_task(impatient.wait());
+      auto c = create_task(forever.wait());
+      co_await wait_done(b);
+      CHECK_THROWS_AS(b.result(), timeout_error);
+      c.cancel();
+      co_await wait_done(c);
+      CHECK(c.cancelled());
+      CHECK_FALSE(a.done());
+      {
+        auto guard = co_await cond->scoped();
+        value = 1;
+        cond->notify_all();
+      }
+      co_await a;
+    }());
+  }
+
+  TEST_CASE("bad arguments") {
+    CHECK_THROWS_AS(awaitable_predicate(nullptr), std::invalid_argument);
+    CHECK_THROWS_AS(awaitable_predicate([] { return true; }, nullptr, -1s), std::invalid_argument);
+  }
+}
+#endif
+// ---- end src/utilities/awaitable_predicate.hpp ----
+// ---- begin src/utilities/accessor.hpp ----
+// accessor<T>: shared access to a value, synchronised by a condition (codestare's accessor).
+
+
+namespace codestare::async_utils {
+
+template <class T>
+class accessor;
+
+/// Keyword arguments of accessor's constructors.
+struct accessor_options {
+  /// Shared with other accessors when given; a new condition otherwise.
+  // (Default member initialisers: designated initialisers may then leave fields out without
+  // -Wmissing-field-initializers.)
+  std::shared_ptr<async_utils::condition> condition = nullptr;
+  /// For debugging and printing.
+  std::string name = {};
+};
+
+/// Keyword arguments of accessor<T>::get(); see the table there.
+template <class T>
+struct get_options {
+  std::function<bool(const T&)> predicate = {};
+  std::optional<bool> wait_for_write = std::nullopt;
+};
+
+/// codestare's accessor: get() waits for writes made with set(), through one condition.
+///
+/// | predicate | wait_for_write  | get() returns                                           |
+/// |-----------|-----------------|---------------------------------------------------------|
+/// | none      | unset or true   | after the next notification of the condition            |
+/// | none      | false           | at once                                                 |
+/// | given     | unset or false  | as soon as predicate(value) holds, maybe at once        |
+/// | given     | true            | at the first notification after which predicate holds  |
+template <class T>
+class accessor {
+  static_assert(std::is_copy_constructible_v<T>, "accessor<T> hands out copies of the value: T must be copyable");
+
+ public:
+  using value_type = T;
+  using getter = std::function<T()>;
+  using setter = std::function<void(T)>;
+
+  /// An accessor of a value kept inside (default-constructed when T allows, else empty until the
+  /// first set(): reading an empty one throws invalid_state_error).
+  explicit accessor(accessor_options options = {}) : accessor(nullptr, nullptr, std::move(options), true) {}
+  /// An accessor over a getter T() and a setter void(T); empty functions throw
+  /// std::invalid_argument (the original's ValueError).
+  /// (A template, so that a braced options list never tries to become a getter.)
+  template <class Get, class Set>
+    requires std::constructible_from<getter, Get> && std::constructible_from<setter, Set>
+  accessor(Get get, Set set, accessor_options options = {})
+      : accessor(getter(std::move(get)), setter(std::move(set)), std::move(options), false) {}
+  accessor(const accessor&) = delete;  // the getter/setter of an internal value point into it
+  accessor& operator=(const accessor&) = delete;
+
+  getter fget;
+  setter fset;
+
+  async_utils::condition& condition() const noexcept { return *state_->condition; }
+  const std::shared_ptr<async_utils::condition>& shared_condition() const noexcept { return state_->condition; }
+  const std::string& name() const noexcept { return name_; }
+  /// The value now, without taking the lock (not synchronised).
+  T value() const { return fget(); }
+
+  /// True while at least one get() waits; `co_await acc.has_waiting_read` waits for a reader.
+  awaitable_predicate has_waiting_read;
+
+  /// Sets the value with fset and notifies every waiting get(). With wait_for_read, first
+  /// waits until some get() is waiting (a write that waits for a read). If fset throws, the
+  /// exception leaves set, nobody is notified and the lock is released.
+  coroutine<void> set(T value, bool wait_for_read = false) { return set_impl(state_, fset, std::move(value), wait_for_read, &has_waiting_read); }
+
+  /// Returns fget() once the combined predicate holds (see the class table). Exceptions from
+  /// fget or the predicate leave get; the waiting-reader count is restored however get ends.
+  coroutine<T> get(get_options<T> options = {}) { return get_impl(state_, fget, std::move(options)); }
+
+  friend std::ostream& operator<<(std::ostream& os, const accessor& a) {
+    return os << "accessor(name=" << (a.name_.empty() ? "None" : "'" + a.name_ + "'")
+              << ", custom_getter=" << (a.custom_ ? "True" : "False") << ", custom_setter=" << (a.custom_ ? "True" : "False")
+              << ')';
+  }
+
+ private:
+  // What the coroutines share with the accessor; they hold it, so it outlives a destroyed accessor.
+  struct shared_state {
+    std::shared_ptr<async_utils::condition> condition;
+    std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
+    std::size_t waiting_reads = 0;
+    std::optional<T> stored;
+  };
+
+  accessor(getter get, setter set, accessor_options options, bool internal)
+      : fget(std::move(get)),
+        fset(std::move(set)),
+        has_waiting_read([this] { return state_->waiting_reads > 0; }),
+        state_(std::make_shared<shared_state>()),
+        name_(std::move(options.name)),
+        custom_(!internal) {
+    if (internal) {
+      // The value lives in the shared state; the functions hold it weakly (no cycle).
+      if constexpr (std::is_default_constructible_v<T>) state_->stored.emplace();
+      std::weak_ptr<shared_state> weak = state_;
+      fget = [weak] {
+        auto s = weak.lock();
+        if (!s || !s->stored) throw invalid_state_error("accessor: no value has been set");
+        return *s->stored;
+      };
+      fset = [weak](T v) {
+        if (auto s = weak.lock()) s->stored = std::move(v);
+      };
+    }
+    if (!fget) throw std::invalid_argument("accessor: the getter is empty");
+    if (!fset) throw std::invalid_argument("accessor: the setter is empty");
+    state_->condition = options.condition ? std::move(options.condition) : std::make_shared<async_utils::condition>();
+    state_->readers_changed = has_waiting_read.shared_condition();
+  }
+
+  static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read,
+                                  const awaitable_predicate* has_reader) {
+    if (wait_for_read) co_await has_reader->wait();
+    auto guard = co_await s->condition->scoped();
+    set(std::move(value));
+    s->condition->notify_all();
+  }
+
+  // Counts this get() as a waiting reader for as long as it lives, and tells has_waiting_read.
+  struct reader_count {
+    std::shared_ptr<shared_state> s;
+    explicit reader_count(std::shared_ptr<shared_state> st) : s(std::move(st)) { ++s->waiting_reads; }
+    ~reader_count() { --s->waiting_reads; }
+  };
+  static coroutine<T> get_impl(std::shared_ptr<shared_state> s, getter get, get_options<T> options) {
+    const bool has_predicate = static_cast<bool>(options.predicate);
+    const bool wait_for_write = options.wait_for_write.value_or(!has_predicate);
+    auto guard = co_await s->condition->scoped();
+    reader_count reading(s);
+    if (wait_for_write || has_predicate) {
+      {  // wake writers waiting for a reader (set(wait_for_read)); they then queue for our lock
+        auto announce = co_await s->readers_changed->scoped();
+        s->readers_changed->notify_all();
+      }
+      bool first = true;  // the original's default predicate: [False, True, True, ...]
+      co_await s->condition->wait_for([&] {
+        const bool written = !wait_for_write || !std::exchange(first, false);
+        return written && (!has_predicate || options.predicate(get()));
+      });
+    }
+    co_return get();
+  }
+
+  std::shared_ptr<shared_state> state_;
+  std::string name_;
+  bool custom_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("accessor") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("reference example: a read waiting for a write prints Bar") {
+    std::ostringstream out;
+    testing::run_bounded([&]() -> coroutine<void> {
+      accessor<std::string> foo;
+      auto wait_for_write = [&](accessor<std::string>& a) -> coroutine<void> { out << co_await a.get() << '\n'; };
+      auto background = create_task(wait_for_write(foo));
+      co_await sleep(0s);  // the REPL runs the loop between statements
+      co_await foo.set("Bar");
+      co_await background;
+    }());
+    CHECK(out.str() == "Bar\n");
+  }
+
+  TEST_CASE("reference example: custom getter and setter of a property, errors from the setter") {
+    struct thing {
+      int value_ = 0;
+      int value() const { return value_; }
+      void set_value(int v) {
+        if (!v) throw std::invalid_argument("Illegal value " + std::to_string(v));
+        value_ = v;
+      }
+    };
+    struct better_thing : thing {
+      accessor<int> value_accessor{[this] { return value(); }, [this](int v) { set_value(v); }};
+    };
+    std::ostringstream out;
+    thing t;
+    t.set_value(3);
+    out << t.value() << '\n';
+    try {
+      t.set_value(0);
+    } catch (const std::invalid_argument& e) {
+      out << e.what() << '\n';
+    }
+    testing::run_bounded([&]() -> coroutine<void> {
+      better_thing better;
+      auto wait_for_write = [&](accessor<int>& a) -> coroutine<void> { out << co_await a.get() << '\n'; };
+      auto background = create_task(wait_for_write(better.value_accessor));
+      co_await sleep(0s);
+      co_await better.value_accessor.set(3);
+      co_await background;
+      out << better.value() << '\n';
+      try {
+        co_await better.value_accessor.set(0);
+      } catch (const std::invalid_argument& e) {
+        out << e.what() << '\n';
+      }
+      CHECK_FALSE(better.value_accessor.condition().locked());  // released after the throw
+      CHECK(better.value() == 3);
+    }());
+    CHECK(out.str() == "3\nIllegal value 0\n3\n3\nIllegal value 0\n");
+  }
+
+  TEST_CASE("the four rows of the get() table") {
+    testing::run_bounded([]() -> coroutine<void> {
+      accessor<int> a;
+      co_await a.set(1);
+      // none + false: at once
+      CHECK(co_await a.get({.predicate = {}, .wait_for_write = false}) == 1);
+      // given + unset: at once when it already holds
+      CHECK(co_await a.get({.predicate = [](const int& v) { return v == 1; }}) == 1);
+      // none + unset: blocks until the next write
+      auto next = create_task(a.get());
+      co_await sleep(1ms);
+      CHECK_FALSE(next.done());
+      co_await a.set(2);
+      CHECK(co_await next == 2);
+      // given + true: the first write after which it holds, even though it holds now
+      auto later = create_task(a.get({.predicate = [](const int& v) { return v >= 2; }, .wait_for_write = true}));
+      co_await sleep(1ms);
+      CHECK_FALSE(later.done());
+      co_await a.set(1);  // a write, but the predicate fails
+      co_await sleep(1ms);
+      CHECK_FALSE(later.done());
+      co_await a.set(5);
+      CHECK(co_await later == 5);
+      // given + false: waits for the predicate without needing a write first
+      auto until = create_task(a.get({.predicate = [](const int& v) { return v == 7; }, .wait_for_write = false}));
+      co_await sleep(1ms);
+      CHECK_FALSE(until.done());
+      co_await a.set(7);
+      CHECK(co_await until == 7);
+    }());
+  }
+
+  TEST_CASE("has_waiting_read, set(wait_for_read), and the reader count under cancellation") {
+    testing::run_bounded([]() -> coroutine<void> {
+      accessor<int> a({.condition = nullptr, .name = "level"});
+      CHECK_FALSE(static_cast<bool>(a.has_waiting_read));
+      auto writer = create_task(a.set(4, true));  // waits for a reader first
+      co_await sleep(1ms);
+      CHECK_FALSE(writer.done());
+      auto reader = create_task(a.get());
+      co_await writer;
+      CHECK(co_await reader == 4);
+      CHECK_FALSE(static_cast<bool>(a.has_waiting_read));
+      auto cancelled = create_task(a.get());
+      co_await sleep(1ms);
+      CHECK(static_cast<bool>(a.has_waiting_read));
+      cancelled.cancel();
+      co_await wait_done(cancelled);
+      CHECK_FALSE(static_cast<bool>(a.has_waiting_read));  // restored on cancellation
+      auto throwing = create_task(a.get({.predicate = [](const int&) -> bool { throw std::runtime_error("pred"); }}));
+      co_await wait_done(throwing);
+      CHECK_THROWS_AS(throwing.result(), std::runtime_error);
+      CHECK_FALSE(static_cast<bool>(a.has_waiting_read));  // restored when get throws
+      CHECK_FALSE(a.condition().locked());
+    }());
+  }
+
+  TEST_CASE("shared conditions, printing, empty functions and empty values") {
+    auto cond = std::make_shared<condition>();
+    accessor<int> a({.condition = cond, .name = "a"});
+    accessor<int> b([] { return 1; }, [](int) {}, {.condition = cond, .name = ""});
+    CHECK(&a.condition() == &b.condition());
+    std::ostringstream out;
+    out << a << ' ' << b;
+    CHECK(out.str() == "accessor(name='a', custom_getter=False, custom_setter=False) accessor(name=None, custom_getter=True, custom_setter=True)");
+    const accessor<int>::getter no_getter;
+    const accessor<int>::setter no_setter;
+    CHECK_THROWS_AS(accessor<int>(no_getter, [](int) {}), std::invalid_argument);
+    CHECK_THROWS_AS(accessor<int>([] { return 0; }, no_setter), std::invalid_argument);
+    struct no_default {
+      explicit no_default(int) {}
+    };
+    accessor<no_default> empty;
+    CHECK_THROWS_AS(empty.value(), invalid_state_error);
+    CHECK(a.value() == 0);
+  }
+}
+#endif
+// ---- end src/utilities/accessor.hpp ----
+// ---- begin src/utilities/condition_property.hpp ----
+// condition_property: the codestare decorator as a class member that behaves as an accessor.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+template <auto Member>
+struct member_traits;
+template <class Owner, class R, R (Owner::*Getter)() const>
+struct member_traits<Getter> {
+  using owner = Owner;
+  using value = std::remove_cvref_t<R>;
+};
+template <class Owner, class R, R (Owner::*Getter)()>
+struct member_traits<Getter> {
+  using owner = Owner;
+  using value = std::remove_cvref_t<R>;
+};
+template <class Owner, class A, void (Owner::*Setter)(A)>
+struct member_traits<Setter> {
+  using owner = Owner;
+  using value = std::remove_cvref_t<A>;
+};
+
+template <bool HasGetter, auto Getter, auto Setter>
+struct property_owner {
+  using owner = typename member_traits<Getter>::owner;
+  using value = typename member_traits<Getter>::value;
+};
+template <auto Getter, auto Setter>
+struct property_owner<false, Getter, Setter> {
+  using owner = typename member_traits<Setter>::owner;
+  using value = typename member_traits<Setter>::value;
+};
+
+template <class...>
+inline constexpr bool always_false = false;
+
+}  // namespace detail
+
+/// codestare's condition_property, declared as a member of Owner over Owner's getter and setter:
+///
+///     struct sensor {
+///       int level() const;
+///       void set_level(int);
+///       condition_property<&sensor::level, &sensor::set_level> level_property{this, "level"};
+///     };
+///     co_await s.level_property.set(3);  int v = co_await s.level_property.get();
+///
+/// It behaves as the accessor the Python descriptor returns, created on first use and cached in
+/// the object. Pass nullptr for a missing getter or setter; what cannot work then does not
+/// compile. The property pins its owner: Owner cannot be copied or moved by accident.
+template <auto Getter, auto Setter = nullptr>
+class condition_property {
+  static constexpr bool has_getter = !std::is_same_v<decltype(Getter), std::nullptr_t>;
+  static constexpr bool has_setter = !std::is_same_v<decltype(Setter), std::nullptr_t>;
+  static_assert(has_getter || has_setter, "condition_property needs a getter, a setter or both");
+  using types = detail::property_owner<has_getter, Getter, Setter>;
+
+ public:
+  using owner_type = typename types::owner;
+  using value_type = typename types::value;
+
+  /// Binds the property to its owner; `name` is the accessor's name.
+  condition_property(owner_type* owner, std::string name = {}, accessor_options options = {})
+      : owner_(owner), options_(std::move(options)) {
+    if (!owner_) throw std::invalid_argument("condition_property: null owner");
+    if (options_.name.empty()) options_.name = std::move(name);
+  }
+  condition_property(const condition_property&) = delete;
+  condition_property& operator=(const condition_property&) = delete;
+
+  /// Direct assignment is what a plain property allows; here every write must notify readers.
+  template <class U>
+  condition_property& operator=(U&&) {
+    static_assert(detail::always_false<U>, "condition_property: direct assignment is not supported; use co_await prop.set(value)");
+    return *this;
+  }
+
+  /// accessor::set: writes through Owner's setter under the condition and notifies readers.
+  coroutine<void> set(value_type value, bool wait_for_read = false) {
+    static_assert(has_setter, "condition_property: can't set attribute (the property has no setter)");
+    return get_accessor().set(std::move(value), wait_for_read);
+  }
+  /// accessor::get: waits as the accessor table says, then reads through Owner's getter.
+  coroutine<value_type> get(get_options<value_type> options = {}) {
+    static_assert(has_getter, "condition_property: unreadable attribute (the property has no getter)");
+    static_assert(has_setter,
+                  "condition_property: get() without a setter would wait forever for a write nobody can make; "
+                  "give the property a setter");
+    return get_accessor().get(std::move(options));
+  }
+  /// The cached accessor (created on first use).
+  accessor<value_type>& get_accessor() {
+    if (!accessor_) {
+      typename accessor<value_type>::getter getter;
+      typename accessor<value_type>::setter setter;
+      if constexpr (has_getter) getter = [o = owner_] { return (o->*Getter)(); };
+      else getter = []() -> value_type { throw std::logic_error("condition_property: unreadable attribute"); };
+      if constexpr (has_setter) setter = [o = owner_](value_type v) { (o->*Setter)(std::move(v)); };
+      else setter = [](value_type) { throw std::logic_error("condition_property: can't set attribute"); };
+      accessor_ = std::make_unique<accessor<value_type>>(std::move(getter), std::move(setter), options_);
+    }
+    return *accessor_;
+  }
+  accessor<value_type>* operator->() { return &get_accessor(); }
+
+ private:
+  owner_type* owner_;
+  accessor_options options_;
+  std::unique_ptr<accessor<value_type>> accessor_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("condition_property") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  struct sensor {
+    int level_ = 0;
+    int level() const { return level_; }
+    void set_level(int v) {
+      if (v < 0) throw std::invalid_argument("negative level");
+      level_ = v;
+    }
+    condition_property<&sensor::level, &sensor::set_level> level_property{this, "level"};
+  };
+
+  TEST_CASE("behaves as the accessor of the owner's getter and setter, cached per object") {
+    testing::run_bounded([]() -> coroutine<void> {
+      sensor s;
+      auto& first = s.level_property.get_accessor();
+      CHECK(&first == &s.level_property.get_accessor());
+      CHECK(first.name() == "level");
+      auto reader = create_task(s.level_property.get());
+      co_await sleep(0s);
+      co_await s.level_property.set(3);
+      CHECK(co_await reader == 3);
+      CHECK(s.level() == 3);
+      CHECK_THROWS_AS(co_await s.level_property.set(-1), std::invalid_argument);
+      CHECK(s.level_property->value() == 3);
+      sensor other;
+      CHECK(&other.level_property.get_accessor() != &first);
+    }());
+    CHECK_FALSE(std::is_copy_constructible_v<sensor>);
+    CHECK_FALSE(std::is_move_constructible_v<sensor>);
+  }
+
+  struct gauge {
+    int value() const { return 9; }
+    condition_property<&gauge::value> value_property{this};
+  };
+
+  TEST_CASE("a read-only property still gives an accessor; a null owner is refused") {
+    gauge g;
+    CHECK(g.value_property->value() == 9);
+    CHECK_THROWS_AS(condition_property<&gauge::value>(nullptr), std::invalid_argument);
+  }
+}
+#endif
+// ---- end src/utilities/condition_property.hpp ----
 
 #endif  // ASYNC_UTILS_HPP_INCLUDED

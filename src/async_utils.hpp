@@ -42,3 +42,8 @@
 #include "primitives/event.hpp"
 #include "primitives/semaphore.hpp"
 #include "primitives/queue.hpp"
+
+// Utilities: the codestare.async_utils classes.
+#include "utilities/awaitable_predicate.hpp"
+#include "utilities/accessor.hpp"
+#include "utilities/condition_property.hpp"
