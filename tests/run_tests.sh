@@ -3,7 +3,7 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue cppcheck
+# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme cppcheck
 # Default: all of them but cppcheck (which `make check` runs).
 set -uo pipefail
 
@@ -14,7 +14,7 @@ CXX_CLANG=${CXX_CLANG:-clang++}
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue} "
+STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme} "
 UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
 
 passed=0
@@ -247,6 +247,33 @@ if want kqueue; then
   echo "== kqueue: syntax check against tests/kqueue_shim"
   check_job kqueue_gcc "g++ -fsyntax-only -DASYNC_UTILS_BACKEND_KQUEUE"
   check_job kqueue_clang "clang++ -fsyntax-only -DASYNC_UTILS_BACKEND_KQUEUE"
+fi
+
+count_lines() {  # count_lines LOG: a script's own "  ok"/"  FAIL" lines each count as one test
+  local ok bad
+  ok=$(grep -c '^  ok ' "$1")
+  bad=$(grep -c '^  FAIL ' "$1")
+  grep -E '^  (ok|FAIL) ' "$1"
+  passed=$((passed + ok))
+  failed=$((failed + bad))
+}
+
+if want compile_fail; then
+  echo "== compile_fail: misuse of condition_property must not compile, with a clear message"
+  for cxx in "$CXX_GCC" "$CXX_CLANG"; do
+    tests/compile_fail/run.sh "$cxx" >"$BUILD/compile_fail_${cxx##*/}.log" 2>&1
+    count_lines "$BUILD/compile_fail_${cxx##*/}.log"
+  done
+fi
+
+if want readme; then
+  echo "== readme: every example of README.md compiles, runs and prints what README says"
+  python3 tests/readme/run_examples.py >"$BUILD/readme.log" 2>&1
+  if grep -q '^readme: ' "$BUILD/readme.log"; then
+    count_lines "$BUILD/readme.log"
+  else
+    fail "README examples (the extractor failed)" 1 "$BUILD/readme.log"
+  fi
 fi
 
 if want cppcheck && [ -e "$BUILD/cppcheck.rc" ]; then
