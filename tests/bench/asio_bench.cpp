@@ -232,7 +232,7 @@ int main(int argc, char** argv) {
   const std::string w = argv[1];
   const long n = std::atol(argv[2]);
   asio::io_context ctx(1);
-  asio::thread_pool pool(1);
+  asio::thread_pool pool;  // default size, as asyncio and our default executor pick theirs
   std::optional<awaitable<void>> body;
   if (w == "W1") body.emplace(w1(n));
   else if (w == "W2") body.emplace(w2(n));
