@@ -34,3 +34,9 @@
 #include "runtime/shield.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
+
+// Utilities: the codestare.async_utils classes.
+#include "utilities/registry.hpp"
+#include "utilities/async_exit_stack.hpp"
+#include "utilities/async_exit_on_exc.hpp"
+#include "utilities/coroutine_wrapper.hpp"
