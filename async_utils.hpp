@@ -117,6 +117,21 @@
 //                                            a condition (codestare's accessor).
 //     src/utilities/condition_property.hpp   condition_property: the codestare decorator as a class
 //                                            member that behaves as an accessor.
+//     src/utilities/registry.hpp             registry<Derived>: codestare's RegistryMeta /
+//                                            Registry. A class lists its live instances, keyed by a
+//                                            member it names (or a default key), in
+//                                            Derived::registry().
+//     src/utilities/async_exit_stack.hpp     Async context managers: the concept,
+//                                            async_context(enter, exit), async_with(cm, body) for
+//                                            `async with`, and async_exit_stack
+//                                            (contextlib.AsyncExitStack).
+//     src/utilities/async_exit_on_exc.hpp    async_exit_on_exc(cm, task): exits an async context
+//                                            manager with the exception a task ended with
+//                                            (codestare's async_exit_on_exc), directly or as a done
+//                                            callback.
+//     src/utilities/coroutine_wrapper.hpp    coroutine_wrapper<R>: codestare's CoroutineWrapper, a
+//                                            base class that turns a class into a coroutine built
+//                                            from its own member coroutines.
 
 #if !defined(__INCLUDE_LEVEL__) || __INCLUDE_LEVEL__ > 0
 #pragma once
@@ -133,12 +148,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <exception>
 #include <fcntl.h>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
@@ -147,6 +164,7 @@
 #include <ostream>
 #include <ranges>
 #include <span>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -156,6 +174,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <unistd.h>
 #include <utility>
 #include <variant>
@@ -744,7 +763,6 @@ class wakeup_fd {
 
 #ifdef ASYNC_UTILS_TESTS
 #include <dirent.h>
-#include <sstream>
 
 namespace codestare::async_utils {
 template <class T>
@@ -6496,5 +6514,1857 @@ TEST_SUITE("condition_property") {
 }
 #endif
 // ---- end src/utilities/condition_property.hpp ----
+// ---- begin src/utilities/registry.hpp ----
+// registry<Derived>: codestare's RegistryMeta / Registry. A class lists its live instances,
+// keyed by a member it names (or a default key), in Derived::registry().
+
+#if defined(__cpp_rtti) || defined(__GXX_RTTI)
+#include <cxxabi.h>
+#endif
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// The name of T as __PRETTY_FUNCTION__ spells it (used where RTTI is off).
+template <class T>
+std::string_view pretty_type_name() noexcept {
+  std::string_view s = __PRETTY_FUNCTION__;
+  const std::size_t begin = s.find("T = ");
+  if (begin == std::string_view::npos) return s;
+  s.remove_prefix(begin + 4);
+  const std::size_t end = s.find_first_of(";]");
+  return end == std::string_view::npos ? s : s.substr(0, end);
+}
+
+#if defined(__cpp_rtti) || defined(__GXX_RTTI)
+inline std::string demangle(const std::type_info& type) {
+  int status = 0;
+  std::unique_ptr<char, void (*)(void*)> name(abi::__cxa_demangle(type.name(), nullptr, nullptr, &status), std::free);
+  return status == 0 && name ? std::string(name.get()) : std::string(type.name());
+}
+#endif
+
+/// The qualified name of T ("T" for a class T at global scope, "ns::T" in a namespace).
+template <class T>
+std::string type_name() {
+#if defined(__cpp_rtti) || defined(__GXX_RTTI)
+  return demangle(typeid(T));
+#else
+  return std::string(pretty_type_name<T>());
+#endif
+}
+
+/// The name of the dynamic type of `object` when T is polymorphic (and RTTI is on).
+template <class T>
+std::string dynamic_type_name(const T& object) {
+#if defined(__cpp_rtti) || defined(__GXX_RTTI)
+  if constexpr (std::is_polymorphic_v<T>) return demangle(typeid(object));
+#endif
+  (void)object;
+  return type_name<T>();
+}
+
+/// Python's repr of a str: single quotes, with backslashes, quotes and control characters escaped.
+inline std::string python_repr(std::string_view text) {
+  std::string out = "'";
+  for (char c : text) {
+    switch (c) {
+      case '\\': out += "\\\\"; break;
+      case '\'': out += "\\'"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          static const char hex[] = "0123456789abcdef";
+          out += "\\x";
+          out += hex[(c >> 4) & 0xf];
+          out += hex[c & 0xf];
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "'";
+}
+
+/// A registry key as a string: strings as they are, numbers via to_string, else operator<<.
+template <class K>
+std::string key_to_string(const K& key) {
+  if constexpr (std::is_convertible_v<const K&, std::string>) return std::string(key);
+  else if constexpr (std::is_convertible_v<const K&, std::string_view>) return std::string(std::string_view(key));
+  else if constexpr (std::is_arithmetic_v<K> && !std::is_same_v<K, bool> && !std::is_same_v<K, char>) return std::to_string(key);
+  else {
+    static_assert(requires(std::ostream& os) { os << key; }, "registry: the unique_key member must be a string, a number or printable with operator<<");
+    std::ostringstream os;
+    os << key;
+    return os.str();
+  }
+}
+
+}  // namespace detail
+
+/// Tag for a registered object that becomes visible only when its constructor calls publish()
+/// (see registered<Derived>: the thread-safe pattern for keys stored in the object).
+struct defer_registration_t {
+  explicit defer_registration_t() = default;
+};
+inline constexpr defer_registration_t defer_registration{};
+
+template <class Derived>
+class registered;
+
+/// What Derived::registry() returns: a std::map from key to instance (so it is used as one),
+/// which also remembers the creation order, for printing like the Python dict.
+template <class Derived>
+class registry_snapshot : public std::map<std::string, Derived*> {
+ public:
+  using map_type = std::map<std::string, Derived*>;
+  registry_snapshot() = default;
+
+  /// The keys in the order their first live instance was created (the dict's order).
+  const std::vector<std::string>& creation_order() const noexcept { return order_; }
+
+  /// `{'foo': T(name='foo'), 'bar': T(name='bar')}`: the Python dict repr, each instance
+  /// shown with its operator<< (or `<type object>` when it has none). The instances must be
+  /// alive when it is printed.
+  friend std::ostream& operator<<(std::ostream& os, const registry_snapshot& snapshot) {
+    os << '{';
+    bool first = true;
+    for (const std::string& key : snapshot.order_) {
+      auto it = snapshot.find(key);
+      if (it == snapshot.end()) continue;
+      if (!first) os << ", ";
+      first = false;
+      os << detail::python_repr(key) << ": ";
+      if (it->second == nullptr) {
+        os << "None";
+      } else if constexpr (requires(const Derived& d) { os << d; }) {
+        os << *it->second;
+      } else {
+        os << '<' << detail::dynamic_type_name(*it->second) << " object>";
+      }
+    }
+    return os << '}';
+  }
+  friend std::string to_string(const registry_snapshot& snapshot) {
+    std::ostringstream os;
+    os << snapshot;
+    return os.str();
+  }
+
+ private:
+  friend class registered<Derived>;
+  std::vector<std::string> order_;
+};
+
+/// codestare's RegistryMeta / Registry, as a CRTP base (usually spelled `registry<Derived>`):
+///
+///     struct T : registry<T> {
+///       std::string name;
+///       static constexpr auto unique_key = &T::name;  // optional: data member or member function,
+///     };                                              // declared before this line
+///     T::registry();  // {"foo": T*, ...}, a snapshot of the live instances
+///
+/// - Key: the member named by `Derived::unique_key` when Derived declares one, else the default
+///   key "<qualified type name>_<number of instances created before>" (the dynamic type when
+///   Derived is polymorphic). Keys are read when the registry is read, so a key computed by a
+///   member function may change; when live instances share a key, the most recent one is listed.
+/// - Instances of classes derived from Derived are listed in Derived::registry() as Derived*.
+/// - Instances leave the registry when destroyed (the original's weak references).
+/// - A copy (or a move) is a new instance: it registers itself with a new number. Assignment
+///   changes nothing in the registry (a key member that changes is read as it is).
+/// - Thread-safe: registry(), key_in_use() and (un)registration take one mutex per Derived.
+///   An instance is visible from its base constructor to its base destructor; if other threads
+///   read the registry while a key member of Derived is still being constructed or already
+///   destroyed, that read races. For keys stored in the object under concurrency, construct the
+///   base with `registry_base(defer_registration)`, call publish() (or publish_unique()) at the end of the
+///   constructor and withdraw() at the start of the destructor.
+template <class Derived>
+class registered {
+ public:
+  /// Names this base inside Derived, where `registry` means the static member function:
+  /// `careful(...) : registry_base(defer_registration) { ...; publish(); }`.
+  using registry_base = registered;
+
+  /// Mapping registry_key() -> instance, of the live (published) instances.
+  static registry_snapshot<Derived> registry() {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    registry_snapshot<Derived> snapshot;
+    for (const auto& [number, entry] : s.live) {
+      Derived* object = entry->self();
+      auto [it, inserted] = snapshot.try_emplace(entry->registry_key(), object);
+      if (inserted) snapshot.order_.push_back(it->first);
+      else it->second = object;  // the most recently created one wins, keeping the first position
+    }
+    return snapshot;
+  }
+
+  /// True when a live (published) instance currently has this key.
+  static bool key_in_use(const std::string& key) {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    for (const auto& [number, entry] : s.live)
+      if (entry->registry_key() == key) return true;
+    return false;
+  }
+
+  /// The key this instance is listed under (the original's __registry_key__).
+  std::string registry_key() const {
+    const Derived& self = *static_cast<const Derived*>(this);
+    if constexpr (requires { Derived::unique_key; }) {
+      static_assert(std::is_member_pointer_v<std::remove_cvref_t<decltype(Derived::unique_key)>>,
+                    "registry: unique_key must point at a member, e.g. `static constexpr auto unique_key = &T::name;`");
+      return detail::key_to_string(std::invoke(Derived::unique_key, self));
+    } else {
+      return default_key();
+    }
+  }
+  /// "<qualified type name>_<n>", n = the number of instances created before this one.
+  std::string default_key() const {
+    return detail::dynamic_type_name(*static_cast<const Derived*>(this)) + "_" + std::to_string(number_);
+  }
+  /// True while the instance is listed (false before publish() of a deferred one, after withdraw()).
+  bool is_registered() const {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    return listed_;
+  }
+
+ protected:
+  registered() : number_(next_number()) { publish(); }
+  /// Creates the instance unlisted; the constructor of Derived calls publish() when ready.
+  explicit registered(defer_registration_t) : number_(next_number()) {}
+  registered(const registered&) : registered() {}
+  registered(registered&&) : registered() {}
+  registered& operator=(const registered&) noexcept { return *this; }
+  registered& operator=(registered&&) noexcept { return *this; }
+  ~registered() { withdraw(); }
+
+  /// Lists this instance (idempotent).
+  void publish() {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    if (listed_) return;
+    s.live.emplace(number_, this);
+    listed_ = true;
+  }
+  /// Lists this instance unless a live instance has the same key: then throws
+  /// std::invalid_argument and leaves it unlisted. Check and insertion are one atomic step.
+  void publish_unique() {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    if (listed_) return;
+    const std::string key = registry_key();
+    for (const auto& [number, entry] : s.live)
+      if (entry->registry_key() == key) throw std::invalid_argument("registry: the key " + detail::python_repr(key) + " is already used by a live instance");
+    s.live.emplace(number_, this);
+    listed_ = true;
+  }
+  /// Removes this instance from the registry (idempotent; the destructor calls it).
+  void withdraw() noexcept {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    if (!listed_) return;
+    s.live.erase(number_);
+    listed_ = false;
+  }
+
+ private:
+  struct shared_state {
+    std::recursive_mutex mutex;  // recursive: a key function may read the registry itself
+    std::map<std::uint64_t, registered*> live;  // by creation number: the creation order
+    std::uint64_t created = 0;
+  };
+  static shared_state& state() {
+    static shared_state s;
+    return s;
+  }
+  static std::uint64_t next_number() {
+    auto& s = state();
+    std::lock_guard guard(s.mutex);
+    return s.created++;
+  }
+  Derived* self() noexcept { return static_cast<Derived*>(this); }
+
+  std::uint64_t number_;
+  bool listed_ = false;
+};
+
+/// The spelling of the SPEC: `struct item : registry<item>` (a class cannot be named like its
+/// own static member `registry()`, hence the alias).
+template <class Derived>
+using registry = registered<Derived>;
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+
+// Test types at namespace scope, so their qualified names are predictable.
+namespace registry_tests {
+using codestare::async_utils::registry;
+struct T : registry<T> {
+  std::string name;
+  static constexpr auto unique_key = &T::name;
+  explicit T(std::string n) : name(std::move(n)) {}
+  friend std::ostream& operator<<(std::ostream& os, const T& t) { return os << "T(name=" << codestare::async_utils::detail::python_repr(t.name) << ')'; }
+};
+struct plain : registry<plain> {};
+struct shape : registry<shape> {
+  virtual ~shape() = default;
+};
+struct circle : shape {};
+struct dynamic : registry<dynamic> {
+  int counter = 0;
+  std::string label() const { return "dyn-" + std::to_string(counter); }
+  static constexpr auto unique_key = &dynamic::label;
+};
+struct numbered : registry<numbered> {
+  int id;
+  static constexpr auto unique_key = &numbered::id;
+  explicit numbered(int i) : id(i) {}
+};
+/// The thread-safe pattern: published at the end of the constructor, withdrawn first thing.
+struct careful : registry<careful> {
+  std::string name;
+  static constexpr auto unique_key = &careful::name;
+  explicit careful(std::string n) : registry_base(codestare::async_utils::defer_registration), name(std::move(n)) { publish_unique(); }
+  ~careful() { withdraw(); }
+};
+}  // namespace registry_tests
+
+TEST_SUITE("registry") {
+  using namespace codestare::async_utils;
+  using namespace registry_tests;
+
+  TEST_CASE("the RegistryMeta example of the reference documentation") {
+    std::ostringstream out;
+    {
+      auto a = std::make_unique<T>("foo");
+      out << T::registry() << '\n';
+      out << T::registry() << '\n';  // gc.collect(): nothing to collect, `a` is alive
+      auto previous = std::exchange(a, std::make_unique<T>("bar"));
+      out << T::registry() << '\n';  // the REPL still holds the first one
+      previous.reset();              // gc.collect()
+      out << T::registry() << '\n';
+    }
+    CHECK(out.str() ==
+          "{'foo': T(name='foo')}\n"
+          "{'foo': T(name='foo')}\n"
+          "{'foo': T(name='foo'), 'bar': T(name='bar')}\n"
+          "{'bar': T(name='bar')}\n");
+    CHECK(T::registry().empty());
+    CHECK(to_string(T::registry()) == "{}");
+  }
+
+  TEST_CASE("a snapshot is a std::map of live instances") {
+    T x("x");
+    std::map<std::string, T*> m = T::registry();
+    CHECK(m == std::map<std::string, T*>{{"x", &x}});
+    CHECK(x.registry_key() == "x");
+    CHECK(T::key_in_use("x"));
+    CHECK_FALSE(T::key_in_use("y"));
+  }
+
+  TEST_CASE("default keys: qualified type name and number of instances created before") {
+    auto first = std::make_unique<plain>();
+    const std::string k = first->registry_key();
+    CHECK(k.rfind("registry_tests::plain_", 0) == 0);
+    const auto n = std::stoul(k.substr(std::string("registry_tests::plain_").size()));
+    plain second;
+    CHECK(second.registry_key() == "registry_tests::plain_" + std::to_string(n + 1));
+    CHECK(plain::registry().size() == 2);
+    first.reset();
+    auto r = plain::registry();
+    REQUIRE(r.size() == 1);
+    CHECK(r.begin()->second == &second);
+    CHECK(r.begin()->first == second.registry_key());
+    // No operator<<: the instance is shown by its type.
+    CHECK(to_string(r) == "{'" + second.registry_key() + "': <registry_tests::plain object>}");
+  }
+
+  TEST_CASE("instances of derived classes appear in the base registry, under their own type") {
+    shape s;
+    circle c;
+    auto r = shape::registry();
+    CHECK(r.size() == 2);
+    CHECK(r.at(c.registry_key()) == &c);
+    CHECK(c.registry_key().rfind("registry_tests::circle_", 0) == 0);
+    CHECK(s.registry_key().rfind("registry_tests::shape_", 0) == 0);
+    CHECK(circle::registry().size() == 2);  // the inherited registry is the base's
+  }
+
+  TEST_CASE("keys computed by a member function are read when the registry is read") {
+    dynamic d;
+    CHECK(dynamic::registry().count("dyn-0") == 1);
+    d.counter = 5;
+    auto r = dynamic::registry();
+    CHECK(r.count("dyn-0") == 0);
+    CHECK(r.at("dyn-5") == &d);
+    numbered a(1), b(2);
+    CHECK(numbered::registry().count("2") == 1);
+    b.id = 1;  // now both have the key "1": the most recently created one is listed
+    auto shared = numbered::registry();
+    CHECK(shared.size() == 1);
+    CHECK(shared.at("1") == &b);
+  }
+
+  TEST_CASE("copies and moves register as new instances; assignment changes nothing") {
+    T a("a");
+    T b = a;
+    b.name = "b";
+    T c = std::move(b);
+    c.name = "c";
+    b.name = "b";  // the moved-from object is still a live instance
+    auto r = T::registry();
+    CHECK(r.size() == 3);
+    CHECK(r.at("a") == &a);
+    CHECK(r.at("c") == &c);
+    CHECK(r.at("b") == &b);
+    plain p, q;
+    const std::string pk = p.registry_key();
+    p = q;
+    CHECK(p.registry_key() == pk);
+    CHECK(plain::registry().size() == 2);
+  }
+
+  TEST_CASE("publish_unique refuses a key in use and leaves nothing registered") {
+    careful a("one");
+    CHECK(a.is_registered());
+    try {
+      careful b("one");
+      FAIL("no exception");
+    } catch (const std::invalid_argument& e) {
+      CHECK(std::string(e.what()).find("'one'") != std::string::npos);
+    }
+    auto r = careful::registry();
+    CHECK(r.size() == 1);
+    CHECK(r.at("one") == &a);
+    careful c("two");
+    CHECK(careful::registry().size() == 2);
+  }
+
+  TEST_CASE("several threads create and destroy instances while another reads") {
+    std::atomic<bool> stop{false};
+    std::atomic<long> reads{0};
+    std::atomic<bool> bad{false};
+    std::thread reader([&] {
+      while (!stop) {
+        for (const auto& [key, ptr] : plain::registry())
+          if (key.rfind("registry_tests::plain_", 0) != 0 || ptr == nullptr) bad = true;
+        for (const auto& [key, ptr] : careful::registry())
+          if (key.rfind("w", 0) != 0 || ptr == nullptr) bad = true;
+        ++reads;
+      }
+    });
+    std::vector<std::thread> writers;
+    for (int w = 0; w < 4; ++w) {
+      writers.emplace_back([w] {
+        for (int i = 0; i < 300; ++i) {
+          plain p;
+          std::vector<plain> more(3);
+          careful c("w" + std::to_string(w) + "-" + std::to_string(i));
+        }
+      });
+    }
+    for (auto& t : writers) t.join();
+    while (reads < 3) std::this_thread::yield();
+    stop = true;
+    reader.join();
+    CHECK_FALSE(bad);
+    CHECK(plain::registry().empty());
+    CHECK(careful::registry().empty());
+  }
+
+  TEST_CASE("python_repr escapes like Python") {
+    CHECK(detail::python_repr("a'b\\c\n") == "'a\\'b\\\\c\\n'");
+  }
+}
+#endif
+// ---- end src/utilities/registry.hpp ----
+// ---- begin src/utilities/async_exit_stack.hpp ----
+// Async context managers: the concept, async_context(enter, exit), async_with(cm, body) for
+// `async with`, and async_exit_stack (contextlib.AsyncExitStack).
+
+
+// g++ flags the frames of these coroutine templates when they hold a lambda of an anonymous
+// namespace defined in a header (as the embedded tests do); the frames are internal.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+
+namespace codestare::async_utils {
+
+/// An async context manager: `aenter()` is awaitable (its result is what `async with cm as x`
+/// binds), `aexit(std::exception_ptr)` is awaitable and yields true to suppress the exception
+/// (null when the body ended normally). A void aexit counts as false.
+template <class CM>
+concept async_context_manager = requires(CM& cm, std::exception_ptr error) {
+  { cm.aenter() } -> awaitable;
+  { cm.aexit(error) } -> awaitable;
+};
+
+namespace detail {
+
+template <class T>
+struct awaited_or_value {
+  using type = T;
+};
+template <class T>
+  requires awaitable<T>
+struct awaited_or_value<T> {
+  using type = await_result_t<T>;
+};
+/// What fn(args...) yields, awaited when it is an awaitable.
+template <class F, class... Args>
+using call_await_t = typename awaited_or_value<std::invoke_result_t<F, Args...>>::type;
+
+/// A type a coroutine can return for T: lvalue references become std::reference_wrapper (the
+/// runtime has no coroutine<T&>), other types decay.
+template <class T>
+using storable_t = std::conditional_t<std::is_lvalue_reference_v<T>, std::reference_wrapper<std::remove_reference_t<T>>, std::remove_cvref_t<T>>;
+
+/// Calls fn(args...) and, if that returns an awaitable, awaits it. The references are used at
+/// once: await the result in the same expression.
+template <class R, class F, class... Args>
+coroutine<R> call_and_await(F& fn, Args&... args) {
+  if constexpr (awaitable<std::invoke_result_t<F&, Args&...>>) {
+    if constexpr (std::is_void_v<R>) co_await std::invoke(fn, args...);
+    else co_return co_await std::invoke(fn, args...);
+  } else {
+    if constexpr (std::is_void_v<R>) static_cast<void>(std::invoke(fn, args...));
+    else co_return std::invoke(fn, args...);
+  }
+}
+
+/// Runs an exit function fn(error) (or fn()): a bool, an awaitable of bool, or void (false).
+template <class F>
+coroutine<bool> call_exit(F& fn, std::exception_ptr error) {
+  if constexpr (std::is_invocable_v<F&, std::exception_ptr&>) {
+    using R = call_await_t<F&, std::exception_ptr&>;
+    if constexpr (std::is_void_v<R>) {
+      co_await call_and_await<void>(fn, error);
+      co_return false;
+    } else {
+      co_return static_cast<bool>(co_await call_and_await<storable_t<R>>(fn, error));
+    }
+  } else {
+    static_assert(std::is_invocable_v<F&>, "an exit function takes a std::exception_ptr (or nothing) and returns bool, void or an awaitable of them");
+    using R = call_await_t<F&>;
+    if constexpr (std::is_void_v<R>) {
+      co_await call_and_await<void>(fn);
+      co_return false;
+    } else {
+      co_return static_cast<bool>(co_await call_and_await<storable_t<R>>(fn));
+    }
+  }
+}
+
+/// cm.aexit(error) as a bool (a void aexit does not suppress).
+template <class CM>
+coroutine<bool> aexit_of(CM& cm, std::exception_ptr error) {
+  using R = await_result_t<decltype(cm.aexit(error))>;
+  if constexpr (std::is_void_v<R>) {
+    co_await cm.aexit(error);
+    co_return false;
+  } else {
+    co_return static_cast<bool>(co_await cm.aexit(error));
+  }
+}
+
+/// Awaitable that yields a reference at once (aenter of an exit stack yields the stack).
+template <class T>
+struct ready_ref {
+  T& value;
+  bool await_ready() const noexcept { return true; }
+  void await_suspend(std::coroutine_handle<>) const noexcept {}
+  T& await_resume() const noexcept { return value; }
+};
+
+/// If `raised` is exactly an E, rethrows a copy of it with the handled exception nested.
+template <class E>
+void throw_nested_if(const std::exception_ptr& raised) {
+  std::optional<E> copy;
+  try {
+    std::rethrow_exception(raised);
+  } catch (const E& e) {
+#if defined(__cpp_rtti) || defined(__GXX_RTTI)
+    if (typeid(e) == typeid(E)) copy.emplace(e);  // a subclass would be sliced: leave it alone
+#endif
+  } catch (...) {
+  }
+  if (copy) std::throw_with_nested(std::move(*copy));
+}
+
+/// Python's implicit exception chaining (__context__): `raised` with `context` nested, as
+/// std::throw_with_nested would have made it inside a `catch` of `context`. Exceptions of the
+/// standard and library types are chained; another type is returned unchanged and the context
+/// is logged, since C++ cannot add a base class to an exception that already exists.
+inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
+  if (!raised || !context || raised == context) return raised;
+  try {
+    std::rethrow_exception(context);
+  } catch (...) {
+    try {
+      throw_nested_if<cancelled_error>(raised);
+      throw_nested_if<timeout_error>(raised);
+      throw_nested_if<invalid_state_error>(raised);
+      throw_nested_if<queue_empty>(raised);
+      throw_nested_if<queue_full>(raised);
+      throw_nested_if<std::invalid_argument>(raised);
+      throw_nested_if<std::domain_error>(raised);
+      throw_nested_if<std::length_error>(raised);
+      throw_nested_if<std::out_of_range>(raised);
+      throw_nested_if<std::logic_error>(raised);
+      throw_nested_if<std::range_error>(raised);
+      throw_nested_if<std::overflow_error>(raised);
+      throw_nested_if<std::underflow_error>(raised);
+      throw_nested_if<std::runtime_error>(raised);
+      throw_nested_if<std::bad_alloc>(raised);
+      throw_nested_if<std::exception>(raised);
+    } catch (...) {
+      return std::current_exception();
+    }
+  }
+  try {
+    log(log_level::warning, "an exception (" + describe(context) + ") was replaced by another one (" + describe(raised) +
+                                ") whose type cannot carry it nested");
+  } catch (...) {
+  }
+  return raised;
+}
+
+template <class F>
+coroutine<bool> held_exit(std::shared_ptr<F> fn, std::exception_ptr error) {
+  co_return co_await call_exit(*fn, std::move(error));
+}
+template <class P>
+coroutine<bool> held_aexit(P cm, std::exception_ptr error) {
+  co_return co_await aexit_of(*cm, std::move(error));
+}
+template <class F>
+coroutine<bool> held_callback(std::shared_ptr<F> fn) {
+  co_await call_and_await<void>(*fn);
+  co_return false;
+}
+template <class T>
+coroutine<bool> release_resource(std::shared_ptr<T> resource) {
+  resource.reset();  // destroyed now, in its place in the LIFO order
+  co_return false;
+}
+
+template <class T>
+struct is_shared_ptr : std::false_type {};
+template <class T>
+struct is_shared_ptr<std::shared_ptr<T>> : std::true_type {};
+template <class T>
+struct is_unique_ptr : std::false_type {};
+template <class T, class D>
+struct is_unique_ptr<std::unique_ptr<T, D>> : std::true_type {};
+
+/// The context manager behind `cm` as passed to enter_async_context: itself or the pointee.
+template <class CM>
+struct managed {
+  using type = std::remove_cvref_t<CM>;
+};
+template <class CM>
+  requires is_shared_ptr<std::remove_cvref_t<CM>>::value || is_unique_ptr<std::remove_cvref_t<CM>>::value
+struct managed<CM> {
+  using type = typename std::remove_cvref_t<CM>::element_type;
+};
+template <class CM>
+using managed_t = typename managed<CM>::type;
+
+/// What enter_async_context(cm) yields: aenter's result (references as std::reference_wrapper).
+template <class CM>
+using entered_t = await_result_t<decltype(std::declval<CM&>().aenter())>;
+
+}  // namespace detail
+
+/// contextlib.AsyncExitStack: exit callbacks and entered async context managers, unwound LIFO
+/// by aclose() or at the end of `async_with(stack, ...)`.
+///
+/// Unwinding: every callback runs, in reverse order of registration, even when one throws; a
+/// callback sees the exception pending at that point (the body's, or one raised by a later
+/// registered callback) and may suppress it by returning true. If a callback raised, the last
+/// raised exception leaves aexit() with the earlier pending one nested (std::nested_exception,
+/// Python's __context__); aexit() returns true when it received an exception and a callback
+/// suppressed one. Movable (move construction only), not copyable. Destroying a stack with
+/// callbacks pending does not run them (as in Python) and logs a warning.
+class async_exit_stack {
+ public:
+  /// The erased form of every registered callback: called once with the pending exception.
+  using exit_callback = std::function<coroutine<bool>(std::exception_ptr)>;
+
+  async_exit_stack() = default;
+  async_exit_stack(async_exit_stack&& other) noexcept : exits_(std::exchange(other.exits_, {})) {}
+  async_exit_stack(const async_exit_stack&) = delete;  // the callbacks must run once
+  async_exit_stack& operator=(const async_exit_stack&) = delete;
+  async_exit_stack& operator=(async_exit_stack&&) = delete;  // would drop pending callbacks
+  ~async_exit_stack() {
+    if (!exits_.empty()) {
+      try {
+        log(log_level::warning, "async_exit_stack destroyed with " + std::to_string(exits_.size()) +
+                                    " exit callback(s) that never ran: call aclose() or use async_with()");
+      } catch (...) {
+      }
+    }
+  }
+
+  /// Enters `cm` and registers its aexit; yields aenter's result (a reference comes as
+  /// std::reference_wrapper). An lvalue is used by reference (it must outlive the stack's
+  /// unwinding); an rvalue, std::unique_ptr or std::shared_ptr is owned by the stack until its
+  /// aexit has run. If aenter throws, nothing is registered.
+  template <class CM>
+  auto enter_async_context(CM&& cm) {
+    using M = detail::managed_t<CM>;
+    static_assert(async_context_manager<M>, "enter_async_context needs an async context manager: aenter() and aexit(std::exception_ptr)");
+    using raw = std::remove_cvref_t<CM>;
+    if constexpr (detail::is_shared_ptr<raw>::value) {
+      if (!cm) throw std::invalid_argument("enter_async_context: null pointer");
+      return enter_held<M>(std::shared_ptr<M>(cm));
+    } else if constexpr (detail::is_unique_ptr<raw>::value) {
+      static_assert(std::is_rvalue_reference_v<CM&&>, "enter_async_context: move the std::unique_ptr in (the stack takes ownership)");
+      if (!cm) throw std::invalid_argument("enter_async_context: null pointer");
+      return enter_held<M>(std::shared_ptr<M>(std::move(cm)));
+    } else if constexpr (std::is_lvalue_reference_v<CM>) {
+      return enter_held<M>(&cm);
+    } else {
+      return enter_held<M>(std::make_shared<M>(std::move(cm)));
+    }
+  }
+
+  /// Takes ownership of an object (an RAII guard, such as a lock's scoped guard) and destroys
+  /// it in its place in the LIFO unwinding. Returns the owned object.
+  template <class T>
+  std::remove_cvref_t<T>& enter_context(T&& resource) {
+    auto held = std::make_shared<std::remove_cvref_t<T>>(std::forward<T>(resource));
+    auto& ref = *held;
+    exits_.push_back([held](std::exception_ptr) mutable { return detail::release_resource(std::move(held)); });
+    return ref;
+  }
+
+  /// Registers an exit function `fn(std::exception_ptr)` returning an awaitable of bool (or
+  /// bool, or void = false), or the aexit of an async context manager that is not entered
+  /// (an lvalue by reference, an rvalue owned).
+  template <class F>
+  void push_async_exit(F&& exit) {
+    using raw = std::remove_cvref_t<F>;
+    if constexpr (async_context_manager<raw>) {
+      if constexpr (std::is_lvalue_reference_v<F>) {
+        raw* cm = &exit;
+        exits_.push_back([cm](std::exception_ptr error) { return detail::held_aexit(cm, std::move(error)); });
+      } else {
+        auto cm = std::make_shared<raw>(std::move(exit));
+        exits_.push_back([cm](std::exception_ptr error) { return detail::held_aexit(cm, std::move(error)); });
+      }
+    } else {
+      push_exit_function(std::forward<F>(exit));
+    }
+  }
+
+  /// ExitStack.push: a synchronous exit function `fn(std::exception_ptr) -> bool` (or void).
+  template <class F>
+  void push(F&& exit) {
+    using raw = std::remove_cvref_t<F>;
+    if constexpr (std::is_invocable_v<raw&, std::exception_ptr&>)
+      static_assert(!awaitable<std::invoke_result_t<raw&, std::exception_ptr&>>, "push() takes a synchronous exit function: use push_async_exit() for one returning an awaitable");
+    push_exit_function(std::forward<F>(exit));
+  }
+
+  /// Registers `fn(args...)` (an async callback: its awaitable result is awaited); the arguments
+  /// are stored by value. It never suppresses an exception.
+  template <class F, class... Args>
+  void push_async_callback(F&& fn, Args&&... args) {
+    using B = decltype(std::bind_front(std::forward<F>(fn), std::forward<Args>(args)...));
+    auto bound = std::make_shared<B>(std::bind_front(std::forward<F>(fn), std::forward<Args>(args)...));
+    exits_.push_back([bound](std::exception_ptr) { return detail::held_callback(bound); });
+  }
+
+  /// ExitStack.callback: registers a synchronous `fn(args...)`, arguments stored by value.
+  template <class F, class... Args>
+  void callback(F&& fn, Args&&... args) {
+    static_assert(!awaitable<std::invoke_result_t<std::decay_t<F>&, std::decay_t<Args>&...>>,
+                  "callback() is for synchronous functions: use push_async_callback() for one returning an awaitable");
+    push_async_callback(std::forward<F>(fn), std::forward<Args>(args)...);
+  }
+
+  /// Moves every registered callback to a new stack, leaving this one empty.
+  async_exit_stack pop_all() noexcept {
+    async_exit_stack moved;
+    moved.exits_ = std::exchange(exits_, {});
+    return moved;
+  }
+
+  /// Unwinds the stack (aexit without an exception).
+  coroutine<void> aclose() { co_await aexit(nullptr); }
+
+  /// `async with stack as s` binds the stack itself.
+  detail::ready_ref<async_exit_stack> aenter() noexcept { return {*this}; }
+
+  /// Runs every callback, LIFO, as described on the class.
+  coroutine<bool> aexit(std::exception_ptr error) {
+    const bool received = error != nullptr;
+    bool suppressed = false;
+    bool pending_raise = false;
+    std::exception_ptr pending = std::move(error);
+    while (!exits_.empty()) {  // callbacks registered while unwinding run too
+      exit_callback cb = std::move(exits_.back());
+      exits_.pop_back();
+      std::exception_ptr raised;
+      try {
+        if (co_await cb(pending)) {
+          suppressed = true;
+          pending_raise = false;
+          pending = nullptr;
+        }
+      } catch (...) {
+        raised = std::current_exception();
+      }
+      if (raised) {
+        pending = detail::chain_exceptions(raised, pending);
+        pending_raise = true;
+      }
+    }
+    if (pending_raise) std::rethrow_exception(pending);
+    co_return received && suppressed;
+  }
+
+  /// Number of callbacks waiting to run.
+  std::size_t size() const noexcept { return exits_.size(); }
+  bool empty() const noexcept { return exits_.empty(); }
+
+ private:
+  template <class M, class P>
+  coroutine<detail::storable_t<detail::entered_t<M>>> enter_held(P cm) {
+    using E = detail::entered_t<M>;
+    exits_.reserve(exits_.size() + 1);  // registering cannot fail once entered
+    if constexpr (std::is_void_v<E>) {
+      co_await cm->aenter();
+      exits_.push_back([cm](std::exception_ptr error) { return detail::held_aexit(cm, std::move(error)); });
+    } else {
+      auto&& entered = co_await cm->aenter();
+      exits_.push_back([cm](std::exception_ptr error) { return detail::held_aexit(cm, std::move(error)); });
+      if constexpr (std::is_lvalue_reference_v<E>) co_return std::ref(entered);
+      else co_return std::move(entered);
+    }
+  }
+
+  template <class F>
+  void push_exit_function(F&& exit) {
+    using raw = std::remove_cvref_t<F>;
+    static_assert(std::is_invocable_v<raw&, std::exception_ptr&> || std::is_invocable_v<raw&>,
+                  "an exit function takes a std::exception_ptr and returns bool, void or an awaitable of them");
+    auto fn = std::make_shared<raw>(std::forward<F>(exit));
+    exits_.push_back([fn](std::exception_ptr error) { return detail::held_exit(fn, std::move(error)); });
+  }
+
+  std::vector<exit_callback> exits_;
+};
+
+/// An async context manager made of two callables: `enter()` (its result, awaited when it is an
+/// awaitable, is what async_with binds) and `exit(std::exception_ptr)` (or `exit()`) returning
+/// bool, void or an awaitable of them. The object must outlive the awaits of aenter/aexit.
+template <class Enter, class Exit>
+class callable_async_context {
+ public:
+  callable_async_context(Enter enter, Exit exit) : enter_(std::move(enter)), exit_(std::move(exit)) {}
+  auto aenter() { return detail::call_and_await<detail::storable_t<detail::call_await_t<Enter&>>>(enter_); }
+  coroutine<bool> aexit(std::exception_ptr error) { return detail::call_exit(exit_, std::move(error)); }
+
+ private:
+  Enter enter_;
+  Exit exit_;
+};
+
+/// Builds an async context manager from `enter()` and `exit(std::exception_ptr)`
+/// (contextlib.asynccontextmanager, without generators).
+template <class Enter, class Exit>
+callable_async_context<std::decay_t<Enter>, std::decay_t<Exit>> async_context(Enter&& enter, Exit&& exit) {
+  return {std::forward<Enter>(enter), std::forward<Exit>(exit)};
+}
+
+namespace detail {
+
+/// What body(entered) (or body()) yields, awaited, as async_with stores it; void stays void.
+template <class Body, class E>
+struct with_body {
+  using type = storable_t<call_await_t<Body&, E&>>;
+};
+template <class Body, class E>
+  requires(!std::is_invocable_v<Body&, E&>)
+struct with_body<Body, E> {
+  using type = storable_t<call_await_t<Body&>>;
+};
+template <class Body>
+struct with_body<Body, void> {
+  using type = storable_t<call_await_t<Body&>>;
+};
+template <class Body, class E>
+using with_body_t = typename with_body<Body, E>::type;
+
+template <class V>
+using with_result_t = std::conditional_t<std::is_void_v<V>, void, std::optional<V>>;
+
+/// Runs the body, catching whatever it throws into `error`.
+template <class V, class Body, class... E>
+coroutine<void> run_with_body(Body& body, std::exception_ptr& error, std::optional<std::conditional_t<std::is_void_v<V>, int, V>>& value, E&... entered) {
+  try {
+    if constexpr (std::is_invocable_v<Body&, E&...>) {
+      if constexpr (std::is_void_v<V>) co_await call_and_await<void>(body, entered...);
+      else value.emplace(co_await call_and_await<V>(body, entered...));
+    } else {
+      if constexpr (std::is_void_v<V>) co_await call_and_await<void>(body);
+      else value.emplace(co_await call_and_await<V>(body));
+    }
+  } catch (...) {
+    error = std::current_exception();
+  }
+}
+
+template <class CM, class Body>
+coroutine<with_result_t<with_body_t<Body, entered_t<std::remove_reference_t<CM>>>>> async_with_impl(CM cm, Body body) {
+  using E = entered_t<std::remove_reference_t<CM>>;
+  using V = with_body_t<Body, E>;
+  std::exception_ptr error;
+  std::optional<std::conditional_t<std::is_void_v<V>, int, V>> value;
+  if constexpr (std::is_void_v<E>) {
+    co_await cm.aenter();
+    co_await run_with_body<V>(body, error, value);
+  } else {
+    auto&& entered = co_await cm.aenter();
+    co_await run_with_body<V>(body, error, value, entered);
+  }
+  bool suppress = false;
+  std::exception_ptr exit_error;
+  try {
+    suppress = co_await aexit_of(cm, error);
+  } catch (...) {
+    exit_error = std::current_exception();
+  }
+  if (exit_error) std::rethrow_exception(chain_exceptions(exit_error, error));
+  if (error && !suppress) std::rethrow_exception(error);
+  if constexpr (!std::is_void_v<V>) co_return error ? std::nullopt : std::move(value);
+}
+
+}  // namespace detail
+
+/// `async with cm as x: body`: awaits cm.aenter(), then body(x) (or body() — its result is
+/// awaited when it is an awaitable), then cm.aexit(the body's exception or null). An exception
+/// is rethrown unless aexit returned true; an exception from aexit itself propagates with the
+/// body's nested. Yields void for a void body, else std::optional of the body's result, empty
+/// when an exception was suppressed. An lvalue `cm` is used by reference, an rvalue is moved
+/// into the returned coroutine.
+template <class CM, class Body>
+auto async_with(CM&& cm, Body body) {
+  static_assert(async_context_manager<std::remove_cvref_t<CM>>, "async_with needs an async context manager: aenter() and aexit(std::exception_ptr)");
+  return detail::async_with_impl<CM, Body>(std::forward<CM>(cm), std::move(body));
+}
+
+}  // namespace codestare::async_utils
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("async_exit_stack") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  /// Records its enter and exit in a shared journal; suppresses when told to.
+  struct recorder {
+    std::vector<std::string>* journal;
+    std::string name;
+    bool suppress = false;
+    recorder(std::vector<std::string>* j, std::string n) : journal(j), name(std::move(n)) {}
+    coroutine<std::string> aenter() {
+      co_await sleep(0s);
+      journal->push_back("enter " + name);
+      co_return name;
+    }
+    coroutine<bool> aexit(std::exception_ptr error) {
+      co_await sleep(0s);
+      journal->push_back("exit " + name + (error ? " with " + describe(error) : ""));
+      co_return suppress;
+    }
+  };
+
+  /// The what() of an exception and of every exception nested in it, outermost first.
+  std::vector<std::string> chain_of(std::exception_ptr error) {
+    std::vector<std::string> out;
+    while (error) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& e) {
+        out.push_back(e.what());
+        auto* nested = dynamic_cast<const std::nested_exception*>(&e);
+        error = nested ? nested->nested_ptr() : nullptr;
+      } catch (...) {
+        out.push_back("?");
+        error = nullptr;
+      }
+    }
+    return out;
+  }
+
+  TEST_CASE("async_with enters, runs the body, exits, and returns the body's result") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      recorder cm(&journal, "a");
+      auto result = co_await async_with(cm, [&](std::string& as) -> coroutine<int> {
+        journal.push_back("body " + as);
+        co_return 7;
+      });
+      REQUIRE(result.has_value());
+      CHECK(*result == 7);
+      CHECK(journal == std::vector<std::string>{"enter a", "body a", "exit a"});
+      // A plain (not awaitable) body, and a void one, and one that ignores the entered value.
+      auto plain = co_await async_with(recorder(&journal, "b"), [](const std::string& as) { return as + "!"; });
+      CHECK(plain == std::optional<std::string>("b!"));
+      co_await async_with(cm, [&] { journal.push_back("void body"); });
+      CHECK(journal.back() == "exit a");
+    }());
+  }
+
+  TEST_CASE("async_with: exceptions are passed to aexit, rethrown or suppressed") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      recorder cm(&journal, "a");
+      try {
+        co_await async_with(cm, [](std::string&) -> coroutine<int> {
+          throw std::out_of_range("body failed");
+          co_return 1;
+        });
+        FAIL("no exception");
+      } catch (const std::out_of_range& e) {
+        CHECK(std::string(e.what()) == "body failed");
+      }
+      CHECK(journal.back() == "exit a with body failed");
+      cm.suppress = true;
+      auto result = co_await async_with(cm, [](std::string&) -> int { throw std::runtime_error("hidden"); });
+      CHECK_FALSE(result.has_value());
+      CHECK(journal.back() == "exit a with hidden");
+      // Without an exception the return value of aexit does not matter.
+      auto fine = co_await async_with(cm, [](std::string&) { return 3; });
+      CHECK(fine == std::optional<int>(3));
+    }());
+  }
+
+  TEST_CASE("async_with: an exception from aexit propagates with the body's nested") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto cm = async_context([] { return 1; }, [](std::exception_ptr) -> bool { throw std::logic_error("exit failed"); });
+      try {
+        co_await async_with(cm, [](int) { throw std::invalid_argument("body failed"); });
+        FAIL("no exception");
+      } catch (const std::logic_error& e) {
+        CHECK(chain_of(std::current_exception()) == std::vector<std::string>{"exit failed", "body failed"});
+      }
+      try {
+        co_await async_with(cm, [](int) {});
+        FAIL("no exception");
+      } catch (const std::logic_error& e) {
+        CHECK(chain_of(std::current_exception()) == std::vector<std::string>{"exit failed"});
+      }
+    }());
+  }
+
+  TEST_CASE("async_context builds a context manager from two callables") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      auto cm = async_context(
+          [&]() -> coroutine<int> {
+            journal.push_back("enter");
+            co_return 5;
+          },
+          [&](std::exception_ptr error) -> coroutine<bool> {
+            journal.push_back(error ? "exit " + describe(error) : "exit");
+            co_return true;
+          });
+      static_assert(async_context_manager<decltype(cm)>);
+      auto r = co_await async_with(cm, [](int v) { return v * 2; });
+      CHECK(r == std::optional<int>(10));
+      auto s = co_await async_with(cm, [](int) -> int { throw std::runtime_error("x"); });
+      CHECK_FALSE(s);
+      CHECK(journal == std::vector<std::string>{"enter", "exit", "enter", "exit x"});
+      // Plain enter and exit functions; a void exit never suppresses; enter may return void.
+      auto plain = async_context([] {}, [&] { journal.push_back("plain exit"); });
+      try {
+        co_await async_with(plain, [] { throw std::runtime_error("kept"); });
+        FAIL("no exception");
+      } catch (const std::runtime_error& e) {
+        CHECK(std::string(e.what()) == "kept");
+      }
+      CHECK(journal.back() == "plain exit");
+    }());
+  }
+
+  TEST_CASE("exit stack: LIFO order of every kind of callback") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      recorder a(&journal, "a");
+      {
+        async_exit_stack stack;
+        std::string as = co_await stack.enter_async_context(a);
+        CHECK(as == "a");
+        stack.callback([&](int n) { journal.push_back("callback " + std::to_string(n)); }, 1);
+        stack.push_async_callback([&](std::string s) -> coroutine<void> {
+          co_await sleep(0s);
+          journal.push_back("async callback " + s);
+        }, std::string("x"));
+        stack.push([&](std::exception_ptr e) {
+          journal.push_back(e ? "push with error" : "push");
+          return false;
+        });
+        stack.push_async_exit([&](std::exception_ptr) -> coroutine<bool> {
+          journal.push_back("async exit");
+          co_return false;
+        });
+        auto owned = co_await stack.enter_async_context(recorder(&journal, "owned"));
+        CHECK(owned == "owned");
+        stack.push_async_exit(recorder(&journal, "not entered"));
+        struct guard {
+          std::vector<std::string>* journal;
+          bool moved = false;
+          guard(std::vector<std::string>* j) : journal(j) {}
+          guard(guard&& o) noexcept : journal(o.journal) { o.moved = true; }
+          ~guard() {
+            if (!moved) journal->push_back("guard destroyed");
+          }
+        };
+        stack.enter_context(guard(&journal));
+        CHECK(stack.size() == 8);
+        journal.push_back("body");
+        co_await stack.aclose();
+        CHECK(stack.empty());
+      }
+      CHECK(journal == std::vector<std::string>{"enter a", "enter owned", "body", "guard destroyed", "exit not entered", "exit owned",
+                                                "async exit", "push", "async callback x", "callback 1", "exit a"});
+    }());
+  }
+
+  TEST_CASE("exit stack: owned context managers by unique_ptr and shared_ptr, entered stacks") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      auto shared = std::make_shared<recorder>(recorder(&journal, "shared"));
+      co_await async_with(async_exit_stack(), [&](async_exit_stack& stack) -> coroutine<void> {
+        co_await stack.enter_async_context(std::make_unique<recorder>(recorder(&journal, "unique")));
+        co_await stack.enter_async_context(shared);
+        async_exit_stack& inner = co_await stack.enter_async_context(async_exit_stack());
+        inner.callback([&] { journal.push_back("inner callback"); });
+        CHECK(shared.use_count() == 2);
+      });
+      CHECK(shared.use_count() == 1);
+      CHECK(journal == std::vector<std::string>{"enter unique", "enter shared", "inner callback", "exit shared", "exit unique"});
+      async_exit_stack stack;
+      try {
+        co_await stack.enter_async_context(std::shared_ptr<recorder>());
+        FAIL("no exception");
+      } catch (const std::invalid_argument&) {
+      }
+      CHECK(stack.empty());
+    }());
+  }
+
+  TEST_CASE("exit stack: a failing aenter registers nothing") {
+    testing::run_bounded([]() -> coroutine<void> {
+      async_exit_stack stack;
+      bool exited = false;
+      auto bad = async_context([]() -> int { throw std::runtime_error("cannot enter"); }, [&] { exited = true; });
+      try {
+        co_await stack.enter_async_context(bad);
+        FAIL("no exception");
+      } catch (const std::runtime_error&) {
+      }
+      CHECK(stack.empty());
+      co_await stack.aclose();
+      CHECK_FALSE(exited);
+    }());
+  }
+
+  TEST_CASE("exit stack: suppression follows contextlib") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      // The inner (later) exit suppresses: the outer one then sees no exception.
+      co_await async_with(async_exit_stack(), [&](async_exit_stack& stack) -> coroutine<void> {
+        stack.push([&](std::exception_ptr e) {
+          journal.push_back(e ? "outer saw " + describe(e) : "outer saw nothing");
+          return false;
+        });
+        stack.push([&](std::exception_ptr e) {
+          journal.push_back(e ? "inner saw " + describe(e) : "inner saw nothing");
+          return true;
+        });
+        throw std::runtime_error("boom");
+        co_return;
+      });
+      CHECK(journal == std::vector<std::string>{"inner saw boom", "outer saw nothing"});
+      // aexit reports suppression only when it received an exception.
+      async_exit_stack stack;
+      stack.push([](std::exception_ptr) { return true; });
+      CHECK_FALSE(co_await stack.aexit(nullptr));
+      stack.push([](std::exception_ptr) { return true; });
+      CHECK(co_await stack.aexit(std::make_exception_ptr(std::runtime_error("x"))));
+      stack.push([](std::exception_ptr) { return false; });
+      CHECK_FALSE(co_await stack.aexit(std::make_exception_ptr(std::runtime_error("x"))));
+    }());
+  }
+
+  TEST_CASE("exit stack: errors in callbacks run the rest and propagate nested") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> seen;
+      async_exit_stack stack;
+      stack.callback([&] { seen.push_back("first registered, last run"); });
+      stack.push_async_exit([&](std::exception_ptr e) -> coroutine<bool> {
+        seen.push_back("saw " + describe(e));
+        throw std::invalid_argument("second");
+        co_return false;
+      });
+      stack.callback([&] {
+        seen.push_back("third");
+        throw std::out_of_range("third");
+      });
+      try {
+        co_await stack.aexit(std::make_exception_ptr(std::runtime_error("body")));
+        FAIL("no exception");
+      } catch (const std::invalid_argument&) {
+        CHECK(chain_of(std::current_exception()) == std::vector<std::string>{"second", "third", "body"});
+      }
+      CHECK(seen == std::vector<std::string>{"third", "saw third", "first registered, last run"});
+      // A later callback may suppress an exception raised by an earlier-run one.
+      stack.push([](std::exception_ptr e) { return e != nullptr; });
+      stack.callback([] { throw std::runtime_error("swallowed"); });
+      CHECK_FALSE(co_await stack.aexit(nullptr));
+      // A callback rethrowing the pending exception does not nest it in itself.
+      stack.push([](std::exception_ptr e) {
+        if (e) std::rethrow_exception(e);
+        return false;
+      });
+      try {
+        co_await stack.aexit(std::make_exception_ptr(std::domain_error("same")));
+        FAIL("no exception");
+      } catch (const std::domain_error&) {
+        CHECK(chain_of(std::current_exception()) == std::vector<std::string>{"same"});
+      }
+    }());
+  }
+
+  TEST_CASE("exit stack: an exception of a user type is kept as it is, the context logged") {
+    struct custom_error : std::runtime_error {
+      using std::runtime_error::runtime_error;
+    };
+    testing::log_capture log;
+    testing::run_bounded([]() -> coroutine<void> {
+      async_exit_stack stack;
+      stack.callback([] { throw custom_error("custom"); });
+      try {
+        co_await stack.aexit(std::make_exception_ptr(std::runtime_error("body")));
+        FAIL("no exception");
+      } catch (const custom_error&) {
+        CHECK(chain_of(std::current_exception()) == std::vector<std::string>{"custom"});
+      }
+    }());
+    CHECK(log.text().find("(body) was replaced by another one (custom)") != std::string::npos);
+  }
+
+  TEST_CASE("exit stack: pop_all moves the callbacks; callbacks added while unwinding run") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      std::optional<async_exit_stack> kept;
+      {
+        async_exit_stack stack;
+        stack.callback([&] { journal.push_back("moved callback"); });
+        kept.emplace(stack.pop_all());
+        CHECK(stack.empty());
+        co_await stack.aclose();
+        CHECK(journal.empty());
+      }
+      CHECK(kept->size() == 1);
+      kept->callback([&] {
+        journal.push_back("outer");
+        kept->callback([&] { journal.push_back("added while unwinding"); });
+      });
+      co_await kept->aclose();
+      CHECK(journal == std::vector<std::string>{"outer", "added while unwinding", "moved callback"});
+    }());
+  }
+
+  TEST_CASE("exit stack: cancellation reaches the callbacks as cancelled_error") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::string seen;
+      auto body = [&]() -> coroutine<void> {
+        co_await async_with(async_exit_stack(), [&](async_exit_stack& stack) -> coroutine<void> {
+          stack.push([&](std::exception_ptr e) {
+            seen = describe(e);
+            return false;
+          });
+          co_await sleep(1h);
+        });
+      };
+      auto t = create_task(body());
+      co_await sleep(0s);
+      t.cancel("stop");
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK(seen == "cancelled_error: stop");
+    }());
+  }
+
+  TEST_CASE("exit stack: destroyed with callbacks pending logs, never runs them") {
+    testing::log_capture log;
+    bool ran = false;
+    {
+      async_exit_stack stack;
+      stack.callback([&] { ran = true; });
+    }
+    CHECK_FALSE(ran);
+    CHECK(log.text().find("never ran") != std::string::npos);
+    static_assert(!std::is_copy_constructible_v<async_exit_stack>);
+    static_assert(std::is_move_constructible_v<async_exit_stack>);
+  }
+}
+#endif
+// ---- end src/utilities/async_exit_stack.hpp ----
+// ---- begin src/utilities/async_exit_on_exc.hpp ----
+// async_exit_on_exc(cm, task): exits an async context manager with the exception a task ended
+// with (codestare's async_exit_on_exc), directly or as a done callback.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// The exception `t` ended with, null when it returned or was cancelled; throws
+/// invalid_state_error while it is pending. Marks the outcome as retrieved.
+template <class Task>
+std::exception_ptr failure_of(const Task& t) {
+  if (!t.done()) throw invalid_state_error("async_exit_on_exc: the task is not done yet");
+  if (t.cancelled()) return nullptr;
+  std::exception_ptr error = t.exception();
+  if (!error) return nullptr;
+  try {
+    std::rethrow_exception(error);
+  } catch (const cancelled_error&) {
+    return nullptr;  // a task that raised cancelled_error itself ended cancelled
+  } catch (...) {
+  }
+  return error;
+}
+
+/// What async_exit_on_exc(cm) returns: a done callback for any kind of task or future.
+template <class CM>
+struct exit_on_exc_callback {
+  CM* cm;
+  event_loop* loop;
+  template <class Task>
+  void operator()(const Task& t) const;
+};
+
+}  // namespace detail
+
+/// If `t` (a task or future, done) ended with an exception other than cancelled_error,
+/// schedules `cm.aexit(that exception)` as a task on `loop` (the running loop by default) and
+/// returns that task; else returns nothing. `cm` must outlive the scheduled exit. A task still
+/// pending is refused with invalid_state_error (Python would exit `cm` with that error).
+template <class CM, class Task>
+auto async_exit_on_exc(CM& cm, const Task& t, event_loop* loop = nullptr) {
+  static_assert(async_context_manager<CM>, "async_exit_on_exc needs an async context manager: aenter() and aexit(std::exception_ptr)");
+  using exit_task = decltype(std::declval<event_loop&>().create_task(cm.aexit(std::exception_ptr())));
+  std::optional<exit_task> scheduled;
+  if (std::exception_ptr error = detail::failure_of(t)) {
+    event_loop& target = loop ? *loop : event_loop::current();
+    scheduled.emplace(target.create_task(cm.aexit(error), "async_exit_on_exc"));
+  }
+  return scheduled;
+}
+
+/// The done-callback form: `t.add_done_callback(async_exit_on_exc(cm))` (for any_task, task<T>
+/// and future<T> alike). Holds `cm` by reference; the loop defaults to the task's running loop.
+template <class CM>
+auto async_exit_on_exc(CM& cm, event_loop* loop = nullptr) {
+  static_assert(async_context_manager<CM>, "async_exit_on_exc needs an async context manager: aenter() and aexit(std::exception_ptr)");
+  return detail::exit_on_exc_callback<CM>{&cm, loop};
+}
+
+template <class CM>
+template <class Task>
+void detail::exit_on_exc_callback<CM>::operator()(const Task& t) const {
+  static_cast<void>(async_exit_on_exc(*cm, t, loop));
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <algorithm>
+
+namespace async_exit_on_exc_tests {
+using namespace codestare::async_utils;
+/// Remembers what aexit received.
+struct exit_probe {
+  std::vector<std::string> exits;
+  coroutine<int> aenter() { co_return 0; }
+  coroutine<bool> aexit(std::exception_ptr error) {
+    exits.push_back(describe(error));
+    co_return false;
+  }
+};
+}  // namespace async_exit_on_exc_tests
+
+TEST_SUITE("async_exit_on_exc") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+  using async_exit_on_exc_tests::exit_probe;
+
+  TEST_CASE("a failed task exits the context manager with its exception, on the loop") {
+    testing::run_bounded([]() -> coroutine<void> {
+      exit_probe cm;
+      auto fails = create_task([]() -> coroutine<int> {
+        co_await sleep(0s);
+        throw std::runtime_error("task failed");
+      }());
+      co_await wait_done(fails);
+      auto exit = async_exit_on_exc(cm, fails);
+      REQUIRE(exit.has_value());
+      CHECK(cm.exits.empty());  // scheduled, not run inline
+      CHECK_FALSE(co_await *exit);
+      CHECK(cm.exits == std::vector<std::string>{"task failed"});
+    }());
+  }
+
+  TEST_CASE("success, cancellation and a pending task") {
+    testing::run_bounded([]() -> coroutine<void> {
+      exit_probe cm;
+      auto ok = create_task([]() -> coroutine<int> { co_return 1; }());
+      co_await wait_done(ok);
+      CHECK_FALSE(async_exit_on_exc(cm, ok).has_value());
+      auto sleeper = create_task([]() -> coroutine<void> { co_await sleep(1h); }());
+      CHECK_THROWS_AS(async_exit_on_exc(cm, sleeper), invalid_state_error);
+      sleeper.cancel();
+      co_await wait_done(sleeper);
+      CHECK_FALSE(async_exit_on_exc(cm, sleeper).has_value());
+      // A task that throws cancelled_error itself is cancelled too.
+      auto self_cancel = create_task([]() -> coroutine<void> {
+        co_await sleep(0s);
+        throw cancelled_error("by hand");
+      }());
+      co_await wait_done(self_cancel);
+      CHECK_FALSE(async_exit_on_exc(cm, self_cancel).has_value());
+      co_await sleep(0s);
+      CHECK(cm.exits.empty());
+    }());
+  }
+
+  TEST_CASE("as a done callback of task<T>, any_task and future<T>") {
+    testing::run_bounded([]() -> coroutine<void> {
+      exit_probe cm;
+      auto fails = create_task([]() -> coroutine<int> {
+        co_await sleep(0s);
+        throw std::invalid_argument("typed");
+      }());
+      fails.add_done_callback(async_exit_on_exc(cm));
+      any_task untyped = create_task([]() -> coroutine<void> {
+        co_await sleep(0s);
+        throw std::domain_error("untyped");
+      }());
+      untyped.add_done_callback(async_exit_on_exc(cm, &event_loop::current()));
+      auto fut = event_loop::current().create_future<int>();
+      fut.add_done_callback(async_exit_on_exc(cm));
+      fut.set_exception(std::make_exception_ptr(std::out_of_range("future")));
+      auto ok = create_task([]() -> coroutine<void> { co_return; }());
+      ok.add_done_callback(async_exit_on_exc(cm));
+      co_await wait_done(fails);
+      co_await wait_done(untyped);
+      for (int i = 0; i < 5; ++i) co_await sleep(0s);  // callbacks, then the exit tasks
+      std::sort(cm.exits.begin(), cm.exits.end());
+      CHECK(cm.exits == std::vector<std::string>{"future", "typed", "untyped"});
+    }());
+  }
+}
+#endif
+// ---- end src/utilities/async_exit_on_exc.hpp ----
+// ---- begin src/utilities/coroutine_wrapper.hpp ----
+// coroutine_wrapper<R>: codestare's CoroutineWrapper, a base class that turns a class into a
+// coroutine built from its own member coroutines.
+
+
+namespace codestare::async_utils {
+
+/// CoroutineWrapper: derive from it, and pass the coroutine your members build to the base:
+///
+///     struct job : coroutine_wrapper<int> {
+///       int value = 0;                        // readable by the creator while and after it runs
+///       explicit job(int n) : limit(n) { set_coroutine(work()); }
+///       coroutine<int> work() { ... }         // may use every member: it starts when awaited
+///      private:
+///       int limit;
+///     };
+///     job j(3);
+///     int r = co_await j;                     // or: auto t = create_task(j); ... co_await t;
+///
+/// Call the member coroutine from the constructor body (set_coroutine) rather than from the
+/// mem-initializer list: calling a member function before the base is constructed is undefined
+/// behaviour in C++, even for a lazy coroutine. A coroutine that uses no member (a free or
+/// static function) may be passed to the base constructor directly.
+///
+/// The object is awaitable once: `co_await obj` or `create_task(obj)` (by reference: the object
+/// must outlive the task, so create_task does not accept a temporary). A second await or
+/// schedule throws invalid_state_error when it runs (as Python's "cannot reuse already awaited
+/// coroutine"). It is neither copyable nor movable, since its coroutines point at it. Cancel it
+/// through the task that awaits it; close() destroys a coroutine that has not started.
+template <class R = void>
+class coroutine_wrapper {
+ public:
+  using value_type = R;
+
+  // Not copyable and not movable: the member coroutines hold `this`. To schedule one, keep it in
+  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(obj).
+  coroutine_wrapper(const coroutine_wrapper&) = delete;  // not copyable: its coroutines hold `this`
+  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(obj) needs a named object that outlives the task
+  coroutine_wrapper& operator=(const coroutine_wrapper&) = delete;
+  coroutine_wrapper& operator=(coroutine_wrapper&&) = delete;
+
+  /// True once the coroutine ran to its end (returned or threw).
+  bool done() const noexcept { return state_ == status::finished || (frame_ && frame_.done()); }
+  /// True once it was awaited or its task started it.
+  bool started() const noexcept { return state_ != status::fresh; }
+  /// True when it was awaited and has not finished yet.
+  bool running() const noexcept { return state_ == status::running && !done(); }
+
+  /// Python's close(): destroys a coroutine that has not started, so it never runs (awaiting
+  /// it then throws invalid_state_error); does nothing once it has finished. Throws
+  /// invalid_state_error while it runs: cancel the task that awaits it instead.
+  void close() {
+    if (running()) throw invalid_state_error("coroutine_wrapper::close(): the coroutine is running; cancel the task awaiting it");
+    if (state_ == status::fresh) {
+      destroy_frame();
+      state_ = status::closed;
+    }
+  }
+
+  /// Awaits the wrapped coroutine (without taking it: the object keeps its state).
+  class awaiter {
+   public:
+    explicit awaiter(coroutine_wrapper* self) noexcept : self_(self) {}
+    awaiter(const awaiter&) = delete;
+    awaiter& operator=(const awaiter&) = delete;
+    ~awaiter() {
+      // The awaiting coroutine was destroyed while ours was suspended (its task was abandoned
+      // by a closing loop): destroy ours too, so nothing can resume it.
+      if (claimed_ && self_->frame_ && !self_->frame_.done()) {
+        self_->destroy_frame();
+        self_->state_ = status::closed;
+      }
+    }
+    bool await_ready() const noexcept { return self_->state_ != status::fresh || !self_->frame_; }
+    bool await_suspend(std::coroutine_handle<> parent) {
+      claimed_ = true;
+      self_->state_ = status::running;
+      auto& promise = self_->frame_.promise();
+      promise.continuation = parent;
+      promise.started_inline = true;
+      self_->frame_.resume();
+      promise.started_inline = false;
+      return !self_->frame_.done();  // finished already: continue the parent right here
+    }
+    R await_resume() {
+      if (!claimed_) {
+        if (self_->state_ == status::fresh) throw invalid_state_error("coroutine_wrapper: no coroutine was set (call set_coroutine in the constructor)");
+        throw invalid_state_error("coroutine_wrapper: the coroutine was already awaited, scheduled or closed");
+      }
+      self_->state_ = status::finished;
+      return self_->frame_.promise().take();
+    }
+
+   private:
+    coroutine_wrapper* self_;
+    bool claimed_ = false;
+  };
+  awaiter operator co_await() & noexcept { return awaiter(this); }
+  /// `co_await job(...)` on a temporary is fine: it lives until the await completes.
+  awaiter operator co_await() && noexcept { return awaiter(this); }
+
+ protected:
+  coroutine_wrapper() noexcept = default;
+  /// For a coroutine that does not call members of the derived class (see the class comment).
+  explicit coroutine_wrapper(coroutine<R> coro) { set_coroutine(std::move(coro)); }
+  ~coroutine_wrapper() {
+    if (running()) {
+      try {
+        log(log_level::error, "coroutine_wrapper destroyed while its coroutine runs: it must outlive the task awaiting it");
+      } catch (...) {
+      }
+    }
+    destroy_frame();
+  }
+
+  /// Sets (or replaces, before it started) the coroutine this object runs.
+  void set_coroutine(coroutine<R> coro) {
+    if (state_ != status::fresh) throw invalid_state_error("coroutine_wrapper::set_coroutine: the coroutine already started or was closed");
+    if (!coro.valid()) throw std::invalid_argument("coroutine_wrapper::set_coroutine: the coroutine was already awaited or scheduled");
+    destroy_frame();
+    frame_ = coro.release();
+  }
+
+ private:
+  enum class status : std::uint8_t { fresh, running, finished, closed };
+  void destroy_frame() noexcept {
+    if (frame_) std::exchange(frame_, {}).destroy();
+  }
+
+  typename coroutine<R>::handle_type frame_;
+  status state_ = status::fresh;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <numeric>
+
+// The reference documentation's CoroutineWrapper example. C++ has no async generators: an async
+// source hands each value to an async sink and awaits it before producing the next, so
+// `yield v` becomes `co_await yield(v)` and `async for v in source` becomes `co_await
+// source(sink)`. The types live in a named namespace: task.hpp's frames would otherwise hold
+// types of an anonymous namespace, which g++ flags in a header.
+namespace coroutine_wrapper_tests {
+using namespace codestare::async_utils;
+using namespace std::chrono_literals;
+
+template <class T>
+using async_sink = std::function<coroutine<void>(T)>;
+template <class T>
+using async_source = std::function<coroutine<void>(async_sink<T>)>;
+
+inline std::vector<int> range(int n) {
+  std::vector<int> r(static_cast<std::size_t>(n));
+  std::iota(r.begin(), r.end(), 0);
+  return r;
+}
+
+inline coroutine<void> generate_ranges_body(int up_to, async_sink<std::vector<int>> yield) {
+  for (int n = 0; n < up_to; ++n) co_await yield(range(n));
+}
+/// async def generate_ranges(up_to): for n in range(up_to): yield range(n)
+inline async_source<std::vector<int>> generate_ranges(int up_to) {
+  return [up_to](async_sink<std::vector<int>> yield) { return generate_ranges_body(up_to, std::move(yield)); };
+}
+
+/// The first, concise version: async def coro(process, filter_, ranges).
+inline coroutine<void> process_each(std::vector<int> r, std::function<void(int)>& process, std::function<bool(int)>& filter) {
+  for (int n : r) {
+    if (!filter(n)) continue;
+    process(n);
+  }
+  co_return;
+}
+inline coroutine<void> coro_function(std::function<void(int)> process, std::function<bool(int)> filter, async_source<std::vector<int>> ranges) {
+  async_sink<std::vector<int>> each = [&](std::vector<int> r) { return process_each(std::move(r), process, filter); };
+  co_await ranges(std::move(each));
+}
+
+/// class coro(CoroutineWrapper), with the same three member coroutines.
+struct coro : coroutine_wrapper<void> {
+  std::function<void(int)> process;
+  std::function<bool(int)> filter;
+  async_source<std::vector<int>> ranges;
+
+  coro(std::function<void(int)> process_, std::function<bool(int)> filter_, async_source<std::vector<int>> ranges_)
+      : process(std::move(process_)), filter(std::move(filter_)), ranges(std::move(ranges_)) {
+    set_coroutine(work());
+  }
+  // async def make_flat_values(self): async for r in self.ranges: for n in r: yield n
+  coroutine<void> make_flat_values(async_sink<int> yield) {
+    async_sink<std::vector<int>> each_range = [&yield](std::vector<int> r) { return flatten(std::move(r), yield); };
+    co_await ranges(std::move(each_range));
+  }
+  static coroutine<void> flatten(std::vector<int> r, async_sink<int> yield) {
+    for (int n : r) co_await yield(n);
+  }
+  // async def filter_values(self): async for value in self.make_flat_values(): if self.filter(value): yield value
+  coroutine<void> filter_values(async_sink<int> yield) {
+    async_sink<int> each_value = [this, &yield](int value) { return pass_if(value, yield); };
+    co_await make_flat_values(std::move(each_value));
+  }
+  coroutine<void> pass_if(int value, async_sink<int>& yield) {
+    if (filter(value)) co_await yield(value);
+  }
+  // async def work(self): async for value in self.filter_values(): self.process(value)
+  coroutine<void> work() {
+    async_sink<int> each_value = [this](int value) { return run_process(value); };
+    co_await filter_values(std::move(each_value));
+  }
+  coroutine<void> run_process(int value) {
+    process(value);
+    co_return;
+  }
+};
+
+/// A counter its creator reads while and after it runs.
+struct counter : coroutine_wrapper<int> {
+  int value = 0;
+  explicit counter(int limit) : limit_(limit) { set_coroutine(count()); }
+  coroutine<int> count() {
+    while (value < limit_) co_await step();
+    co_return value;
+  }
+  coroutine<void> step() {
+    co_await sleep(1ms);
+    ++value;
+  }
+  void replace() { set_coroutine(count()); }
+
+ private:
+  int limit_;
+};
+
+/// One that fails, and one that never sets a coroutine.
+struct failing : coroutine_wrapper<int> {
+  failing() { set_coroutine(fail()); }
+  coroutine<int> fail() {
+    co_await sleep(0s);
+    throw std::domain_error("wrapped failure");
+  }
+};
+struct empty_wrapper : coroutine_wrapper<void> {};
+
+/// Counts live frames, to see that an abandoned coroutine is freed.
+inline int tracked_alive = 0;
+struct tracked {
+  tracked() { ++tracked_alive; }
+  ~tracked() { --tracked_alive; }
+};
+struct holder : coroutine_wrapper<void> {
+  holder() { set_coroutine(hold()); }
+  coroutine<void> hold() {
+    tracked t;
+    co_await sleep(1h);
+  }
+};
+
+/// Built from a coroutine that uses no member, passed to the base constructor.
+inline coroutine<int> forty_two() { co_return 42; }
+struct direct : coroutine_wrapper<int> {
+  direct() : coroutine_wrapper(forty_two()) {}
+};
+
+}  // namespace coroutine_wrapper_tests
+
+TEST_SUITE("coroutine_wrapper") {
+  using namespace coroutine_wrapper_tests;
+
+  TEST_CASE("the CoroutineWrapper example of the reference documentation") {
+    testing::run_bounded([]() -> coroutine<void> {
+      const std::string expected = "0\n0\n0\n2\n0\n2\n";
+      std::ostringstream out;
+      std::function<void(int)> print = [&out](int n) { out << n << '\n'; };
+      std::function<bool(int)> even = [](int n) { return n % 2 == 0; };
+      co_await coro_function(print, even, generate_ranges(5));
+      CHECK(out.str() == expected);
+      out.str("");
+      co_await coro(print, even, generate_ranges(5));
+      CHECK(out.str() == expected);
+      out.str("");
+      coro c(print, even, generate_ranges(5));
+      co_await create_task(c);
+      CHECK(out.str() == expected);
+      CHECK(c.done());
+    }());
+  }
+
+  TEST_CASE("members stay readable by the creator while and after it runs") {
+    testing::run_bounded([]() -> coroutine<void> {
+      counter c(5);
+      CHECK_FALSE(c.started());
+      auto t = create_task(c, "counter");
+      while (c.value < 2) co_await sleep(0s);
+      CHECK(c.value == 2);
+      CHECK(c.running());
+      CHECK_FALSE(c.done());
+      CHECK(co_await t == 5);
+      CHECK(c.value == 5);
+      CHECK(c.done());
+      CHECK_FALSE(c.running());
+      direct d;
+      CHECK(co_await d == 42);
+    }());
+  }
+
+  TEST_CASE("awaiting or scheduling twice throws invalid_state_error") {
+    testing::run_bounded([]() -> coroutine<void> {
+      counter c(1);
+      CHECK(co_await c == 1);
+      CHECK_THROWS_AS(co_await c, invalid_state_error);
+      counter d(1);
+      auto first = create_task(d);
+      auto second = create_task(d);
+      CHECK(co_await first == 1);
+      CHECK_THROWS_AS(co_await second, invalid_state_error);
+      empty_wrapper e;
+      CHECK_THROWS_AS(co_await e, invalid_state_error);
+      static_assert(!std::is_copy_constructible_v<coro> && !std::is_move_constructible_v<coro>);
+      static_assert(!std::is_copy_assignable_v<coro> && !std::is_move_assignable_v<coro>);
+    }());
+  }
+
+  TEST_CASE("exceptions and cancellation pass through") {
+    testing::run_bounded([]() -> coroutine<void> {
+      failing f;
+      try {
+        co_await f;
+        FAIL("no exception");
+      } catch (const std::domain_error& e) {
+        CHECK(std::string(e.what()) == "wrapped failure");
+      }
+      CHECK(f.done());
+      counter c(1000);
+      auto t = create_task(c);
+      while (c.value < 1) co_await sleep(0s);
+      t.cancel();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      CHECK(c.done());  // it ended, by cancelled_error
+      CHECK(c.value < 1000);
+    }());
+  }
+
+  TEST_CASE("close(): before start, while running, after the end; set_coroutine after start") {
+    testing::run_bounded([]() -> coroutine<void> {
+      counter c(3);
+      c.close();
+      CHECK_FALSE(c.done());
+      CHECK_THROWS_AS(co_await c, invalid_state_error);
+      CHECK_THROWS_AS(c.replace(), invalid_state_error);
+      counter d(3);
+      d.replace();  // before it started: allowed
+      auto t = create_task(d);
+      co_await sleep(0s);
+      CHECK_THROWS_AS(d.close(), invalid_state_error);
+      CHECK_THROWS_AS(d.replace(), invalid_state_error);
+      CHECK(co_await t == 3);
+      d.close();  // finished: nothing to do
+      CHECK(d.done());
+      CHECK(d.value == 3);
+    }());
+  }
+
+  TEST_CASE("a closing loop that abandons the awaiting task frees the wrapped coroutine") {
+    testing::log_capture log;
+    holder h;
+    {
+      event_loop loop;
+      auto t = loop.create_task(h);
+      loop.run_until_complete(sleep(1ms));
+      CHECK(tracked_alive == 1);
+      CHECK(h.running());
+      loop.close();
+      CHECK(t.cancelled());
+    }
+    CHECK(tracked_alive == 0);
+    CHECK_FALSE(h.running());
+    CHECK_FALSE(h.done());
+  }
+}
+#endif
+// ---- end src/utilities/coroutine_wrapper.hpp ----
 
 #endif  // ASYNC_UTILS_HPP_INCLUDED

@@ -47,3 +47,7 @@
 #include "utilities/awaitable_predicate.hpp"
 #include "utilities/accessor.hpp"
 #include "utilities/condition_property.hpp"
+#include "utilities/registry.hpp"
+#include "utilities/async_exit_stack.hpp"
+#include "utilities/async_exit_on_exc.hpp"
+#include "utilities/coroutine_wrapper.hpp"
