@@ -47,6 +47,14 @@
 //                                            the armed descriptors.
 //     src/platform/backend.hpp               Picks the I/O backend chosen in config.hpp, and the
 //                                            cross-thread wake-up descriptor.
+//     src/platform/signal_source.hpp         signal_source: turns POSIX signals into readiness of
+//                                            one descriptor a loop can watch (signalfd on
+//                                            Linux/epoll, EVFILT_SIGNAL on kqueue, a self-pipe fed
+//                                            by sigaction elsewhere).
+//     src/platform/thread_pool.hpp           executor / thread_pool_executor: concurrent.futures'
+//                                            Executor and ThreadPoolExecutor, as plain job runners
+//                                            (no futures: the loop side brings its own result slot,
+//                                            executor.hpp).
 //   Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 //     src/runtime/test_support.hpp           Helpers for the embedded tests only: bounded runs,
 //                                            descriptor and thread counts, log capture.
@@ -97,6 +105,11 @@
 //     src/runtime/run.hpp                    run(aw): asyncio.run. A fresh loop runs aw, then
 //                                            cancels and awaits what is left, shuts the executor
 //                                            down and closes, so nothing outlives the call.
+//     src/runtime/executor.hpp               run_in_executor and the loop's default executor:
+//                                            asyncio's loop.run_in_executor, set_default_executor
+//                                            and shutdown_default_executor.
+//     src/runtime/signals.hpp                Signals: asyncio's loop.add_signal_handler /
+//                                            remove_signal_handler on top of signal_source.
 //   Primitives: asyncio's locks, conditions, events, semaphores and queues.
 //     src/primitives/waiter.hpp              The parked task every primitive queues: a node in the
 //                                            awaiting frame, plus the scoped guard.
@@ -139,12 +152,15 @@
 #ifndef ASYNC_UTILS_HPP_INCLUDED
 #define ASYNC_UTILS_HPP_INCLUDED
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <concepts>
+#include <condition_variable>
 #include <coroutine>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -162,7 +178,9 @@
 #include <new>
 #include <optional>
 #include <ostream>
+#include <pthread.h>
 #include <ranges>
+#include <signal.h>
 #include <span>
 #include <sstream>
 #include <stdexcept>
@@ -756,6 +774,508 @@ class wakeup_fd {
 
 }  // namespace codestare::async_utils::detail
 // ---- end src/platform/backend.hpp ----
+// ---- begin src/platform/signal_source.hpp ----
+// signal_source: turns POSIX signals into readiness of one descriptor a loop can watch
+// (signalfd on Linux/epoll, EVFILT_SIGNAL on kqueue, a self-pipe fed by sigaction elsewhere).
+
+
+#if defined(ASYNC_UTILS_BACKEND_EPOLL) && defined(__linux__)
+#define ASYNC_UTILS_SIGNALS_SIGNALFD
+#include <sys/signalfd.h>
+#elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
+#define ASYNC_UTILS_SIGNALS_KQUEUE
+#else
+#define ASYNC_UTILS_SIGNALS_PIPE
+#endif
+
+namespace codestare::async_utils::detail {
+
+#ifdef NSIG
+inline constexpr int signal_limit = NSIG;  // valid numbers are 1 .. signal_limit - 1
+#else
+inline constexpr int signal_limit = 65;
+#endif
+
+/// Throws std::invalid_argument for numbers that are no signal, and for SIGKILL and SIGSTOP,
+/// which cannot be caught (Python's signal module raises ValueError for the same).
+inline void check_signal_number(int sig) {
+  if (sig < 1 || sig >= signal_limit) throw std::invalid_argument("invalid signal number " + std::to_string(sig));
+  if (sig == SIGKILL || sig == SIGSTOP)
+    throw std::invalid_argument("signal " + std::to_string(sig) + " cannot be caught (SIGKILL, SIGSTOP)");
+}
+
+/// Process-wide state shared with the async-signal-safe handler: lock-free atomics only.
+/// Two loops (in two threads) must not both own one signal: a process-directed signal is
+/// delivered to a single thread, so "both get it" cannot be made to work. The first loop to
+/// register a signal owns it until it removes it; a second loop gets std::runtime_error.
+struct signal_globals {
+  struct slot {
+    std::atomic<const void*> owner{nullptr};  // the signal_source holding the signal
+    std::atomic<int> wake_fd{-1};             // self-pipe: write end of the owner
+    std::atomic<bool> pending{false};         // self-pipe: arrived since the last drain
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+    std::atomic<pthread_t> thread{};          // signalfd: the owner's thread (forwarding target)
+    std::atomic<bool> has_thread{false};
+#endif
+  };
+  std::array<slot, signal_limit> slots;
+  std::atomic<int> handlers_running{0};  // handlers between reading a slot and finishing with it
+  std::mutex claims;                     // serialises owner changes (never taken in a handler)
+};
+inline signal_globals& signal_state() noexcept {
+  static signal_globals state;
+  return state;
+}
+
+/// The handler every backend installs. Self-pipe: flags the signal and writes one byte (the
+/// flag, not the byte, is the truth, so a full pipe loses nothing). signalfd: the signal went to
+/// a thread that does not block it (another thread than the loop's); it is re-sent to the loop's
+/// thread, where it is blocked and so becomes readable from the signalfd. kqueue: nothing (the
+/// filter records the delivery; the handler only stops the default action).
+inline void on_signal(int sig) noexcept {
+  signal_globals& g = signal_state();
+  if (sig < 1 || sig >= signal_limit) return;
+  const int saved_errno = errno;
+  g.handlers_running.fetch_add(1);
+  [[maybe_unused]] auto& s = g.slots[static_cast<std::size_t>(sig)];
+#if defined(ASYNC_UTILS_SIGNALS_PIPE)
+  s.pending.store(true);
+  const int fd = s.wake_fd.load();
+  if (fd >= 0) {
+    const char byte = static_cast<char>(sig);
+    [[maybe_unused]] auto n = ::write(fd, &byte, 1);  // EAGAIN: a wake-up is pending anyway
+  }
+#elif defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+  if (s.has_thread.load()) {
+    const pthread_t target = s.thread.load();
+    // Never to ourselves: the loop thread blocks the signal, so running here means someone
+    // unblocked it there, and re-sending would recurse.
+    if (!pthread_equal(target, pthread_self())) ::pthread_kill(target, sig);
+  }
+#endif
+  g.handlers_running.fetch_sub(1);
+  errno = saved_errno;
+}
+
+/// One per loop: the signals it handles, the state it must restore, and the descriptor that
+/// becomes readable when one of them arrives. Loop thread only; add/remove must be called on
+/// the thread that runs the loop (the signal mask is per thread).
+class signal_source {
+ public:
+  signal_source() {
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+    sigset_t none;
+    sigemptyset(&none);
+    fd_.reset(::signalfd(-1, &none, SFD_NONBLOCK | SFD_CLOEXEC));
+    if (!fd_) throw_errno("signalfd");
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+    fd_.reset(::kqueue());
+    if (!fd_) throw_errno("kqueue(signals)");
+    make_nonblocking_cloexec(fd_.get());
+#else
+    int fds[2];
+    if (::pipe(fds) == -1) throw_errno("pipe(signals)");
+    fd_.reset(fds[0]);
+    write_.reset(fds[1]);
+    make_nonblocking_cloexec(fds[0]);
+    make_nonblocking_cloexec(fds[1]);
+#endif
+  }
+  signal_source(const signal_source&) = delete;
+  signal_source& operator=(const signal_source&) = delete;
+  ~signal_source() {
+    while (!saved_.empty()) remove(saved_.back().sig);
+  }
+
+  /// The descriptor to watch for reading.
+  int fd() const noexcept { return fd_.get(); }
+  bool has(int sig) const noexcept { return find(sig) != nullptr; }
+
+  /// Starts receiving sig. Throws std::invalid_argument (bad number), std::runtime_error
+  /// (another loop owns it) or std::system_error, and then leaves everything as it was.
+  void add(int sig) {
+    check_signal_number(sig);
+    if (has(sig)) return;
+    saved_.reserve(saved_.size() + 1);  // the only allocation, done before any change
+    claim(sig);
+    saved_state saved{sig, {}, false};
+    try {
+      install(sig, saved);
+    } catch (...) {
+      unclaim(sig);
+      throw;
+    }
+    saved_.push_back(saved);
+  }
+
+  /// Stops receiving sig; restores the disposition and the thread's mask bit as they were
+  /// before add(). Instances that arrived but were not drained yet are discarded.
+  void remove(int sig) noexcept {
+    const saved_state* found = find(sig);
+    if (!found) return;
+    const saved_state saved = *found;
+    std::erase_if(saved_, [sig](const saved_state& s) { return s.sig == sig; });
+    uninstall(saved);
+    unclaim(sig);
+  }
+
+  /// Reads what arrived; calls on_arrival(sig) at most once per signal (arrivals coalesce).
+  template <class F>
+  void drain(F&& on_arrival) {
+    std::array<bool, signal_limit> seen{};
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+    signalfd_siginfo info[16];
+    for (;;) {
+      ssize_t n = ::read(fd_.get(), info, sizeof info);
+      if (n <= 0) break;
+      for (std::size_t i = 0; i < static_cast<std::size_t>(n) / sizeof info[0]; ++i) {
+        const auto sig = static_cast<int>(info[i].ssi_signo);
+        if (sig > 0 && sig < signal_limit) seen[static_cast<std::size_t>(sig)] = true;
+      }
+    }
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+    struct kevent events[16];
+    const timespec zero{};
+    for (;;) {
+      int n = ::kevent(fd_.get(), nullptr, 0, events, 16, &zero);
+      if (n <= 0) break;
+      for (int i = 0; i < n; ++i) {
+        const auto sig = static_cast<int>(events[i].ident);
+        if (events[i].filter == EVFILT_SIGNAL && sig > 0 && sig < signal_limit) seen[static_cast<std::size_t>(sig)] = true;
+      }
+    }
+#else
+    char buf[64];
+    while (::read(fd_.get(), buf, sizeof buf) > 0) {
+    }
+    // Flags are read after the bytes: a signal flagged after this point writes a new byte.
+    for (const auto& s : saved_) {
+      if (signal_state().slots[static_cast<std::size_t>(s.sig)].pending.exchange(false)) seen[static_cast<std::size_t>(s.sig)] = true;
+    }
+#endif
+    for (int sig = 1; sig < signal_limit; ++sig) {
+      if (seen[static_cast<std::size_t>(sig)] && has(sig)) on_arrival(sig);
+    }
+  }
+
+ private:
+  struct saved_state {
+    int sig;
+    struct sigaction action;  // the disposition before add()
+    bool was_blocked;         // signalfd: the loop thread's mask bit before add()
+  };
+
+  const saved_state* find(int sig) const noexcept {
+    for (const auto& s : saved_) {
+      if (s.sig == sig) return &s;
+    }
+    return nullptr;
+  }
+
+  void claim(int sig) {
+    signal_globals& g = signal_state();
+    std::lock_guard guard(g.claims);
+    auto& slot = g.slots[static_cast<std::size_t>(sig)];
+    const void* owner = slot.owner.load();
+    if (owner && owner != this)
+      throw std::runtime_error("signal " + std::to_string(sig) + " is already handled by another event loop");
+    slot.owner.store(this);
+  }
+  void unclaim(int sig) noexcept {
+    signal_globals& g = signal_state();
+    std::lock_guard guard(g.claims);
+    auto& slot = g.slots[static_cast<std::size_t>(sig)];
+    slot.wake_fd.store(-1);
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+    slot.has_thread.store(false);
+#endif
+    // A handler on another thread may still hold the old values; wait until it is done, so
+    // that it never writes to a closed pipe or signals a thread that is gone.
+    while (g.handlers_running.load() != 0) std::this_thread::yield();
+    slot.pending.store(false);
+    slot.owner.store(nullptr);
+  }
+
+  static void set_action(int sig, const struct sigaction* action, struct sigaction* old) {
+    if (::sigaction(sig, action, old) == -1) {
+      if (errno == EINVAL) throw std::invalid_argument("signal " + std::to_string(sig) + " cannot be handled");
+      throw_errno("sigaction(" + std::to_string(sig) + ")");
+    }
+  }
+  static struct sigaction forwarding_action() noexcept {
+    struct sigaction action{};
+    action.sa_handler = &on_signal;
+    sigfillset(&action.sa_mask);  // one handler at a time per thread; keeps it simple
+    action.sa_flags = SA_RESTART;
+    return action;
+  }
+
+  void install(int sig, saved_state& saved) {
+    [[maybe_unused]] auto& slot = signal_state().slots[static_cast<std::size_t>(sig)];
+    const struct sigaction action = forwarding_action();
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+    // Block first, then install the forwarding handler: the loop thread never runs it.
+    sigset_t one, old;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    if (int err = ::pthread_sigmask(SIG_BLOCK, &one, &old)) throw_errno(err, "pthread_sigmask");
+    saved.was_blocked = sigismember(&old, sig) == 1;
+    try {
+      sigset_t wanted = signalfd_mask();
+      sigaddset(&wanted, sig);
+      if (::signalfd(fd_.get(), &wanted, 0) == -1) throw_errno("signalfd(update)");
+      slot.thread.store(pthread_self());
+      slot.has_thread.store(true);
+      try {
+        set_action(sig, &action, &saved.action);
+      } catch (...) {
+        slot.has_thread.store(false);
+        sigset_t back = signalfd_mask();
+        ::signalfd(fd_.get(), &back, 0);
+        throw;
+      }
+    } catch (...) {
+      if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+      throw;
+    }
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+    set_action(sig, &action, &saved.action);
+    struct kevent ev;
+    EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_ADD, 0, 0, nullptr);
+    if (::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr) == -1) {
+      const int err = errno;
+      ::sigaction(sig, &saved.action, nullptr);
+      throw_errno(err, "kevent(EVFILT_SIGNAL)");
+    }
+#else
+    slot.pending.store(false);
+    slot.wake_fd.store(write_.get());
+    try {
+      set_action(sig, &action, &saved.action);
+    } catch (...) {
+      slot.wake_fd.store(-1);
+      throw;
+    }
+#endif
+  }
+
+  void uninstall(const saved_state& saved) noexcept {
+    const int sig = saved.sig;
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+    sigset_t rest = signalfd_mask();  // saved_ no longer lists sig
+    ::signalfd(fd_.get(), &rest, 0);
+    ::sigaction(sig, &saved.action, nullptr);
+    // Discard instances still pending for this thread or the process, so that unblocking does
+    // not hand them to the restored disposition (which may be "terminate").
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    const timespec zero{};
+    while (::sigtimedwait(&one, nullptr, &zero) == sig) {
+    }
+    if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+    struct kevent ev;
+    EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_DELETE, 0, 0, nullptr);
+    ::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr);
+    ::sigaction(sig, &saved.action, nullptr);
+#else
+    ::sigaction(sig, &saved.action, nullptr);
+#endif
+  }
+
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+  sigset_t signalfd_mask() const noexcept {
+    sigset_t set;
+    sigemptyset(&set);
+    for (const auto& s : saved_) sigaddset(&set, s.sig);
+    return set;
+  }
+#endif
+
+  unique_fd fd_;
+  unique_fd write_;  // self-pipe only
+  std::vector<saved_state> saved_;
+};
+
+/// Starts a thread with every signal blocked, so that process-directed signals never land on
+/// it (worker threads of the executor). The caller's mask is untouched afterwards.
+template <class F>
+std::thread start_thread_without_signals(F&& fn) {
+  sigset_t all, old;
+  sigfillset(&all);
+  if (int err = ::pthread_sigmask(SIG_SETMASK, &all, &old)) throw_errno(err, "pthread_sigmask");
+  struct restore {
+    sigset_t mask;
+    ~restore() { ::pthread_sigmask(SIG_SETMASK, &mask, nullptr); }
+  } guard{old};
+  return std::thread(std::forward<F>(fn));
+}
+
+}  // namespace codestare::async_utils::detail
+// ---- end src/platform/signal_source.hpp ----
+// ---- begin src/platform/thread_pool.hpp ----
+// executor / thread_pool_executor: concurrent.futures' Executor and ThreadPoolExecutor, as plain
+// job runners (no futures: the loop side brings its own result slot, executor.hpp).
+
+
+namespace codestare::async_utils {
+
+/// concurrent.futures.Executor as an event loop uses it: something that runs jobs on other
+/// threads. Implement it to give a loop your own pool (event_loop::set_default_executor).
+class executor {
+ public:
+  virtual ~executor() = default;
+  /// Runs job once on some thread; throws std::runtime_error after shutdown(). A job must
+  /// not throw (the loop's jobs catch everything themselves).
+  virtual void submit(std::function<void()> job) = 0;
+  /// Stops accepting jobs; queued jobs still run. wait = true returns once all have run and
+  /// every thread is joined. Safe to call more than once and from several threads.
+  virtual void shutdown(bool wait) = 0;
+};
+
+/// concurrent.futures.ThreadPoolExecutor: up to max_workers threads, started lazily (one more
+/// whenever a job finds no idle worker), a FIFO queue without a size limit, every signal
+/// blocked in the workers so that they never take a signal meant for an event loop.
+class thread_pool_executor final : public executor {
+ public:
+  /// Python's default: min(32, cpu count + 4).
+  static std::size_t default_max_workers() noexcept {
+    return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
+  }
+
+  /// Throws std::invalid_argument when max_workers is 0 (Python's ValueError).
+  explicit thread_pool_executor(std::size_t max_workers = default_max_workers()) : max_workers_(max_workers) {
+    if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
+  }
+  thread_pool_executor(const thread_pool_executor&) = delete;
+  thread_pool_executor& operator=(const thread_pool_executor&) = delete;
+  /// Waits for the queued jobs and joins (Python's `with ThreadPoolExecutor()` exit).
+  ~thread_pool_executor() override { shutdown(true); }
+
+  void submit(std::function<void()> job) override {
+    if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
+    std::lock_guard guard(mutex_);
+    if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
+    jobs_.push_back(std::move(job));
+    if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
+      try {
+        workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
+      } catch (...) {
+        if (workers_.empty()) {  // nobody could ever run it: undo and report
+          jobs_.pop_back();
+          throw;
+        }
+      }
+    }
+    wake_.notify_one();
+  }
+
+  void shutdown(bool wait) override {
+    {
+      std::lock_guard guard(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (!wait) return;
+    std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
+    std::vector<std::thread> workers;
+    {
+      std::lock_guard guard(mutex_);
+      workers.swap(workers_);
+    }
+    for (auto& t : workers) {
+      if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
+      else t.join();
+    }
+  }
+
+  std::size_t max_workers() const noexcept { return max_workers_; }
+  /// Threads started so far (and not yet joined).
+  std::size_t worker_count() const {
+    std::lock_guard guard(mutex_);
+    return workers_.size();
+  }
+
+ private:
+  void work() noexcept {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      ++idle_;
+      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      --idle_;
+      if (jobs_.empty()) return;  // stopping, and nothing left to do
+      std::function<void()> job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      try {
+        job();
+      } catch (const std::exception& e) {
+        report(e.what());
+      } catch (...) {
+        report("unknown exception");
+      }
+      job = nullptr;  // whatever it holds goes before we sleep again
+      lock.lock();
+    }
+  }
+
+  static void report(const char* what) noexcept {
+    try {
+      log(log_level::error, std::string("Exception in executor job: ") + what);
+    } catch (...) {
+    }
+  }
+
+  const std::size_t max_workers_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> workers_;
+  std::size_t idle_ = 0;
+  bool stopping_ = false;
+  std::mutex join_mutex_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("thread_pool") {
+  using namespace codestare::async_utils;
+
+  TEST_CASE("runs every job, starts threads lazily up to max_workers, joins on shutdown") {
+    std::atomic<int> ran{0};
+    {
+      thread_pool_executor pool(3);
+      CHECK(pool.worker_count() == 0);
+      for (int i = 0; i < 1000; ++i) pool.submit([&] { ++ran; });
+      CHECK(pool.worker_count() >= 1);
+      CHECK(pool.worker_count() <= 3);
+      pool.shutdown(true);
+      CHECK(ran == 1000);
+      CHECK(pool.worker_count() == 0);
+      CHECK_THROWS_AS(pool.submit([] {}), std::runtime_error);
+      pool.shutdown(true);  // again: harmless
+    }
+    CHECK(thread_pool_executor::default_max_workers() >= 4);
+    CHECK(thread_pool_executor::default_max_workers() <= 32);
+    CHECK_THROWS_AS(thread_pool_executor(0), std::invalid_argument);
+  }
+
+  TEST_CASE("workers block every signal") {
+    thread_pool_executor pool(1);
+    std::atomic<bool> all_blocked{false};
+    pool.submit([&] {
+      sigset_t now;
+      pthread_sigmask(SIG_BLOCK, nullptr, &now);
+      all_blocked = sigismember(&now, SIGINT) == 1 && sigismember(&now, SIGTERM) == 1 && sigismember(&now, SIGUSR1) == 1;
+    });
+    pool.shutdown(true);
+    CHECK(all_blocked);
+  }
+}
+#endif
+// ---- end src/platform/thread_pool.hpp ----
 
 // Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 // ---- begin src/runtime/test_support.hpp ----
@@ -1487,8 +2007,14 @@ class event_loop {
   void add_signal_handler(int sig, std::function<void()> fn);
   bool remove_signal_handler(int sig);
 
-  /// Waits for the default executor's jobs and joins its threads (executor.hpp).
-  void shutdown_default_executor_now() { executor_.reset(); }
+  // Executor (executor.hpp): asyncio's run_in_executor(None, fn, *args) and friends.
+  template <class F, class... Args>
+  auto run_in_executor(F fn, Args... args);
+  void set_default_executor(std::shared_ptr<executor> e);
+  void set_default_executor(std::size_t max_workers);
+  coroutine<void> shutdown_default_executor();
+  /// Waits for the default executor's jobs and joins its threads (used by run() and close()).
+  void shutdown_default_executor_now();
 
   void set_exception_handler(exception_handler handler) { handler_ = std::move(handler); }
   const exception_handler& get_exception_handler() const noexcept { return handler_; }
@@ -4152,6 +4678,894 @@ TEST_SUITE("run") {
 }
 #endif
 // ---- end src/runtime/run.hpp ----
+// ---- begin src/runtime/executor.hpp ----
+// run_in_executor and the loop's default executor: asyncio's loop.run_in_executor,
+// set_default_executor and shutdown_default_executor.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// How executor threads reach a loop: its thread-safe queue, behind a lock that the loop cuts
+/// when its executor part goes away, so a late job (of an executor that does not join) never
+/// touches a dead loop.
+struct loop_link {
+  explicit loop_link(event_loop* l) noexcept : loop(l) {}
+  bool post(job j) {
+    std::lock_guard guard(mutex);
+    return loop && loop->post(j);
+  }
+  void cut() noexcept {
+    std::lock_guard guard(mutex);
+    loop = nullptr;
+  }
+  std::mutex mutex;
+  event_loop* loop;
+};
+
+/// One run_in_executor call, shared by the thread that runs it and the loop that waits for
+/// it. Counted atomically, since either side may hold the last reference (a cancelled awaiter
+/// leaves first). Fields are split: the worker writes only the outcome, before posting; the
+/// loop reads it only after the posted completion ran. future_core is never touched off-loop.
+class executor_call {
+ public:
+  explicit executor_call(event_loop* l) noexcept : loop(l) {}
+  executor_call(const executor_call&) = delete;
+  executor_call& operator=(const executor_call&) = delete;
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void release() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
+  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop.
+  void execute(loop_link& link) noexcept {
+    invoke();
+    add_ref();  // for the posted completion
+    if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
+  }
+
+  // Loop side.
+  event_loop* const loop;
+  bool done = false;
+  bool consumed = false;
+  future_core* waiting = nullptr;  // the suspended task, if any
+  const void* awaiter = nullptr;   // which awaiter it suspended in
+
+ protected:
+  virtual ~executor_call() = default;
+  virtual void invoke() noexcept = 0;
+  std::exception_ptr error_;  // written by the executor thread, read by the loop
+
+ private:
+  static void complete(void* self, bool run) noexcept {
+    auto* call = static_cast<executor_call*>(self);
+    if (run) {
+      call->done = true;
+      call->awaiter = nullptr;
+      if (future_core* task = std::exchange(call->waiting, nullptr)) task->wake();
+    }
+    call->release();
+  }
+  std::atomic<std::uint32_t> refs_{1};
+};
+
+/// The typed outcome: the value (or error) the awaiter takes.
+template <class R>
+class executor_result : public executor_call {
+ public:
+  using executor_call::executor_call;
+  R take() {
+    if (error_) std::rethrow_exception(error_);
+    if (consumed) throw invalid_state_error("run_in_executor: the result was already taken");
+    consumed = true;
+    if constexpr (!std::is_void_v<R>) return R(std::move(*value_));
+  }
+
+ protected:
+  struct nothing {};
+  std::optional<std::conditional_t<std::is_void_v<R>, nothing, R>> value_;
+};
+
+template <class R, class Fn>
+class executor_job final : public executor_result<R> {
+ public:
+  executor_job(event_loop* l, Fn fn) : executor_result<R>(l), fn_(std::move(fn)) {}
+
+ private:
+  void invoke() noexcept override {
+    try {
+      if constexpr (std::is_void_v<R>) fn_();
+      else this->value_.emplace(fn_());
+    } catch (...) {
+      this->error_ = std::current_exception();
+    }
+  }
+  Fn fn_;
+};
+
+/// A counted reference to an executor_call, copyable so that it fits a std::function job.
+template <class T>
+class call_ref {
+ public:
+  call_ref() noexcept = default;
+  call_ref(T* p, bool adopt) noexcept : p_(p) {
+    if (p_ && !adopt) p_->add_ref();
+  }
+  call_ref(const call_ref& other) noexcept : call_ref(other.p_, false) {}
+  call_ref(call_ref&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
+  call_ref& operator=(call_ref other) noexcept {
+    std::swap(p_, other.p_);
+    return *this;
+  }
+  ~call_ref() {
+    if (p_) p_->release();
+  }
+  T* operator->() const noexcept { return p_; }
+  T* get() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+
+ private:
+  T* p_ = nullptr;
+};
+
+/// A loop's executor part: the default executor (made on first use), replaced ones still
+/// finishing, helper threads of shutdown_default_executor, and the link jobs post through.
+struct executor_slot {
+  explicit executor_slot(event_loop* loop) : link(std::make_shared<loop_link>(loop)) {}
+  executor_slot(const executor_slot&) = delete;
+  executor_slot& operator=(const executor_slot&) = delete;
+  ~executor_slot() {
+    shutdown_now();
+    link->cut();
+  }
+
+  executor& get() {
+    if (shutdown_called) throw std::runtime_error("Executor shutdown has been called");
+    if (!current) current = std::make_shared<thread_pool_executor>();
+    return *current;
+  }
+
+  void submit(executor_call& call) {
+    executor& e = get();
+    e.submit([ref = call_ref<executor_call>(&call, false), l = link] { ref->execute(*l); });
+  }
+
+  /// Blocks until every job has run and every thread is joined.
+  void shutdown_now() noexcept {
+    shutdown_called = true;
+    for (auto& t : helpers) t.join();
+    helpers.clear();
+    for (auto& e : retired) stop(*e);
+    retired.clear();
+    if (current) stop(*current);
+  }
+  static void stop(executor& e) noexcept {
+    try {
+      e.shutdown(true);
+    } catch (...) {
+      try {
+        log(log_level::error, "executor shutdown failed: " + describe(std::current_exception()));
+      } catch (...) {
+      }
+    }
+  }
+
+  std::shared_ptr<executor> current;
+  std::vector<std::shared_ptr<executor>> retired;
+  std::shared_ptr<loop_link> link;
+  std::vector<std::thread> helpers;
+  bool shutdown_called = false;
+};
+
+inline executor_slot& slot_of(event_loop& loop) {
+  auto& slot = loop.executor_slot();
+  if (!slot) slot = erased_ptr<executor_slot>(new executor_slot(&loop), [](executor_slot* s) { delete s; });
+  return *slot;
+}
+
+}  // namespace detail
+
+/// What run_in_executor returns: an awaitable (asyncio's wrapped concurrent future) yielding
+/// the job's result or rethrowing its exception. The job was submitted already; awaiting is
+/// optional. Cancelling the awaiting task throws cancelled_error at once; the job runs on and
+/// its result is dropped. Await it once, from a task of the loop it came from.
+template <class R>
+class [[nodiscard]] executor_future : detail::cancel_hook {
+ public:
+  using value_type = R;
+  explicit executor_future(detail::executor_result<R>* call) noexcept : call_(call, true) {}
+  executor_future(executor_future&& other) noexcept : call_(std::move(other.call_)) {}
+  executor_future& operator=(executor_future&&) = delete;
+  ~executor_future() {
+    if (call_ && call_->awaiter == this) {
+      call_->awaiter = nullptr;
+      call_->waiting = nullptr;
+    }
+  }
+
+  /// True once the result (or the exception) has reached the loop.
+  bool done() const noexcept { return call_ && call_->done; }
+
+  bool await_ready() const noexcept { return done(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
+    task_ = &detail::current_task_core("run_in_executor");
+    if (task_->loop() != call_->loop) throw std::runtime_error("run_in_executor: awaited from another event loop");
+    if (call_->waiting) throw invalid_state_error("run_in_executor: already awaited by another task");
+    cancel = [](detail::cancel_hook* c) {
+      auto* self = static_cast<executor_future*>(c);
+      self->call_->waiting = nullptr;
+      self->call_->awaiter = nullptr;
+      self->withdrawn_ = true;
+      self->task_->wake();
+      return true;
+    };
+    call_->waiting = task_;
+    call_->awaiter = this;
+    task_->suspend_on(this, h);
+  }
+  R await_resume() {
+    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
+    if (task_) task_->throw_if_cancelled(withdrawn_);
+    return call_->take();
+  }
+
+ private:
+  detail::call_ref<detail::executor_result<R>> call_;
+  detail::future_core* task_ = nullptr;
+  bool withdrawn_ = false;
+};
+
+/// asyncio's loop.run_in_executor(None, fn, *args): runs fn(args...) on the default executor
+/// (a thread_pool_executor made on first use). fn and args are moved or copied into the job,
+/// never referenced: pass std::ref explicitly to share. Throws std::runtime_error after
+/// shutdown_default_executor() or when the loop is closed.
+///
+/// g++ 12 bug: a lambda with non-trivially-copyable captures written inside a co_await
+/// expression (`co_await run_in_executor([p] {...})`) is copied bitwise and destroyed twice by
+/// the compiler, whatever the callee does. Pass such values as args, or name the lambda first.
+template <class F, class... Args>
+auto event_loop::run_in_executor(F fn, Args... args) {
+  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
+  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
+  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
+  check_open();
+  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
+  auto* call = new detail::executor_job<R, decltype(work)>(this, std::move(work));
+  executor_future<R> result(call);  // owns the creation reference
+  detail::slot_of(*this).submit(*call);
+  return result;
+}
+
+/// asyncio's loop.set_default_executor. Takes any executor implementation (shared with the
+/// caller) or a worker count for a new thread_pool_executor (std::invalid_argument for 0). A
+/// replaced executor is not stopped at once: its jobs finish and the loop's shutdown (run(),
+/// close(), shutdown_default_executor) shuts it down and joins it, as it does the current one.
+inline void event_loop::set_default_executor(std::shared_ptr<executor> e) {
+  if (!e) throw std::invalid_argument("set_default_executor: null executor");
+  check_open();
+  detail::executor_slot& slot = detail::slot_of(*this);
+  slot.retired.reserve(slot.retired.size() + 1);
+  if (slot.current) slot.retired.push_back(std::move(slot.current));
+  slot.current = std::move(e);
+}
+inline void event_loop::set_default_executor(std::size_t max_workers) {
+  set_default_executor(std::make_shared<thread_pool_executor>(max_workers));
+}
+
+/// asyncio's loop.shutdown_default_executor: a helper thread waits for the running and queued
+/// jobs and joins the workers while the loop keeps running; later run_in_executor calls throw
+/// std::runtime_error. Cancelling the await leaves the helper to be joined at close().
+inline coroutine<void> event_loop::shutdown_default_executor() {
+  check_open();
+  detail::executor_slot& slot = detail::slot_of(*this);
+  slot.shutdown_called = true;
+  std::vector<std::shared_ptr<executor>> all = slot.retired;
+  if (slot.current) all.push_back(slot.current);
+  if (all.empty()) co_return;
+  auto work = [all] {
+    for (auto& e : all) detail::executor_slot::stop(*e);
+  };
+  auto* call = new detail::executor_job<void, decltype(work)>(this, std::move(work));
+  executor_future<void> done(call);
+  std::thread& helper = slot.helpers.emplace_back();
+  try {
+    helper = detail::start_thread_without_signals(
+        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link] { ref->execute(*l); });
+  } catch (...) {
+    slot.helpers.pop_back();
+    throw;
+  }
+  const auto id = helper.get_id();
+  co_await done;
+  // The helper has posted its completion and is about to return: joining it is short.
+  auto it = std::find_if(slot.helpers.begin(), slot.helpers.end(), [id](const std::thread& t) { return t.get_id() == id; });
+  if (it != slot.helpers.end()) {
+    it->join();
+    slot.helpers.erase(it);
+  }
+}
+
+/// Blocking form, used by run() and close(): waits for every job and joins every thread.
+inline void event_loop::shutdown_default_executor_now() {
+  if (executor_) executor_->shutdown_now();
+}
+
+/// loop.run_in_executor(None, fn, *args) on the running loop.
+template <class F, class... Args>
+auto run_in_executor(F fn, Args... args) {
+  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <latch>
+
+namespace codestare::async_utils::testing {
+/// Sleeps in steps of 1 ms until done() or about two seconds have passed.
+inline coroutine<void> wait_until(std::function<bool()> done) {
+  for (int i = 0; i < 2000 && !done(); ++i) co_await sleep(std::chrono::milliseconds(1));
+}
+}  // namespace codestare::async_utils::testing
+
+TEST_SUITE("executor") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("results come back on the loop thread; arguments are moved or copied in") {
+    testing::run_bounded([]() -> coroutine<void> {
+      const auto me = std::this_thread::get_id();
+      std::thread::id worker;
+      co_await run_in_executor([&] { worker = std::this_thread::get_id(); });
+      CHECK(worker != me);
+      CHECK(worker != std::thread::id{});
+      std::string text = "x";
+      auto pending = run_in_executor([](std::string s, int n) { return s + std::to_string(n); }, text, 4);
+      text = "changed";  // the job holds its own copy
+      CHECK(co_await std::move(pending) == "x4");
+      auto owned = std::make_unique<int>(7);
+      CHECK(co_await event_loop::current().run_in_executor([](std::unique_ptr<int> p) { return *p * 6; }, std::move(owned)) == 42);
+      CHECK(std::this_thread::get_id() == me);
+    }());
+  }
+
+  TEST_CASE("exceptions reach the awaiter; a result is taken once") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto fails = run_in_executor([]() -> int { throw std::domain_error("in job"); });
+      CHECK_THROWS_AS(co_await fails, std::domain_error);
+      auto once = run_in_executor([] { return 1; });
+      CHECK(co_await once == 1);
+      CHECK_THROWS_AS(co_await once, invalid_state_error);
+    }());
+  }
+
+  TEST_CASE("cancelling the awaiter throws at once; the job finishes and its result is dropped") {
+    static std::atomic<int> alive{0};
+    static std::atomic<bool> job_finished{false};
+    struct tracked {
+      std::vector<int> payload = std::vector<int>(1000, 1);
+      tracked() { ++alive; }
+      tracked(tracked&& other) noexcept : payload(std::move(other.payload)) { ++alive; }
+      ~tracked() { --alive; }
+    };
+    auto release = std::make_shared<std::latch>(1);
+    testing::run_bounded([release]() -> coroutine<void> {
+      // Parameters, not captures: the lambda object is gone when the task runs.
+      auto waiter = create_task([](std::shared_ptr<std::latch> release) -> coroutine<int> {
+        // The latch goes in as an argument: see the g++ 12 note at run_in_executor.
+        tracked t = co_await run_in_executor(
+            [](std::shared_ptr<std::latch> latch) {
+              latch->wait();
+              tracked result;
+              job_finished = true;
+              return result;
+            },
+            release);
+        co_return static_cast<int>(t.payload.size());
+      }(release));
+      co_await sleep(5ms);
+      const auto before = std::chrono::steady_clock::now();
+      waiter.cancel();
+      CHECK_THROWS_AS(co_await waiter, cancelled_error);
+      CHECK(std::chrono::steady_clock::now() - before < 1s);
+      CHECK_FALSE(job_finished);  // still blocked in the pool
+      release->count_down();
+      co_await testing::wait_until([] { return job_finished && alive == 0; });
+      CHECK(job_finished);
+      CHECK(alive == 0);
+    }());
+    CHECK(alive == 0);
+  }
+
+  TEST_CASE("a cancelled awaiter whose loop ends before the job: run() joins, nothing leaks") {
+    static std::atomic<bool> finished{false};
+    const int threads_before = testing::threads();
+    testing::run_bounded([]() -> coroutine<void> {
+      auto t = create_task([]() -> coroutine<void> {
+        co_await run_in_executor([] {
+          std::this_thread::sleep_for(30ms);
+          finished = true;
+          return std::string(100, 'x');
+        });
+      }());
+      co_await sleep(1ms);
+      t.cancel();
+      CHECK_THROWS_AS(co_await t, cancelled_error);
+    }());
+    CHECK(finished);
+    CHECK(testing::threads() == threads_before);
+  }
+
+  TEST_CASE("10,000 jobs in flight") {
+    testing::run_bounded(
+        []() -> coroutine<void> {
+          std::vector<executor_future<long>> pending;
+          pending.reserve(10000);
+          for (long i = 0; i < 10000; ++i) pending.push_back(run_in_executor([](long x) { return x * 2; }, i));
+          long sum = 0;
+          for (auto& f : pending) sum += co_await f;
+          CHECK(sum == 2 * (10000L * 9999L / 2));
+          // And as many tasks each waiting on its own job.
+          std::vector<task<int>> tasks;
+          for (int i = 0; i < 10000; ++i)
+            tasks.push_back(create_task([](int x) -> coroutine<int> { co_return co_await run_in_executor([x] { return x; }); }(i)));
+          long total = 0;
+          for (auto& t : tasks) total += co_await t;
+          CHECK(total == 10000L * 9999L / 2);
+        }(),
+        std::chrono::seconds(60));
+  }
+
+  TEST_CASE("shutdown_default_executor waits for running jobs without blocking the loop") {
+    const int threads_before = testing::threads();
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      std::atomic<int> finished{0};
+      std::vector<executor_future<void>> jobs;
+      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished] {
+        std::this_thread::sleep_for(40ms);
+        ++finished;
+      }));
+      int ticks = 0;
+      auto ticker = create_task([](int& count) -> coroutine<void> {
+        for (;;) {
+          co_await sleep(2ms);
+          ++count;
+        }
+      }(ticks));
+      co_await loop.shutdown_default_executor();
+      CHECK(finished == 4);
+      CHECK(ticks >= 3);  // the loop kept running while the helper thread waited
+      for (auto& j : jobs) co_await j;  // their completions were delivered
+      CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
+      co_await loop.shutdown_default_executor();  // again: nothing to do
+      ticker.cancel();
+    }());
+    CHECK(testing::threads() == threads_before);
+  }
+
+  TEST_CASE("no executor thread outlives run(), even with jobs still running") {
+    const int threads_before = testing::threads();
+    static std::atomic<int> finished{0};
+    testing::run_bounded([threads_before]() -> coroutine<void> {
+      event_loop::current().set_default_executor(8);
+      for (int i = 0; i < 8; ++i) (void)run_in_executor([] {
+        std::this_thread::sleep_for(20ms);
+        ++finished;
+      });
+      co_await sleep(1ms);
+      CHECK(testing::threads() > threads_before);
+    }());
+    CHECK(finished == 8);
+    CHECK(testing::threads() == threads_before);
+  }
+
+  TEST_CASE("set_default_executor: a worker count or any executor implementation") {
+    struct counting : executor {
+      std::shared_ptr<thread_pool_executor> pool = std::make_shared<thread_pool_executor>(2);
+      std::atomic<int> submitted{0};
+      bool shut = false;
+      void submit(std::function<void()> job) override {
+        ++submitted;
+        pool->submit(std::move(job));
+      }
+      void shutdown(bool wait) override {
+        shut = true;
+        pool->shutdown(wait);
+      }
+    };
+    auto mine = std::make_shared<counting>();
+    testing::run_bounded([mine]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      CHECK_THROWS_AS(loop.set_default_executor(0), std::invalid_argument);
+      CHECK_THROWS_AS(loop.set_default_executor(std::shared_ptr<executor>()), std::invalid_argument);
+      loop.set_default_executor(2);
+      std::atomic<int> running{0}, most{0};
+      std::vector<executor_future<void>> jobs;
+      for (int i = 0; i < 8; ++i) jobs.push_back(run_in_executor([&] {
+        int now = ++running;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        std::this_thread::sleep_for(2ms);
+        --running;
+      }));
+      for (auto& j : jobs) co_await j;
+      CHECK(most <= 2);
+      loop.set_default_executor(mine);
+      CHECK(co_await run_in_executor([] { return 5; }) == 5);
+      CHECK(mine->submitted == 1);
+    }());
+    CHECK(mine->shut);  // run() shut the default executor down
+  }
+
+  TEST_CASE("run_in_executor needs a running, open loop") {
+    CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
+    event_loop loop;
+    loop.close();
+    CHECK_THROWS_AS((void)loop.run_in_executor([] {}), std::runtime_error);
+  }
+}
+#endif
+// ---- end src/runtime/executor.hpp ----
+// ---- begin src/runtime/signals.hpp ----
+// Signals: asyncio's loop.add_signal_handler / remove_signal_handler on top of signal_source.
+
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// A loop's signal handlers. The source's descriptor is watched permanently; what arrives is
+/// turned into ordinary callbacks with call_soon, so user code never runs in signal context.
+/// Arrivals coalesce: while a call is queued and has not run yet, further arrivals add nothing.
+struct signal_registry {
+  struct entry {
+    int sig;
+    std::function<void()> fn;
+    bool queued = false;
+    handle call;  // the queued call, cancelled on removal
+  };
+
+  explicit signal_registry(event_loop& l) : loop(l) { loop.watch_internal(source.fd(), &on_readable, this); }
+  signal_registry(const signal_registry&) = delete;
+  signal_registry& operator=(const signal_registry&) = delete;
+  ~signal_registry() {
+    for (auto& e : entries) e->call.cancel();
+    loop.unwatch_internal(source.fd());
+    // source's destructor then restores every disposition and mask bit.
+  }
+
+  std::shared_ptr<entry>* find(int sig) noexcept {
+    for (auto& e : entries) {
+      if (e->sig == sig) return &e;
+    }
+    return nullptr;
+  }
+
+  void add(int sig, std::function<void()> fn) {
+    if (auto* e = find(sig)) {
+      (*e)->fn = std::move(fn);  // a queued call runs the new handler
+      return;
+    }
+    auto e = std::make_shared<entry>();
+    e->sig = sig;
+    e->fn = std::move(fn);
+    entries.reserve(entries.size() + 1);
+    source.add(sig);  // throws with nothing changed
+    entries.push_back(std::move(e));
+  }
+
+  bool remove(int sig) noexcept {
+    auto* e = find(sig);
+    if (!e) return false;
+    (*e)->call.cancel();
+    source.remove(sig);
+    entries.erase(entries.begin() + (e - entries.data()));
+    return true;
+  }
+
+  static void on_readable(void* self) noexcept {
+    auto* reg = static_cast<signal_registry*>(self);
+    try {
+      reg->source.drain([reg](int sig) { reg->arrived(sig); });
+    } catch (...) {
+      reg->loop.call_exception_handler({"Error while reading signals", std::current_exception(), std::nullopt, std::nullopt});
+    }
+  }
+
+  void arrived(int sig) {
+    auto* found = find(sig);
+    if (!found || (*found)->queued) return;
+    std::shared_ptr<entry> e = *found;
+    // Weak: the entry holds the call's handle, so a strong capture would be a cycle.
+    e->call = loop.call_soon([weak = std::weak_ptr<entry>(e)] {
+      auto self = weak.lock();
+      if (!self) return;
+      self->queued = false;
+      auto fn = self->fn;  // a handler may replace or remove itself while it runs
+      fn();
+    });
+    e->queued = true;
+  }
+
+  event_loop& loop;
+  signal_source source;
+  std::vector<std::shared_ptr<entry>> entries;
+};
+
+}  // namespace detail
+
+/// asyncio's loop.add_signal_handler: runs fn on this loop's thread, as an ordinary callback,
+/// after sig arrives (several arrivals before it runs coalesce into one call). Replaces an
+/// earlier handler for sig. Call it on the thread that runs the loop.
+///
+/// Throws std::invalid_argument for a bad number, SIGKILL, SIGSTOP or an empty fn, and
+/// std::runtime_error when the loop is closed or when another loop of the process already
+/// handles sig: a signal sent to the process reaches one thread only, so one loop owns it
+/// until it removes it (two loops may own different signals; each gets its own wherever the
+/// kernel delivers it). On Linux/epoll sig is blocked in the loop's thread and read from a
+/// signalfd; a handler re-sends it there if the kernel picks another thread. Elsewhere a
+/// sigaction handler writes to a self-pipe (poll) or kqueue records it (EVFILT_SIGNAL).
+/// With signalfd, processes forked from the loop's thread inherit the blocked bit while the
+/// handler is installed (as with any signalfd user): unblock it in the child before exec.
+inline void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
+  check_open();
+  detail::check_signal_number(sig);
+  if (!fn) throw std::invalid_argument("add_signal_handler: empty callback");
+  if (!signals_) {
+    signals_ = detail::erased_ptr<detail::signal_registry>(new detail::signal_registry(*this),
+                                                           [](detail::signal_registry* r) { delete r; });
+  }
+  signals_->add(sig, std::move(fn));
+}
+
+/// asyncio's loop.remove_signal_handler: false when sig had no handler here. Restores the
+/// disposition (and, with signalfd, the thread's mask bit) that sig had before; arrivals not
+/// yet delivered are dropped. Throws std::invalid_argument for a bad number.
+inline bool event_loop::remove_signal_handler(int sig) {
+  detail::check_signal_number(sig);
+  return signals_ && signals_->remove(sig);
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+
+TEST_SUITE("signals") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  namespace {
+  std::atomic<int> foreign_handler_calls{0};
+  void foreign_handler(int) { foreign_handler_calls.fetch_add(1); }
+
+  bool blocked_here(int sig) {
+    sigset_t now;
+    pthread_sigmask(SIG_BLOCK, nullptr, &now);
+    return sigismember(&now, sig) == 1;
+  }
+  }  // namespace
+
+  TEST_CASE("a raised signal runs its handler later, on the loop thread") {
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      int calls = 0;
+      bool raising = false, ran_during_raise = false;
+      std::thread::id where;
+      loop.add_signal_handler(SIGUSR1, [&] {
+        ++calls;
+        where = std::this_thread::get_id();
+        ran_during_raise = raising;
+      });
+      raising = true;
+      std::raise(SIGUSR1);
+      raising = false;
+      CHECK(calls == 0);  // never inline: the callback is scheduled
+      co_await testing::wait_until([&] { return calls > 0; });
+      CHECK(calls == 1);
+      CHECK_FALSE(ran_during_raise);
+      CHECK(where == std::this_thread::get_id());
+      CHECK(loop.remove_signal_handler(SIGUSR1));
+      CHECK_FALSE(loop.remove_signal_handler(SIGUSR1));
+    }());
+  }
+
+  TEST_CASE("a burst of 100 signals runs the handler at least once, never in signal context") {
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      int calls = 0;
+      bool raising = false, ran_during_raise = false, on_other_thread = false;
+      const auto me = std::this_thread::get_id();
+      loop.add_signal_handler(SIGUSR1, [&] {
+        ++calls;
+        ran_during_raise |= raising;
+        on_other_thread |= std::this_thread::get_id() != me;
+      });
+      raising = true;
+      for (int i = 0; i < 100; ++i) std::raise(SIGUSR1);  // the loop is busy: we do not yield
+      raising = false;
+      co_await testing::wait_until([&] { return calls > 0; });
+      co_await sleep(5ms);
+      CHECK(calls >= 1);
+      CHECK(calls <= 100);
+      CHECK_FALSE(ran_during_raise);
+      CHECK_FALSE(on_other_thread);
+      loop.remove_signal_handler(SIGUSR1);
+    }());
+  }
+
+  TEST_CASE("removing restores the previous disposition and signal mask") {
+    struct sigaction mine{}, before{};
+    mine.sa_handler = &foreign_handler;
+    sigemptyset(&mine.sa_mask);
+    mine.sa_flags = SA_RESTART;
+    REQUIRE(sigaction(SIGUSR2, &mine, &before) == 0);
+    foreign_handler_calls = 0;
+
+    SUBCASE("signal unblocked before") {
+      REQUIRE_FALSE(blocked_here(SIGUSR2));
+      testing::run_bounded([]() -> coroutine<void> {
+        event_loop& loop = event_loop::current();
+        int calls = 0;
+        loop.add_signal_handler(SIGUSR2, [&] { ++calls; });
+        std::raise(SIGUSR2);
+        co_await testing::wait_until([&] { return calls > 0; });
+        CHECK(calls == 1);
+        CHECK(foreign_handler_calls == 0);
+        CHECK(loop.remove_signal_handler(SIGUSR2));
+        struct sigaction now{};
+        sigaction(SIGUSR2, nullptr, &now);
+        CHECK((now.sa_handler == &foreign_handler));
+        CHECK((now.sa_flags & SA_RESTART) != 0);
+        CHECK_FALSE(blocked_here(SIGUSR2));
+        std::raise(SIGUSR2);  // the old handler again, not ours
+        CHECK(foreign_handler_calls == 1);
+        co_await sleep(2ms);
+        CHECK(calls == 1);
+      }());
+    }
+    SUBCASE("signal blocked before stays blocked") {
+      sigset_t one;
+      sigemptyset(&one);
+      sigaddset(&one, SIGUSR2);
+      pthread_sigmask(SIG_BLOCK, &one, nullptr);
+      testing::run_bounded([]() -> coroutine<void> {
+        event_loop& loop = event_loop::current();
+        loop.add_signal_handler(SIGUSR2, [] {});
+        co_await sleep(0ms);
+        CHECK(loop.remove_signal_handler(SIGUSR2));
+        CHECK(blocked_here(SIGUSR2));
+      }());
+      pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    }
+    SUBCASE("closing the loop restores too") {
+      testing::run_bounded([]() -> coroutine<void> {
+        event_loop::current().add_signal_handler(SIGUSR2, [] {});
+        co_return;
+      }());
+      struct sigaction now{};
+      sigaction(SIGUSR2, nullptr, &now);
+      CHECK((now.sa_handler == &foreign_handler));
+      CHECK_FALSE(blocked_here(SIGUSR2));
+    }
+    sigaction(SIGUSR2, &before, nullptr);
+  }
+
+  TEST_CASE("arrivals not yet delivered are dropped by remove, not sent to the old disposition") {
+    // SIGUSR1's default action would end the test run.
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      int calls = 0;
+      loop.add_signal_handler(SIGUSR1, [&] { ++calls; });
+      std::raise(SIGUSR1);
+      CHECK(loop.remove_signal_handler(SIGUSR1));
+      co_await sleep(2ms);
+      CHECK(calls == 0);
+    }());
+  }
+
+  TEST_CASE("invalid numbers, SIGKILL and SIGSTOP throw std::invalid_argument and change nothing") {
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      for (int sig : {0, -1, detail::signal_limit, 1000, int(SIGKILL), int(SIGSTOP)}) {
+        CHECK_THROWS_AS(loop.add_signal_handler(sig, [] {}), std::invalid_argument);
+        CHECK_THROWS_AS(loop.remove_signal_handler(sig), std::invalid_argument);
+      }
+      CHECK_THROWS_AS(loop.add_signal_handler(SIGUSR1, {}), std::invalid_argument);
+      CHECK_FALSE(loop.remove_signal_handler(SIGUSR1));
+      struct sigaction now{};
+      sigaction(SIGUSR1, nullptr, &now);
+      CHECK((now.sa_handler == SIG_DFL));
+      co_return;
+    }());
+  }
+
+  TEST_CASE("a second add for the same signal replaces the handler") {
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      int first = 0, second = 0;
+      loop.add_signal_handler(SIGUSR1, [&] { ++first; });
+      loop.add_signal_handler(SIGUSR1, [&] { ++second; });
+      std::raise(SIGUSR1);
+      co_await testing::wait_until([&] { return second > 0; });
+      CHECK(first == 0);
+      CHECK(second == 1);
+      // A handler may remove itself while it runs.
+      loop.add_signal_handler(SIGUSR1, [&] {
+        ++first;
+        loop.remove_signal_handler(SIGUSR1);
+      });
+      std::raise(SIGUSR1);
+      co_await testing::wait_until([&] { return first > 0; });
+      CHECK(first == 1);
+      CHECK_FALSE(loop.remove_signal_handler(SIGUSR1));
+    }());
+  }
+
+  TEST_CASE("two loops in two threads: one owner per signal, delivered to the owner's thread") {
+    std::atomic<bool> owner_ready{false}, done{false};
+    std::atomic<int> owner_calls{0};
+    std::atomic<bool> owner_on_its_thread{false};
+    std::thread owner([&] {
+      testing::run_bounded([&]() -> coroutine<void> {
+        event_loop& loop = event_loop::current();
+        const auto me = std::this_thread::get_id();
+        loop.add_signal_handler(SIGUSR1, [&, me] {
+          owner_on_its_thread = std::this_thread::get_id() == me;
+          ++owner_calls;
+        });
+        owner_ready = true;
+        co_await testing::wait_until([&] { return done.load(); });
+        loop.remove_signal_handler(SIGUSR1);
+      }());
+    });
+    int mine = 0;
+    bool mine_on_my_thread = false;
+    testing::run_bounded([&]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      co_await testing::wait_until([&] { return owner_ready.load(); });
+      REQUIRE(owner_ready);
+      CHECK_THROWS_AS(loop.add_signal_handler(SIGUSR1, [] {}), std::runtime_error);
+      const auto me = std::this_thread::get_id();
+      loop.add_signal_handler(SIGUSR2, [&, me] {
+        mine_on_my_thread = std::this_thread::get_id() == me;
+        ++mine;
+      });
+      // Process-directed: the kernel picks any thread that does not block the signal.
+      ::kill(::getpid(), SIGUSR1);
+      ::kill(::getpid(), SIGUSR2);
+      co_await testing::wait_until([&] { return mine > 0 && owner_calls > 0; });
+      done = true;
+    }());
+    done = true;
+    owner.join();
+    CHECK(owner_calls == 1);
+    CHECK(owner_on_its_thread);
+    CHECK(mine == 1);
+    CHECK(mine_on_my_thread);
+    // Released by its owner, the signal can be taken by another loop.
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop::current().add_signal_handler(SIGUSR1, [] {});
+      co_return;
+    }());
+  }
+
+  TEST_CASE("a failing signal callback goes to the exception handler") {
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      std::string seen;
+      loop.set_exception_handler([&](event_loop&, const exception_context& c) { seen = describe(c.exception); });
+      loop.add_signal_handler(SIGUSR1, [] { throw std::domain_error("from signal"); });
+      std::raise(SIGUSR1);
+      co_await testing::wait_until([&] { return !seen.empty(); });
+      CHECK(seen.find("from signal") != std::string::npos);
+      loop.set_exception_handler({});
+    }());
+  }
+}
+#endif
+// ---- end src/runtime/signals.hpp ----
 
 // Primitives: asyncio's locks, conditions, events, semaphores and queues.
 // ---- begin src/primitives/waiter.hpp ----
@@ -7896,7 +9310,6 @@ void detail::exit_on_exc_callback<CM>::operator()(const Task& t) const {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
-#include <algorithm>
 
 namespace async_exit_on_exc_tests {
 using namespace codestare::async_utils;

@@ -12,6 +12,8 @@
 #include "platform/backend_kqueue.hpp"
 #include "platform/backend_poll.hpp"
 #include "platform/backend.hpp"
+#include "platform/signal_source.hpp"
+#include "platform/thread_pool.hpp"
 
 // Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 #include "runtime/test_support.hpp"
@@ -34,6 +36,8 @@
 #include "runtime/shield.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
+#include "runtime/executor.hpp"
+#include "runtime/signals.hpp"
 
 // Primitives: asyncio's locks, conditions, events, semaphores and queues.
 #include "primitives/waiter.hpp"

@@ -121,8 +121,14 @@ class event_loop {
   void add_signal_handler(int sig, std::function<void()> fn);
   bool remove_signal_handler(int sig);
 
-  /// Waits for the default executor's jobs and joins its threads (executor.hpp).
-  void shutdown_default_executor_now() { executor_.reset(); }
+  // Executor (executor.hpp): asyncio's run_in_executor(None, fn, *args) and friends.
+  template <class F, class... Args>
+  auto run_in_executor(F fn, Args... args);
+  void set_default_executor(std::shared_ptr<executor> e);
+  void set_default_executor(std::size_t max_workers);
+  coroutine<void> shutdown_default_executor();
+  /// Waits for the default executor's jobs and joins its threads (used by run() and close()).
+  void shutdown_default_executor_now();
 
   void set_exception_handler(exception_handler handler) { handler_ = std::move(handler); }
   const exception_handler& get_exception_handler() const noexcept { return handler_; }

@@ -1,0 +1,171 @@
+// executor / thread_pool_executor: concurrent.futures' Executor and ThreadPoolExecutor, as plain
+// job runners (no futures: the loop side brings its own result slot, executor.hpp).
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace codestare::async_utils {
+
+/// concurrent.futures.Executor as an event loop uses it: something that runs jobs on other
+/// threads. Implement it to give a loop your own pool (event_loop::set_default_executor).
+class executor {
+ public:
+  virtual ~executor() = default;
+  /// Runs job once on some thread; throws std::runtime_error after shutdown(). A job must
+  /// not throw (the loop's jobs catch everything themselves).
+  virtual void submit(std::function<void()> job) = 0;
+  /// Stops accepting jobs; queued jobs still run. wait = true returns once all have run and
+  /// every thread is joined. Safe to call more than once and from several threads.
+  virtual void shutdown(bool wait) = 0;
+};
+
+/// concurrent.futures.ThreadPoolExecutor: up to max_workers threads, started lazily (one more
+/// whenever a job finds no idle worker), a FIFO queue without a size limit, every signal
+/// blocked in the workers so that they never take a signal meant for an event loop.
+class thread_pool_executor final : public executor {
+ public:
+  /// Python's default: min(32, cpu count + 4).
+  static std::size_t default_max_workers() noexcept {
+    return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
+  }
+
+  /// Throws std::invalid_argument when max_workers is 0 (Python's ValueError).
+  explicit thread_pool_executor(std::size_t max_workers = default_max_workers()) : max_workers_(max_workers) {
+    if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
+  }
+  thread_pool_executor(const thread_pool_executor&) = delete;
+  thread_pool_executor& operator=(const thread_pool_executor&) = delete;
+  /// Waits for the queued jobs and joins (Python's `with ThreadPoolExecutor()` exit).
+  ~thread_pool_executor() override { shutdown(true); }
+
+  void submit(std::function<void()> job) override {
+    if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
+    std::lock_guard guard(mutex_);
+    if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
+    jobs_.push_back(std::move(job));
+    if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
+      try {
+        workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
+      } catch (...) {
+        if (workers_.empty()) {  // nobody could ever run it: undo and report
+          jobs_.pop_back();
+          throw;
+        }
+      }
+    }
+    wake_.notify_one();
+  }
+
+  void shutdown(bool wait) override {
+    {
+      std::lock_guard guard(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (!wait) return;
+    std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
+    std::vector<std::thread> workers;
+    {
+      std::lock_guard guard(mutex_);
+      workers.swap(workers_);
+    }
+    for (auto& t : workers) {
+      if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
+      else t.join();
+    }
+  }
+
+  std::size_t max_workers() const noexcept { return max_workers_; }
+  /// Threads started so far (and not yet joined).
+  std::size_t worker_count() const {
+    std::lock_guard guard(mutex_);
+    return workers_.size();
+  }
+
+ private:
+  void work() noexcept {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      ++idle_;
+      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      --idle_;
+      if (jobs_.empty()) return;  // stopping, and nothing left to do
+      std::function<void()> job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      try {
+        job();
+      } catch (const std::exception& e) {
+        report(e.what());
+      } catch (...) {
+        report("unknown exception");
+      }
+      job = nullptr;  // whatever it holds goes before we sleep again
+      lock.lock();
+    }
+  }
+
+  static void report(const char* what) noexcept {
+    try {
+      log(log_level::error, std::string("Exception in executor job: ") + what);
+    } catch (...) {
+    }
+  }
+
+  const std::size_t max_workers_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> workers_;
+  std::size_t idle_ = 0;
+  bool stopping_ = false;
+  std::mutex join_mutex_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("thread_pool") {
+  using namespace codestare::async_utils;
+
+  TEST_CASE("runs every job, starts threads lazily up to max_workers, joins on shutdown") {
+    std::atomic<int> ran{0};
+    {
+      thread_pool_executor pool(3);
+      CHECK(pool.worker_count() == 0);
+      for (int i = 0; i < 1000; ++i) pool.submit([&] { ++ran; });
+      CHECK(pool.worker_count() >= 1);
+      CHECK(pool.worker_count() <= 3);
+      pool.shutdown(true);
+      CHECK(ran == 1000);
+      CHECK(pool.worker_count() == 0);
+      CHECK_THROWS_AS(pool.submit([] {}), std::runtime_error);
+      pool.shutdown(true);  // again: harmless
+    }
+    CHECK(thread_pool_executor::default_max_workers() >= 4);
+    CHECK(thread_pool_executor::default_max_workers() <= 32);
+    CHECK_THROWS_AS(thread_pool_executor(0), std::invalid_argument);
+  }
+
+  TEST_CASE("workers block every signal") {
+    thread_pool_executor pool(1);
+    std::atomic<bool> all_blocked{false};
+    pool.submit([&] {
+      sigset_t now;
+      pthread_sigmask(SIG_BLOCK, nullptr, &now);
+      all_blocked = sigismember(&now, SIGINT) == 1 && sigismember(&now, SIGTERM) == 1 && sigismember(&now, SIGUSR1) == 1;
+    });
+    pool.shutdown(true);
+    CHECK(all_blocked);
+  }
+}
+#endif
