@@ -55,3 +55,4 @@
 #include "utilities/async_exit_stack.hpp"
 #include "utilities/async_exit_on_exc.hpp"
 #include "utilities/coroutine_wrapper.hpp"
+#include "utilities/make_async.hpp"

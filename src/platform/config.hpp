@@ -32,6 +32,18 @@
 #error "async_utils needs C++20 (-std=c++20)"
 #endif
 
+// g++ warns (-Wsubobject-linkage, on by default) when the frame of a coroutine template defined
+// in a header stores a type without linkage, such as the type of a lambda in the user's .cpp
+// file. Harmless there, so the templates that store user awaitables in their frames say so.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wsubobject-linkage\"")
+#define ASYNC_UTILS_USER_TYPES_IN_FRAMES_END _Pragma("GCC diagnostic pop")
+#else
+#define ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
+#define ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
+#endif
+
 // Embedded tests: ASYNC_UTILS_TESTS compiles the doctest TEST_CASEs that sit beside the code,
 // ASYNC_UTILS_TESTS_MAIN also supplies doctest's main(). Without either, doctest is never named.
 #if defined(ASYNC_UTILS_TESTS_MAIN) && !defined(ASYNC_UTILS_TESTS)

@@ -107,6 +107,7 @@ outcome<T> gathered_outcome(future<T>& f) {
   }
 }
 
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <bool ReturnExceptions, class... A>
 auto gather_impl(A... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<await_result_t<A>>...>,
                                                             std::tuple<gathered_t<await_result_t<A>>...>>> {
@@ -142,6 +143,8 @@ auto gather_range_impl(Range range) {
     co_return results;
   }(std::move(range));
 }
+
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 template <class R>
 concept awaitable_range = std::ranges::input_range<R> && !awaitable<R> && awaitable<std::ranges::range_reference_t<R>>;

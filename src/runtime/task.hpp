@@ -73,11 +73,13 @@ class task_state final : public future_state<T> {
   frame_header* block_;  // the frame block this state lives in, or null
 };
 
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class A>
 coroutine<R> await_in_coroutine(A aw) {
   if constexpr (std::is_void_v<R>) co_await std::move(aw);
   else co_return co_await std::move(aw);
 }
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 template <class A>
 struct is_coroutine : std::false_type {};

@@ -14,6 +14,7 @@ auto ensure_future(A&& aw) {
   else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
 }
 
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class A>
 coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
   auto fut = ensure_future(std::forward<A>(aw));
@@ -27,6 +28,7 @@ coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
   }
   co_return take_result(*state);
 }
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 }  // namespace detail
 
