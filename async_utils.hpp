@@ -1879,13 +1879,18 @@ TEST_SUITE("event_loop") {
     auto h = loop.call_soon([&] { seen += "x"; });
     loop.call_soon([&] {
       seen += "b";
-      loop.call_soon([&] { seen += "d"; });  // next iteration, after c
+      loop.call_soon([&] {  // next iteration, after c
+        seen += "d";
+        loop.stop();
+      });
     });
     loop.call_soon([&] { seen += "c"; });
     h.cancel();
     CHECK(h.cancelled());
     CHECK(seen.empty());
-    loop.call_later(5ms, [&] { loop.stop(); });
+    // Stopping from d, not from a 5 ms timer: under Valgrind the first iteration can take longer
+    // than that, and the timer then stopped the loop before d ran (a flaky test).
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
     loop.run_forever();
     CHECK(seen == "abcd");
     CHECK_THROWS_AS(loop.call_soon(nullptr), std::invalid_argument);
@@ -3478,16 +3483,18 @@ TEST_SUITE("shield") {
 
   TEST_CASE("cancellation stops at the shield; the inner task finishes") {
     testing::run_bounded([]() -> coroutine<void> {
-      auto inner = create_task([]() -> coroutine<int> {
-        co_await sleep(5ms);
-        co_return 6;
-      }());
+      // The inner task waits on a gate, not on a timer: under Valgrind a 5 ms sleep could end
+      // before the cancellation is even checked (that made this test flaky).
+      auto gate = event_loop::current().create_future<int>();
+      auto inner = create_task([](future<int> g) -> coroutine<int> { co_return co_await g; }(gate));
       auto outer = create_task([](task<int> i) -> coroutine<int> { co_return co_await shield(i); }(inner));
       co_await sleep(1ms);
       outer.cancel();
       co_await wait_done(outer);
       CHECK(outer.cancelled());
       CHECK_FALSE(inner.done());
+      CHECK_FALSE(gate.cancelled());
+      gate.set_result(6);
       CHECK(co_await inner == 6);
       CHECK(co_await shield([]() -> coroutine<int> { co_return 1; }()) == 1);
     }());
@@ -3979,7 +3986,15 @@ auto run(A&& aw) {
 
 #ifdef ASYNC_UTILS_TESTS
 namespace codestare::async_utils::testing {
-inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit) { run(wait_for(std::move(body), limit)); }
+inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit) {
+  // Every bounded run of the suite also checks that run() leaves nothing behind.
+  const int fds_before = open_fds();
+  const int threads_before = threads();
+  run(wait_for(std::move(body), limit));
+  // (Fewer is fine: a body may close a descriptor its test opened before.)
+  CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
+  CHECK_MESSAGE(threads() <= threads_before, "run() left a thread running");
+}
 }  // namespace codestare::async_utils::testing
 
 TEST_SUITE("run") {
@@ -4005,6 +4020,46 @@ TEST_SUITE("run") {
     CHECK(run(main()) == 42);
     CHECK(leftover_cancelled);
     CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("after run(): no extra descriptor, no extra thread, no live task") {
+    const int fds_before = testing::open_fds();
+    const int threads_before = testing::threads();
+    std::vector<any_task> started;
+    auto main = [&]() -> coroutine<int> {
+      event_loop& loop = event_loop::current();
+      // A representative run: a descriptor wait, timers, futures, a task awaiting a task, a
+      // thread posting to the loop, a leftover timer, and a task that has to be cancelled.
+      int sp[2];
+      REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp) == 0);
+      auto reader = create_task(sock_recv(sp[0], 16));
+      auto fut = loop.create_future<int>();
+      auto waiter = create_task([](future<int> f) -> coroutine<int> { co_return co_await f; }(fut));
+      auto chained = create_task([](task<int> t) -> coroutine<int> { co_return co_await t + 1; }(waiter));
+      auto sleeper = create_task(sleep(1h));
+      loop.call_later(1h, [] {});  // still in the timer heap when run() ends
+      // (The future is captured by reference: its handles are counted on the loop thread only.)
+      std::thread poster([&loop, &fut] { loop.call_soon_threadsafe([&fut] { fut.set_result(41); }); });
+      CHECK(co_await chained == 42);
+      poster.join();
+      CHECK(::write(sp[1], "x", 1) == 1);
+      CHECK(co_await reader == "x");
+      sleeper.cancel();
+      co_await wait_done(sleeper);
+      ::close(sp[0]);
+      ::close(sp[1]);
+      started = {reader, waiter, chained, sleeper};
+      // Only the main task itself is left.
+      auto tasks = all_tasks();
+      REQUIRE(tasks.size() == 1);
+      CHECK(tasks[0] == *current_task());
+      co_return 7;
+    };
+    CHECK(run(main()) == 7);
+    REQUIRE(started.size() == 4);
+    for (auto& t : started) CHECK(t.done());
+    CHECK(testing::open_fds() == fds_before);
+    CHECK(testing::threads() == threads_before);
   }
 
   TEST_CASE("run rethrows, and refuses to nest inside a running loop") {
