@@ -57,7 +57,7 @@ test-sanitize: deps-reliability
 	@tests/run_tests.sh sanitize valgrind
 
 # The stress programs of tests/stress/ (counts, time and peak RSS of each; see RESULTS.md there).
-# QUICK=1: the short CI version, built with ASan+UBSan.
+# QUICK=1: the short CI version, built with ASan+UBSan (and the threaded ones with TSan too).
 QUICK ?=
 stress: deps-reliability
 	@STRESS_QUICK=$(filter 1,$(QUICK)) tests/run_tests.sh stress

@@ -1295,6 +1295,9 @@ struct handle_state : timer_node {
 
   std::atomic<std::uint32_t> refs{1};
   std::atomic<bool> cancelled{false};
+  /// A timer still in the loop's heap. Atomic, unlike the heap position: handle::cancel() reads
+  /// it from any thread (and only then may touch the loop, which is alive while it holds).
+  std::atomic<bool> in_heap{false};
   event_loop* loop;
   std::function<void()> fn;
 };
@@ -1404,6 +1407,10 @@ class event_loop {
   /// Makes run_forever() return after the current iteration.
   void stop() noexcept { stopping_ = true; }
   bool is_running() const noexcept { return running_; }
+  /// The loop's thread: the one running it, or else the one that ran or created it last.
+  bool on_loop_thread() const noexcept {
+    return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
+  }
   /// Cancels nothing: ends pending tasks (destroying their coroutines), drops queued callbacks,
   /// removes signal handlers, shuts the executor down. Throws if the loop is running.
   void close();
@@ -1490,6 +1497,7 @@ class event_loop {
   void set_callback(int fd, bool reader, std::function<void()> fn);
   bool clear_callback(int fd, bool reader);
   void mark_dirty(int fd, detail::fd_watch& w);
+  void forget_arming(detail::fd_watch& w) noexcept;
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
@@ -1513,6 +1521,7 @@ class event_loop {
   detail::erased_ptr<detail::signal_registry> signals_{nullptr, nullptr};
   detail::erased_ptr<detail::executor_slot> executor_{nullptr, nullptr};
   std::atomic<bool> running_{false};
+  std::atomic<std::thread::id> owner_{std::this_thread::get_id()};
   bool stopping_ = false;
   bool closed_ = false;
 };
@@ -1543,6 +1552,7 @@ inline void event_loop::run_forever() {
   check_open();
   if (running_) throw std::runtime_error("this event loop is already running");
   if (detail::running_loop) throw std::runtime_error("another event loop is running on this thread");
+  owner_ = std::this_thread::get_id();
   running_ = true;
   detail::running_loop = this;
   struct reset {
@@ -1601,13 +1611,13 @@ inline void event_loop::take_posted() {
 }
 
 inline bool event_loop::post(detail::job j) {
-  bool first;
-  {
-    std::lock_guard guard(posted_mutex_);
-    if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
-    posted_.push(j);
-    first = !posted_pending_.exchange(true);
-  }
+  // All of it under the lock: once the job is queued the loop may run it, finish and be
+  // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
+  // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
+  std::lock_guard guard(posted_mutex_);
+  if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
+  posted_.push(j);
+  const bool first = !posted_pending_.exchange(true);
   // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
   if (first && sleeping_.load()) wakeup_.notify();
   return true;
@@ -1636,12 +1646,23 @@ inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
 inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   detail::fd_watch& w = watch_of(fd);
-  (bit == detail::io_read ? w.readers : w.writers).push_back(waiter);
+  auto& list = bit == detail::io_read ? w.readers : w.writers;
+  const bool wanted_before = (w.wanted() & bit) != 0;
+  list.push_back(waiter);
+  // Armed for nobody (its last waiter was cancelled): the descriptor may have been closed since
+  // and its number reused, and the kernel then forgot the arming. Arm it anew.
+  if (!wanted_before) forget_arming(w);
   if (!(w.armed & bit)) mark_dirty(fd, w);
+}
+
+inline void event_loop::forget_arming(detail::fd_watch& w) noexcept {
+  polled_ -= (w.armed != 0);
+  w.armed = 0;
 }
 
 inline void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
+  std::vector<int> failed;
   for (std::size_t i = 0; i < dirty_.size(); ++i) {
     const int fd = dirty_[i];
     detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
@@ -1651,10 +1672,9 @@ inline void event_loop::rearm() {
     try {
       backend_.arm(fd, want);
     } catch (const std::system_error&) {
-      // The descriptor was closed under us: wake its waiters so they retry and see the error.
       polled_ -= (w.armed != 0);
       w.armed = 0;
-      dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
+      failed.push_back(fd);
       continue;
     }
     polled_ += (want != 0);
@@ -1662,6 +1682,10 @@ inline void event_loop::rearm() {
     w.armed = want;
   }
   dirty_.clear();
+  // A descriptor closed under us: wake its waiters so they retry and see the error, and run its
+  // callbacks. Only now: what still wants the descriptor marks it again for the next iteration
+  // (dispatching inside the loop above re-listed it there, and a reader callback spun forever).
+  for (int fd : failed) dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
 }
 
 inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
@@ -1711,6 +1735,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
   detail::fd_watch& w = watch_of(fd);
   backend_.add(fd);  // validates even a number seen before: it may have been closed since
+  forget_arming(w);  // and if it was, the kernel forgot how it was armed
   detail::handle_state*& slot = reader ? w.reader : w.writer;
   auto* state = new detail::handle_state(this, std::move(fn));
   if (slot) {
@@ -1770,9 +1795,11 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   handle h(state);
   state->fire = [](detail::timer_node* node, bool run) {
     auto* s = static_cast<detail::handle_state*>(node);
+    s->in_heap = false;
     if (run) s->loop->schedule({&detail::handle_state::run_job, s});  // heap's reference moves on
     else s->release();
   };
+  state->in_heap = true;
   add_timer(*state, when);  // the heap takes the creation reference
   return h;
 }
@@ -1780,8 +1807,12 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
 inline void handle::cancel() noexcept {
   if (!state_ || state_->cancelled.exchange(true)) return;
   // On the loop's own thread a timer leaves the heap now; elsewhere it is skipped when due.
+  // (Another thread must not touch the heap, not even read a node's position in it, running
+  // loop or not: it used to remove timers of a loop that was not running yet, racing with it.)
+  if (!state_->in_heap.load()) return;
   event_loop* loop = state_->loop;
-  if (state_->scheduled() && (detail::running_loop == loop || !loop->is_running())) {
+  if (loop->on_loop_thread()) {
+    state_->in_heap = false;
     loop->remove_timer(*state_);
     state_->release();
   }
@@ -1943,6 +1974,76 @@ TEST_SUITE("event_loop") {
     loop.call_exception_handler({"ctx", nullptr, std::nullopt, std::nullopt});
     CHECK(log.text().find("handler broke") != std::string::npos);
     CHECK(log.text().find("ctx") != std::string::npos);  // then the default handler
+  }
+
+  TEST_CASE("a reader on a descriptor closed before it was armed: its callback runs, the loop goes on") {
+    // Regression: arming failed, the loop dispatched the error at once, the callback (still
+    // registered) listed the descriptor for arming again in the same pass: rearm() never ended.
+    event_loop loop;
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    int calls = 0;
+    loop.add_reader(fds[0], [&] {
+      if (++calls == 3) loop.remove_reader(fds[0]);  // told again each iteration until removed
+    });
+    ::close(fds[0]);
+    bool ran = false;
+    loop.call_later(5ms, [&] {
+      ran = true;
+      loop.stop();
+    });
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(ran);
+    CHECK(calls == 3);
+    ::close(fds[1]);
+  }
+
+  TEST_CASE("timer handles cancelled from another thread never run, and leave the heap to the loop") {
+    // Regression: cancel() from another thread removed timers from the heap when the loop was
+    // not running yet, and read heap positions while it ran: data races (TSan), heap corruption.
+    event_loop loop;
+    std::vector<handle> timers;
+    int fired = 0, ticks = 0;
+    for (int i = 0; i < 2000; ++i) timers.push_back(loop.call_later(1s + std::chrono::microseconds(i), [&] { ++fired; }));
+    std::atomic<bool> done{false};
+    std::thread canceller([&] {
+      for (auto& h : timers) h.cancel();  // the loop may not even be running yet
+      done = true;
+      loop.call_soon_threadsafe([] {});
+    });
+    std::function<void()> tick = [&] {  // keeps the heap busy on the loop thread meanwhile
+      ++ticks;
+      if (done) loop.stop();
+      else loop.call_later(std::chrono::microseconds(ticks % 7), tick);
+    };
+    loop.call_soon(tick);
+    auto guard = loop.call_later(30s, [&] { loop.stop(); });
+    loop.run_forever();
+    canceller.join();
+    for (auto& h : timers) CHECK(h.cancelled());
+    loop.call_later(0s, [] {}).cancel();  // on the loop's (not running) thread: leaves at once
+    CHECK(fired == 0);
+    loop.close();
+    CHECK(fired == 0);
+    for (auto& h : timers) h.cancel();  // the loop is gone: still safe
+  }
+
+  TEST_CASE("a thread whose post lets the loop finish touches nothing of it afterwards") {
+    // Regression: post() sent the wake-up after releasing its lock; by then the loop could have
+    // run the job, stopped and been destroyed (a use after free). The window is small: this
+    // repeats the pattern for the sanitizer builds to catch.
+    for (int i = 0; i < 1000; ++i) {
+      std::thread poster;
+      {
+        auto loop = std::make_unique<event_loop>();
+        event_loop* l = loop.get();
+        auto tick = l->call_later(std::chrono::microseconds(i % 3), [] {});  // wakes the loop too
+        poster = std::thread([l] { l->call_soon_threadsafe([l] { l->stop(); }); });
+        l->run_forever();
+      }  // destroyed here, while the poster may still be inside call_soon_threadsafe
+      poster.join();
+    }
   }
 
   TEST_CASE("call_soon_threadsafe: 4 threads x 100,000 calls each run exactly once") {
@@ -3898,6 +3999,45 @@ TEST_SUITE("io") {
       CHECK_THROWS_AS(sock_accept(blocking), std::invalid_argument);
       CHECK_THROWS_AS(sock_connect(blocking, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), std::invalid_argument);
       ::close(blocking);
+    }());
+  }
+
+  TEST_CASE("a descriptor number reused after a cancelled wait is armed anew") {
+    // Regression (epoll): the loop still took the closed descriptor for armed, so a wait on the
+    // new one with the same number was never armed and never woke up.
+    testing::run_bounded([]() -> coroutine<void> {
+      int number;
+      {
+        socket_pair old;
+        auto t = create_task(sock_recv(old.fd[0], 10));
+        co_await sleep(1ms);  // armed by now
+        t.cancel();
+        co_await wait_done(t);
+        number = old.fd[0];
+      }  // closed: the kernel forgets the arming
+      socket_pair p;
+      if (p.fd[0] != number) {  // make sure the number is the same
+        REQUIRE(::dup2(p.fd[0], number) == number);
+        ::close(p.fd[0]);
+        p.fd[0] = number;
+      }
+      auto reader = create_task(sock_recv(number, 10));
+      co_await sleep(1ms);
+      CHECK(::write(p.fd[1], "hi", 2) == 2);
+      CHECK(co_await wait_for(reader, 5s) == "hi");
+      // The same for an add_reader callback.
+      auto first = create_task(wait_readable(number));
+      co_await sleep(1ms);
+      first.cancel();
+      co_await wait_done(first);
+      event_loop& loop = event_loop::current();
+      auto seen = loop.create_future<void>();
+      loop.add_reader(number, [&] {
+        if (!seen.done()) seen.set_result();
+      });
+      CHECK(::write(p.fd[1], "x", 1) == 1);
+      co_await wait_for(seen, 5s);
+      loop.remove_reader(number);
     }());
   }
 

@@ -32,6 +32,11 @@ STRESS_PROGRAMS="tasks waits threadsafe reset"
 [ -f src/primitives/condition.hpp ] && STRESS_PROGRAMS+=" primitives"
 [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor"
 STRESS_QUICK=${STRESS_QUICK:-}
+# The quick version also runs the cross-thread programs under TSan (NAME_tsan).
+if [ "$STRESS_QUICK" = 1 ]; then
+  STRESS_PROGRAMS+=" threadsafe_tsan"
+  [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor_tsan"
+fi
 STRESS_TIMEOUT=${STRESS_TIMEOUT:-900}
 FUZZ_TIME=${FUZZ_TIME:-60}
 REPORT_PATTERN='ERROR: (Address|Leak|Memory|Thread|UndefinedBehavior)Sanitizer|WARNING: ThreadSanitizer|runtime error:|ERROR SUMMARY: [1-9]|(definitely|indirectly) lost: [1-9]'
@@ -89,11 +94,12 @@ compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc
 }
 
 compile_stress() {  # compile_stress NAME: optimised; the quick (CI) version under ASan+UBSan instead
-  local flags=(-O2 -g)
+  local flags=(-O2 -g) source=${1%_tsan}
   [ "$STRESS_QUICK" = 1 ] && flags=(-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+  [[ $1 == *_tsan ]] && flags=(-O1 -g -fsanitize=thread)
   mkdir -p "$BUILD/stress"
   # shellcheck disable=SC2086
-  "$CXX_GCC" $WARN -pthread "${flags[@]}" "tests/stress/$1_stress.cpp" -o "$BUILD/stress/$1"
+  "$CXX_GCC" $WARN -pthread "${flags[@]}" "tests/stress/${source}_stress.cpp" -o "$BUILD/stress/$1"
 }
 
 compile_fuzz() {  # the libFuzzer target (clang only), with ASan and UBSan
@@ -313,7 +319,7 @@ if want valgrind; then
 fi
 
 if want stress; then
-  echo "== stress${STRESS_QUICK:+ (quick, under ASan+UBSan)}: $STRESS_PROGRAMS"
+  echo "== stress${STRESS_QUICK:+ (quick, under ASan+UBSan; *_tsan under TSan)}: $STRESS_PROGRAMS"
   results=$BUILD/stress/results.txt
   : >"$results"
   for p in $STRESS_PROGRAMS; do

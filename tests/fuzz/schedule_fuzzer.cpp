@@ -278,6 +278,7 @@ enum op : std::uint8_t {
   op_remove_done_callback,
   op_main_wait_for,
   op_call_soon_threadsafe,
+  op_reopen_socket,  // closes the socket pair under its waiters and opens a new one
   op_primitives_first,  // EXTENSION POINT (primitives): opcodes from here on are theirs
   op_count = 32
 };
@@ -403,6 +404,13 @@ coroutine<void> schedule(state& s, reader& in) {
         }
         break;
       case op_write_socket: FUZZ_CHECK(::write(s.sock[1], "x", 1) == 1); break;
+      case op_reopen_socket:
+        // Waiters on the old descriptors may never wake (as in asyncio); the drain cancels them.
+        // New waits on a reused number must work: the loop has to arm them anew.
+        ::close(s.sock[0]);
+        ::close(s.sock[1]);
+        FUZZ_CHECK(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, s.sock) == 0);
+        break;
       case op_drain_socket: {
         char buf[64];
         while (::recv(s.sock[0], buf, sizeof buf, MSG_DONTWAIT) > 0) {
