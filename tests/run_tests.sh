@@ -83,6 +83,7 @@ compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc
   if [[ $1 == *-tsan-* ]]; then
     san=(-fsanitize=thread)
   else
+    # shellcheck disable=SC2054  # the comma belongs to the flag
     san=(-fsanitize=address,undefined -fno-omit-frame-pointer)
     # clang 14's function sanitizer breaks the assembly of coroutines ("Cannot represent a
     # difference across sections").
@@ -95,6 +96,7 @@ compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc
 
 compile_stress() {  # compile_stress NAME: optimised; the quick (CI) version under ASan+UBSan instead
   local flags=(-O2 -g) source=${1%_tsan}
+  # shellcheck disable=SC2054  # the comma belongs to the flag
   [ "$STRESS_QUICK" = 1 ] && flags=(-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
   [[ $1 == *_tsan ]] && flags=(-O1 -g -fsanitize=thread)
   mkdir -p "$BUILD/stress"
