@@ -9,7 +9,7 @@ BUILD := tests/build
 
 export CXX_GCC CXX_CLANG WARN
 
-.PHONY: all test demo bench check clean deps
+.PHONY: all test demo bench check clean deps deps-reliability test-sanitize stress fuzz
 
 # Regenerates the single header from src/.
 all:
@@ -31,9 +31,42 @@ deps:
 	echo "installing:$$missing"; \
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing
 
+# What test-sanitize, stress and fuzz need beyond that: valgrind, and clang's runtime libraries
+# (sanitizers, libFuzzer: libclang-rt-N-dev).
+deps-reliability: deps
+	@missing=""; \
+	command -v valgrind >/dev/null || missing="$$missing valgrind"; \
+	echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' | \
+	  $(CXX_CLANG) -fsanitize=fuzzer,address -x c++ - -o /dev/null >/dev/null 2>&1 || \
+	  missing="$$missing libclang-rt-$$($(CXX_CLANG) -dumpversion | cut -d. -f1)-dev"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "missing:$$missing -- install$$missing (apt-get install$$missing) or run make as root"; \
+	  exit 1; \
+	fi; \
+	echo "installing:$$missing"; \
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing
+
 # Every check; the last line of output is "tests: N passed, M failed".
 test: deps
 	@tests/run_tests.sh
+
+# The embedded suite under ASan+UBSan and under TSan (g++ and clang++, epoll and poll), and the
+# runtime's suites under Valgrind memcheck. Any report fails. Ends with the same summary line.
+test-sanitize: deps-reliability
+	@tests/run_tests.sh sanitize valgrind
+
+# The stress programs of tests/stress/ (counts, time and peak RSS of each; see RESULTS.md there).
+# QUICK=1: the short CI version, built with ASan+UBSan (and the threaded ones with TSan too).
+QUICK ?=
+stress: deps-reliability
+	@STRESS_QUICK=$(filter 1,$(QUICK)) tests/run_tests.sh stress
+
+# The libFuzzer target tests/fuzz/schedule_fuzzer.cpp for FUZZ_TIME seconds, starting from the
+# seeds in tests/fuzz/corpus/ (new inputs go to tests/build/fuzz/corpus/).
+FUZZ_TIME ?= 60
+fuzz: deps-reliability
+	@FUZZ_TIME=$(FUZZ_TIME) tests/run_tests.sh fuzz
 
 # The demo and the benchmarks arrive with later issues (tests/demo/, tests/bench/).
 demo:

@@ -1321,7 +1321,8 @@ inline int threads() { return count_entries("/proc/self/task") + 1; }
 
 /// run(body) under wait_for(limit), so a bug fails a test instead of hanging the suite.
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
-void run_bounded(coroutine<void> body, std::chrono::milliseconds limit = std::chrono::milliseconds(10000));
+/// check_leaks=false for runs that overlap another thread's loop (the counts are per process).
+void run_bounded(coroutine<void> body, std::chrono::milliseconds limit = std::chrono::milliseconds(10000), bool check_leaks = true);
 
 /// Captures the library log for the lifetime of the object.
 class log_capture {
@@ -1874,6 +1875,9 @@ struct handle_state : timer_node {
 
   std::atomic<std::uint32_t> refs{1};
   std::atomic<bool> cancelled{false};
+  /// A timer still in the loop's heap. Atomic, unlike the heap position: handle::cancel() reads
+  /// it from any thread (and only then may touch the loop, which is alive while it holds).
+  std::atomic<bool> in_heap{false};
   event_loop* loop;
   std::function<void()> fn;
 };
@@ -1983,6 +1987,10 @@ class event_loop {
   /// Makes run_forever() return after the current iteration.
   void stop() noexcept { stopping_ = true; }
   bool is_running() const noexcept { return running_; }
+  /// The loop's thread: the one running it, or else the one that ran or created it last.
+  bool on_loop_thread() const noexcept {
+    return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
+  }
   /// Cancels nothing: ends pending tasks (destroying their coroutines), drops queued callbacks,
   /// removes signal handlers, shuts the executor down. Throws if the loop is running.
   void close();
@@ -2075,6 +2083,7 @@ class event_loop {
   void set_callback(int fd, bool reader, std::function<void()> fn);
   bool clear_callback(int fd, bool reader);
   void mark_dirty(int fd, detail::fd_watch& w);
+  void forget_arming(detail::fd_watch& w) noexcept;
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
@@ -2098,6 +2107,7 @@ class event_loop {
   detail::erased_ptr<detail::signal_registry> signals_{nullptr, nullptr};
   detail::erased_ptr<detail::executor_slot> executor_{nullptr, nullptr};
   std::atomic<bool> running_{false};
+  std::atomic<std::thread::id> owner_{std::this_thread::get_id()};
   bool stopping_ = false;
   bool closed_ = false;
 };
@@ -2128,6 +2138,7 @@ inline void event_loop::run_forever() {
   check_open();
   if (running_) throw std::runtime_error("this event loop is already running");
   if (detail::running_loop) throw std::runtime_error("another event loop is running on this thread");
+  owner_ = std::this_thread::get_id();
   running_ = true;
   detail::running_loop = this;
   struct reset {
@@ -2186,13 +2197,13 @@ inline void event_loop::take_posted() {
 }
 
 inline bool event_loop::post(detail::job j) {
-  bool first;
-  {
-    std::lock_guard guard(posted_mutex_);
-    if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
-    posted_.push(j);
-    first = !posted_pending_.exchange(true);
-  }
+  // All of it under the lock: once the job is queued the loop may run it, finish and be
+  // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
+  // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
+  std::lock_guard guard(posted_mutex_);
+  if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
+  posted_.push(j);
+  const bool first = !posted_pending_.exchange(true);
   // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
   if (first && sleeping_.load()) wakeup_.notify();
   return true;
@@ -2221,12 +2232,23 @@ inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
 inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   detail::fd_watch& w = watch_of(fd);
-  (bit == detail::io_read ? w.readers : w.writers).push_back(waiter);
+  auto& list = bit == detail::io_read ? w.readers : w.writers;
+  const bool wanted_before = (w.wanted() & bit) != 0;
+  list.push_back(waiter);
+  // Armed for nobody (its last waiter was cancelled): the descriptor may have been closed since
+  // and its number reused, and the kernel then forgot the arming. Arm it anew.
+  if (!wanted_before) forget_arming(w);
   if (!(w.armed & bit)) mark_dirty(fd, w);
+}
+
+inline void event_loop::forget_arming(detail::fd_watch& w) noexcept {
+  polled_ -= (w.armed != 0);
+  w.armed = 0;
 }
 
 inline void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
+  std::vector<int> failed;
   for (std::size_t i = 0; i < dirty_.size(); ++i) {
     const int fd = dirty_[i];
     detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
@@ -2236,10 +2258,9 @@ inline void event_loop::rearm() {
     try {
       backend_.arm(fd, want);
     } catch (const std::system_error&) {
-      // The descriptor was closed under us: wake its waiters so they retry and see the error.
       polled_ -= (w.armed != 0);
       w.armed = 0;
-      dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
+      failed.push_back(fd);
       continue;
     }
     polled_ += (want != 0);
@@ -2247,6 +2268,10 @@ inline void event_loop::rearm() {
     w.armed = want;
   }
   dirty_.clear();
+  // A descriptor closed under us: wake its waiters so they retry and see the error, and run its
+  // callbacks. Only now: what still wants the descriptor marks it again for the next iteration
+  // (dispatching inside the loop above re-listed it there, and a reader callback spun forever).
+  for (int fd : failed) dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
 }
 
 inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
@@ -2296,6 +2321,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
   detail::fd_watch& w = watch_of(fd);
   backend_.add(fd);  // validates even a number seen before: it may have been closed since
+  forget_arming(w);  // and if it was, the kernel forgot how it was armed
   detail::handle_state*& slot = reader ? w.reader : w.writer;
   auto* state = new detail::handle_state(this, std::move(fn));
   if (slot) {
@@ -2355,9 +2381,11 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   handle h(state);
   state->fire = [](detail::timer_node* node, bool run) {
     auto* s = static_cast<detail::handle_state*>(node);
+    s->in_heap = false;
     if (run) s->loop->schedule({&detail::handle_state::run_job, s});  // heap's reference moves on
     else s->release();
   };
+  state->in_heap = true;
   add_timer(*state, when);  // the heap takes the creation reference
   return h;
 }
@@ -2365,8 +2393,12 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
 inline void handle::cancel() noexcept {
   if (!state_ || state_->cancelled.exchange(true)) return;
   // On the loop's own thread a timer leaves the heap now; elsewhere it is skipped when due.
+  // (Another thread must not touch the heap, not even read a node's position in it, running
+  // loop or not: it used to remove timers of a loop that was not running yet, racing with it.)
+  if (!state_->in_heap.load()) return;
   event_loop* loop = state_->loop;
-  if (state_->scheduled() && (detail::running_loop == loop || !loop->is_running())) {
+  if (loop->on_loop_thread()) {
+    state_->in_heap = false;
     loop->remove_timer(*state_);
     state_->release();
   }
@@ -2464,13 +2496,18 @@ TEST_SUITE("event_loop") {
     auto h = loop.call_soon([&] { seen += "x"; });
     loop.call_soon([&] {
       seen += "b";
-      loop.call_soon([&] { seen += "d"; });  // next iteration, after c
+      loop.call_soon([&] {  // next iteration, after c
+        seen += "d";
+        loop.stop();
+      });
     });
     loop.call_soon([&] { seen += "c"; });
     h.cancel();
     CHECK(h.cancelled());
     CHECK(seen.empty());
-    loop.call_later(5ms, [&] { loop.stop(); });
+    // Stopping from d, not from a 5 ms timer: under Valgrind the first iteration can take longer
+    // than that, and the timer then stopped the loop before d ran (a flaky test).
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
     loop.run_forever();
     CHECK(seen == "abcd");
     CHECK_THROWS_AS(loop.call_soon(nullptr), std::invalid_argument);
@@ -2523,6 +2560,77 @@ TEST_SUITE("event_loop") {
     loop.call_exception_handler({"ctx", nullptr, std::nullopt, std::nullopt});
     CHECK(log.text().find("handler broke") != std::string::npos);
     CHECK(log.text().find("ctx") != std::string::npos);  // then the default handler
+  }
+
+  TEST_CASE("a reader on a descriptor closed before it was armed: its callback runs, the loop goes on") {
+    // Regression: arming failed, the loop dispatched the error at once, the callback (still
+    // registered) listed the descriptor for arming again in the same pass: rearm() never ended.
+    event_loop loop;
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    int calls = 0;
+    bool stopped = false;
+    loop.add_reader(fds[0], [&] {
+      if (++calls < 3) return;  // told again each iteration until removed
+      loop.remove_reader(fds[0]);
+      loop.call_soon([&] {  // and the loop goes on
+        stopped = true;
+        loop.stop();
+      });
+    });
+    ::close(fds[0]);
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(stopped);
+    CHECK(calls == 3);
+    ::close(fds[1]);
+  }
+
+  TEST_CASE("timer handles cancelled from another thread never run, and leave the heap to the loop") {
+    // Regression: cancel() from another thread removed timers from the heap when the loop was
+    // not running yet, and read heap positions while it ran: data races (TSan), heap corruption.
+    event_loop loop;
+    std::vector<handle> timers;
+    int fired = 0, ticks = 0;
+    for (int i = 0; i < 2000; ++i) timers.push_back(loop.call_later(1s + std::chrono::microseconds(i), [&] { ++fired; }));
+    std::atomic<bool> done{false};
+    std::thread canceller([&] {
+      for (auto& h : timers) h.cancel();  // the loop may not even be running yet
+      done = true;
+      loop.call_soon_threadsafe([] {});
+    });
+    std::function<void()> tick = [&] {  // keeps the heap busy on the loop thread meanwhile
+      ++ticks;
+      if (done) loop.stop();
+      else loop.call_later(std::chrono::microseconds(ticks % 7), tick);
+    };
+    loop.call_soon(tick);
+    auto guard = loop.call_later(30s, [&] { loop.stop(); });
+    loop.run_forever();
+    canceller.join();
+    for (auto& h : timers) CHECK(h.cancelled());
+    loop.call_later(0s, [] {}).cancel();  // on the loop's (not running) thread: leaves at once
+    CHECK(fired == 0);
+    loop.close();
+    CHECK(fired == 0);
+    for (auto& h : timers) h.cancel();  // the loop is gone: still safe
+  }
+
+  TEST_CASE("a thread whose post lets the loop finish touches nothing of it afterwards") {
+    // Regression: post() sent the wake-up after releasing its lock; by then the loop could have
+    // run the job, stopped and been destroyed (a use after free). The window is small: this
+    // repeats the pattern for the sanitizer builds to catch.
+    for (int i = 0; i < 1000; ++i) {
+      std::thread poster;
+      {
+        auto loop = std::make_unique<event_loop>();
+        event_loop* l = loop.get();
+        auto tick = l->call_later(std::chrono::microseconds(i % 3), [] {});  // wakes the loop too
+        poster = std::thread([l] { l->call_soon_threadsafe([l] { l->stop(); }); });
+        l->run_forever();
+      }  // destroyed here, while the poster may still be inside call_soon_threadsafe
+      poster.join();
+    }
   }
 
   TEST_CASE("call_soon_threadsafe: 4 threads x 100,000 calls each run exactly once") {
@@ -4137,16 +4245,18 @@ TEST_SUITE("shield") {
 
   TEST_CASE("cancellation stops at the shield; the inner task finishes") {
     testing::run_bounded([]() -> coroutine<void> {
-      auto inner = create_task([]() -> coroutine<int> {
-        co_await sleep(5ms);
-        co_return 6;
-      }());
+      // The inner task waits on a gate, not on a timer: under Valgrind a 5 ms sleep could end
+      // before the cancellation is even checked (that made this test flaky).
+      auto gate = event_loop::current().create_future<int>();
+      auto inner = create_task([](future<int> g) -> coroutine<int> { co_return co_await g; }(gate));
       auto outer = create_task([](task<int> i) -> coroutine<int> { co_return co_await shield(i); }(inner));
       co_await sleep(1ms);
       outer.cancel();
       co_await wait_done(outer);
       CHECK(outer.cancelled());
       CHECK_FALSE(inner.done());
+      CHECK_FALSE(gate.cancelled());
+      gate.set_result(6);
       CHECK(co_await inner == 6);
       CHECK(co_await shield([]() -> coroutine<int> { co_return 1; }()) == 1);
     }());
@@ -4553,6 +4663,45 @@ TEST_SUITE("io") {
     }());
   }
 
+  TEST_CASE("a descriptor number reused after a cancelled wait is armed anew") {
+    // Regression (epoll): the loop still took the closed descriptor for armed, so a wait on the
+    // new one with the same number was never armed and never woke up.
+    testing::run_bounded([]() -> coroutine<void> {
+      int number;
+      {
+        socket_pair old;
+        auto t = create_task(sock_recv(old.fd[0], 10));
+        co_await sleep(1ms);  // armed by now
+        t.cancel();
+        co_await wait_done(t);
+        number = old.fd[0];
+      }  // closed: the kernel forgets the arming
+      socket_pair p;
+      if (p.fd[0] != number) {  // make sure the number is the same
+        REQUIRE(::dup2(p.fd[0], number) == number);
+        ::close(p.fd[0]);
+        p.fd[0] = number;
+      }
+      auto reader = create_task(sock_recv(number, 10));
+      co_await sleep(1ms);
+      CHECK(::write(p.fd[1], "hi", 2) == 2);
+      CHECK(co_await wait_for(reader, 5s) == "hi");
+      // The same for an add_reader callback.
+      auto first = create_task(wait_readable(number));
+      co_await sleep(1ms);
+      first.cancel();
+      co_await wait_done(first);
+      event_loop& loop = event_loop::current();
+      auto seen = loop.create_future<void>();
+      loop.add_reader(number, [&] {
+        if (!seen.done()) seen.set_result();
+      });
+      CHECK(::write(p.fd[1], "x", 1) == 1);
+      co_await wait_for(seen, 5s);
+      loop.remove_reader(number);
+    }());
+  }
+
   TEST_CASE("cancel while waiting on a descriptor; wait_readable and wait_writable") {
     socket_pair p;
     testing::run_bounded([&]() -> coroutine<void> {
@@ -4638,7 +4787,16 @@ auto run(A&& aw) {
 
 #ifdef ASYNC_UTILS_TESTS
 namespace codestare::async_utils::testing {
-inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit) { run(wait_for(std::move(body), limit)); }
+inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit, bool check_leaks) {
+  // Every bounded run of the suite also checks that run() leaves nothing behind.
+  const int fds_before = open_fds();
+  const int threads_before = threads();
+  run(wait_for(std::move(body), limit));
+  if (!check_leaks) return;
+  // (Fewer is fine: a body may close a descriptor its test opened before.)
+  CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
+  CHECK_MESSAGE(threads() <= threads_before, "run() left a thread running");
+}
 }  // namespace codestare::async_utils::testing
 
 TEST_SUITE("run") {
@@ -4664,6 +4822,46 @@ TEST_SUITE("run") {
     CHECK(run(main()) == 42);
     CHECK(leftover_cancelled);
     CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("after run(): no extra descriptor, no extra thread, no live task") {
+    const int fds_before = testing::open_fds();
+    const int threads_before = testing::threads();
+    std::vector<any_task> started;
+    auto main = [&]() -> coroutine<int> {
+      event_loop& loop = event_loop::current();
+      // A representative run: a descriptor wait, timers, futures, a task awaiting a task, a
+      // thread posting to the loop, a leftover timer, and a task that has to be cancelled.
+      int sp[2];
+      REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp) == 0);
+      auto reader = create_task(sock_recv(sp[0], 16));
+      auto fut = loop.create_future<int>();
+      auto waiter = create_task([](future<int> f) -> coroutine<int> { co_return co_await f; }(fut));
+      auto chained = create_task([](task<int> t) -> coroutine<int> { co_return co_await t + 1; }(waiter));
+      auto sleeper = create_task(sleep(1h));
+      loop.call_later(1h, [] {});  // still in the timer heap when run() ends
+      // (The future is captured by reference: its handles are counted on the loop thread only.)
+      std::thread poster([&loop, &fut] { loop.call_soon_threadsafe([&fut] { fut.set_result(41); }); });
+      CHECK(co_await chained == 42);
+      poster.join();
+      CHECK(::write(sp[1], "x", 1) == 1);
+      CHECK(co_await reader == "x");
+      sleeper.cancel();
+      co_await wait_done(sleeper);
+      ::close(sp[0]);
+      ::close(sp[1]);
+      started = {reader, waiter, chained, sleeper};
+      // Only the main task itself is left.
+      auto tasks = all_tasks();
+      REQUIRE(tasks.size() == 1);
+      CHECK(tasks[0] == *current_task());
+      co_return 7;
+    };
+    CHECK(run(main()) == 7);
+    REQUIRE(started.size() == 4);
+    for (auto& t : started) CHECK(t.done());
+    CHECK(testing::open_fds() == fds_before);
+    CHECK(testing::threads() == threads_before);
   }
 
   TEST_CASE("run rethrows, and refuses to nest inside a running loop") {
@@ -5526,6 +5724,8 @@ TEST_SUITE("signals") {
   }
 
   TEST_CASE("two loops in two threads: one owner per signal, delivered to the owner's thread") {
+    const int fds_before = testing::open_fds();
+    const int threads_before = testing::threads();
     std::atomic<bool> owner_ready{false}, done{false};
     std::atomic<int> owner_calls{0};
     std::atomic<bool> owner_on_its_thread{false};
@@ -5540,7 +5740,7 @@ TEST_SUITE("signals") {
         owner_ready = true;
         co_await testing::wait_until([&] { return done.load(); });
         loop.remove_signal_handler(SIGUSR1);
-      }());
+      }(), std::chrono::milliseconds(10000), false);
     });
     int mine = 0;
     bool mine_on_my_thread = false;
@@ -5559,9 +5759,11 @@ TEST_SUITE("signals") {
       ::kill(::getpid(), SIGUSR2);
       co_await testing::wait_until([&] { return mine > 0 && owner_calls > 0; });
       done = true;
-    }());
+    }(), std::chrono::milliseconds(10000), false);  // the counts include the other thread's loop
     done = true;
     owner.join();
+    CHECK(testing::open_fds() <= fds_before);  // both loops gone: nothing left behind
+    CHECK(testing::threads() <= threads_before);
     CHECK(owner_calls == 1);
     CHECK(owner_on_its_thread);
     CHECK(mine == 1);

@@ -3,8 +3,10 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals cppcheck
-# Default: all of them but cppcheck (which `make check` runs).
+# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals
+#        cppcheck sanitize valgrind stress fuzz
+# Default: all of them but cppcheck (`make check`), sanitize and valgrind (`make test-sanitize`),
+# stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz (`make fuzz`, FUZZ_TIME).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -16,6 +18,28 @@ TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals} "
 UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
+# The embedded suite under ASan+UBSan and, separately, TSan: each compiler, each backend.
+SAN_VARIANTS="gcc-asan-epoll gcc-asan-poll clang-asan-epoll clang-asan-poll
+  gcc-tsan-epoll gcc-tsan-poll clang-tsan-epoll clang-tsan-poll"
+# Valgrind memcheck runs these suites (the runtime) of a plain -O1 build.
+VALGRIND_SUITES=${VALGRIND_SUITES:-coroutine,errors,event_loop,future,gather,intrusive_list,io,job_queue,log,run,shield,task,timer_heap,wait_for}
+# Any report fails the run at once; a report that slipped through anyway is caught in the log.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1}
+# Stress programs (tests/stress/); those of parts merged later are built once their source exists.
+STRESS_PROGRAMS="tasks waits threadsafe reset"
+[ -f src/primitives/condition.hpp ] && STRESS_PROGRAMS+=" primitives"
+[ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor"
+STRESS_QUICK=${STRESS_QUICK:-}
+# The quick version also runs the cross-thread programs under TSan (NAME_tsan).
+if [ "$STRESS_QUICK" = 1 ]; then
+  STRESS_PROGRAMS+=" threadsafe_tsan"
+  [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor_tsan"
+fi
+STRESS_TIMEOUT=${STRESS_TIMEOUT:-900}
+FUZZ_TIME=${FUZZ_TIME:-60}
+REPORT_PATTERN='ERROR: (Address|Leak|Memory|Thread|UndefinedBehavior)Sanitizer|WARNING: ThreadSanitizer|runtime error:|ERROR SUMMARY: [1-9]|(definitely|indirectly) lost: [1-9]'
 
 passed=0
 failed=0
@@ -50,6 +74,60 @@ compile_unit() {  # compile_unit VARIANT: the embedded tests, from the committed
   # shellcheck disable=SC2086  # WARN is a list of flags
   "$cxx" $WARN -pthread -O1 -g -DASYNC_UTILS_TESTS_MAIN "${backend[@]}" \
     -x c++ async_utils.hpp -o "$BUILD/$1"
+}
+
+compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc-asan-epoll, ...)
+  local cxx=$CXX_GCC backend=() san
+  [[ $1 == clang-* ]] && cxx=$CXX_CLANG
+  [[ $1 == *-poll ]] && backend=(-DASYNC_UTILS_BACKEND_POLL)
+  if [[ $1 == *-tsan-* ]]; then
+    san=(-fsanitize=thread)
+  else
+    # shellcheck disable=SC2054  # the comma belongs to the flag
+    san=(-fsanitize=address,undefined -fno-omit-frame-pointer)
+    # clang 14's function sanitizer breaks the assembly of coroutines ("Cannot represent a
+    # difference across sections").
+    [[ $1 == clang-* ]] && san+=(-fno-sanitize=function)
+  fi
+  # shellcheck disable=SC2086
+  "$cxx" $WARN -pthread -O1 -g "${san[@]}" -fno-sanitize-recover=all -DASYNC_UTILS_TESTS_MAIN \
+    "${backend[@]}" -x c++ async_utils.hpp -o "$BUILD/$1"
+}
+
+compile_stress() {  # compile_stress NAME: optimised; the quick (CI) version under ASan+UBSan instead
+  local flags=(-O2 -g) source=${1%_tsan}
+  # shellcheck disable=SC2054  # the comma belongs to the flag
+  [ "$STRESS_QUICK" = 1 ] && flags=(-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
+  [[ $1 == *_tsan ]] && flags=(-O1 -g -fsanitize=thread)
+  mkdir -p "$BUILD/stress"
+  # shellcheck disable=SC2086
+  "$CXX_GCC" $WARN -pthread "${flags[@]}" "tests/stress/${source}_stress.cpp" -o "$BUILD/stress/$1"
+}
+
+compile_fuzz() {  # the libFuzzer target (clang only), with ASan and UBSan
+  mkdir -p "$BUILD/fuzz"
+  # shellcheck disable=SC2086
+  "$CXX_CLANG" $WARN -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize=function \
+    -fno-sanitize-recover=all tests/fuzz/schedule_fuzzer.cpp -o "$BUILD/fuzz/schedule_fuzzer"
+}
+
+run_fuzz() {  # runs the fuzzer FUZZ_TIME seconds from the committed seeds; prints its figures
+  local log=$BUILD/fuzz/fuzz.log runs rate corpus
+  mkdir -p "$BUILD/fuzz/corpus"  # new inputs go here; the committed seeds stay as they are
+  timeout $((FUZZ_TIME + 120)) "$BUILD/fuzz/schedule_fuzzer" -max_total_time="$FUZZ_TIME" -timeout=10 \
+    -max_len=512 -print_final_stats=1 -artifact_prefix="$BUILD/fuzz/" \
+    "$BUILD/fuzz/corpus" tests/fuzz/corpus >"$log" 2>&1
+  rc=$?
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
+  corpus=$(grep -Eo 'corp: [0-9]+' "$log" | tail -n 1 | grep -Eo '[0-9]+')
+  fuzz_summary="${runs:-?} runs in ${FUZZ_TIME} s (${rate:-?} exec/s), corpus ${corpus:-?} inputs"
+  if ((rc == 0)) && ! grep -Eq "$REPORT_PATTERN|^==[0-9]+== ERROR|invariant broken" "$log"; then return 0; fi
+  {
+    echo "exit status $rc"
+    grep -E "invariant broken|ERROR|SUMMARY|Test unit written|^ *#[0-9] " "$log" | head -n 20
+  } >"$BUILD/fuzz.failure"
+  return 1
 }
 
 compile_multi_tu() {  # compile_multi_tu a|b
@@ -112,10 +190,12 @@ run_cppcheck() {
     --inline-suppr --suppress=missingReturn --suppress=operatorEqVarError async_utils.hpp
 }
 
-run_doctest() {  # run_doctest NAME BINARY: runs it; sets rc, dt_cases, dt_failed ('' if no summary)
+run_doctest() {  # run_doctest NAME COMMAND...: runs it; sets rc, dt_cases, dt_failed ('' if no summary)
   local log=$BUILD/$1.run.log line
-  timeout "$TIMEOUT" "$2" >"$log" 2>&1
+  timeout "$TIMEOUT" "${@:2}" >"$log" 2>&1
   rc=$?
+  # A sanitizer or Valgrind report fails the run even if the process exited 0.
+  if ((rc == 0)) && grep -Eq "$REPORT_PATTERN" "$log"; then rc=99; fi
   dt_cases='' dt_failed=''
   line=$(grep '^\[doctest\] test cases:' "$log" | tail -n 1)
   if [[ $line =~ test\ cases:\ *([0-9]+)\ *\|\ *[0-9]+\ passed\ *\|\ *([0-9]+)\ failed ]]; then
@@ -124,14 +204,14 @@ run_doctest() {  # run_doctest NAME BINARY: runs it; sets rc, dt_cases, dt_faile
   if ((rc == 0)) && [ "$dt_failed" = 0 ]; then return 0; fi
   {
     echo "exit status $rc$( ((rc == 124)) && echo ", timed out after ${TIMEOUT}s")"
-    grep -E '(TEST CASE|ERROR|FATAL|Segmentation|Aborted|what\(\))' "$log" | head -n 20
+    grep -E "(TEST CASE|ERROR|FATAL|Segmentation|Aborted|what\(\)|$REPORT_PATTERN|^ *#[0-9] )" "$log" | head -n 20
     tail -n 5 "$log"
   } >"$BUILD/$1.failure"
   return 1
 }
 
-count_doctest() {  # count_doctest NAME BINARY: each test case counts; a bad exit alone counts as one
-  if run_doctest "$1" "$2"; then
+count_doctest() {  # count_doctest NAME COMMAND...: each test case counts; a bad exit alone counts as one
+  if run_doctest "$@"; then
     pass "run $1 ($dt_cases test cases)" "$dt_cases"
     return
   fi
@@ -178,6 +258,14 @@ if want multi_tu; then
   start multi_tu_a compile_multi_tu a
   start multi_tu_b compile_multi_tu b
 fi
+if want sanitize; then
+  for v in $SAN_VARIANTS; do start "$v" compile_san "$v"; done
+fi
+want valgrind && start valgrind-gcc-epoll compile_unit valgrind-gcc-epoll
+if want stress; then
+  for p in $STRESS_PROGRAMS; do start "stress_$p" compile_stress "$p"; done
+fi
+want fuzz && start fuzz_build compile_fuzz
 want oneliner && start oneliner oneliner
 if want tests_off; then
   start tests_off_gcc tests_off "$CXX_GCC" tests_off_gcc
@@ -211,6 +299,60 @@ if want unit; then
       fail "build $v" 1 "$BUILD/$v.log"
     fi
   done
+fi
+
+if want sanitize; then
+  echo "== sanitizers: ASan+UBSan and TSan, g++ and clang++, epoll and poll"
+  for v in $SAN_VARIANTS; do
+    if job_ok "$v"; then count_doctest "$v" "$BUILD/$v"; else fail "build $v" 1 "$BUILD/$v.log"; fi
+  done
+fi
+
+if want valgrind; then
+  echo "== valgrind memcheck: suites $VALGRIND_SUITES"
+  if ! command -v valgrind >/dev/null; then
+    fail "valgrind is not installed (apt-get install valgrind, or make deps)"
+  elif job_ok valgrind-gcc-epoll; then
+    count_doctest valgrind valgrind -q --error-exitcode=1 --leak-check=full \
+      --errors-for-leak-kinds=definite,indirect "$BUILD/valgrind-gcc-epoll" -ts="$VALGRIND_SUITES"
+  else
+    fail "build valgrind-gcc-epoll" 1 "$BUILD/valgrind-gcc-epoll.log"
+  fi
+fi
+
+if want stress; then
+  echo "== stress${STRESS_QUICK:+ (quick, under ASan+UBSan; *_tsan under TSan)}: $STRESS_PROGRAMS"
+  results=$BUILD/stress/results.txt
+  : >"$results"
+  for p in $STRESS_PROGRAMS; do
+    if ! job_ok "stress_$p"; then
+      fail "build stress $p" 1 "$BUILD/stress_$p.log"
+      continue
+    fi
+    log=$BUILD/stress/$p.log
+    # One at a time: each prints its own time and peak RSS.
+    timeout "$STRESS_TIMEOUT" "$BUILD/stress/$p" ${STRESS_QUICK:+--quick} >"$log" 2>&1
+    rc=$?
+    grep '^RESULT' "$log" | sed 's/^RESULT /        /' | tee -a "$results"
+    if ((rc == 0)) && ! grep -Eq "$REPORT_PATTERN" "$log"; then
+      pass "stress $p"
+    else
+      echo "exit status $rc$( ((rc == 124)) && echo ", timed out after ${STRESS_TIMEOUT}s")" >"$BUILD/stress_$p.failure"
+      grep -v '^RESULT' "$log" | head -n 20 >>"$BUILD/stress_$p.failure"
+      fail "stress $p" 1 "$BUILD/stress_$p.failure"
+    fi
+  done
+fi
+
+if want fuzz; then
+  echo "== fuzz: tests/fuzz/schedule_fuzzer for ${FUZZ_TIME} s"
+  if ! job_ok fuzz_build; then
+    fail "build schedule_fuzzer" 1 "$BUILD/fuzz_build.log"
+  elif run_fuzz; then
+    pass "schedule_fuzzer: $fuzz_summary"
+  else
+    fail "schedule_fuzzer: $fuzz_summary" 1 "$BUILD/fuzz.failure"
+  fi
 fi
 
 if want multi_tu; then

@@ -24,6 +24,9 @@ struct handle_state : timer_node {
 
   std::atomic<std::uint32_t> refs{1};
   std::atomic<bool> cancelled{false};
+  /// A timer still in the loop's heap. Atomic, unlike the heap position: handle::cancel() reads
+  /// it from any thread (and only then may touch the loop, which is alive while it holds).
+  std::atomic<bool> in_heap{false};
   event_loop* loop;
   std::function<void()> fn;
 };

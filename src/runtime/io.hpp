@@ -404,6 +404,45 @@ TEST_SUITE("io") {
     }());
   }
 
+  TEST_CASE("a descriptor number reused after a cancelled wait is armed anew") {
+    // Regression (epoll): the loop still took the closed descriptor for armed, so a wait on the
+    // new one with the same number was never armed and never woke up.
+    testing::run_bounded([]() -> coroutine<void> {
+      int number;
+      {
+        socket_pair old;
+        auto t = create_task(sock_recv(old.fd[0], 10));
+        co_await sleep(1ms);  // armed by now
+        t.cancel();
+        co_await wait_done(t);
+        number = old.fd[0];
+      }  // closed: the kernel forgets the arming
+      socket_pair p;
+      if (p.fd[0] != number) {  // make sure the number is the same
+        REQUIRE(::dup2(p.fd[0], number) == number);
+        ::close(p.fd[0]);
+        p.fd[0] = number;
+      }
+      auto reader = create_task(sock_recv(number, 10));
+      co_await sleep(1ms);
+      CHECK(::write(p.fd[1], "hi", 2) == 2);
+      CHECK(co_await wait_for(reader, 5s) == "hi");
+      // The same for an add_reader callback.
+      auto first = create_task(wait_readable(number));
+      co_await sleep(1ms);
+      first.cancel();
+      co_await wait_done(first);
+      event_loop& loop = event_loop::current();
+      auto seen = loop.create_future<void>();
+      loop.add_reader(number, [&] {
+        if (!seen.done()) seen.set_result();
+      });
+      CHECK(::write(p.fd[1], "x", 1) == 1);
+      co_await wait_for(seen, 5s);
+      loop.remove_reader(number);
+    }());
+  }
+
   TEST_CASE("cancel while waiting on a descriptor; wait_readable and wait_writable") {
     socket_pair p;
     testing::run_bounded([&]() -> coroutine<void> {

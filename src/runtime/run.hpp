@@ -65,8 +65,18 @@ auto run(A&& aw) {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <thread>
 namespace codestare::async_utils::testing {
-inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit) { run(wait_for(std::move(body), limit)); }
+inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit, bool check_leaks) {
+  // Every bounded run of the suite also checks that run() leaves nothing behind.
+  const int fds_before = open_fds();
+  const int threads_before = threads();
+  run(wait_for(std::move(body), limit));
+  if (!check_leaks) return;
+  // (Fewer is fine: a body may close a descriptor its test opened before.)
+  CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
+  CHECK_MESSAGE(threads() <= threads_before, "run() left a thread running");
+}
 }  // namespace codestare::async_utils::testing
 
 TEST_SUITE("run") {
@@ -92,6 +102,46 @@ TEST_SUITE("run") {
     CHECK(run(main()) == 42);
     CHECK(leftover_cancelled);
     CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("after run(): no extra descriptor, no extra thread, no live task") {
+    const int fds_before = testing::open_fds();
+    const int threads_before = testing::threads();
+    std::vector<any_task> started;
+    auto main = [&]() -> coroutine<int> {
+      event_loop& loop = event_loop::current();
+      // A representative run: a descriptor wait, timers, futures, a task awaiting a task, a
+      // thread posting to the loop, a leftover timer, and a task that has to be cancelled.
+      int sp[2];
+      REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp) == 0);
+      auto reader = create_task(sock_recv(sp[0], 16));
+      auto fut = loop.create_future<int>();
+      auto waiter = create_task([](future<int> f) -> coroutine<int> { co_return co_await f; }(fut));
+      auto chained = create_task([](task<int> t) -> coroutine<int> { co_return co_await t + 1; }(waiter));
+      auto sleeper = create_task(sleep(1h));
+      loop.call_later(1h, [] {});  // still in the timer heap when run() ends
+      // (The future is captured by reference: its handles are counted on the loop thread only.)
+      std::thread poster([&loop, &fut] { loop.call_soon_threadsafe([&fut] { fut.set_result(41); }); });
+      CHECK(co_await chained == 42);
+      poster.join();
+      CHECK(::write(sp[1], "x", 1) == 1);
+      CHECK(co_await reader == "x");
+      sleeper.cancel();
+      co_await wait_done(sleeper);
+      ::close(sp[0]);
+      ::close(sp[1]);
+      started = {reader, waiter, chained, sleeper};
+      // Only the main task itself is left.
+      auto tasks = all_tasks();
+      REQUIRE(tasks.size() == 1);
+      CHECK(tasks[0] == *current_task());
+      co_return 7;
+    };
+    CHECK(run(main()) == 7);
+    REQUIRE(started.size() == 4);
+    for (auto& t : started) CHECK(t.done());
+    CHECK(testing::open_fds() == fds_before);
+    CHECK(testing::threads() == threads_before);
   }
 
   TEST_CASE("run rethrows, and refuses to nest inside a running loop") {

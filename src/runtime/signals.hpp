@@ -297,6 +297,8 @@ TEST_SUITE("signals") {
   }
 
   TEST_CASE("two loops in two threads: one owner per signal, delivered to the owner's thread") {
+    const int fds_before = testing::open_fds();
+    const int threads_before = testing::threads();
     std::atomic<bool> owner_ready{false}, done{false};
     std::atomic<int> owner_calls{0};
     std::atomic<bool> owner_on_its_thread{false};
@@ -311,7 +313,7 @@ TEST_SUITE("signals") {
         owner_ready = true;
         co_await testing::wait_until([&] { return done.load(); });
         loop.remove_signal_handler(SIGUSR1);
-      }());
+      }(), std::chrono::milliseconds(10000), false);
     });
     int mine = 0;
     bool mine_on_my_thread = false;
@@ -330,9 +332,11 @@ TEST_SUITE("signals") {
       ::kill(::getpid(), SIGUSR2);
       co_await testing::wait_until([&] { return mine > 0 && owner_calls > 0; });
       done = true;
-    }());
+    }(), std::chrono::milliseconds(10000), false);  // the counts include the other thread's loop
     done = true;
     owner.join();
+    CHECK(testing::open_fds() <= fds_before);  // both loops gone: nothing left behind
+    CHECK(testing::threads() <= threads_before);
     CHECK(owner_calls == 1);
     CHECK(owner_on_its_thread);
     CHECK(mine == 1);
