@@ -2950,6 +2950,20 @@ concept awaitable = requires(A&& a) {
 template <class A>
 using await_result_t = decltype(std::declval<std::remove_reference_t<decltype(detail::get_awaiter(std::declval<A>()))>&>().await_resume());
 
+namespace detail {
+/// T itself, or what awaiting it yields when T is an awaitable (for callables whose result is
+/// awaited when it can be).
+template <class T>
+struct awaited_or_value {
+  using type = T;
+};
+template <class T>
+  requires awaitable<T>
+struct awaited_or_value<T> {
+  using type = await_result_t<T>;
+};
+}  // namespace detail
+
 }  // namespace codestare::async_utils
 // ---- end src/runtime/awaitable.hpp ----
 // ---- begin src/runtime/future.hpp ----
@@ -8646,15 +8660,6 @@ concept async_context_manager = requires(CM& cm, std::exception_ptr error) {
 
 namespace detail {
 
-template <class T>
-struct awaited_or_value {
-  using type = T;
-};
-template <class T>
-  requires awaitable<T>
-struct awaited_or_value<T> {
-  using type = await_result_t<T>;
-};
 /// What fn(args...) yields, awaited when it is an awaitable.
 template <class F, class... Args>
 using call_await_t = typename awaited_or_value<std::invoke_result_t<F, Args...>>::type;
@@ -10056,15 +10061,6 @@ struct declared_result<F, std::void_t<decltype(&F::operator())>> {
 template <class F>
 inline constexpr bool returns_awaitable = declared_result<std::decay_t<F>>::known && awaitable<typename declared_result<std::decay_t<F>>::type>;
 
-template <class J>
-struct job_result {
-  using type = J;
-};
-template <class J>
-  requires awaitable<J>
-struct job_result<J> {
-  using type = await_result_t<J>;
-};
 
 /// A move-only nullary job. The coroutine below stores this, never the caller's callable: g++
 /// warns (-Wsubobject-linkage) when a header coroutine's frame holds a lambda's type.
@@ -10092,7 +10088,7 @@ class erased_job {
 /// Runs the job on the executor, resumes on the loop thread; an awaitable the job returns is
 /// awaited there too.
 template <class J>
-coroutine<typename job_result<J>::type> run_async(erased_job<J> job) {
+coroutine<typename awaited_or_value<J>::type> run_async(erased_job<J> job) {
   auto result = event_loop::current().run_in_executor(std::move(job));
   if constexpr (awaitable<J>) {
     J continuation = co_await std::move(result);

@@ -41,4 +41,18 @@ concept awaitable = requires(A&& a) {
 template <class A>
 using await_result_t = decltype(std::declval<std::remove_reference_t<decltype(detail::get_awaiter(std::declval<A>()))>&>().await_resume());
 
+namespace detail {
+/// T itself, or what awaiting it yields when T is an awaitable (for callables whose result is
+/// awaited when it can be).
+template <class T>
+struct awaited_or_value {
+  using type = T;
+};
+template <class T>
+  requires awaitable<T>
+struct awaited_or_value<T> {
+  using type = await_result_t<T>;
+};
+}  // namespace detail
+
 }  // namespace codestare::async_utils

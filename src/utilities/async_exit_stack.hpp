@@ -32,15 +32,6 @@ concept async_context_manager = requires(CM& cm, std::exception_ptr error) {
 
 namespace detail {
 
-template <class T>
-struct awaited_or_value {
-  using type = T;
-};
-template <class T>
-  requires awaitable<T>
-struct awaited_or_value<T> {
-  using type = await_result_t<T>;
-};
 /// What fn(args...) yields, awaited when it is an awaitable.
 template <class F, class... Args>
 using call_await_t = typename awaited_or_value<std::invoke_result_t<F, Args...>>::type;

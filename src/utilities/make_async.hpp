@@ -55,15 +55,6 @@ struct declared_result<F, std::void_t<decltype(&F::operator())>> {
 template <class F>
 inline constexpr bool returns_awaitable = declared_result<std::decay_t<F>>::known && awaitable<typename declared_result<std::decay_t<F>>::type>;
 
-template <class J>
-struct job_result {
-  using type = J;
-};
-template <class J>
-  requires awaitable<J>
-struct job_result<J> {
-  using type = await_result_t<J>;
-};
 
 /// A move-only nullary job. The coroutine below stores this, never the caller's callable: g++
 /// warns (-Wsubobject-linkage) when a header coroutine's frame holds a lambda's type.
@@ -91,7 +82,7 @@ class erased_job {
 /// Runs the job on the executor, resumes on the loop thread; an awaitable the job returns is
 /// awaited there too.
 template <class J>
-coroutine<typename job_result<J>::type> run_async(erased_job<J> job) {
+coroutine<typename awaited_or_value<J>::type> run_async(erased_job<J> job) {
   auto result = event_loop::current().run_in_executor(std::move(job));
   if constexpr (awaitable<J>) {
     J continuation = co_await std::move(result);
