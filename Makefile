@@ -51,10 +51,11 @@ deps-reliability: deps
 test: deps
 	@tests/run_tests.sh
 
-# The embedded suite under ASan+UBSan and under TSan (g++ and clang++, epoll and poll), and the
+# The embedded suite under ASan+UBSan and under TSan (each with g++ and clang++, covering epoll
+# and poll; SAN_FULL=1 for all eight combinations), and the
 # runtime's suites under Valgrind memcheck. Any report fails. Ends with the same summary line.
 test-sanitize: deps-reliability
-	@tests/run_tests.sh sanitize valgrind
+	@SAN_FULL=$(SAN_FULL) tests/run_tests.sh sanitize valgrind
 
 # The stress programs of tests/stress/ (counts, time and peak RSS of each; see RESULTS.md there).
 # QUICK=1: the short CI version, built with ASan+UBSan (and the threaded ones with TSan too).
