@@ -33,6 +33,14 @@ struct cancel_hook {
   bool (*cancel)(cancel_hook*) = nullptr;
 };
 
+/// An awaitable that needs to run code in its task before the coroutine resumes (and may decide
+/// to keep waiting instead) installs one with set_resume_gate() while suspending: the next
+/// step() calls pass() with the task current; false means it re-suspended, so the coroutine
+/// stays suspended. Lets a loop such as condition.wait_for run without a coroutine frame.
+struct resume_gate {
+  bool (*pass)(resume_gate*) noexcept = nullptr;
+};
+
 /// One object serves asyncio's Future and Task: a task is a future that also drives a coroutine.
 /// Reference counted by handles (loop thread only); a task holds one extra reference while it runs.
 class future_core : public list_node {
@@ -77,6 +85,10 @@ class future_core : public list_node {
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
   /// cancel() arrived after the wake-up (consuming it, as one asyncio __step would).
   void throw_if_cancelled(bool withdrawn = false);
+  /// A cancel() that arrived while the task could not withdraw its wait, not yet delivered.
+  bool cancel_pending() const noexcept { return must_cancel_; }
+  /// See resume_gate; consumed by the next step().
+  void set_resume_gate(resume_gate* gate) noexcept { gate_ = gate; }
   /// Runs the task until its next suspension (loop thread).
   void step();
   /// Loop closing with this task pending: destroys the coroutine, ends the task cancelled.
@@ -122,6 +134,7 @@ class future_core : public list_node {
   std::uint64_t number_ = 0;
   std::coroutine_handle<> resume_at_;
   cancel_hook* waiting_on_ = nullptr;
+  resume_gate* gate_ = nullptr;
 };
 
 /// The running task of the running loop, or an exception naming `what` that needs one.

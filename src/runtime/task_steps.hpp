@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 namespace codestare::async_utils::detail {
 
@@ -190,6 +191,13 @@ inline void future_core::step() {
   }
   future_core* previous = loop_->current_;
   loop_->current_ = this;
+  if (gate_) [[unlikely]] {
+    resume_gate* gate = std::exchange(gate_, nullptr);
+    if (!gate->pass(gate)) {  // waits on: the coroutine stays suspended
+      loop_->current_ = previous;
+      return;
+    }
+  }
   resume_at_.resume();
   loop_->current_ = previous;
   if (frame_done()) complete();
@@ -218,6 +226,7 @@ inline void future_core::complete() noexcept {
 
 inline void future_core::abandon() noexcept {
   waiting_on_ = nullptr;
+  gate_ = nullptr;
   must_cancel_ = false;
   destroy_frame();
   finish(future_status::cancelled);
