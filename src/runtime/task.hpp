@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace codestare::async_utils {
@@ -12,7 +13,7 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name, frame_header* block = nullptr)
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
       : future_state<T>(loop, true), frame_(frame), block_(block) {
     this->start(frame, std::move(name));
   }
@@ -20,7 +21,7 @@ class task_state final : public future_state<T> {
 
   /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
   /// task), else on its own. Takes the frame only when it succeeds.
-  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string name) {
+  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string&& name) {
     auto frame = coro.handle();
     task_state* state;
     if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
@@ -73,6 +74,10 @@ class task_state final : public future_state<T> {
   frame_header* block_;  // the frame block this state lives in, or null
 };
 
+// One allocation per task for small results (future_core keeps its rarely used parts aside).
+static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) <= task_room &&
+              sizeof(task_state<std::pair<void*, void*>>) <= task_room);
+
 template <class R, class A>
 coroutine<R> await_in_coroutine(A aw) {
   if constexpr (std::is_void_v<R>) co_await std::move(aw);
@@ -122,15 +127,23 @@ class task : public future<T> {
   operator any_task() const { return any_task(this->state_ptr()); }
 };
 
+namespace detail {
+/// create_task's body; the name is passed along by reference and moved from only if not empty.
+template <class A>
+auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
+  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  loop.check_open();
+  using R = await_result_t<A>;
+  coroutine<R> coro = as_coroutine(std::forward<A>(aw));
+  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
+  auto* state = task_state<R>::create(&loop, coro, std::move(name));
+  return task<R>(state);  // the new state's own reference is the "running" one
+}
+}  // namespace detail
+
 template <class A>
 auto event_loop::create_task(A&& aw, std::string name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
-  check_open();
-  using R = await_result_t<A>;
-  coroutine<R> coro = detail::as_coroutine(std::forward<A>(aw));
-  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
-  auto* state = detail::task_state<R>::create(this, coro, std::move(name));
-  return task<R>(state);  // the new state's own reference is the "running" one
+  return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
 namespace detail {
@@ -165,7 +178,7 @@ auto event_loop::run_until_complete(A&& aw) {
 /// Schedules `aw` on the running loop (asyncio.create_task).
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
-  return event_loop::current().create_task(std::forward<A>(aw), std::move(name));
+  return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
 }
 
 /// The task running now, if any (asyncio.current_task).
