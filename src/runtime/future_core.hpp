@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace codestare::async_utils {
@@ -100,8 +101,10 @@ class future_core : public list_node {
   /// Frees this state (a task state may live in its coroutine's frame block).
   virtual void dispose() noexcept { delete this; }
   /// Task: destroys the coroutine frame (finished or not).
-  virtual void destroy_frame() noexcept {}
-  virtual bool frame_done() const noexcept { return true; }
+  void destroy_frame() noexcept {
+    if (frame_) std::exchange(frame_, {}).destroy();
+  }
+  bool frame_done() const noexcept { return !frame_ || frame_.done(); }
   /// Task: numbers and registers it, and schedules its first step; `name` is moved from only
   /// when not empty.
   void start(std::coroutine_handle<> top, std::string&& name);
@@ -109,6 +112,7 @@ class future_core : public list_node {
 
   event_loop* loop_;
   std::exception_ptr error_;
+  std::coroutine_handle<> frame_;  // task: the coroutine it drives, until that ends
 
  private:
   friend class codestare::async_utils::event_loop;
@@ -138,6 +142,8 @@ class future_core : public list_node {
   }
   static void run_step(void* self, bool run) noexcept;
   void complete() noexcept;
+  [[noreturn]] void throw_cancelled();
+  void wake_refused();
 
   intrusive_list<completion_waiter> waiters_;
   std::unique_ptr<extra_state> extras_;

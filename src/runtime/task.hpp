@@ -14,10 +14,11 @@ template <class T>
 class task_state final : public future_state<T> {
  public:
   task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
-      : future_state<T>(loop, true), frame_(frame), block_(block) {
+      : future_state<T>(loop, true), block_(block) {
+    this->frame_ = frame;
     this->start(frame, std::move(name));
   }
-  ~task_state() override { destroy_frame(); }
+  ~task_state() override { this->destroy_frame(); }
 
   /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
   /// task), else on its own. Takes the frame only when it succeeds.
@@ -51,7 +52,7 @@ class task_state final : public future_state<T> {
     ::operator delete(static_cast<void*>(block));
   }
   void harvest() noexcept override {
-    auto& p = frame_.promise();
+    auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
     if (p.error) {
       this->error_ = p.error;
       return;
@@ -64,13 +65,8 @@ class task_state final : public future_state<T> {
       }
     }
   }
-  void destroy_frame() noexcept override {
-    if (frame_) std::exchange(frame_, {}).destroy();
-  }
-  bool frame_done() const noexcept override { return !frame_ || frame_.done(); }
 
  private:
-  typename coroutine<T>::handle_type frame_;
   frame_header* block_;  // the frame block this state lives in, or null
 };
 

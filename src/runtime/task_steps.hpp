@@ -160,21 +160,27 @@ inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> w
 
 inline void future_core::wake() {
   waiting_on_ = nullptr;
-  if (scheduled_) {
-    // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
-    log(log_level::error, "internal error: task " + name() + " woken twice");
+  if (scheduled_ || !loop_ || done()) [[unlikely]] {
+    wake_refused();
     return;
   }
-  if (!loop_ || done()) return;
   scheduled_ = true;
   loop_->schedule({&run_step, this});
 }
 
+[[gnu::noinline]] inline void future_core::wake_refused() {
+  // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
+  if (scheduled_) log(log_level::error, "internal error: task " + name() + " woken twice");
+}
+
 inline void future_core::throw_if_cancelled(bool withdrawn) {
-  if (withdrawn || must_cancel_) {
-    must_cancel_ = false;
-    throw cancelled_error(cancel_message());
-  }
+  if (withdrawn || must_cancel_) [[unlikely]]
+    throw_cancelled();
+}
+
+[[gnu::noinline]] inline void future_core::throw_cancelled() {
+  must_cancel_ = false;
+  throw cancelled_error(cancel_message());
 }
 
 inline void future_core::run_step(void* self, bool run) noexcept {
