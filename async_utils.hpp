@@ -173,6 +173,7 @@
 #include <exception>
 #include <fcntl.h>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <memory>
@@ -182,7 +183,6 @@
 #include <optional>
 #include <ostream>
 #include <pthread.h>
-#include <ranges>
 #include <signal.h>
 #include <span>
 #include <sstream>
@@ -1479,14 +1479,20 @@ struct job {
 
 class job_queue {
  public:
+  job_queue() noexcept = default;
+  job_queue(const job_queue&) = delete;
+  job_queue& operator=(const job_queue&) = delete;
+  ~job_queue() { delete[] buffer_; }
+
   bool empty() const noexcept { return head_ == tail_; }
   std::size_t size() const noexcept { return tail_ - head_; }
 
   void push(job j) {
-    if (size() == buffer_.size()) grow();
-    buffer_[tail_++ & (buffer_.size() - 1)] = j;
+    if (tail_ - head_ == capacity_) [[unlikely]]
+      grow();
+    buffer_[tail_++ & (capacity_ - 1)] = j;
   }
-  job pop() noexcept { return buffer_[head_++ & (buffer_.size() - 1)]; }
+  job pop() noexcept { return buffer_[head_++ & (capacity_ - 1)]; }
 
   /// Appends every job of `other` (emptied), keeping order.
   void splice(job_queue& other) {
@@ -1494,16 +1500,24 @@ class job_queue {
   }
 
  private:
-  void grow() {
-    std::vector<job> bigger(buffer_.empty() ? 64 : buffer_.size() * 2);
-    std::size_t n = size();
-    for (std::size_t i = 0; i < n; ++i) bigger[i] = pop();
-    buffer_ = std::move(bigger);
+  [[gnu::noinline]] void grow() {
+    const std::size_t bigger = capacity_ == 0 ? 64 : capacity_ * 2;
+    job* fresh = new job[bigger];
+    const std::size_t n = size();
+    // The live jobs in order: from head_ to the end of the buffer, then from its start.
+    const std::size_t first = capacity_ == 0 ? 0 : head_ & (capacity_ - 1);
+    const std::size_t run = std::min(n, capacity_ - first);
+    std::copy(buffer_ + first, buffer_ + first + run, fresh);
+    std::copy(buffer_, buffer_ + (n - run), fresh + run);
+    delete[] buffer_;
+    buffer_ = fresh;
+    capacity_ = bigger;
     head_ = 0;
     tail_ = n;
   }
-  std::vector<job> buffer_;  // size is zero or a power of two
-  std::size_t head_ = 0;     // monotonic; masked on access
+  job* buffer_ = nullptr;
+  std::size_t capacity_ = 0;  // zero or a power of two
+  std::size_t head_ = 0;      // monotonic; masked on access
   std::size_t tail_ = 0;
 };
 
@@ -1545,30 +1559,33 @@ struct timer_node {
   bool scheduled() const noexcept { return index != npos; }
 };
 
+/// The heap keeps each timer's deadline and sequence number beside its pointer, so that sifting
+/// compares entries in the vector and touches a node only to record its new position.
 class timer_heap {
  public:
   bool empty() const noexcept { return heap_.empty(); }
   std::size_t size() const noexcept { return heap_.size(); }
-  timer_node& top() noexcept { return *heap_.front(); }
+  timer_node& top() noexcept { return *heap_.front().node; }
+  /// The earliest deadline (the heap must not be empty).
+  clock::time_point top_when() const noexcept { return heap_.front().when; }
 
   void push(timer_node& node) {
     node.seq = next_seq_++;
-    node.index = heap_.size();
-    heap_.push_back(&node);
-    sift_up(node.index);
+    heap_.push_back({node.when, node.seq, &node});
+    node.index = heap_.size() - 1;
+    sift_up(node.index, heap_.back());
   }
   /// Removes a scheduled node in O(log n); cancelled timers never pile up.
   void remove(timer_node& node) noexcept {
     std::size_t i = node.index;
     if (i == timer_node::npos) return;
     node.index = timer_node::npos;
-    timer_node* last = heap_.back();
+    const entry last = heap_.back();
     heap_.pop_back();
-    if (last == &node) return;
-    heap_[i] = last;
-    last->index = i;
-    sift_down(i);
-    sift_up(last->index);
+    if (last.node == &node) return;
+    // The last entry fills the hole, then moves whichever way restores the order.
+    if (i > 0 && before(last, heap_[(i - 1) / 2])) sift_up(i, last);
+    else sift_down(i, last);
   }
   timer_node& pop() noexcept {
     timer_node& node = top();
@@ -1577,37 +1594,42 @@ class timer_heap {
   }
 
  private:
-  static bool before(const timer_node* a, const timer_node* b) noexcept {
-    return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+  struct entry {
+    clock::time_point when;
+    std::uint64_t seq;
+    timer_node* node;
+  };
+  static bool before(const entry& a, const entry& b) noexcept {
+    return a.when < b.when || (a.when == b.when && a.seq < b.seq);
   }
-  void place(std::size_t i, timer_node* node) noexcept {
-    heap_[i] = node;
-    node->index = i;
+  void place(std::size_t i, const entry& e) noexcept {
+    heap_[i] = e;
+    e.node->index = i;
   }
-  void sift_up(std::size_t i) noexcept {
-    timer_node* node = heap_[i];
+  /// Puts `e` at hole i or above it.
+  void sift_up(std::size_t i, const entry e) noexcept {
     while (i > 0) {
       std::size_t parent = (i - 1) / 2;
-      if (!before(node, heap_[parent])) break;
+      if (!before(e, heap_[parent])) break;
       place(i, heap_[parent]);
       i = parent;
     }
-    place(i, node);
+    place(i, e);
   }
-  void sift_down(std::size_t i) noexcept {
-    timer_node* node = heap_[i];
+  /// Puts `e` at hole i or below it.
+  void sift_down(std::size_t i, const entry e) noexcept {
     const std::size_t n = heap_.size();
     for (;;) {
       std::size_t child = 2 * i + 1;
       if (child >= n) break;
       if (child + 1 < n && before(heap_[child + 1], heap_[child])) ++child;
-      if (!before(heap_[child], node)) break;
+      if (!before(heap_[child], e)) break;
       place(i, heap_[child]);
       i = child;
     }
-    place(i, node);
+    place(i, e);
   }
-  std::vector<timer_node*> heap_;
+  std::vector<entry> heap_;
   std::uint64_t next_seq_ = 0;
 };
 
@@ -1667,6 +1689,14 @@ struct cancel_hook {
   bool (*cancel)(cancel_hook*) = nullptr;
 };
 
+/// An awaitable that needs to run code in its task before the coroutine resumes (and may decide
+/// to keep waiting instead) installs one with set_resume_gate() while suspending: the next
+/// step() calls pass() with the task current; false means it re-suspended, so the coroutine
+/// stays suspended. Lets a loop such as condition.wait_for run without a coroutine frame.
+struct resume_gate {
+  bool (*pass)(resume_gate*) noexcept = nullptr;
+};
+
 /// One object serves asyncio's Future and Task: a task is a future that also drives a coroutine.
 /// Reference counted by handles (loop thread only); a task holds one extra reference while it runs.
 class future_core : public list_node {
@@ -1697,11 +1727,11 @@ class future_core : public list_node {
   callback_id add_done_callback(std::function<void(future_core&)> fn);
   std::size_t remove_done_callback(callback_id id) noexcept;
   void add_waiter(completion_waiter& waiter) noexcept { waiters_.push_back(waiter); }
-  const std::string& cancel_message() const noexcept { return cancel_message_; }
+  const std::string& cancel_message() const noexcept { return extras_ ? extras_->cancel_message : no_text(); }
 
   // ---- task part -------------------------------------------------------------------------
   std::string name() const;
-  void set_name(std::string name) { name_ = std::move(name); }
+  void set_name(std::string name) { extras().name = std::move(name); }
   /// asyncio's cancelling(): the number of cancel() calls so far.
   unsigned cancel_requests() const noexcept { return cancel_requests_; }
   /// Called by an awaitable about to suspend the running task at `where`.
@@ -1711,6 +1741,10 @@ class future_core : public list_node {
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
   /// cancel() arrived after the wake-up (consuming it, as one asyncio __step would).
   void throw_if_cancelled(bool withdrawn = false);
+  /// A cancel() that arrived while the task could not withdraw its wait, not yet delivered.
+  bool cancel_pending() const noexcept { return must_cancel_; }
+  /// See resume_gate; consumed by the next step().
+  void set_resume_gate(resume_gate* gate) noexcept { gate_ = gate; }
   /// Runs the task until its next suspension (loop thread).
   void step();
   /// Loop closing with this task pending: destroys the coroutine, ends the task cancelled.
@@ -1722,14 +1756,18 @@ class future_core : public list_node {
   /// Frees this state (a task state may live in its coroutine's frame block).
   virtual void dispose() noexcept { delete this; }
   /// Task: destroys the coroutine frame (finished or not).
-  virtual void destroy_frame() noexcept {}
-  virtual bool frame_done() const noexcept { return true; }
-  void start(std::coroutine_handle<> top, std::string name);
+  void destroy_frame() noexcept {
+    if (frame_) std::exchange(frame_, {}).destroy();
+  }
+  bool frame_done() const noexcept { return !frame_ || frame_.done(); }
+  /// Task: numbers and registers it, and schedules its first step; `name` is moved from only
+  /// when not empty.
+  void start(std::coroutine_handle<> top, std::string&& name);
   void finish(future_status status) noexcept;
 
   event_loop* loop_;
   std::exception_ptr error_;
-  bool retrieved_ = false;  // someone looked at the outcome: no "never retrieved" report
+  std::coroutine_handle<> frame_;  // task: the coroutine it drives, until that ends
 
  private:
   friend class codestare::async_utils::event_loop;
@@ -1737,25 +1775,46 @@ class future_core : public list_node {
     callback_id id;
     std::function<void(future_core&)> fn;
   };
+  /// What most futures and tasks never use, allocated on first use: keeps the state small
+  /// enough to live behind its coroutine frame.
+  struct extra_state {
+    std::string name;  // empty: "Task-<number>"
+    std::string cancel_message;
+    std::vector<done_callback> callbacks;
+    callback_id next_callback_id = 0;
+  };
+  static const std::string& no_text() noexcept {
+    static const std::string empty;
+    return empty;
+  }
+  extra_state& extras() {
+    if (!extras_) extras_ = std::make_unique<extra_state>();
+    return *extras_;
+  }
+  /// Sets the cancel message (allocating the extras only for a non-empty one).
+  void set_cancel_message(std::string&& message) {
+    if (extras_ || !message.empty()) extras().cancel_message = std::move(message);
+  }
   static void run_step(void* self, bool run) noexcept;
   void complete() noexcept;
+  [[noreturn]] void throw_cancelled();
+  void wake_refused();
 
+  intrusive_list<completion_waiter> waiters_;
+  std::unique_ptr<extra_state> extras_;
+  std::uint64_t number_ = 0;
+  // Task part.
+  std::coroutine_handle<> resume_at_;
+  cancel_hook* waiting_on_ = nullptr;
+  resume_gate* gate_ = nullptr;
   std::uint32_t refs_ = 1;
+  unsigned cancel_requests_ = 0;
   future_status status_ = future_status::pending;
   bool is_task_;
   bool started_ = false;
   bool scheduled_ = false;
   bool must_cancel_ = false;
-  unsigned cancel_requests_ = 0;
-  callback_id next_callback_id_ = 0;
-  intrusive_list<completion_waiter> waiters_;
-  std::vector<done_callback> callbacks_;
-  std::string cancel_message_;
-  // Task part.
-  std::string name_;
-  std::uint64_t number_ = 0;
-  std::coroutine_handle<> resume_at_;
-  cancel_hook* waiting_on_ = nullptr;
+  bool retrieved_ = false;  // someone looked at the outcome: no "never retrieved" report
 };
 
 /// The running task of the running loop, or an exception naming `what` that needs one.
@@ -2724,7 +2783,7 @@ inline void future_core::release() noexcept {
 inline void future_core::check_result() {
   switch (status_) {
     case future_status::pending: throw invalid_state_error("result is not set yet");
-    case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message_);
+    case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message());
     case future_status::finished:
       retrieved_ = true;
       if (error_) std::rethrow_exception(error_);
@@ -2733,7 +2792,7 @@ inline void future_core::check_result() {
 
 inline std::exception_ptr future_core::exception() {
   if (status_ == future_status::pending) throw invalid_state_error("exception is not set yet");
-  if (status_ == future_status::cancelled) throw cancelled_error(cancel_message_);
+  if (status_ == future_status::cancelled) throw cancelled_error(cancel_message());
   retrieved_ = true;
   return error_;
 }
@@ -2748,8 +2807,8 @@ inline void future_core::set_exception(std::exception_ptr error) {
 
 inline bool future_core::cancel(std::string message) {
   if (done()) return false;
+  set_cancel_message(std::move(message));  // may allocate: before anything changes
   ++cancel_requests_;
-  cancel_message_ = std::move(message);
   if (!is_task_) {
     finish(future_status::cancelled);
     return true;
@@ -2769,16 +2828,19 @@ struct done_callback_job {
 
 inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
-  callbacks_.push_back({++next_callback_id_, std::move(fn)});
-  callback_id id = next_callback_id_;
+  extra_state& x = extras();
+  x.callbacks.push_back({x.next_callback_id + 1, std::move(fn)});
+  callback_id id = ++x.next_callback_id;
   if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
   return id;
 }
 
 inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
-  std::size_t before = callbacks_.size();
-  std::erase_if(callbacks_, [id](const done_callback& c) { return c.id == id; });
-  return before - callbacks_.size();
+  if (!extras_) return 0;
+  auto& callbacks = extras_->callbacks;
+  std::size_t before = callbacks.size();
+  std::erase_if(callbacks, [id](const done_callback& c) { return c.id == id; });
+  return before - callbacks.size();
 }
 
 inline void future_core::finish(future_status status) noexcept {
@@ -2788,9 +2850,9 @@ inline void future_core::finish(future_status status) noexcept {
     if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
     while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
   }
-  if (callbacks_.empty()) return;
+  if (!extras_ || extras_->callbacks.empty()) return;
   std::vector<done_callback> callbacks;
-  callbacks.swap(callbacks_);
+  callbacks.swap(extras_->callbacks);
   if (!loop_ || loop_->is_closed()) return;
   for (auto& c : callbacks) {
     add_ref();
@@ -2818,13 +2880,14 @@ inline void future_core::finish(future_status status) noexcept {
 }
 
 inline std::string future_core::name() const {
-  if (!name_.empty() || !is_task_) return name_;
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
   return "Task-" + std::to_string(number_);
 }
 
-inline void future_core::start(std::coroutine_handle<> top, std::string name) {
+inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {
+  if (!name.empty()) extras().name = std::move(name);
   number_ = loop_->next_task_number();
-  name_ = std::move(name);
   resume_at_ = top;
   loop_->register_core(*this);
   scheduled_ = true;
@@ -2840,21 +2903,27 @@ inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> w
 
 inline void future_core::wake() {
   waiting_on_ = nullptr;
-  if (scheduled_) {
-    // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
-    log(log_level::error, "internal error: task " + name() + " woken twice");
+  if (scheduled_ || !loop_ || done()) [[unlikely]] {
+    wake_refused();
     return;
   }
-  if (!loop_ || done()) return;
   scheduled_ = true;
   loop_->schedule({&run_step, this});
 }
 
+[[gnu::noinline]] inline void future_core::wake_refused() {
+  // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
+  if (scheduled_) log(log_level::error, "internal error: task " + name() + " woken twice");
+}
+
 inline void future_core::throw_if_cancelled(bool withdrawn) {
-  if (withdrawn || must_cancel_) {
-    must_cancel_ = false;
-    throw cancelled_error(cancel_message_);
-  }
+  if (withdrawn || must_cancel_) [[unlikely]]
+    throw_cancelled();
+}
+
+[[gnu::noinline]] inline void future_core::throw_cancelled() {
+  must_cancel_ = false;
+  throw cancelled_error(cancel_message());
 }
 
 inline void future_core::run_step(void* self, bool run) noexcept {
@@ -2875,6 +2944,13 @@ inline void future_core::step() {
   }
   future_core* previous = loop_->current_;
   loop_->current_ = this;
+  if (gate_) [[unlikely]] {
+    resume_gate* gate = std::exchange(gate_, nullptr);
+    if (!gate->pass(gate)) {  // waits on: the coroutine stays suspended
+      loop_->current_ = previous;
+      return;
+    }
+  }
   resume_at_.resume();
   loop_->current_ = previous;
   if (frame_done()) complete();
@@ -2889,7 +2965,10 @@ inline void future_core::complete() noexcept {
       std::rethrow_exception(error_);
     } catch (const cancelled_error& e) {
       status = future_status::cancelled;
-      cancel_message_ = e.message();
+      try {
+        set_cancel_message(std::string(e.message()));
+      } catch (...) {  // out of memory for the message: the cancellation still counts
+      }
       error_ = nullptr;
     } catch (...) {
     }
@@ -2903,6 +2982,7 @@ inline void future_core::complete() noexcept {
 
 inline void future_core::abandon() noexcept {
   waiting_on_ = nullptr;
+  gate_ = nullptr;
   must_cancel_ = false;
   destroy_frame();
   finish(future_status::cancelled);
@@ -3169,7 +3249,8 @@ struct frame_header {
   bool frame_gone;
 };
 inline constexpr std::size_t frame_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
-inline constexpr std::size_t task_room = 256;
+/// Enough for the state of a task whose result is up to 16 bytes (task.hpp checks that).
+inline constexpr std::size_t task_room = 160;
 inline std::size_t round_to_frame_align(std::size_t n) noexcept { return (n + frame_align - 1) / frame_align * frame_align; }
 inline frame_header* header_of(void* frame) noexcept {
   return std::launder(reinterpret_cast<frame_header*>(static_cast<std::byte*>(frame) - frame_align));
@@ -3368,38 +3449,55 @@ TEST_SUITE("coroutine") {
 namespace codestare::async_utils {
 namespace detail {
 
-struct sleep_awaiter : cancel_hook, timer_node {
-  clock::duration delay;
+/// The timed part of a sleep: a heap node and a cancel hook.
+struct sleep_timer : cancel_hook, timer_node {
   future_core* task = nullptr;
   bool withdrawn = false;
+};
 
-  explicit sleep_awaiter(clock::duration d) noexcept : delay(d) {}
+/// co_await sleep(d). A positive delay builds a sleep_timer in place; sleep(0s) (a bare yield)
+/// touches nothing but the task.
+struct sleep_awaiter {
+  clock::duration delay;
+  future_core* task = nullptr;
+  union {
+    sleep_timer timer;  // alive exactly when timed()
+  };
+
+  explicit sleep_awaiter(clock::duration d) noexcept : delay(d) {
+    if (timed()) ::new (static_cast<void*>(&timer)) sleep_timer();
+  }
   sleep_awaiter(const sleep_awaiter&) = delete;
+  sleep_awaiter& operator=(const sleep_awaiter&) = delete;
+  ~sleep_awaiter() {
+    if (!timed()) return;
+    if (timer.scheduled() && task && task->loop()) task->loop()->remove_timer(timer);
+    timer.~sleep_timer();
+  }
+  bool timed() const noexcept { return delay > clock::duration::zero(); }
   bool await_ready() const noexcept { return false; }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("sleep()");
-    if (delay <= clock::duration::zero()) {  // a bare yield: nothing to withdraw
+    if (!timed()) {  // a bare yield: nothing to withdraw
       task->suspend_on(nullptr, h);
       task->wake();
       return;
     }
-    fire = [](timer_node* node, bool run) {
-      if (run) static_cast<sleep_awaiter*>(node)->task->wake();
+    timer.task = task;
+    timer.fire = [](timer_node* node, bool run) {
+      if (run) static_cast<sleep_timer*>(node)->task->wake();
     };
-    cancel = [](cancel_hook* c) {
-      auto* self = static_cast<sleep_awaiter*>(c);
+    timer.cancel = [](cancel_hook* c) {
+      auto* self = static_cast<sleep_timer*>(c);
       self->task->loop()->remove_timer(*self);
       self->withdrawn = true;
       self->task->wake();
       return true;
     };
-    task->loop()->add_timer(*this, clock::now() + delay);
-    task->suspend_on(this, h);
+    task->loop()->add_timer(timer, clock::now() + delay);
+    task->suspend_on(&timer, h);
   }
-  void await_resume() { task->throw_if_cancelled(withdrawn); }
-  ~sleep_awaiter() {
-    if (scheduled() && task && task->loop()) task->loop()->remove_timer(*this);
-  }
+  void await_resume() { task->throw_if_cancelled(timed() && timer.withdrawn); }
 };
 
 /// What sleep() returns: a movable value; the awaiter (holding the timer) lives in the frame.
@@ -3501,15 +3599,16 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name, frame_header* block = nullptr)
-      : future_state<T>(loop, true), frame_(frame), block_(block) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
+      : future_state<T>(loop, true), block_(block) {
+    this->frame_ = frame;
     this->start(frame, std::move(name));
   }
-  ~task_state() override { destroy_frame(); }
+  ~task_state() override { this->destroy_frame(); }
 
   /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
   /// task), else on its own. Takes the frame only when it succeeds.
-  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string name) {
+  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string&& name) {
     auto frame = coro.handle();
     task_state* state;
     if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
@@ -3539,7 +3638,7 @@ class task_state final : public future_state<T> {
     ::operator delete(static_cast<void*>(block));
   }
   void harvest() noexcept override {
-    auto& p = frame_.promise();
+    auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
     if (p.error) {
       this->error_ = p.error;
       return;
@@ -3552,15 +3651,14 @@ class task_state final : public future_state<T> {
       }
     }
   }
-  void destroy_frame() noexcept override {
-    if (frame_) std::exchange(frame_, {}).destroy();
-  }
-  bool frame_done() const noexcept override { return !frame_ || frame_.done(); }
 
  private:
-  typename coroutine<T>::handle_type frame_;
   frame_header* block_;  // the frame block this state lives in, or null
 };
+
+// One allocation per task for small results (future_core keeps its rarely used parts aside).
+static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) <= task_room &&
+              sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class A>
@@ -3613,15 +3711,23 @@ class task : public future<T> {
   operator any_task() const { return any_task(this->state_ptr()); }
 };
 
+namespace detail {
+/// create_task's body; the name is passed along by reference and moved from only if not empty.
+template <class A>
+auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
+  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  loop.check_open();
+  using R = await_result_t<A>;
+  coroutine<R> coro = as_coroutine(std::forward<A>(aw));
+  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
+  auto* state = task_state<R>::create(&loop, coro, std::move(name));
+  return task<R>(state);  // the new state's own reference is the "running" one
+}
+}  // namespace detail
+
 template <class A>
 auto event_loop::create_task(A&& aw, std::string name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
-  check_open();
-  using R = await_result_t<A>;
-  coroutine<R> coro = detail::as_coroutine(std::forward<A>(aw));
-  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
-  auto* state = detail::task_state<R>::create(this, coro, std::move(name));
-  return task<R>(state);  // the new state's own reference is the "running" one
+  return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
 namespace detail {
@@ -3656,7 +3762,7 @@ auto event_loop::run_until_complete(A&& aw) {
 /// Schedules `aw` on the running loop (asyncio.create_task).
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
-  return event_loop::current().create_task(std::forward<A>(aw), std::move(name));
+  return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
 }
 
 /// The task running now, if any (asyncio.current_task).
@@ -4128,8 +4234,15 @@ auto gather_range_impl(Range range) {
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
+/// std::ranges::iterator_t / input_range / range_reference_t, spelled with what <iterator>
+/// provides, so that this header does not pull in all of <ranges>.
 template <class R>
-concept awaitable_range = std::ranges::input_range<R> && !awaitable<R> && awaitable<std::ranges::range_reference_t<R>>;
+using range_iterator_t = decltype(std::ranges::begin(std::declval<R&>()));
+template <class R>
+concept awaitable_range = requires(R& r) {
+  std::ranges::begin(r);
+  std::ranges::end(r);
+} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable<std::iter_reference_t<range_iterator_t<R>>>;
 
 }  // namespace detail
 
@@ -6287,7 +6400,10 @@ struct condition_wait : parked_task {
     if (!lk->locked()) throw std::runtime_error("condition.wait(): the lock is not acquired");
     return false;
   }
-  void await_suspend(std::coroutine_handle<> h);
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("condition.wait()");
+    start_waiting(h);
+  }
   bool await_resume();
   ~condition_wait() {
     if (woken && linked()) {  // destroyed after the lock was handed to it (loop closing)
@@ -6295,6 +6411,11 @@ struct condition_wait : parked_task {
       from_destructor("condition: waking the next lock waiter failed", [this] { lk->wake_first(); });
     }
   }
+
+  /// Releases the lock and parks the (bound) task in the condition's queue.
+  void start_waiting(std::coroutine_handle<> h);
+  /// Only the lock wakes us, and it is free and promised to us: take it.
+  void take_lock() noexcept;
 
   /// Notified or cancelled: from now on the wait is for the lock. That part is not withdrawn on
   /// cancel (the hook refuses, so the task keeps a pending cancellation that await_resume
@@ -6307,6 +6428,60 @@ struct condition_wait : parked_task {
   }
 };
 
+/// co_await condition.wait_for(pred) without a coroutine frame: pred is evaluated with the lock
+/// held in await_ready, then, after every wake-up, by a resume gate that runs in the task's step
+/// before the coroutine would resume. A falsy value parks the task again right there, so the
+/// coroutine only resumes with the final value, an exception from pred, or cancelled_error.
+template <class Predicate>
+struct condition_wait_for_awaiter : condition_wait, resume_gate {
+  using result_type = std::decay_t<std::invoke_result_t<Predicate&>>;
+  Predicate* predicate;
+  std::optional<result_type> result;
+  std::exception_ptr error;  // thrown by pred after a wake-up
+  std::coroutine_handle<> where;
+
+  condition_wait_for_awaiter(condition& c, lock& l, Predicate& p) noexcept : condition_wait(c, l), predicate(&p) {
+    pass = &gate;
+  }
+  bool await_ready() {
+    if (!lk->locked()) throw std::runtime_error("condition.wait_for(): the lock is not acquired");
+    result.emplace((*predicate)());
+    return static_cast<bool>(*result);
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("condition.wait_for()");
+    where = h;
+    start_waiting(h);
+    task->set_resume_gate(this);  // after anything that can throw
+  }
+  result_type await_resume() {
+    if (task) {
+      condition_wait::await_resume();  // cancelled: throws, passing a notification on
+      if (error) std::rethrow_exception(error);
+    }
+    return std::move(*result);
+  }
+
+ private:
+  static bool gate(resume_gate* g) noexcept {
+    auto* self = static_cast<condition_wait_for_awaiter*>(g);
+    self->take_lock();
+    if (self->cancelled || self->task->cancel_pending()) return true;  // await_resume throws
+    try {
+      self->result.emplace((*self->predicate)());
+      if (static_cast<bool>(*self->result)) return true;
+      self->notified = false;  // wait again, as a fresh wait()
+      self->woken = false;
+      self->start_waiting(self->where);
+      self->task->set_resume_gate(self);
+      return false;
+    } catch (...) {
+      self->error = std::current_exception();
+      return true;
+    }
+  }
+};
+
 /// What condition.wait_for(pred) returns: keeps the predicate in the awaiting frame.
 template <class Predicate>
 struct condition_wait_for {
@@ -6314,9 +6489,8 @@ struct condition_wait_for {
   condition* cond;
   Predicate predicate;
 
-  static result_type evaluate(void* p) { return (*static_cast<Predicate*>(p))(); }
-  typename coroutine<result_type>::awaiter operator co_await() &;
-  typename coroutine<result_type>::awaiter operator co_await() && { return operator co_await(); }
+  condition_wait_for_awaiter<Predicate> operator co_await() &;
+  condition_wait_for_awaiter<Predicate> operator co_await() && { return operator co_await(); }
 };
 
 }  // namespace detail
@@ -6352,7 +6526,7 @@ class condition {
 
   /// Condition.wait_for(predicate): `co_await cond.wait_for(pred)` waits until pred() is
   /// truthy, evaluating it (with the lock held) first and after every wake-up, and yields its
-  /// last value. Runs as one coroutine frame per call; the waits inside it allocate nothing.
+  /// last value. Allocates nothing: the awaiter lives in the awaiting frame.
   template <class Predicate>
     requires std::invocable<Predicate&>
   [[nodiscard]] detail::condition_wait_for<Predicate> wait_for(Predicate predicate) {
@@ -6378,19 +6552,6 @@ class condition {
   template <class Predicate>
   friend struct detail::condition_wait_for;
 
-  /// wait_for's loop. The predicate arrives type-erased so that the frame holds no closure type
-  /// (g++ warns about frames of header templates holding types without linkage).
-  template <class R>
-  coroutine<R> wait_until(R (*evaluate)(void*), void* predicate) {
-    if (!locked()) throw std::runtime_error("condition.wait_for(): the lock is not acquired");
-    R result = evaluate(predicate);
-    while (!static_cast<bool>(result)) {
-      co_await wait();
-      result = evaluate(predicate);
-    }
-    co_return result;
-  }
-
   void wake(std::size_t n) {
     for (; n != 0 && !waiters_.empty(); --n) {
       auto& w = static_cast<detail::condition_wait&>(waiters_.front());
@@ -6408,12 +6569,11 @@ class condition {
 namespace detail {
 
 template <class Predicate>
-typename coroutine<typename condition_wait_for<Predicate>::result_type>::awaiter condition_wait_for<Predicate>::operator co_await() & {
-  return cond->template wait_until<result_type>(&evaluate, &predicate).operator co_await();
+condition_wait_for_awaiter<Predicate> condition_wait_for<Predicate>::operator co_await() & {
+  return condition_wait_for_awaiter<Predicate>(*cond, *cond->lock_, predicate);
 }
 
-inline void condition_wait::await_suspend(std::coroutine_handle<> h) {
-  bind("condition.wait()");
+inline void condition_wait::start_waiting(std::coroutine_handle<> h) {
   cancel = [](cancel_hook* c) {
     auto* self = static_cast<condition_wait*>(c);
     self->cancelled = true;
@@ -6424,10 +6584,13 @@ inline void condition_wait::await_suspend(std::coroutine_handle<> h) {
   park(cond->waiters_, h);
 }
 
-inline bool condition_wait::await_resume() {
-  // Only the lock wakes us, and it is free and promised to us: take it.
+inline void condition_wait::take_lock() noexcept {
   unlink();
   lk->locked_ = true;
+}
+
+inline bool condition_wait::await_resume() {
+  take_lock();
   try {
     task->throw_if_cancelled(cancelled);
   } catch (...) {
@@ -6570,6 +6733,88 @@ TEST_SUITE("condition") {
       CHECK_THROWS_AS(co_await cond.wait_for([]() -> bool { throw std::domain_error("pred"); }), std::domain_error);
       CHECK(cond.locked());
       cond.release();
+    }());
+  }
+
+  TEST_CASE("wait_for: cancelled while waiting or re-acquiring, it holds the lock; a dropped notification goes on") {
+    condition cond;
+    static int turn = 0;
+    static std::vector<int> order;
+    order.clear();
+    auto waiter = [](condition& c, int id) -> coroutine<void> {
+      auto guard = co_await c.scoped();
+      try {
+        int got = co_await c.wait_for([id] { return turn == id ? id : 0; });
+        order.push_back(got);
+      } catch (const cancelled_error&) {
+        CHECK(c.locked());
+        order.push_back(-id);
+        throw;
+      }
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(cond, 1));
+      auto t2 = create_task(waiter(cond, 2));
+      auto t3 = create_task(waiter(cond, 3));
+      co_await sleep(0s);
+      // A wake-up whose predicate is false parks the waiter again, at the back of the queue.
+      co_await cond.acquire();
+      cond.notify();  // t1 re-checks: false
+      cond.release();
+      for (int i = 0; i < 3; ++i) co_await sleep(0s);
+      CHECK(order.empty());
+      // Cancelled while waiting for the notification: leaves with the lock.
+      co_await cond.acquire();
+      t2.cancel();
+      for (int i = 0; i < 2; ++i) co_await sleep(0s);
+      CHECK_FALSE(t2.done());  // we hold the lock
+      cond.release();
+      co_await wait_done(t2);
+      CHECK(t2.cancelled());
+      CHECK(order == std::vector<int>{-2});
+      // Notified, then cancelled while re-acquiring: the notification goes to the next waiter.
+      co_await cond.acquire();
+      turn = 1;
+      cond.notify();  // t3 (t1 went to the back)
+      co_await sleep(0s);
+      t3.cancel();
+      cond.release();
+      co_await wait_done(t3);
+      CHECK(t3.cancelled());
+      co_await t1;  // got t3's notification, and its predicate holds
+      CHECK(order == std::vector<int>{-2, -3, 1});
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("wait_for: a predicate that throws after a wake-up lets the exception out with the lock held") {
+    condition cond;
+    static int wakeups = 0;
+    auto waiter = [](condition& c) -> coroutine<bool> {
+      auto guard = co_await c.scoped();
+      try {
+        co_await c.wait_for([]() -> bool {
+          if (wakeups == 2) throw std::domain_error("pred");
+          return false;
+        });
+      } catch (const std::domain_error&) {
+        co_return c.locked();
+      }
+      co_return false;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(waiter(cond));
+      co_await sleep(0s);
+      for (int i = 0; i < 2; ++i) {
+        co_await cond.acquire();
+        ++wakeups;
+        cond.notify();
+        cond.release();
+        co_await sleep(0s);
+        co_await sleep(0s);
+      }
+      CHECK(co_await t);
+      CHECK_FALSE(cond.locked());
     }());
   }
 

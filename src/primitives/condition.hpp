@@ -5,7 +5,9 @@
 #include <coroutine>
 #include <cstddef>
 #include <limits>
+#include <exception>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 
@@ -25,7 +27,10 @@ struct condition_wait : parked_task {
     if (!lk->locked()) throw std::runtime_error("condition.wait(): the lock is not acquired");
     return false;
   }
-  void await_suspend(std::coroutine_handle<> h);
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("condition.wait()");
+    start_waiting(h);
+  }
   bool await_resume();
   ~condition_wait() {
     if (woken && linked()) {  // destroyed after the lock was handed to it (loop closing)
@@ -33,6 +38,11 @@ struct condition_wait : parked_task {
       from_destructor("condition: waking the next lock waiter failed", [this] { lk->wake_first(); });
     }
   }
+
+  /// Releases the lock and parks the (bound) task in the condition's queue.
+  void start_waiting(std::coroutine_handle<> h);
+  /// Only the lock wakes us, and it is free and promised to us: take it.
+  void take_lock() noexcept;
 
   /// Notified or cancelled: from now on the wait is for the lock. That part is not withdrawn on
   /// cancel (the hook refuses, so the task keeps a pending cancellation that await_resume
@@ -45,6 +55,60 @@ struct condition_wait : parked_task {
   }
 };
 
+/// co_await condition.wait_for(pred) without a coroutine frame: pred is evaluated with the lock
+/// held in await_ready, then, after every wake-up, by a resume gate that runs in the task's step
+/// before the coroutine would resume. A falsy value parks the task again right there, so the
+/// coroutine only resumes with the final value, an exception from pred, or cancelled_error.
+template <class Predicate>
+struct condition_wait_for_awaiter : condition_wait, resume_gate {
+  using result_type = std::decay_t<std::invoke_result_t<Predicate&>>;
+  Predicate* predicate;
+  std::optional<result_type> result;
+  std::exception_ptr error;  // thrown by pred after a wake-up
+  std::coroutine_handle<> where;
+
+  condition_wait_for_awaiter(condition& c, lock& l, Predicate& p) noexcept : condition_wait(c, l), predicate(&p) {
+    pass = &gate;
+  }
+  bool await_ready() {
+    if (!lk->locked()) throw std::runtime_error("condition.wait_for(): the lock is not acquired");
+    result.emplace((*predicate)());
+    return static_cast<bool>(*result);
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    bind("condition.wait_for()");
+    where = h;
+    start_waiting(h);
+    task->set_resume_gate(this);  // after anything that can throw
+  }
+  result_type await_resume() {
+    if (task) {
+      condition_wait::await_resume();  // cancelled: throws, passing a notification on
+      if (error) std::rethrow_exception(error);
+    }
+    return std::move(*result);
+  }
+
+ private:
+  static bool gate(resume_gate* g) noexcept {
+    auto* self = static_cast<condition_wait_for_awaiter*>(g);
+    self->take_lock();
+    if (self->cancelled || self->task->cancel_pending()) return true;  // await_resume throws
+    try {
+      self->result.emplace((*self->predicate)());
+      if (static_cast<bool>(*self->result)) return true;
+      self->notified = false;  // wait again, as a fresh wait()
+      self->woken = false;
+      self->start_waiting(self->where);
+      self->task->set_resume_gate(self);
+      return false;
+    } catch (...) {
+      self->error = std::current_exception();
+      return true;
+    }
+  }
+};
+
 /// What condition.wait_for(pred) returns: keeps the predicate in the awaiting frame.
 template <class Predicate>
 struct condition_wait_for {
@@ -52,9 +116,8 @@ struct condition_wait_for {
   condition* cond;
   Predicate predicate;
 
-  static result_type evaluate(void* p) { return (*static_cast<Predicate*>(p))(); }
-  typename coroutine<result_type>::awaiter operator co_await() &;
-  typename coroutine<result_type>::awaiter operator co_await() && { return operator co_await(); }
+  condition_wait_for_awaiter<Predicate> operator co_await() &;
+  condition_wait_for_awaiter<Predicate> operator co_await() && { return operator co_await(); }
 };
 
 }  // namespace detail
@@ -90,7 +153,7 @@ class condition {
 
   /// Condition.wait_for(predicate): `co_await cond.wait_for(pred)` waits until pred() is
   /// truthy, evaluating it (with the lock held) first and after every wake-up, and yields its
-  /// last value. Runs as one coroutine frame per call; the waits inside it allocate nothing.
+  /// last value. Allocates nothing: the awaiter lives in the awaiting frame.
   template <class Predicate>
     requires std::invocable<Predicate&>
   [[nodiscard]] detail::condition_wait_for<Predicate> wait_for(Predicate predicate) {
@@ -116,19 +179,6 @@ class condition {
   template <class Predicate>
   friend struct detail::condition_wait_for;
 
-  /// wait_for's loop. The predicate arrives type-erased so that the frame holds no closure type
-  /// (g++ warns about frames of header templates holding types without linkage).
-  template <class R>
-  coroutine<R> wait_until(R (*evaluate)(void*), void* predicate) {
-    if (!locked()) throw std::runtime_error("condition.wait_for(): the lock is not acquired");
-    R result = evaluate(predicate);
-    while (!static_cast<bool>(result)) {
-      co_await wait();
-      result = evaluate(predicate);
-    }
-    co_return result;
-  }
-
   void wake(std::size_t n) {
     for (; n != 0 && !waiters_.empty(); --n) {
       auto& w = static_cast<detail::condition_wait&>(waiters_.front());
@@ -146,12 +196,11 @@ class condition {
 namespace detail {
 
 template <class Predicate>
-typename coroutine<typename condition_wait_for<Predicate>::result_type>::awaiter condition_wait_for<Predicate>::operator co_await() & {
-  return cond->template wait_until<result_type>(&evaluate, &predicate).operator co_await();
+condition_wait_for_awaiter<Predicate> condition_wait_for<Predicate>::operator co_await() & {
+  return condition_wait_for_awaiter<Predicate>(*cond, *cond->lock_, predicate);
 }
 
-inline void condition_wait::await_suspend(std::coroutine_handle<> h) {
-  bind("condition.wait()");
+inline void condition_wait::start_waiting(std::coroutine_handle<> h) {
   cancel = [](cancel_hook* c) {
     auto* self = static_cast<condition_wait*>(c);
     self->cancelled = true;
@@ -162,10 +211,13 @@ inline void condition_wait::await_suspend(std::coroutine_handle<> h) {
   park(cond->waiters_, h);
 }
 
-inline bool condition_wait::await_resume() {
-  // Only the lock wakes us, and it is free and promised to us: take it.
+inline void condition_wait::take_lock() noexcept {
   unlink();
   lk->locked_ = true;
+}
+
+inline bool condition_wait::await_resume() {
+  take_lock();
   try {
     task->throw_if_cancelled(cancelled);
   } catch (...) {
@@ -308,6 +360,88 @@ TEST_SUITE("condition") {
       CHECK_THROWS_AS(co_await cond.wait_for([]() -> bool { throw std::domain_error("pred"); }), std::domain_error);
       CHECK(cond.locked());
       cond.release();
+    }());
+  }
+
+  TEST_CASE("wait_for: cancelled while waiting or re-acquiring, it holds the lock; a dropped notification goes on") {
+    condition cond;
+    static int turn = 0;
+    static std::vector<int> order;
+    order.clear();
+    auto waiter = [](condition& c, int id) -> coroutine<void> {
+      auto guard = co_await c.scoped();
+      try {
+        int got = co_await c.wait_for([id] { return turn == id ? id : 0; });
+        order.push_back(got);
+      } catch (const cancelled_error&) {
+        CHECK(c.locked());
+        order.push_back(-id);
+        throw;
+      }
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t1 = create_task(waiter(cond, 1));
+      auto t2 = create_task(waiter(cond, 2));
+      auto t3 = create_task(waiter(cond, 3));
+      co_await sleep(0s);
+      // A wake-up whose predicate is false parks the waiter again, at the back of the queue.
+      co_await cond.acquire();
+      cond.notify();  // t1 re-checks: false
+      cond.release();
+      for (int i = 0; i < 3; ++i) co_await sleep(0s);
+      CHECK(order.empty());
+      // Cancelled while waiting for the notification: leaves with the lock.
+      co_await cond.acquire();
+      t2.cancel();
+      for (int i = 0; i < 2; ++i) co_await sleep(0s);
+      CHECK_FALSE(t2.done());  // we hold the lock
+      cond.release();
+      co_await wait_done(t2);
+      CHECK(t2.cancelled());
+      CHECK(order == std::vector<int>{-2});
+      // Notified, then cancelled while re-acquiring: the notification goes to the next waiter.
+      co_await cond.acquire();
+      turn = 1;
+      cond.notify();  // t3 (t1 went to the back)
+      co_await sleep(0s);
+      t3.cancel();
+      cond.release();
+      co_await wait_done(t3);
+      CHECK(t3.cancelled());
+      co_await t1;  // got t3's notification, and its predicate holds
+      CHECK(order == std::vector<int>{-2, -3, 1});
+      CHECK_FALSE(cond.locked());
+    }());
+  }
+
+  TEST_CASE("wait_for: a predicate that throws after a wake-up lets the exception out with the lock held") {
+    condition cond;
+    static int wakeups = 0;
+    auto waiter = [](condition& c) -> coroutine<bool> {
+      auto guard = co_await c.scoped();
+      try {
+        co_await c.wait_for([]() -> bool {
+          if (wakeups == 2) throw std::domain_error("pred");
+          return false;
+        });
+      } catch (const std::domain_error&) {
+        co_return c.locked();
+      }
+      co_return false;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto t = create_task(waiter(cond));
+      co_await sleep(0s);
+      for (int i = 0; i < 2; ++i) {
+        co_await cond.acquire();
+        ++wakeups;
+        cond.notify();
+        cond.release();
+        co_await sleep(0s);
+        co_await sleep(0s);
+      }
+      CHECK(co_await t);
+      CHECK_FALSE(cond.locked());
     }());
   }
 

@@ -22,7 +22,8 @@ struct frame_header {
   bool frame_gone;
 };
 inline constexpr std::size_t frame_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
-inline constexpr std::size_t task_room = 256;
+/// Enough for the state of a task whose result is up to 16 bytes (task.hpp checks that).
+inline constexpr std::size_t task_room = 160;
 inline std::size_t round_to_frame_align(std::size_t n) noexcept { return (n + frame_align - 1) / frame_align * frame_align; }
 inline frame_header* header_of(void* frame) noexcept {
   return std::launder(reinterpret_cast<frame_header*>(static_cast<std::byte*>(frame) - frame_align));

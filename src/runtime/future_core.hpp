@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace codestare::async_utils {
@@ -31,6 +32,14 @@ struct completion_waiter : list_node {
 /// can no longer be withdrawn (as asyncio's `_fut_waiter.cancel()` returning False).
 struct cancel_hook {
   bool (*cancel)(cancel_hook*) = nullptr;
+};
+
+/// An awaitable that needs to run code in its task before the coroutine resumes (and may decide
+/// to keep waiting instead) installs one with set_resume_gate() while suspending: the next
+/// step() calls pass() with the task current; false means it re-suspended, so the coroutine
+/// stays suspended. Lets a loop such as condition.wait_for run without a coroutine frame.
+struct resume_gate {
+  bool (*pass)(resume_gate*) noexcept = nullptr;
 };
 
 /// One object serves asyncio's Future and Task: a task is a future that also drives a coroutine.
@@ -63,11 +72,11 @@ class future_core : public list_node {
   callback_id add_done_callback(std::function<void(future_core&)> fn);
   std::size_t remove_done_callback(callback_id id) noexcept;
   void add_waiter(completion_waiter& waiter) noexcept { waiters_.push_back(waiter); }
-  const std::string& cancel_message() const noexcept { return cancel_message_; }
+  const std::string& cancel_message() const noexcept { return extras_ ? extras_->cancel_message : no_text(); }
 
   // ---- task part -------------------------------------------------------------------------
   std::string name() const;
-  void set_name(std::string name) { name_ = std::move(name); }
+  void set_name(std::string name) { extras().name = std::move(name); }
   /// asyncio's cancelling(): the number of cancel() calls so far.
   unsigned cancel_requests() const noexcept { return cancel_requests_; }
   /// Called by an awaitable about to suspend the running task at `where`.
@@ -77,6 +86,10 @@ class future_core : public list_node {
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
   /// cancel() arrived after the wake-up (consuming it, as one asyncio __step would).
   void throw_if_cancelled(bool withdrawn = false);
+  /// A cancel() that arrived while the task could not withdraw its wait, not yet delivered.
+  bool cancel_pending() const noexcept { return must_cancel_; }
+  /// See resume_gate; consumed by the next step().
+  void set_resume_gate(resume_gate* gate) noexcept { gate_ = gate; }
   /// Runs the task until its next suspension (loop thread).
   void step();
   /// Loop closing with this task pending: destroys the coroutine, ends the task cancelled.
@@ -88,14 +101,18 @@ class future_core : public list_node {
   /// Frees this state (a task state may live in its coroutine's frame block).
   virtual void dispose() noexcept { delete this; }
   /// Task: destroys the coroutine frame (finished or not).
-  virtual void destroy_frame() noexcept {}
-  virtual bool frame_done() const noexcept { return true; }
-  void start(std::coroutine_handle<> top, std::string name);
+  void destroy_frame() noexcept {
+    if (frame_) std::exchange(frame_, {}).destroy();
+  }
+  bool frame_done() const noexcept { return !frame_ || frame_.done(); }
+  /// Task: numbers and registers it, and schedules its first step; `name` is moved from only
+  /// when not empty.
+  void start(std::coroutine_handle<> top, std::string&& name);
   void finish(future_status status) noexcept;
 
   event_loop* loop_;
   std::exception_ptr error_;
-  bool retrieved_ = false;  // someone looked at the outcome: no "never retrieved" report
+  std::coroutine_handle<> frame_;  // task: the coroutine it drives, until that ends
 
  private:
   friend class codestare::async_utils::event_loop;
@@ -103,25 +120,46 @@ class future_core : public list_node {
     callback_id id;
     std::function<void(future_core&)> fn;
   };
+  /// What most futures and tasks never use, allocated on first use: keeps the state small
+  /// enough to live behind its coroutine frame.
+  struct extra_state {
+    std::string name;  // empty: "Task-<number>"
+    std::string cancel_message;
+    std::vector<done_callback> callbacks;
+    callback_id next_callback_id = 0;
+  };
+  static const std::string& no_text() noexcept {
+    static const std::string empty;
+    return empty;
+  }
+  extra_state& extras() {
+    if (!extras_) extras_ = std::make_unique<extra_state>();
+    return *extras_;
+  }
+  /// Sets the cancel message (allocating the extras only for a non-empty one).
+  void set_cancel_message(std::string&& message) {
+    if (extras_ || !message.empty()) extras().cancel_message = std::move(message);
+  }
   static void run_step(void* self, bool run) noexcept;
   void complete() noexcept;
+  [[noreturn]] void throw_cancelled();
+  void wake_refused();
 
+  intrusive_list<completion_waiter> waiters_;
+  std::unique_ptr<extra_state> extras_;
+  std::uint64_t number_ = 0;
+  // Task part.
+  std::coroutine_handle<> resume_at_;
+  cancel_hook* waiting_on_ = nullptr;
+  resume_gate* gate_ = nullptr;
   std::uint32_t refs_ = 1;
+  unsigned cancel_requests_ = 0;
   future_status status_ = future_status::pending;
   bool is_task_;
   bool started_ = false;
   bool scheduled_ = false;
   bool must_cancel_ = false;
-  unsigned cancel_requests_ = 0;
-  callback_id next_callback_id_ = 0;
-  intrusive_list<completion_waiter> waiters_;
-  std::vector<done_callback> callbacks_;
-  std::string cancel_message_;
-  // Task part.
-  std::string name_;
-  std::uint64_t number_ = 0;
-  std::coroutine_handle<> resume_at_;
-  cancel_hook* waiting_on_ = nullptr;
+  bool retrieved_ = false;  // someone looked at the outcome: no "never retrieved" report
 };
 
 /// The running task of the running loop, or an exception naming `what` that needs one.

@@ -2,7 +2,7 @@
 #pragma once
 
 #include <array>
-#include <ranges>
+#include <iterator>
 #include <span>
 #include <tuple>
 #include <variant>
@@ -146,8 +146,15 @@ auto gather_range_impl(Range range) {
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
+/// std::ranges::iterator_t / input_range / range_reference_t, spelled with what <iterator>
+/// provides, so that this header does not pull in all of <ranges>.
 template <class R>
-concept awaitable_range = std::ranges::input_range<R> && !awaitable<R> && awaitable<std::ranges::range_reference_t<R>>;
+using range_iterator_t = decltype(std::ranges::begin(std::declval<R&>()));
+template <class R>
+concept awaitable_range = requires(R& r) {
+  std::ranges::begin(r);
+  std::ranges::end(r);
+} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable<std::iter_reference_t<range_iterator_t<R>>>;
 
 }  // namespace detail
 

@@ -1,9 +1,8 @@
 // The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
-#include <utility>
-#include <vector>
 
 namespace codestare::async_utils::detail {
 
@@ -16,14 +15,20 @@ struct job {
 
 class job_queue {
  public:
+  job_queue() noexcept = default;
+  job_queue(const job_queue&) = delete;
+  job_queue& operator=(const job_queue&) = delete;
+  ~job_queue() { delete[] buffer_; }
+
   bool empty() const noexcept { return head_ == tail_; }
   std::size_t size() const noexcept { return tail_ - head_; }
 
   void push(job j) {
-    if (size() == buffer_.size()) grow();
-    buffer_[tail_++ & (buffer_.size() - 1)] = j;
+    if (tail_ - head_ == capacity_) [[unlikely]]
+      grow();
+    buffer_[tail_++ & (capacity_ - 1)] = j;
   }
-  job pop() noexcept { return buffer_[head_++ & (buffer_.size() - 1)]; }
+  job pop() noexcept { return buffer_[head_++ & (capacity_ - 1)]; }
 
   /// Appends every job of `other` (emptied), keeping order.
   void splice(job_queue& other) {
@@ -31,16 +36,24 @@ class job_queue {
   }
 
  private:
-  void grow() {
-    std::vector<job> bigger(buffer_.empty() ? 64 : buffer_.size() * 2);
-    std::size_t n = size();
-    for (std::size_t i = 0; i < n; ++i) bigger[i] = pop();
-    buffer_ = std::move(bigger);
+  [[gnu::noinline]] void grow() {
+    const std::size_t bigger = capacity_ == 0 ? 64 : capacity_ * 2;
+    job* fresh = new job[bigger];
+    const std::size_t n = size();
+    // The live jobs in order: from head_ to the end of the buffer, then from its start.
+    const std::size_t first = capacity_ == 0 ? 0 : head_ & (capacity_ - 1);
+    const std::size_t run = std::min(n, capacity_ - first);
+    std::copy(buffer_ + first, buffer_ + first + run, fresh);
+    std::copy(buffer_, buffer_ + (n - run), fresh + run);
+    delete[] buffer_;
+    buffer_ = fresh;
+    capacity_ = bigger;
     head_ = 0;
     tail_ = n;
   }
-  std::vector<job> buffer_;  // size is zero or a power of two
-  std::size_t head_ = 0;     // monotonic; masked on access
+  job* buffer_ = nullptr;
+  std::size_t capacity_ = 0;  // zero or a power of two
+  std::size_t head_ = 0;      // monotonic; masked on access
   std::size_t tail_ = 0;
 };
 

@@ -2,42 +2,60 @@
 #pragma once
 
 #include <chrono>
+#include <new>
 
 namespace codestare::async_utils {
 namespace detail {
 
-struct sleep_awaiter : cancel_hook, timer_node {
-  clock::duration delay;
+/// The timed part of a sleep: a heap node and a cancel hook.
+struct sleep_timer : cancel_hook, timer_node {
   future_core* task = nullptr;
   bool withdrawn = false;
+};
 
-  explicit sleep_awaiter(clock::duration d) noexcept : delay(d) {}
+/// co_await sleep(d). A positive delay builds a sleep_timer in place; sleep(0s) (a bare yield)
+/// touches nothing but the task.
+struct sleep_awaiter {
+  clock::duration delay;
+  future_core* task = nullptr;
+  union {
+    sleep_timer timer;  // alive exactly when timed()
+  };
+
+  explicit sleep_awaiter(clock::duration d) noexcept : delay(d) {
+    if (timed()) ::new (static_cast<void*>(&timer)) sleep_timer();
+  }
   sleep_awaiter(const sleep_awaiter&) = delete;
+  sleep_awaiter& operator=(const sleep_awaiter&) = delete;
+  ~sleep_awaiter() {
+    if (!timed()) return;
+    if (timer.scheduled() && task && task->loop()) task->loop()->remove_timer(timer);
+    timer.~sleep_timer();
+  }
+  bool timed() const noexcept { return delay > clock::duration::zero(); }
   bool await_ready() const noexcept { return false; }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("sleep()");
-    if (delay <= clock::duration::zero()) {  // a bare yield: nothing to withdraw
+    if (!timed()) {  // a bare yield: nothing to withdraw
       task->suspend_on(nullptr, h);
       task->wake();
       return;
     }
-    fire = [](timer_node* node, bool run) {
-      if (run) static_cast<sleep_awaiter*>(node)->task->wake();
+    timer.task = task;
+    timer.fire = [](timer_node* node, bool run) {
+      if (run) static_cast<sleep_timer*>(node)->task->wake();
     };
-    cancel = [](cancel_hook* c) {
-      auto* self = static_cast<sleep_awaiter*>(c);
+    timer.cancel = [](cancel_hook* c) {
+      auto* self = static_cast<sleep_timer*>(c);
       self->task->loop()->remove_timer(*self);
       self->withdrawn = true;
       self->task->wake();
       return true;
     };
-    task->loop()->add_timer(*this, clock::now() + delay);
-    task->suspend_on(this, h);
+    task->loop()->add_timer(timer, clock::now() + delay);
+    task->suspend_on(&timer, h);
   }
-  void await_resume() { task->throw_if_cancelled(withdrawn); }
-  ~sleep_awaiter() {
-    if (scheduled() && task && task->loop()) task->loop()->remove_timer(*this);
-  }
+  void await_resume() { task->throw_if_cancelled(timed() && timer.withdrawn); }
 };
 
 /// What sleep() returns: a movable value; the awaiter (holding the timer) lives in the frame.

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace codestare::async_utils {
@@ -12,15 +13,16 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string name, frame_header* block = nullptr)
-      : future_state<T>(loop, true), frame_(frame), block_(block) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
+      : future_state<T>(loop, true), block_(block) {
+    this->frame_ = frame;
     this->start(frame, std::move(name));
   }
-  ~task_state() override { destroy_frame(); }
+  ~task_state() override { this->destroy_frame(); }
 
   /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
   /// task), else on its own. Takes the frame only when it succeeds.
-  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string name) {
+  static task_state* create(event_loop* loop, coroutine<T>& coro, std::string&& name) {
     auto frame = coro.handle();
     task_state* state;
     if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
@@ -50,7 +52,7 @@ class task_state final : public future_state<T> {
     ::operator delete(static_cast<void*>(block));
   }
   void harvest() noexcept override {
-    auto& p = frame_.promise();
+    auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
     if (p.error) {
       this->error_ = p.error;
       return;
@@ -63,15 +65,14 @@ class task_state final : public future_state<T> {
       }
     }
   }
-  void destroy_frame() noexcept override {
-    if (frame_) std::exchange(frame_, {}).destroy();
-  }
-  bool frame_done() const noexcept override { return !frame_ || frame_.done(); }
 
  private:
-  typename coroutine<T>::handle_type frame_;
   frame_header* block_;  // the frame block this state lives in, or null
 };
+
+// One allocation per task for small results (future_core keeps its rarely used parts aside).
+static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) <= task_room &&
+              sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class A>
@@ -124,15 +125,23 @@ class task : public future<T> {
   operator any_task() const { return any_task(this->state_ptr()); }
 };
 
+namespace detail {
+/// create_task's body; the name is passed along by reference and moved from only if not empty.
+template <class A>
+auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
+  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  loop.check_open();
+  using R = await_result_t<A>;
+  coroutine<R> coro = as_coroutine(std::forward<A>(aw));
+  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
+  auto* state = task_state<R>::create(&loop, coro, std::move(name));
+  return task<R>(state);  // the new state's own reference is the "running" one
+}
+}  // namespace detail
+
 template <class A>
 auto event_loop::create_task(A&& aw, std::string name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
-  check_open();
-  using R = await_result_t<A>;
-  coroutine<R> coro = detail::as_coroutine(std::forward<A>(aw));
-  if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
-  auto* state = detail::task_state<R>::create(this, coro, std::move(name));
-  return task<R>(state);  // the new state's own reference is the "running" one
+  return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
 namespace detail {
@@ -167,7 +176,7 @@ auto event_loop::run_until_complete(A&& aw) {
 /// Schedules `aw` on the running loop (asyncio.create_task).
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
-  return event_loop::current().create_task(std::forward<A>(aw), std::move(name));
+  return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
 }
 
 /// The task running now, if any (asyncio.current_task).

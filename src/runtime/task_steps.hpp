@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 namespace codestare::async_utils::detail {
 
@@ -39,7 +40,7 @@ inline void future_core::release() noexcept {
 inline void future_core::check_result() {
   switch (status_) {
     case future_status::pending: throw invalid_state_error("result is not set yet");
-    case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message_);
+    case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message());
     case future_status::finished:
       retrieved_ = true;
       if (error_) std::rethrow_exception(error_);
@@ -48,7 +49,7 @@ inline void future_core::check_result() {
 
 inline std::exception_ptr future_core::exception() {
   if (status_ == future_status::pending) throw invalid_state_error("exception is not set yet");
-  if (status_ == future_status::cancelled) throw cancelled_error(cancel_message_);
+  if (status_ == future_status::cancelled) throw cancelled_error(cancel_message());
   retrieved_ = true;
   return error_;
 }
@@ -63,8 +64,8 @@ inline void future_core::set_exception(std::exception_ptr error) {
 
 inline bool future_core::cancel(std::string message) {
   if (done()) return false;
+  set_cancel_message(std::move(message));  // may allocate: before anything changes
   ++cancel_requests_;
-  cancel_message_ = std::move(message);
   if (!is_task_) {
     finish(future_status::cancelled);
     return true;
@@ -84,16 +85,19 @@ struct done_callback_job {
 
 inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
-  callbacks_.push_back({++next_callback_id_, std::move(fn)});
-  callback_id id = next_callback_id_;
+  extra_state& x = extras();
+  x.callbacks.push_back({x.next_callback_id + 1, std::move(fn)});
+  callback_id id = ++x.next_callback_id;
   if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
   return id;
 }
 
 inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
-  std::size_t before = callbacks_.size();
-  std::erase_if(callbacks_, [id](const done_callback& c) { return c.id == id; });
-  return before - callbacks_.size();
+  if (!extras_) return 0;
+  auto& callbacks = extras_->callbacks;
+  std::size_t before = callbacks.size();
+  std::erase_if(callbacks, [id](const done_callback& c) { return c.id == id; });
+  return before - callbacks.size();
 }
 
 inline void future_core::finish(future_status status) noexcept {
@@ -103,9 +107,9 @@ inline void future_core::finish(future_status status) noexcept {
     if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
     while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
   }
-  if (callbacks_.empty()) return;
+  if (!extras_ || extras_->callbacks.empty()) return;
   std::vector<done_callback> callbacks;
-  callbacks.swap(callbacks_);
+  callbacks.swap(extras_->callbacks);
   if (!loop_ || loop_->is_closed()) return;
   for (auto& c : callbacks) {
     add_ref();
@@ -133,13 +137,14 @@ inline void future_core::finish(future_status status) noexcept {
 }
 
 inline std::string future_core::name() const {
-  if (!name_.empty() || !is_task_) return name_;
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
   return "Task-" + std::to_string(number_);
 }
 
-inline void future_core::start(std::coroutine_handle<> top, std::string name) {
+inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {
+  if (!name.empty()) extras().name = std::move(name);
   number_ = loop_->next_task_number();
-  name_ = std::move(name);
   resume_at_ = top;
   loop_->register_core(*this);
   scheduled_ = true;
@@ -155,21 +160,27 @@ inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> w
 
 inline void future_core::wake() {
   waiting_on_ = nullptr;
-  if (scheduled_) {
-    // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
-    log(log_level::error, "internal error: task " + name() + " woken twice");
+  if (scheduled_ || !loop_ || done()) [[unlikely]] {
+    wake_refused();
     return;
   }
-  if (!loop_ || done()) return;
   scheduled_ = true;
   loop_->schedule({&run_step, this});
 }
 
+[[gnu::noinline]] inline void future_core::wake_refused() {
+  // Two wake-ups for one suspension would resume a coroutine twice; refuse loudly.
+  if (scheduled_) log(log_level::error, "internal error: task " + name() + " woken twice");
+}
+
 inline void future_core::throw_if_cancelled(bool withdrawn) {
-  if (withdrawn || must_cancel_) {
-    must_cancel_ = false;
-    throw cancelled_error(cancel_message_);
-  }
+  if (withdrawn || must_cancel_) [[unlikely]]
+    throw_cancelled();
+}
+
+[[gnu::noinline]] inline void future_core::throw_cancelled() {
+  must_cancel_ = false;
+  throw cancelled_error(cancel_message());
 }
 
 inline void future_core::run_step(void* self, bool run) noexcept {
@@ -190,6 +201,13 @@ inline void future_core::step() {
   }
   future_core* previous = loop_->current_;
   loop_->current_ = this;
+  if (gate_) [[unlikely]] {
+    resume_gate* gate = std::exchange(gate_, nullptr);
+    if (!gate->pass(gate)) {  // waits on: the coroutine stays suspended
+      loop_->current_ = previous;
+      return;
+    }
+  }
   resume_at_.resume();
   loop_->current_ = previous;
   if (frame_done()) complete();
@@ -204,7 +222,10 @@ inline void future_core::complete() noexcept {
       std::rethrow_exception(error_);
     } catch (const cancelled_error& e) {
       status = future_status::cancelled;
-      cancel_message_ = e.message();
+      try {
+        set_cancel_message(std::string(e.message()));
+      } catch (...) {  // out of memory for the message: the cancellation still counts
+      }
       error_ = nullptr;
     } catch (...) {
     }
@@ -218,6 +239,7 @@ inline void future_core::complete() noexcept {
 
 inline void future_core::abandon() noexcept {
   waiting_on_ = nullptr;
+  gate_ = nullptr;
   must_cancel_ = false;
   destroy_frame();
   finish(future_status::cancelled);

@@ -20,30 +20,33 @@ struct timer_node {
   bool scheduled() const noexcept { return index != npos; }
 };
 
+/// The heap keeps each timer's deadline and sequence number beside its pointer, so that sifting
+/// compares entries in the vector and touches a node only to record its new position.
 class timer_heap {
  public:
   bool empty() const noexcept { return heap_.empty(); }
   std::size_t size() const noexcept { return heap_.size(); }
-  timer_node& top() noexcept { return *heap_.front(); }
+  timer_node& top() noexcept { return *heap_.front().node; }
+  /// The earliest deadline (the heap must not be empty).
+  clock::time_point top_when() const noexcept { return heap_.front().when; }
 
   void push(timer_node& node) {
     node.seq = next_seq_++;
-    node.index = heap_.size();
-    heap_.push_back(&node);
-    sift_up(node.index);
+    heap_.push_back({node.when, node.seq, &node});
+    node.index = heap_.size() - 1;
+    sift_up(node.index, heap_.back());
   }
   /// Removes a scheduled node in O(log n); cancelled timers never pile up.
   void remove(timer_node& node) noexcept {
     std::size_t i = node.index;
     if (i == timer_node::npos) return;
     node.index = timer_node::npos;
-    timer_node* last = heap_.back();
+    const entry last = heap_.back();
     heap_.pop_back();
-    if (last == &node) return;
-    heap_[i] = last;
-    last->index = i;
-    sift_down(i);
-    sift_up(last->index);
+    if (last.node == &node) return;
+    // The last entry fills the hole, then moves whichever way restores the order.
+    if (i > 0 && before(last, heap_[(i - 1) / 2])) sift_up(i, last);
+    else sift_down(i, last);
   }
   timer_node& pop() noexcept {
     timer_node& node = top();
@@ -52,37 +55,42 @@ class timer_heap {
   }
 
  private:
-  static bool before(const timer_node* a, const timer_node* b) noexcept {
-    return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+  struct entry {
+    clock::time_point when;
+    std::uint64_t seq;
+    timer_node* node;
+  };
+  static bool before(const entry& a, const entry& b) noexcept {
+    return a.when < b.when || (a.when == b.when && a.seq < b.seq);
   }
-  void place(std::size_t i, timer_node* node) noexcept {
-    heap_[i] = node;
-    node->index = i;
+  void place(std::size_t i, const entry& e) noexcept {
+    heap_[i] = e;
+    e.node->index = i;
   }
-  void sift_up(std::size_t i) noexcept {
-    timer_node* node = heap_[i];
+  /// Puts `e` at hole i or above it.
+  void sift_up(std::size_t i, const entry e) noexcept {
     while (i > 0) {
       std::size_t parent = (i - 1) / 2;
-      if (!before(node, heap_[parent])) break;
+      if (!before(e, heap_[parent])) break;
       place(i, heap_[parent]);
       i = parent;
     }
-    place(i, node);
+    place(i, e);
   }
-  void sift_down(std::size_t i) noexcept {
-    timer_node* node = heap_[i];
+  /// Puts `e` at hole i or below it.
+  void sift_down(std::size_t i, const entry e) noexcept {
     const std::size_t n = heap_.size();
     for (;;) {
       std::size_t child = 2 * i + 1;
       if (child >= n) break;
       if (child + 1 < n && before(heap_[child + 1], heap_[child])) ++child;
-      if (!before(heap_[child], node)) break;
+      if (!before(heap_[child], e)) break;
       place(i, heap_[child]);
       i = child;
     }
-    place(i, node);
+    place(i, e);
   }
-  std::vector<timer_node*> heap_;
+  std::vector<entry> heap_;
   std::uint64_t next_seq_ = 0;
 };
 
