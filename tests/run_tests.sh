@@ -4,6 +4,7 @@
 # and every failed build, counts as one test.
 #
 # Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals
+#        nursery demo
 #        cppcheck sanitize valgrind stress fuzz
 # Default: all of them but cppcheck (`make check`), sanitize and valgrind (`make test-sanitize`),
 # stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz (`make fuzz`, FUZZ_TIME).
@@ -16,7 +17,7 @@ CXX_CLANG=${CXX_CLANG:-clang++}
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals} "
+STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo} "
 UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
 # The embedded suite under ASan+UBSan and, separately, TSan: each compiler, each backend.
 # By default each sanitizer runs once per compiler, the backends alternating, so that every
@@ -429,6 +430,20 @@ if want signals; then
   echo "== signals: real processes receive SIGINT, SIGTERM and SIGHUP from kill"
   INCLUDE_DIR=. bash tests/signals/run.sh >"$BUILD/signals.log" 2>&1
   count_lines "$BUILD/signals.log"
+fi
+
+if want nursery && [ -f tests/nursery/run.sh ]; then
+  echo "== nursery: processes with two nurseries get SIGINT/SIGTERM/SIGHUP, or a failing child"
+  INCLUDE_DIR=. bash tests/nursery/run.sh >"$BUILD/nursery.log" 2>&1
+  count_lines "$BUILD/nursery.log"
+  grep -q '^  \(ok\|FAIL\) ' "$BUILD/nursery.log" || fail "nursery process tests (no result)" 1 "$BUILD/nursery.log"
+fi
+
+if want demo; then
+  echo "== demo: the program of make demo, from the single header: a run, --fault, Ctrl+C"
+  bash tests/demo/run.sh >"$BUILD/demo.log" 2>&1
+  count_lines "$BUILD/demo.log"
+  grep -q '^  \(ok\|FAIL\) ' "$BUILD/demo.log" || fail "demo (no result)" 1 "$BUILD/demo.log"
 fi
 
 if want cppcheck && [ -e "$BUILD/cppcheck.rc" ]; then

@@ -33,7 +33,7 @@ struct options {
 struct statistics {
   std::uint64_t messages = 0;
   std::uint64_t bytes = 0;
-  std::uint32_t checksum = 0;  // xor of the batch checksums the executor computed
+  std::uint32_t checksum = 0;  // sum of the batch checksums the executor computed
   int connections = 0;
   int clients_running = 0;
 };
@@ -71,6 +71,12 @@ au::coroutine<void> serve_connection(int fd, demo_state& s) {
       if (n == 0) break;
       co_await au::sock_sendall(fd, std::string_view(buffer, n));
     }
+  } catch (const std::system_error& e) {
+    // A client that goes away mid-exchange resets its connection: the end of it, not a failure.
+    if (e.code().value() != ECONNRESET && e.code().value() != EPIPE) {
+      ::close(fd);
+      throw;
+    }
   } catch (...) {
     ::close(fd);
     throw;
@@ -107,7 +113,7 @@ au::coroutine<void> client(int id, demo_state& s, bool faulty) {
       s.totals.bytes += echo.size();
       batch += echo;
       if (round % 100 == 0) {
-        s.totals.checksum ^= co_await checksum(std::move(batch));  // off the loop thread
+        s.totals.checksum += co_await checksum(std::move(batch));  // off the loop thread
         batch.clear();
         co_await publish(s);
       }
@@ -152,6 +158,7 @@ au::coroutine<int> demo(options opt) {
                                                         [listener](std::exception_ptr) {
                                                           ::close(listener);
                                                           std::printf("closed: the listening socket\n");
+                                                          std::fflush(stdout);
                                                           return false;
                                                         }));
   co_await clients.enter_async_context(au::async_context([] { return 0; },
@@ -174,10 +181,17 @@ au::coroutine<int> demo(options opt) {
   const auto server_tasks = server.tasks().size();
   co_await clients.aclose();
   co_await server.aclose();
-  std::printf("%s: stopped %zu client tasks and %zu server tasks; %llu messages, %llu bytes, checksum %08x\n",
-              interrupted ? "interrupted" : "done", client_tasks, server_tasks,
-              static_cast<unsigned long long>(s.totals.messages), static_cast<unsigned long long>(s.totals.bytes),
-              s.totals.checksum);
+  std::fflush(stdout);
+  if (interrupted) {
+    std::printf("interrupted: every nursery shut down gracefully; %llu messages, %llu bytes, checksum %08x\n",
+                static_cast<unsigned long long>(s.totals.messages), static_cast<unsigned long long>(s.totals.bytes),
+                s.totals.checksum);
+  } else {
+    std::printf("done: stopped %zu client tasks and %zu server tasks; %llu messages, %llu bytes, checksum %08x\n",
+                client_tasks, server_tasks, static_cast<unsigned long long>(s.totals.messages),
+                static_cast<unsigned long long>(s.totals.bytes), s.totals.checksum);
+  }
+  std::fflush(stdout);
   co_return interrupted ? 1 : 0;
 }
 
