@@ -55,3 +55,5 @@
 #include "utilities/async_exit_stack.hpp"
 #include "utilities/async_exit_on_exc.hpp"
 #include "utilities/coroutine_wrapper.hpp"
+#include "utilities/task_nursery.hpp"
+#include "utilities/shutdown.hpp"
