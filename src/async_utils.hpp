@@ -56,3 +56,5 @@
 #include "utilities/async_exit_on_exc.hpp"
 #include "utilities/coroutine_wrapper.hpp"
 #include "utilities/make_async.hpp"
+#include "utilities/task_nursery.hpp"
+#include "utilities/shutdown.hpp"
