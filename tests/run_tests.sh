@@ -3,7 +3,7 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals cppcheck
+# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery cppcheck
 # Default: all of them but cppcheck (which `make check` runs).
 set -uo pipefail
 
@@ -14,7 +14,7 @@ CXX_CLANG=${CXX_CLANG:-clang++}
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals} "
+STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery} "
 UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
 
 passed=0
@@ -280,6 +280,12 @@ if want signals; then
   echo "== signals: real processes receive SIGINT, SIGTERM and SIGHUP from kill"
   INCLUDE_DIR=. bash tests/signals/run.sh >"$BUILD/signals.log" 2>&1
   count_lines "$BUILD/signals.log"
+fi
+
+if want nursery; then
+  echo "== nursery: task_nursery shutdown in real processes (signals from kill, a failing task)"
+  INCLUDE_DIR=. bash tests/nursery/run.sh >"$BUILD/nursery.log" 2>&1
+  count_lines "$BUILD/nursery.log"
 fi
 
 if want cppcheck && [ -e "$BUILD/cppcheck.rc" ]; then

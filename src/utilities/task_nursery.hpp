@@ -570,7 +570,7 @@ TEST_SUITE("task_nursery") {
       std::vector<std::string> journal;
       task_nursery n("stopper");
       auto foreign = create_task(nursery_sleeper(&journal, "foreign"));
-      CHECK_THROWS_AS(n.stop_task(foreign), std::invalid_argument);
+      CHECK_THROWS_AS(static_cast<void>(n.stop_task(foreign)), std::invalid_argument);
       auto sleeping = n.create_task(nursery_sleeper(&journal, "sleeping"));
       auto stubborn = n.create_task([]() -> coroutine<int> {
         try {
