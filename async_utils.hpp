@@ -8920,10 +8920,7 @@ TEST_SUITE("registry") {
 
 // g++ flags the frames of these coroutine templates when they hold a lambda of an anonymous
 // namespace defined in a header (as the embedded tests do); the frames are internal.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 
@@ -9386,9 +9383,7 @@ auto async_with(CM&& cm, Body body) {
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("async_exit_stack") {
@@ -10488,10 +10483,7 @@ TEST_SUITE("make_async") {
 // when its sentinel task is cancelled; and the free stop_task(t).
 
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 
@@ -10894,9 +10886,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("task_nursery") {
@@ -11223,10 +11213,7 @@ TEST_SUITE("task_nursery") {
 // process half-way through its cleanup.
 
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 namespace detail {
@@ -11446,9 +11433,7 @@ inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nurse
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("shutdown") {

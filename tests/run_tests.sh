@@ -122,7 +122,7 @@ compile_fuzz() {  # the libFuzzer target (clang only), with ASan and UBSan
 run_fuzz() {  # runs the fuzzer FUZZ_TIME seconds from the committed seeds; prints its figures
   local log=$BUILD/fuzz/fuzz.log runs rate corpus
   mkdir -p "$BUILD/fuzz/corpus"  # new inputs go here; the committed seeds stay as they are
-  timeout $((FUZZ_TIME + 120)) "$BUILD/fuzz/schedule_fuzzer" -max_total_time="$FUZZ_TIME" -timeout=10 \
+  timeout -k 10 $((FUZZ_TIME + 120)) "$BUILD/fuzz/schedule_fuzzer" -max_total_time="$FUZZ_TIME" -timeout=10 \
     -max_len=512 -print_final_stats=1 -artifact_prefix="$BUILD/fuzz/" \
     "$BUILD/fuzz/corpus" tests/fuzz/corpus >"$log" 2>&1
   rc=$?
@@ -146,7 +146,7 @@ compile_multi_tu() {  # compile_multi_tu a|b
 oneliner() {  # the exact command of the SPEC, in a directory holding nothing but the header
   local dir=$BUILD/oneliner
   rm -rf "$dir" && mkdir -p "$dir" && cp async_utils.hpp "$dir/" && cd "$dir" &&
-    timeout "$TIMEOUT" bash -c \
+    timeout -k 10 "$TIMEOUT" bash -c \
       'g++ -std=c++20 -DASYNC_UTILS_TESTS_MAIN -x c++ async_utils.hpp -o au_tests && ./au_tests'
 }
 
@@ -200,7 +200,7 @@ run_cppcheck() {
 
 run_doctest() {  # run_doctest NAME COMMAND...: runs it; sets rc, dt_cases, dt_failed ('' if no summary)
   local log=$BUILD/$1.run.log line
-  timeout "$TIMEOUT" "${@:2}" >"$log" 2>&1
+  timeout -k 10 "$TIMEOUT" "${@:2}" >"$log" 2>&1
   rc=$?
   # A sanitizer or Valgrind report fails the run even if the process exited 0.
   if ((rc == 0)) && grep -Eq "$REPORT_PATTERN" "$log"; then rc=99; fi
@@ -339,7 +339,7 @@ if want stress; then
     fi
     log=$BUILD/stress/$p.log
     # One at a time: each prints its own time and peak RSS.
-    timeout "$STRESS_TIMEOUT" "$BUILD/stress/$p" ${STRESS_QUICK:+--quick} >"$log" 2>&1
+    timeout -k 10 "$STRESS_TIMEOUT" "$BUILD/stress/$p" ${STRESS_QUICK:+--quick} >"$log" 2>&1
     rc=$?
     grep '^RESULT' "$log" | sed 's/^RESULT /        /' | tee -a "$results"
     if ((rc == 0)) && ! grep -Eq "$REPORT_PATTERN" "$log"; then

@@ -14,10 +14,7 @@
 
 // g++ flags the frames of these coroutine templates when they hold a lambda of an anonymous
 // namespace defined in a header (as the embedded tests do); the frames are internal.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 
@@ -480,9 +477,7 @@ auto async_with(CM&& cm, Body body) {
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("async_exit_stack") {

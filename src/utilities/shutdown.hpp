@@ -28,10 +28,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 namespace detail {
@@ -251,9 +248,7 @@ inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nurse
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("shutdown") {

@@ -17,10 +17,7 @@
 #include <variant>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsubobject-linkage"
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
 
@@ -423,9 +420,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
 
 }  // namespace codestare::async_utils
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 #ifdef ASYNC_UTILS_TESTS
 TEST_SUITE("task_nursery") {
