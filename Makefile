@@ -71,7 +71,7 @@ fuzz: deps-reliability
 
 # The demo, built from the single header: an echo service and its clients in two nurseries.
 # ARGS passes flags through, e.g. make demo ARGS="--seconds 10 --clients 64 --fault".
-demo: deps
+demo:
 	@mkdir -p $(BUILD)
 	@$(CXX_GCC) $(WARN) -pthread -O2 -I. tests/demo/demo.cpp -o $(BUILD)/demo
 	@$(BUILD)/demo $(ARGS)
