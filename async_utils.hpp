@@ -1339,7 +1339,7 @@ class coroutine;
 namespace codestare::async_utils::testing {
 
 /// Entries in a /proc/self directory (descriptors, threads), -1 where /proc is missing.
-inline int count_entries(const char* path) {
+inline int count_entries(const char* path, int own = 0) {
   DIR* dir = ::opendir(path);
   if (!dir) return -1;
   int n = 0;
@@ -1347,10 +1347,10 @@ inline int count_entries(const char* path) {
     if (e->d_name[0] != '.') ++n;
   }
   ::closedir(dir);
-  return n - 1;  // the descriptor opendir itself holds (harmless for the task count: compared, not read)
+  return n - own;  // `own`: entries the listing itself adds (opendir's descriptor)
 }
-inline int open_fds() { return count_entries("/proc/self/fd"); }
-inline int threads() { return count_entries("/proc/self/task") + 1; }
+inline int open_fds() { return count_entries("/proc/self/fd", 1); }
+inline int threads() { return count_entries("/proc/self/task"); }
 
 /// run(body) under wait_for(limit), so a bug fails a test instead of hanging the suite.
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
@@ -2256,7 +2256,7 @@ inline void event_loop::run_once() {
   if (!ready_.empty() || stopping_) {
     timeout = std::chrono::nanoseconds{0};
   } else if (!timers_.empty()) {
-    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top().when - clock::now());
+    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top_when() - clock::now());
   }
   // A busy loop with no descriptor to watch skips the syscall entirely.
   if (timeout.count() != 0 || polled_ > 0) {
@@ -2270,7 +2270,7 @@ inline void event_loop::run_once() {
   }
   if (!timers_.empty()) {
     const auto now = clock::now();
-    while (!timers_.empty() && timers_.top().when <= now) {
+    while (!timers_.empty() && timers_.top_when() <= now) {
       detail::timer_node& node = timers_.pop();
       node.fire(&node, true);
     }

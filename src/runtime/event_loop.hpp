@@ -259,7 +259,7 @@ inline void event_loop::run_once() {
   if (!ready_.empty() || stopping_) {
     timeout = std::chrono::nanoseconds{0};
   } else if (!timers_.empty()) {
-    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top().when - clock::now());
+    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top_when() - clock::now());
   }
   // A busy loop with no descriptor to watch skips the syscall entirely.
   if (timeout.count() != 0 || polled_ > 0) {
@@ -273,7 +273,7 @@ inline void event_loop::run_once() {
   }
   if (!timers_.empty()) {
     const auto now = clock::now();
-    while (!timers_.empty() && timers_.top().when <= now) {
+    while (!timers_.empty() && timers_.top_when() <= now) {
       detail::timer_node& node = timers_.pop();
       node.fire(&node, true);
     }

@@ -12,7 +12,7 @@ class coroutine;
 namespace codestare::async_utils::testing {
 
 /// Entries in a /proc/self directory (descriptors, threads), -1 where /proc is missing.
-inline int count_entries(const char* path) {
+inline int count_entries(const char* path, int own = 0) {
   DIR* dir = ::opendir(path);
   if (!dir) return -1;
   int n = 0;
@@ -20,10 +20,10 @@ inline int count_entries(const char* path) {
     if (e->d_name[0] != '.') ++n;
   }
   ::closedir(dir);
-  return n - 1;  // the descriptor opendir itself holds (harmless for the task count: compared, not read)
+  return n - own;  // `own`: entries the listing itself adds (opendir's descriptor)
 }
-inline int open_fds() { return count_entries("/proc/self/fd"); }
-inline int threads() { return count_entries("/proc/self/task") + 1; }
+inline int open_fds() { return count_entries("/proc/self/fd", 1); }
+inline int threads() { return count_entries("/proc/self/task"); }
 
 /// run(body) under wait_for(limit), so a bug fails a test instead of hanging the suite.
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
