@@ -1767,6 +1767,12 @@ class future_core : public list_node {
   void set_name(std::string name) { extras().name = std::move(name); }
   /// asyncio's cancelling(): the number of cancel() calls so far.
   unsigned cancel_requests() const noexcept { return cancel_requests_; }
+  /// asyncio's uncancel(): takes back one request; at zero a cancellation not yet delivered is
+  /// dropped too (CPython 3.12+), so a handled timeout leaves no stray cancellation behind.
+  unsigned uncancel() noexcept {
+    if (cancel_requests_ > 0 && --cancel_requests_ == 0) must_cancel_ = false;
+    return cancel_requests_;
+  }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
   /// Schedules the next step (the awaited thing is ready or was withdrawn).
@@ -1890,6 +1896,8 @@ class any_task {
   bool cancel(std::string message = {}) { return core().cancel(std::move(message)); }
   /// asyncio's cancelling(): how many cancellation requests the task has received.
   unsigned cancelling() const { return core().cancel_requests(); }
+  /// asyncio's uncancel(): one cancellation request handled; returns the requests left.
+  unsigned uncancel() { return core().uncancel(); }
   /// The exception the task ended with (null if it returned); throws while it is pending
   /// (invalid_state_error) or when it was cancelled (cancelled_error).
   std::exception_ptr exception() const { return core().exception(); }
@@ -3737,6 +3745,8 @@ class task : public future<T> {
   void set_name(std::string name) { this->state_ptr()->set_name(std::move(name)); }
   /// asyncio's cancelling(): how many cancel() calls the task has received.
   unsigned cancelling() const { return this->state_ptr()->cancel_requests(); }
+  /// asyncio's uncancel(): one cancellation request handled; returns the requests left.
+  unsigned uncancel() { return this->state_ptr()->uncancel(); }
   /// Only the coroutine sets a task's outcome (asyncio raises RuntimeError for these).
   template <class... Args>
   void set_result(Args&&...) = delete;
@@ -3910,6 +3920,35 @@ TEST_SUITE("task") {
       CHECK(t.cancelling() == 2);
       CHECK(co_await t == 5);
       CHECK_FALSE(t.cancelled());
+    }());
+  }
+
+  TEST_CASE("uncancel takes back requests; at zero an undelivered cancellation is dropped") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto me = *current_task();
+      CHECK(me.uncancel() == 0);  // nothing to take back: stays at zero
+      CHECK(me.cancel());
+      CHECK(me.cancel());
+      CHECK(me.cancelling() == 2);
+      CHECK(me.uncancel() == 1);
+      CHECK(me.uncancel() == 0);
+      co_await sleep(0s);  // the requests were taken back before delivery: no cancelled_error
+      CHECK(me.cancelling() == 0);
+      auto sleeper = create_task([]() -> coroutine<int> {
+        bool handled = false;
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+          current_task()->uncancel();  // handled, as a timeout scope does
+          handled = true;
+        }
+        co_await sleep(0s);  // not cancelled again
+        co_return handled ? 1 : 0;
+      }());
+      co_await sleep(0s);
+      sleeper.cancel();
+      CHECK(co_await sleeper == 1);
+      CHECK(sleeper.cancelling() == 0);
     }());
   }
 

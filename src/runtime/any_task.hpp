@@ -36,6 +36,8 @@ class any_task {
   bool cancel(std::string message = {}) { return core().cancel(std::move(message)); }
   /// asyncio's cancelling(): how many cancellation requests the task has received.
   unsigned cancelling() const { return core().cancel_requests(); }
+  /// asyncio's uncancel(): one cancellation request handled; returns the requests left.
+  unsigned uncancel() { return core().uncancel(); }
   /// The exception the task ended with (null if it returned); throws while it is pending
   /// (invalid_state_error) or when it was cancelled (cancelled_error).
   std::exception_ptr exception() const { return core().exception(); }

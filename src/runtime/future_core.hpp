@@ -79,6 +79,12 @@ class future_core : public list_node {
   void set_name(std::string name) { extras().name = std::move(name); }
   /// asyncio's cancelling(): the number of cancel() calls so far.
   unsigned cancel_requests() const noexcept { return cancel_requests_; }
+  /// asyncio's uncancel(): takes back one request; at zero a cancellation not yet delivered is
+  /// dropped too (CPython 3.12+), so a handled timeout leaves no stray cancellation behind.
+  unsigned uncancel() noexcept {
+    if (cancel_requests_ > 0 && --cancel_requests_ == 0) must_cancel_ = false;
+    return cancel_requests_;
+  }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
   /// Schedules the next step (the awaited thing is ready or was withdrawn).

@@ -118,6 +118,8 @@ class task : public future<T> {
   void set_name(std::string name) { this->state_ptr()->set_name(std::move(name)); }
   /// asyncio's cancelling(): how many cancel() calls the task has received.
   unsigned cancelling() const { return this->state_ptr()->cancel_requests(); }
+  /// asyncio's uncancel(): one cancellation request handled; returns the requests left.
+  unsigned uncancel() { return this->state_ptr()->uncancel(); }
   /// Only the coroutine sets a task's outcome (asyncio raises RuntimeError for these).
   template <class... Args>
   void set_result(Args&&...) = delete;
@@ -291,6 +293,35 @@ TEST_SUITE("task") {
       CHECK(t.cancelling() == 2);
       CHECK(co_await t == 5);
       CHECK_FALSE(t.cancelled());
+    }());
+  }
+
+  TEST_CASE("uncancel takes back requests; at zero an undelivered cancellation is dropped") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto me = *current_task();
+      CHECK(me.uncancel() == 0);  // nothing to take back: stays at zero
+      CHECK(me.cancel());
+      CHECK(me.cancel());
+      CHECK(me.cancelling() == 2);
+      CHECK(me.uncancel() == 1);
+      CHECK(me.uncancel() == 0);
+      co_await sleep(0s);  // the requests were taken back before delivery: no cancelled_error
+      CHECK(me.cancelling() == 0);
+      auto sleeper = create_task([]() -> coroutine<int> {
+        bool handled = false;
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+          current_task()->uncancel();  // handled, as a timeout scope does
+          handled = true;
+        }
+        co_await sleep(0s);  // not cancelled again
+        co_return handled ? 1 : 0;
+      }());
+      co_await sleep(0s);
+      sleeper.cancel();
+      CHECK(co_await sleeper == 1);
+      CHECK(sleeper.cancelling() == 0);
     }());
   }
 
