@@ -216,6 +216,7 @@
 #include <optional>
 #include <ostream>
 #include <pthread.h>
+#include <ratio>
 #include <signal.h>
 #include <span>
 #include <sstream>
@@ -1582,6 +1583,56 @@ namespace codestare::async_utils::detail {
 
 using clock = std::chrono::steady_clock;
 
+// ---- Saturating time arithmetic: one place for every deadline ------------------------------
+// A duration of any rep and period becomes clock::duration clamped to its range (hours::max()
+// must not wrap to a negative count), and a deadline past the clock's range is
+// clock::time_point::max(), which means "never": such a timer never fires and makes no backend
+// wait compute a timeout.
+
+/// `d` in the clock's unit, clamped to clock::duration's range (a NaN counts as zero).
+template <class Rep, class Period>
+constexpr clock::duration to_clock_duration(std::chrono::duration<Rep, Period> d) noexcept {
+  using target = clock::duration;
+  static_assert(std::is_arithmetic_v<Rep>, "to_clock_duration: the duration's rep must be arithmetic");
+  if constexpr (std::is_floating_point_v<Rep>) {
+    if (d.count() != d.count()) return target::zero();
+  }
+  // Decide the range in long double, which neither overflows nor wraps.
+  using ratio = std::ratio_divide<Period, target::period>;
+  const long double exact = static_cast<long double>(d.count()) * static_cast<long double>(ratio::num) /
+                            static_cast<long double>(ratio::den);
+  if (exact >= static_cast<long double>(target::max().count())) return target::max();
+  if (exact <= static_cast<long double>(target::min().count())) return target::min();
+  // In range: integral counts are converted exactly where duration_cast cannot overflow on the way.
+  if constexpr (std::is_integral_v<Rep> && (ratio::den == 1 || ratio::num == 1)) {
+    return std::chrono::duration_cast<target>(d);
+  } else {
+    return target(static_cast<target::rep>(exact));
+  }
+}
+
+inline constexpr clock::time_point never = clock::time_point::max();
+
+/// `when + delay`, clamped to `never`; a negative delay counts as zero (asyncio).
+constexpr clock::time_point saturating_add(clock::time_point when, clock::duration delay) noexcept {
+  if (delay <= clock::duration::zero()) return when;
+  if (when >= never - delay) return never;  // never - delay cannot overflow: delay > 0
+  return when + delay;
+}
+
+/// The deadline `delay` from now, saturated: duration::max() (of any unit) means never.
+template <class Rep, class Period>
+clock::time_point saturating_deadline(std::chrono::duration<Rep, Period> delay) noexcept {
+  return saturating_add(clock::now(), to_clock_duration(delay));
+}
+
+/// Time left until `when`, never negative; a huge value for `never` (callers test for it first).
+inline clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
+  if (when <= now) return clock::duration::zero();
+  if (now < clock::time_point{} && when > now + clock::duration::max()) return clock::duration::max();
+  return when - now;
+}
+
 /// A timer lives in whoever waits (a sleeping frame, a call_later handle); the heap only points.
 struct timer_node {
   clock::time_point when{};
@@ -1691,6 +1742,45 @@ TEST_SUITE("timer_heap") {
       if (prev) CHECK((prev->when < n.when || (prev->when == n.when && prev->seq < n.seq)));
       prev = &n;
     }
+  }
+
+  TEST_CASE("deadline arithmetic saturates: any unit, huge, negative, NaN") {
+    using namespace codestare::async_utils::detail;
+    using namespace std::chrono;
+    using ns = clock::duration;
+    // Regression: duration_cast<nanoseconds>(hours::max()) wrapped to a negative count.
+    CHECK(to_clock_duration(hours::max()) == ns::max());
+    CHECK(to_clock_duration(hours::min()) == ns::min());
+    CHECK(to_clock_duration(seconds::max()) == ns::max());
+    CHECK(to_clock_duration(ns::max()) == ns::max());
+    CHECK(to_clock_duration(duration<double>(1e300)) == ns::max());
+    CHECK(to_clock_duration(duration<double>(-1e300)) == ns::min());
+    CHECK(to_clock_duration(duration<double>(std::numeric_limits<double>::infinity())) == ns::max());
+    CHECK(to_clock_duration(duration<double>(std::numeric_limits<double>::quiet_NaN())) == ns::zero());
+    CHECK(to_clock_duration(duration<std::uint64_t, std::milli>(~std::uint64_t{0})) == ns::max());
+    // In range: exact, as duration_cast would be.
+    CHECK(to_clock_duration(seconds(5)) == ns(5000000000));
+    CHECK(to_clock_duration(hours(-2)) == -hours(2));
+    CHECK(to_clock_duration(duration<double>(0.25)) == milliseconds(250));
+    CHECK(to_clock_duration(duration<long long, std::pico>(1500)) == ns(1));
+    CHECK(to_clock_duration(duration<long long, std::ratio<1, 3>>(3)) == seconds(1));
+    CHECK(to_clock_duration(hours(2562047)) == hours(2562047));  // just below the limit (~292 years)
+    CHECK(to_clock_duration(hours(2562048)) == ns::max());       // just above it
+    static_assert(to_clock_duration(minutes::max()) == ns::max());
+    // Deadlines: past the range is never; negative delays count as zero.
+    const auto now = clock::now();
+    CHECK(saturating_add(now, ns::max()) == never);
+    CHECK(saturating_add(now, ns(-5)) == now);
+    CHECK(saturating_add(now, ns::min()) == now);
+    CHECK(saturating_add(now, seconds(1)) == now + seconds(1));
+    CHECK(saturating_add(never, ns(1)) == never);
+    CHECK(saturating_deadline(hours::max()) == never);
+    const auto before = clock::now();
+    const auto soon = saturating_deadline(seconds(-3));
+    CHECK((soon >= before && soon <= clock::now()));
+    CHECK(time_until(never, now) == never - now);
+    CHECK(time_until(now, now + seconds(1)) == ns::zero());
+    CHECK(time_until(clock::time_point::max(), clock::time_point(ns(-10))) == ns::max());
   }
 }
 #endif
@@ -2101,7 +2191,13 @@ class event_loop {
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
   handle call_soon_threadsafe(std::function<void()> fn);
-  handle call_later(duration delay, std::function<void()> fn);
+  /// Runs fn after `delay` (any std::chrono unit; negative counts as zero). A delay past the
+  /// clock's range (hours::max(), duration::max()) never fires and disturbs no other timer.
+  template <class Rep, class Period>
+  handle call_later(std::chrono::duration<Rep, Period> delay, std::function<void()> fn) {
+    return call_at(detail::saturating_deadline(delay), std::move(fn));
+  }
+  /// Runs fn at loop time `when`; time_point::max() is never.
   handle call_at(time_point when, std::function<void()> fn);
 
   /// Wraps `aw` in a task that starts on a later iteration (asyncio's create_task).
@@ -2263,8 +2359,9 @@ inline void event_loop::run_once() {
   std::chrono::nanoseconds timeout{-1};
   if (!ready_.empty() || stopping_) {
     timeout = std::chrono::nanoseconds{0};
-  } else if (!timers_.empty()) {
-    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top_when() - clock::now());
+  } else if (!timers_.empty() && timers_.top_when() != detail::never) {
+    // Only timers that never fire left: wait without a timeout, as with no timer at all.
+    timeout = detail::time_until(timers_.top_when(), clock::now());
   }
   // A busy loop with no descriptor to watch skips the syscall entirely.
   if (timeout.count() != 0 || polled_ > 0) {
@@ -2470,10 +2567,6 @@ inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   return h;
 }
 
-inline handle event_loop::call_later(duration delay, std::function<void()> fn) {
-  return call_at(time() + delay, std::move(fn));
-}
-
 inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_at: empty callback");
@@ -2628,6 +2721,43 @@ TEST_SUITE("event_loop") {
     loop.run_forever();
     CHECK(order == std::vector<int>{1, 2, 3});
     CHECK(loop.time() >= now + 40ms);
+  }
+
+  TEST_CASE("call_later with a huge delay never fires, freezes nothing, and other timers run") {
+    // Regression: time() + duration::max() overflowed; hours::max() wrapped in the conversion.
+    event_loop loop;
+    int never_fired = 0;
+    std::vector<int> order;
+    std::vector<handle> nevers;
+    nevers.push_back(loop.call_later(event_loop::duration::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::hours::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::seconds::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::duration<double>(1e300), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_at(event_loop::time_point::max(), [&] { ++never_fired; }));
+    for (auto& h : nevers) CHECK(h.when() == event_loop::time_point::max());
+    loop.call_later(2ms, [&] { order.push_back(2); });
+    loop.call_later(-5s, [&] { order.push_back(0); });  // negative: as 0, asyncio's rule
+    loop.call_later(std::chrono::hours::min(), [&] { order.push_back(1); });
+    loop.call_later(4ms, [&] {
+      order.push_back(3);
+      loop.stop();
+    });
+    loop.run_forever();
+    CHECK(order == std::vector<int>{0, 1, 2, 3});
+    CHECK(never_fired == 0);
+    // Only never-timers left, and a cross-thread post: the loop must sleep without a timeout
+    // computed from them, and still wake for the post.
+    std::thread poster([&] {
+      std::this_thread::sleep_for(2ms);
+      loop.call_soon_threadsafe([&] { loop.stop(); });
+    });
+    loop.run_forever();
+    poster.join();
+    CHECK(never_fired == 0);
+    nevers[0].cancel();
+    CHECK(nevers[0].cancelled());
+    loop.close();
+    CHECK(never_fired == 0);
   }
 
   TEST_CASE("stop() before run_forever runs one iteration; close() is final") {
@@ -3535,7 +3665,7 @@ struct sleep_awaiter {
       self->task->wake();
       return true;
     };
-    task->loop()->add_timer(timer, clock::now() + delay);
+    task->loop()->add_timer(timer, saturating_add(clock::now(), delay));
     task->suspend_on(&timer, h);
   }
   void await_resume() { task->throw_if_cancelled(timed() && timer.withdrawn); }
@@ -3549,13 +3679,54 @@ struct sleep_for {
 
 }  // namespace detail
 
-/// Suspends the running task for `delay` (asyncio.sleep); cancellable.
+/// Suspends the running task for `delay` (asyncio.sleep); cancellable. Any unit; a negative
+/// delay yields once like sleep(0s); a delay past the clock's range (seconds::max()) sleeps
+/// until cancelled.
 template <class Rep, class Period>
 detail::sleep_for sleep(std::chrono::duration<Rep, Period> delay) {
-  return {std::chrono::duration_cast<detail::clock::duration>(delay)};
+  return {detail::to_clock_duration(delay)};
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("sleep") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  // Sleeps `delay` while a 3 ms timer cancels the sleeping task: true if the sleep lasted until
+  // then (it was cancelled), false if it returned at once.
+  coroutine<bool> sleeps_until_cancelled(auto delay) {
+    event_loop& loop = event_loop::current();
+    detail::future_core* self = loop.running_task();
+    auto h = loop.call_later(3ms, [self] { self->cancel("woken"); });
+    try {
+      co_await sleep(delay);
+    } catch (const cancelled_error&) {
+      self->uncancel();
+      co_return true;
+    }
+    h.cancel();
+    co_return false;
+  }
+
+  TEST_CASE("sleep with a delay past the clock's range sleeps until cancelled") {
+    // Regression: seconds::max() wrapped to a negative delay and sleep returned at once.
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await sleeps_until_cancelled(std::chrono::seconds::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::hours::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::steady_clock::duration::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::duration<double>(std::numeric_limits<double>::infinity())));
+      CHECK(co_await sleeps_until_cancelled(1h));
+      // Negative and zero delays yield once.
+      CHECK_FALSE(co_await sleeps_until_cancelled(-1s));
+      CHECK_FALSE(co_await sleeps_until_cancelled(std::chrono::hours::min()));
+      CHECK_FALSE(co_await sleeps_until_cancelled(0s));
+      CHECK_FALSE(co_await sleeps_until_cancelled(1ms));
+    }());
+  }
+}
+#endif
 // ---- end src/runtime/sleep.hpp ----
 // ---- begin src/runtime/completion.hpp ----
 // wait_done(fut): waits until a future or task is done, without touching its outcome; and the

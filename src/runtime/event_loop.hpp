@@ -96,7 +96,13 @@ class event_loop {
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
   handle call_soon_threadsafe(std::function<void()> fn);
-  handle call_later(duration delay, std::function<void()> fn);
+  /// Runs fn after `delay` (any std::chrono unit; negative counts as zero). A delay past the
+  /// clock's range (hours::max(), duration::max()) never fires and disturbs no other timer.
+  template <class Rep, class Period>
+  handle call_later(std::chrono::duration<Rep, Period> delay, std::function<void()> fn) {
+    return call_at(detail::saturating_deadline(delay), std::move(fn));
+  }
+  /// Runs fn at loop time `when`; time_point::max() is never.
   handle call_at(time_point when, std::function<void()> fn);
 
   /// Wraps `aw` in a task that starts on a later iteration (asyncio's create_task).
@@ -258,8 +264,9 @@ inline void event_loop::run_once() {
   std::chrono::nanoseconds timeout{-1};
   if (!ready_.empty() || stopping_) {
     timeout = std::chrono::nanoseconds{0};
-  } else if (!timers_.empty()) {
-    timeout = std::max(std::chrono::nanoseconds{0}, timers_.top_when() - clock::now());
+  } else if (!timers_.empty() && timers_.top_when() != detail::never) {
+    // Only timers that never fire left: wait without a timeout, as with no timer at all.
+    timeout = detail::time_until(timers_.top_when(), clock::now());
   }
   // A busy loop with no descriptor to watch skips the syscall entirely.
   if (timeout.count() != 0 || polled_ > 0) {
@@ -465,10 +472,6 @@ inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   return h;
 }
 
-inline handle event_loop::call_later(duration delay, std::function<void()> fn) {
-  return call_at(time() + delay, std::move(fn));
-}
-
 inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_at: empty callback");
@@ -624,6 +627,43 @@ TEST_SUITE("event_loop") {
     loop.run_forever();
     CHECK(order == std::vector<int>{1, 2, 3});
     CHECK(loop.time() >= now + 40ms);
+  }
+
+  TEST_CASE("call_later with a huge delay never fires, freezes nothing, and other timers run") {
+    // Regression: time() + duration::max() overflowed; hours::max() wrapped in the conversion.
+    event_loop loop;
+    int never_fired = 0;
+    std::vector<int> order;
+    std::vector<handle> nevers;
+    nevers.push_back(loop.call_later(event_loop::duration::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::hours::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::seconds::max(), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_later(std::chrono::duration<double>(1e300), [&] { ++never_fired; }));
+    nevers.push_back(loop.call_at(event_loop::time_point::max(), [&] { ++never_fired; }));
+    for (auto& h : nevers) CHECK(h.when() == event_loop::time_point::max());
+    loop.call_later(2ms, [&] { order.push_back(2); });
+    loop.call_later(-5s, [&] { order.push_back(0); });  // negative: as 0, asyncio's rule
+    loop.call_later(std::chrono::hours::min(), [&] { order.push_back(1); });
+    loop.call_later(4ms, [&] {
+      order.push_back(3);
+      loop.stop();
+    });
+    loop.run_forever();
+    CHECK(order == std::vector<int>{0, 1, 2, 3});
+    CHECK(never_fired == 0);
+    // Only never-timers left, and a cross-thread post: the loop must sleep without a timeout
+    // computed from them, and still wake for the post.
+    std::thread poster([&] {
+      std::this_thread::sleep_for(2ms);
+      loop.call_soon_threadsafe([&] { loop.stop(); });
+    });
+    loop.run_forever();
+    poster.join();
+    CHECK(never_fired == 0);
+    nevers[0].cancel();
+    CHECK(nevers[0].cancelled());
+    loop.close();
+    CHECK(never_fired == 0);
   }
 
   TEST_CASE("stop() before run_forever runs one iteration; close() is final") {

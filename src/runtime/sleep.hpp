@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <limits>
 #include <new>
 
 namespace codestare::async_utils {
@@ -52,7 +53,7 @@ struct sleep_awaiter {
       self->task->wake();
       return true;
     };
-    task->loop()->add_timer(timer, clock::now() + delay);
+    task->loop()->add_timer(timer, saturating_add(clock::now(), delay));
     task->suspend_on(&timer, h);
   }
   void await_resume() { task->throw_if_cancelled(timed() && timer.withdrawn); }
@@ -66,10 +67,51 @@ struct sleep_for {
 
 }  // namespace detail
 
-/// Suspends the running task for `delay` (asyncio.sleep); cancellable.
+/// Suspends the running task for `delay` (asyncio.sleep); cancellable. Any unit; a negative
+/// delay yields once like sleep(0s); a delay past the clock's range (seconds::max()) sleeps
+/// until cancelled.
 template <class Rep, class Period>
 detail::sleep_for sleep(std::chrono::duration<Rep, Period> delay) {
-  return {std::chrono::duration_cast<detail::clock::duration>(delay)};
+  return {detail::to_clock_duration(delay)};
 }
 
 }  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("sleep") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  // Sleeps `delay` while a 3 ms timer cancels the sleeping task: true if the sleep lasted until
+  // then (it was cancelled), false if it returned at once.
+  coroutine<bool> sleeps_until_cancelled(auto delay) {
+    event_loop& loop = event_loop::current();
+    detail::future_core* self = loop.running_task();
+    auto h = loop.call_later(3ms, [self] { self->cancel("woken"); });
+    try {
+      co_await sleep(delay);
+    } catch (const cancelled_error&) {
+      self->uncancel();
+      co_return true;
+    }
+    h.cancel();
+    co_return false;
+  }
+
+  TEST_CASE("sleep with a delay past the clock's range sleeps until cancelled") {
+    // Regression: seconds::max() wrapped to a negative delay and sleep returned at once.
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await sleeps_until_cancelled(std::chrono::seconds::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::hours::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::steady_clock::duration::max()));
+      CHECK(co_await sleeps_until_cancelled(std::chrono::duration<double>(std::numeric_limits<double>::infinity())));
+      CHECK(co_await sleeps_until_cancelled(1h));
+      // Negative and zero delays yield once.
+      CHECK_FALSE(co_await sleeps_until_cancelled(-1s));
+      CHECK_FALSE(co_await sleeps_until_cancelled(std::chrono::hours::min()));
+      CHECK_FALSE(co_await sleeps_until_cancelled(0s));
+      CHECK_FALSE(co_await sleeps_until_cancelled(1ms));
+    }());
+  }
+}
+#endif

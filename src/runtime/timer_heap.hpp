@@ -4,11 +4,63 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <ratio>
+#include <type_traits>
 #include <vector>
 
 namespace codestare::async_utils::detail {
 
 using clock = std::chrono::steady_clock;
+
+// ---- Saturating time arithmetic: one place for every deadline ------------------------------
+// A duration of any rep and period becomes clock::duration clamped to its range (hours::max()
+// must not wrap to a negative count), and a deadline past the clock's range is
+// clock::time_point::max(), which means "never": such a timer never fires and makes no backend
+// wait compute a timeout.
+
+/// `d` in the clock's unit, clamped to clock::duration's range (a NaN counts as zero).
+template <class Rep, class Period>
+constexpr clock::duration to_clock_duration(std::chrono::duration<Rep, Period> d) noexcept {
+  using target = clock::duration;
+  static_assert(std::is_arithmetic_v<Rep>, "to_clock_duration: the duration's rep must be arithmetic");
+  if constexpr (std::is_floating_point_v<Rep>) {
+    if (d.count() != d.count()) return target::zero();
+  }
+  // Decide the range in long double, which neither overflows nor wraps.
+  using ratio = std::ratio_divide<Period, target::period>;
+  const long double exact = static_cast<long double>(d.count()) * static_cast<long double>(ratio::num) /
+                            static_cast<long double>(ratio::den);
+  if (exact >= static_cast<long double>(target::max().count())) return target::max();
+  if (exact <= static_cast<long double>(target::min().count())) return target::min();
+  // In range: integral counts are converted exactly where duration_cast cannot overflow on the way.
+  if constexpr (std::is_integral_v<Rep> && (ratio::den == 1 || ratio::num == 1)) {
+    return std::chrono::duration_cast<target>(d);
+  } else {
+    return target(static_cast<target::rep>(exact));
+  }
+}
+
+inline constexpr clock::time_point never = clock::time_point::max();
+
+/// `when + delay`, clamped to `never`; a negative delay counts as zero (asyncio).
+constexpr clock::time_point saturating_add(clock::time_point when, clock::duration delay) noexcept {
+  if (delay <= clock::duration::zero()) return when;
+  if (when >= never - delay) return never;  // never - delay cannot overflow: delay > 0
+  return when + delay;
+}
+
+/// The deadline `delay` from now, saturated: duration::max() (of any unit) means never.
+template <class Rep, class Period>
+clock::time_point saturating_deadline(std::chrono::duration<Rep, Period> delay) noexcept {
+  return saturating_add(clock::now(), to_clock_duration(delay));
+}
+
+/// Time left until `when`, never negative; a huge value for `never` (callers test for it first).
+inline clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
+  if (when <= now) return clock::duration::zero();
+  if (now < clock::time_point{} && when > now + clock::duration::max()) return clock::duration::max();
+  return when - now;
+}
 
 /// A timer lives in whoever waits (a sleeping frame, a call_later handle); the heap only points.
 struct timer_node {
@@ -97,6 +149,7 @@ class timer_heap {
 }  // namespace codestare::async_utils::detail
 
 #ifdef ASYNC_UTILS_TESTS
+#include <limits>
 #include <random>
 TEST_SUITE("timer_heap") {
   TEST_CASE("pops in deadline order, ties in insertion order, removal anywhere") {
@@ -119,6 +172,45 @@ TEST_SUITE("timer_heap") {
       if (prev) CHECK((prev->when < n.when || (prev->when == n.when && prev->seq < n.seq)));
       prev = &n;
     }
+  }
+
+  TEST_CASE("deadline arithmetic saturates: any unit, huge, negative, NaN") {
+    using namespace codestare::async_utils::detail;
+    using namespace std::chrono;
+    using ns = clock::duration;
+    // Regression: duration_cast<nanoseconds>(hours::max()) wrapped to a negative count.
+    CHECK(to_clock_duration(hours::max()) == ns::max());
+    CHECK(to_clock_duration(hours::min()) == ns::min());
+    CHECK(to_clock_duration(seconds::max()) == ns::max());
+    CHECK(to_clock_duration(ns::max()) == ns::max());
+    CHECK(to_clock_duration(duration<double>(1e300)) == ns::max());
+    CHECK(to_clock_duration(duration<double>(-1e300)) == ns::min());
+    CHECK(to_clock_duration(duration<double>(std::numeric_limits<double>::infinity())) == ns::max());
+    CHECK(to_clock_duration(duration<double>(std::numeric_limits<double>::quiet_NaN())) == ns::zero());
+    CHECK(to_clock_duration(duration<std::uint64_t, std::milli>(~std::uint64_t{0})) == ns::max());
+    // In range: exact, as duration_cast would be.
+    CHECK(to_clock_duration(seconds(5)) == ns(5000000000));
+    CHECK(to_clock_duration(hours(-2)) == -hours(2));
+    CHECK(to_clock_duration(duration<double>(0.25)) == milliseconds(250));
+    CHECK(to_clock_duration(duration<long long, std::pico>(1500)) == ns(1));
+    CHECK(to_clock_duration(duration<long long, std::ratio<1, 3>>(3)) == seconds(1));
+    CHECK(to_clock_duration(hours(2562047)) == hours(2562047));  // just below the limit (~292 years)
+    CHECK(to_clock_duration(hours(2562048)) == ns::max());       // just above it
+    static_assert(to_clock_duration(minutes::max()) == ns::max());
+    // Deadlines: past the range is never; negative delays count as zero.
+    const auto now = clock::now();
+    CHECK(saturating_add(now, ns::max()) == never);
+    CHECK(saturating_add(now, ns(-5)) == now);
+    CHECK(saturating_add(now, ns::min()) == now);
+    CHECK(saturating_add(now, seconds(1)) == now + seconds(1));
+    CHECK(saturating_add(never, ns(1)) == never);
+    CHECK(saturating_deadline(hours::max()) == never);
+    const auto before = clock::now();
+    const auto soon = saturating_deadline(seconds(-3));
+    CHECK((soon >= before && soon <= clock::now()));
+    CHECK(time_until(never, now) == never - now);
+    CHECK(time_until(now, now + seconds(1)) == ns::zero());
+    CHECK(time_until(clock::time_point::max(), clock::time_point(ns(-10))) == ns::max());
   }
 }
 #endif
