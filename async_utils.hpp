@@ -231,6 +231,7 @@
 #include <type_traits>
 #include <typeinfo>
 #include <unistd.h>
+#include <unordered_map>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -604,20 +605,25 @@ class kqueue_backend {
   }
   void add(int fd) { require_open_fd(fd, "add"); }
   void arm(int fd, unsigned mask) {
-    unsigned& armed = armed_at(fd);
-    change(fd, EVFILT_READ, io_read, mask, armed);
-    change(fd, EVFILT_WRITE, io_write, mask, armed);
+    unsigned armed = armed_of(fd);
+    try {
+      change(fd, EVFILT_READ, io_read, mask, armed);
+      change(fd, EVFILT_WRITE, io_write, mask, armed);
+    } catch (...) {
+      set_armed(fd, armed);
+      throw;
+    }
+    set_armed(fd, armed);
   }
   void remove(int fd) noexcept {
-    if (static_cast<std::size_t>(fd) < armed_.size()) {
-      unsigned& armed = armed_[static_cast<std::size_t>(fd)];
-      try {
-        change(fd, EVFILT_READ, io_read, 0, armed);
-        change(fd, EVFILT_WRITE, io_write, 0, armed);
-      } catch (...) {
-        armed = 0;
-      }
+    unsigned armed = armed_of(fd);
+    try {
+      change(fd, EVFILT_READ, io_read, 0, armed);
+      change(fd, EVFILT_WRITE, io_write, 0, armed);
+    } catch (...) {
+      armed = 0;
     }
+    set_armed(fd, armed);
   }
   void watch(int fd) {
     struct kevent ev;
@@ -645,16 +651,26 @@ class kqueue_backend {
       int fd = static_cast<int>(ev.ident);
       unsigned bits = ev.filter == EVFILT_WRITE ? io_write : io_read;
       if (ev.flags & (EV_EOF | EV_ERROR)) bits |= io_error;
-      if (static_cast<std::size_t>(fd) < armed_.size()) armed_[static_cast<std::size_t>(fd)] &= ~(bits & (io_read | io_write));
+      set_armed(fd, armed_of(fd) & ~(bits & (io_read | io_write)));
       on_event(fd, bits);
     }
   }
 
  private:
-  unsigned& armed_at(int fd) {
-    auto u = static_cast<std::size_t>(fd);
-    if (u >= armed_.size()) armed_.resize(u + 1, 0);
-    return armed_[u];
+  unsigned armed_of(int fd) const noexcept {
+    auto it = armed_.find(fd);
+    return it != armed_.end() ? it->second : 0u;
+  }
+  /// Only armed descriptors have an entry, so the map stays as small as the set of waits.
+  void set_armed(int fd, unsigned armed) noexcept {
+    if (armed) {
+      try {
+        armed_[fd] = armed;
+      } catch (...) {  // out of memory: the filter stays armed in the kernel, one report ends it
+      }
+    } else {
+      armed_.erase(fd);
+    }
   }
   void change(int fd, short filter, unsigned bit, unsigned mask, unsigned& armed) {
     const bool want = (mask & bit) != 0, have = (armed & bit) != 0;
@@ -668,7 +684,7 @@ class kqueue_backend {
     }
   }
   unique_fd kq_;
-  std::vector<unsigned> armed_;  // fd -> filters armed (one-shot filters clear on delivery)
+  std::unordered_map<int, unsigned> armed_;  // fd -> filters armed (one-shot filters clear on delivery)
   struct kevent events_[256];
 };
 
@@ -695,9 +711,15 @@ class poll_backend {
     std::size_t i = slot(fd);
     if (i == npos) {
       if (events == 0) return;
-      index_at(fd) = fds_.size();
       fds_.push_back({fd, events, 0});
-      permanent_.push_back(false);
+      try {
+        permanent_.push_back(false);
+        index_[fd] = fds_.size() - 1;
+      } catch (...) {
+        fds_.pop_back();
+        if (permanent_.size() > fds_.size()) permanent_.pop_back();
+        throw;
+      }
     } else if (events == 0 && !permanent_[i]) {
       erase(i);
     } else {
@@ -739,20 +761,15 @@ class poll_backend {
  private:
   static constexpr std::size_t npos = static_cast<std::size_t>(-1);
   std::size_t slot(int fd) const noexcept {
-    auto u = static_cast<std::size_t>(fd);
-    return u < index_.size() ? index_[u] : npos;
-  }
-  std::size_t& index_at(int fd) {
-    auto u = static_cast<std::size_t>(fd);
-    if (u >= index_.size()) index_.resize(u + 1, npos);
-    return index_[u];
+    auto it = index_.find(fd);
+    return it != index_.end() ? it->second : npos;
   }
   void erase(std::size_t i) noexcept {
-    index_[static_cast<std::size_t>(fds_[i].fd)] = npos;
+    index_.erase(fds_[i].fd);
     if (i + 1 != fds_.size()) {
       fds_[i] = fds_.back();
       permanent_[i] = permanent_.back();
-      index_[static_cast<std::size_t>(fds_[i].fd)] = i;
+      index_[fds_[i].fd] = i;  // present already: no allocation
     }
     fds_.pop_back();
     permanent_.pop_back();
@@ -763,7 +780,7 @@ class poll_backend {
   };
   std::vector<pollfd> fds_;
   std::vector<bool> permanent_;
-  std::vector<std::size_t> index_;  // fd -> position in fds_
+  std::unordered_map<int, std::size_t> index_;  // fd -> position in fds_ (no table as large as the fd)
   std::vector<report> reported_;
 };
 
@@ -2280,12 +2297,15 @@ class event_loop {
   bool clear_callback(int fd, bool reader);
   void mark_dirty(int fd, detail::fd_watch& w);
   void forget_arming(detail::fd_watch& w) noexcept;
+  void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
   detail::job_queue ready_;
   detail::timer_heap timers_;
-  std::vector<std::unique_ptr<detail::fd_watch>> fds_;  // indexed by descriptor
+  // Keyed by descriptor: storage follows the descriptors in use, not the largest number (a
+  // table indexed by descriptor grew to 785 MB for add_reader(100000000)). Nodes never move.
+  std::unordered_map<int, detail::fd_watch> fds_;
   std::vector<int> dirty_;
   std::size_t polled_ = 0;  // armed descriptors plus internal watches other than the wake-up
 
@@ -2407,15 +2427,20 @@ inline bool event_loop::post(detail::job j) {
 }
 
 inline detail::fd_watch& event_loop::watch_of(int fd) {
-  if (fd < 0) detail::throw_errno(EBADF, "bad file descriptor " + std::to_string(fd));
-  auto u = static_cast<std::size_t>(fd);
-  if (u >= fds_.size()) fds_.resize(u + 1);
-  if (!fds_[u]) fds_[u] = std::make_unique<detail::fd_watch>();
-  detail::fd_watch& w = *fds_[u];
-  if (!w.known && !w.internal) {
-    backend_.add(fd);
-    w.known = true;
+  if (auto it = fds_.find(fd); it != fds_.end()) {
+    detail::fd_watch& w = it->second;
+    if (!w.known && !w.internal) {
+      backend_.add(fd);
+      w.known = true;
+    }
+    return w;
   }
+  // First sight: the descriptor is checked (EBADF for a negative, closed or huge number)
+  // before anything is stored for it.
+  detail::require_open_fd(fd, "event loop");
+  backend_.add(fd);
+  detail::fd_watch& w = fds_.try_emplace(fd).first->second;
+  w.known = true;
   return w;
 }
 
@@ -2448,10 +2473,15 @@ inline void event_loop::rearm() {
   std::vector<int> failed;
   for (std::size_t i = 0; i < dirty_.size(); ++i) {
     const int fd = dirty_[i];
-    detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
+    auto it = fds_.find(fd);
+    if (it == fds_.end()) continue;
+    detail::fd_watch& w = it->second;
     w.dirty = false;
     const unsigned want = w.wanted();
-    if (want == w.armed) continue;
+    if (want == w.armed) {
+      forget_if_idle(it);
+      continue;
+    }
     try {
       backend_.arm(fd, want);
     } catch (const std::system_error&) {
@@ -2463,6 +2493,7 @@ inline void event_loop::rearm() {
     polled_ += (want != 0);
     polled_ -= (w.armed != 0);
     w.armed = want;
+    forget_if_idle(it);
   }
   dirty_.clear();
   // A descriptor closed under us: wake its waiters so they retry and see the error, and run its
@@ -2471,8 +2502,17 @@ inline void event_loop::rearm() {
   for (int fd : failed) dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
 }
 
+inline void event_loop::forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept {
+  // Nothing wants the descriptor and nothing is armed: its record goes (the epoll registration
+  // left behind is disarmed; adding the descriptor again tolerates it).
+  const detail::fd_watch& w = it->second;
+  if (!w.internal && !w.armed && !w.dirty && !w.wanted()) fds_.erase(it);
+}
+
 inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
-  detail::fd_watch& w = *fds_[static_cast<std::size_t>(fd)];
+  auto it = fds_.find(fd);
+  if (it == fds_.end()) return;
+  detail::fd_watch& w = it->second;
   if (w.internal) {
     w.internal(w.internal_context);
     return;
@@ -2496,20 +2536,18 @@ inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
 }
 
 inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
-  auto u = static_cast<std::size_t>(fd);
-  if (u >= fds_.size()) fds_.resize(u + 1);
-  if (!fds_[u]) fds_[u] = std::make_unique<detail::fd_watch>();
   backend_.watch(fd);
-  fds_[u]->internal = fn;
-  fds_[u]->internal_context = context;
+  detail::fd_watch& w = fds_.try_emplace(fd).first->second;
+  w.internal = fn;
+  w.internal_context = context;
   ++polled_;
 }
 
 inline void event_loop::unwatch_internal(int fd) noexcept {
-  auto u = static_cast<std::size_t>(fd);
-  if (u >= fds_.size() || !fds_[u] || !fds_[u]->internal) return;
+  auto it = fds_.find(fd);
+  if (it == fds_.end() || !it->second.internal) return;
   backend_.remove(fd);
-  fds_[u].reset();
+  fds_.erase(it);
   --polled_;
 }
 
@@ -2530,9 +2568,9 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
 }
 
 inline bool event_loop::clear_callback(int fd, bool reader) {
-  auto u = static_cast<std::size_t>(fd);
-  if (fd < 0 || u >= fds_.size() || !fds_[u]) return false;
-  detail::fd_watch& w = *fds_[u];
+  auto it = fds_.find(fd);
+  if (it == fds_.end()) return false;
+  detail::fd_watch& w = it->second;
   detail::handle_state*& slot = reader ? w.reader : w.writer;
   if (!slot) return false;
   slot->cancelled = true;
@@ -2659,9 +2697,8 @@ inline void event_loop::close() {
     detail::timer_node& node = timers_.pop();
     node.fire(&node, false);
   }
-  for (auto& w : fds_) {
-    if (!w) continue;
-    for (auto* slot : {&w->reader, &w->writer}) {
+  for (auto& [fd, w] : fds_) {
+    for (auto* slot : {&w.reader, &w.writer}) {
       if (*slot) {
         (*slot)->cancelled = true;
         (*slot)->release();
@@ -2678,6 +2715,67 @@ inline void event_loop::close() {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <climits>
+#include <sys/resource.h>
+namespace codestare::async_utils::testing {
+
+/// The largest descriptor number a test may use, up to 1,000,000: raises the soft
+/// RLIMIT_NOFILE as far as the hard one allows, for the object's lifetime.
+class huge_fd_number {
+ public:
+  huge_fd_number() {
+    ::getrlimit(RLIMIT_NOFILE, &saved_);
+    rlim_t want = 1000001;
+    if (saved_.rlim_max != RLIM_INFINITY && saved_.rlim_max < want) want = saved_.rlim_max;
+    if (saved_.rlim_cur != RLIM_INFINITY && saved_.rlim_cur < want) {
+      rlimit raised = saved_;
+      raised.rlim_cur = want;
+      if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) restore_ = true;
+      else want = saved_.rlim_cur;
+    }
+    number_ = static_cast<int>(want - 1);
+  }
+  ~huge_fd_number() {
+    if (restore_) ::setrlimit(RLIMIT_NOFILE, &saved_);
+  }
+  huge_fd_number(const huge_fd_number&) = delete;
+  huge_fd_number& operator=(const huge_fd_number&) = delete;
+  int number() const noexcept { return number_; }
+  /// Moves fd to the huge number (dup2, then closes fd); -1 if that fails.
+  int move(int fd) const noexcept {
+    if (::dup2(fd, number_) != number_) return -1;
+    ::close(fd);
+    return number_;
+  }
+
+ private:
+  rlimit saved_{};
+  bool restore_ = false;
+  int number_ = 0;
+};
+
+/// The process's peak resident size in KiB.
+inline long peak_rss_kib() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss;
+}
+
+/// The errno of the std::system_error fn throws; 0 if it throws nothing, -1 for another exception.
+template <class F>
+int error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const std::system_error& e) {
+    return e.code().value();
+  } catch (...) {
+    return -1;
+  }
+  return 0;
+}
+
+}  // namespace codestare::async_utils::testing
+
 TEST_SUITE("event_loop") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
@@ -2909,6 +3007,70 @@ TEST_SUITE("event_loop") {
     CHECK_THROWS_AS(loop.add_reader(-1, [] {}), std::system_error);
     CHECK_THROWS_AS(loop.add_reader(fds[0], [] {}), std::system_error);  // closed now
     CHECK_THROWS_AS(loop.add_reader(0, nullptr), std::invalid_argument);
+  }
+
+  TEST_CASE("add_reader / add_writer: negative, closed and huge descriptors get EBADF at once") {
+    // Regression: add_reader(100000000) grew a per-descriptor table to 785 MB before failing,
+    // add_reader(INT_MAX) threw bad_alloc.
+    event_loop loop;
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    ::close(fds[1]);
+    const int closed = fds[1];
+    const long rss_before = testing::peak_rss_kib();
+    for (int fd : {-1, -100, INT_MIN, closed, 100000000, INT_MAX - 1, INT_MAX}) {
+      CHECK_MESSAGE(testing::error_of([&] { loop.add_reader(fd, [] {}); }) == EBADF, "fd " << fd);
+      CHECK_MESSAGE(testing::error_of([&] { loop.add_writer(fd, [] {}); }) == EBADF, "fd " << fd);
+      CHECK_FALSE(loop.remove_reader(fd));
+      CHECK_FALSE(loop.remove_writer(fd));
+    }
+    CHECK(testing::peak_rss_kib() - rss_before < 64 * 1024);  // no table sized by the number
+    // The loop is unharmed: the good descriptor still works.
+    bool read = false;
+    loop.add_reader(fds[0], [&] {
+      read = true;
+      loop.stop();
+    });
+    auto guard = loop.call_later(10s, [&] { loop.stop(); });
+    loop.run_forever();  // the write end is closed: readable (EOF) at once
+    CHECK(read);
+    CHECK(loop.remove_reader(fds[0]));
+    ::close(fds[0]);
+  }
+
+  TEST_CASE("a valid descriptor with a huge number (dup2 to 1000000 where the limit allows) works") {
+    testing::huge_fd_number huge;
+    MESSAGE("descriptor number " << huge.number());
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const int rfd = huge.move(fds[0]);
+    REQUIRE(rfd == huge.number());
+    const long rss_before = testing::peak_rss_kib();
+    {
+      event_loop loop;
+      int calls = 0;
+      loop.add_reader(rfd, [&] {
+        char c;
+        CHECK(::read(rfd, &c, 1) == 1);
+        if (++calls == 2) loop.stop();
+      });
+      loop.add_writer(fds[1], [&] {
+        CHECK(::write(fds[1], "ab", 2) == 2);
+        loop.remove_writer(fds[1]);
+      });
+      auto guard = loop.call_later(10s, [&] { loop.stop(); });
+      loop.run_forever();
+      CHECK(calls == 2);
+      CHECK(loop.remove_reader(rfd));
+      // Added and removed over and over: nothing accumulates.
+      for (int i = 0; i < 1000; ++i) {
+        loop.add_writer(fds[1], [] {});
+        loop.remove_writer(fds[1]);
+      }
+    }
+    CHECK(testing::peak_rss_kib() - rss_before < 16 * 1024);
+    ::close(rfd);
+    ::close(fds[1]);
   }
 
 }
@@ -5030,6 +5192,67 @@ TEST_SUITE("io") {
       CHECK_THROWS_AS(sock_accept(blocking), std::invalid_argument);
       CHECK_THROWS_AS(sock_connect(blocking, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), std::invalid_argument);
       ::close(blocking);
+    }());
+  }
+
+  // The errno with which the operation `make()` creates fails (at creation or when awaited);
+  // 0 if it succeeds, -1 for any other exception.
+  template <class F>
+  coroutine<int> error_of(F make) {
+    try {
+      co_await make();
+    } catch (const std::system_error& e) {
+      co_return e.code().value();
+    } catch (...) {
+      co_return -1;
+    }
+    co_return 0;
+  }
+
+  TEST_CASE("negative, closed and huge descriptors get EBADF at once from every call") {
+    // Regression: wait_readable(INT_MAX) threw bad_alloc, wait_readable(100000000) first grew a
+    // per-descriptor table to 785 MB.
+    const long rss_before = testing::peak_rss_kib();
+    testing::run_bounded([&]() -> coroutine<void> {
+      // Closed here, inside the loop, so that the loop's own descriptors do not take the number.
+      int closed = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      REQUIRE(closed >= 0);
+      ::close(closed);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(1);
+      const auto* sa = reinterpret_cast<const sockaddr*>(&addr);
+      char buf[4];
+      for (int fd : {-1, INT_MIN, closed, 100000000, INT_MAX}) {
+        CHECK_MESSAGE(co_await error_of([fd] { return wait_readable(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return wait_writable(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_recv(fd, 4); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd, &buf] { return sock_recv_into(fd, std::span<char>(buf)); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_sendall(fd, "x"); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_accept(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd, sa] { return sock_connect(fd, sa, sizeof(sockaddr_in)); }) == EBADF, "fd " << fd);
+        event_loop& loop = event_loop::current();
+        CHECK_MESSAGE(co_await error_of([&loop, fd] { return loop.wait_readable(fd); }) == EBADF, "fd " << fd);
+      }
+    }());
+    CHECK(testing::peak_rss_kib() - rss_before < 64 * 1024);
+  }
+
+  TEST_CASE("sock_* and wait_* on a descriptor with a huge number (dup2 to 1000000 if allowed)") {
+    testing::huge_fd_number huge;
+    socket_pair p;
+    p.fd[0] = huge.move(p.fd[0]);
+    REQUIRE(p.fd[0] == huge.number());
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto reader = create_task(sock_recv(p.fd[0], 10));
+      co_await sleep(1ms);  // waits on the huge descriptor
+      co_await sock_sendall(p.fd[1], "hello");
+      CHECK(co_await reader == "hello");
+      co_await wait_writable(p.fd[0]);
+      co_await sock_sendall(p.fd[0], "back");
+      co_await wait_readable(p.fd[1]);
+      CHECK(co_await sock_recv(p.fd[1], 10) == "back");
     }());
   }
 

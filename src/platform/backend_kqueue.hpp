@@ -5,6 +5,7 @@
 #include <sys/event.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <unordered_map>
 #include <vector>
 
 namespace codestare::async_utils::detail {
@@ -20,20 +21,25 @@ class kqueue_backend {
   }
   void add(int fd) { require_open_fd(fd, "add"); }
   void arm(int fd, unsigned mask) {
-    unsigned& armed = armed_at(fd);
-    change(fd, EVFILT_READ, io_read, mask, armed);
-    change(fd, EVFILT_WRITE, io_write, mask, armed);
+    unsigned armed = armed_of(fd);
+    try {
+      change(fd, EVFILT_READ, io_read, mask, armed);
+      change(fd, EVFILT_WRITE, io_write, mask, armed);
+    } catch (...) {
+      set_armed(fd, armed);
+      throw;
+    }
+    set_armed(fd, armed);
   }
   void remove(int fd) noexcept {
-    if (static_cast<std::size_t>(fd) < armed_.size()) {
-      unsigned& armed = armed_[static_cast<std::size_t>(fd)];
-      try {
-        change(fd, EVFILT_READ, io_read, 0, armed);
-        change(fd, EVFILT_WRITE, io_write, 0, armed);
-      } catch (...) {
-        armed = 0;
-      }
+    unsigned armed = armed_of(fd);
+    try {
+      change(fd, EVFILT_READ, io_read, 0, armed);
+      change(fd, EVFILT_WRITE, io_write, 0, armed);
+    } catch (...) {
+      armed = 0;
     }
+    set_armed(fd, armed);
   }
   void watch(int fd) {
     struct kevent ev;
@@ -61,16 +67,26 @@ class kqueue_backend {
       int fd = static_cast<int>(ev.ident);
       unsigned bits = ev.filter == EVFILT_WRITE ? io_write : io_read;
       if (ev.flags & (EV_EOF | EV_ERROR)) bits |= io_error;
-      if (static_cast<std::size_t>(fd) < armed_.size()) armed_[static_cast<std::size_t>(fd)] &= ~(bits & (io_read | io_write));
+      set_armed(fd, armed_of(fd) & ~(bits & (io_read | io_write)));
       on_event(fd, bits);
     }
   }
 
  private:
-  unsigned& armed_at(int fd) {
-    auto u = static_cast<std::size_t>(fd);
-    if (u >= armed_.size()) armed_.resize(u + 1, 0);
-    return armed_[u];
+  unsigned armed_of(int fd) const noexcept {
+    auto it = armed_.find(fd);
+    return it != armed_.end() ? it->second : 0u;
+  }
+  /// Only armed descriptors have an entry, so the map stays as small as the set of waits.
+  void set_armed(int fd, unsigned armed) noexcept {
+    if (armed) {
+      try {
+        armed_[fd] = armed;
+      } catch (...) {  // out of memory: the filter stays armed in the kernel, one report ends it
+      }
+    } else {
+      armed_.erase(fd);
+    }
   }
   void change(int fd, short filter, unsigned bit, unsigned mask, unsigned& armed) {
     const bool want = (mask & bit) != 0, have = (armed & bit) != 0;
@@ -84,7 +100,7 @@ class kqueue_backend {
     }
   }
   unique_fd kq_;
-  std::vector<unsigned> armed_;  // fd -> filters armed (one-shot filters clear on delivery)
+  std::unordered_map<int, unsigned> armed_;  // fd -> filters armed (one-shot filters clear on delivery)
   struct kevent events_[256];
 };
 

@@ -3,6 +3,7 @@
 
 #ifdef ASYNC_UTILS_BACKEND_POLL
 #include <poll.h>
+#include <unordered_map>
 #include <vector>
 
 namespace codestare::async_utils::detail {
@@ -19,9 +20,15 @@ class poll_backend {
     std::size_t i = slot(fd);
     if (i == npos) {
       if (events == 0) return;
-      index_at(fd) = fds_.size();
       fds_.push_back({fd, events, 0});
-      permanent_.push_back(false);
+      try {
+        permanent_.push_back(false);
+        index_[fd] = fds_.size() - 1;
+      } catch (...) {
+        fds_.pop_back();
+        if (permanent_.size() > fds_.size()) permanent_.pop_back();
+        throw;
+      }
     } else if (events == 0 && !permanent_[i]) {
       erase(i);
     } else {
@@ -63,20 +70,15 @@ class poll_backend {
  private:
   static constexpr std::size_t npos = static_cast<std::size_t>(-1);
   std::size_t slot(int fd) const noexcept {
-    auto u = static_cast<std::size_t>(fd);
-    return u < index_.size() ? index_[u] : npos;
-  }
-  std::size_t& index_at(int fd) {
-    auto u = static_cast<std::size_t>(fd);
-    if (u >= index_.size()) index_.resize(u + 1, npos);
-    return index_[u];
+    auto it = index_.find(fd);
+    return it != index_.end() ? it->second : npos;
   }
   void erase(std::size_t i) noexcept {
-    index_[static_cast<std::size_t>(fds_[i].fd)] = npos;
+    index_.erase(fds_[i].fd);
     if (i + 1 != fds_.size()) {
       fds_[i] = fds_.back();
       permanent_[i] = permanent_.back();
-      index_[static_cast<std::size_t>(fds_[i].fd)] = i;
+      index_[fds_[i].fd] = i;  // present already: no allocation
     }
     fds_.pop_back();
     permanent_.pop_back();
@@ -87,7 +89,7 @@ class poll_backend {
   };
   std::vector<pollfd> fds_;
   std::vector<bool> permanent_;
-  std::vector<std::size_t> index_;  // fd -> position in fds_
+  std::unordered_map<int, std::size_t> index_;  // fd -> position in fds_ (no table as large as the fd)
   std::vector<report> reported_;
 };
 

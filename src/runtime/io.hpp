@@ -279,6 +279,7 @@ inline auto event_loop::wait_writable(int fd) { return async_utils::wait_writabl
 
 #ifdef ASYNC_UTILS_TESTS
 #include <arpa/inet.h>
+#include <climits>
 TEST_SUITE("io") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
@@ -401,6 +402,67 @@ TEST_SUITE("io") {
       CHECK_THROWS_AS(sock_accept(blocking), std::invalid_argument);
       CHECK_THROWS_AS(sock_connect(blocking, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), std::invalid_argument);
       ::close(blocking);
+    }());
+  }
+
+  // The errno with which the operation `make()` creates fails (at creation or when awaited);
+  // 0 if it succeeds, -1 for any other exception.
+  template <class F>
+  coroutine<int> error_of(F make) {
+    try {
+      co_await make();
+    } catch (const std::system_error& e) {
+      co_return e.code().value();
+    } catch (...) {
+      co_return -1;
+    }
+    co_return 0;
+  }
+
+  TEST_CASE("negative, closed and huge descriptors get EBADF at once from every call") {
+    // Regression: wait_readable(INT_MAX) threw bad_alloc, wait_readable(100000000) first grew a
+    // per-descriptor table to 785 MB.
+    const long rss_before = testing::peak_rss_kib();
+    testing::run_bounded([&]() -> coroutine<void> {
+      // Closed here, inside the loop, so that the loop's own descriptors do not take the number.
+      int closed = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      REQUIRE(closed >= 0);
+      ::close(closed);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(1);
+      const auto* sa = reinterpret_cast<const sockaddr*>(&addr);
+      char buf[4];
+      for (int fd : {-1, INT_MIN, closed, 100000000, INT_MAX}) {
+        CHECK_MESSAGE(co_await error_of([fd] { return wait_readable(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return wait_writable(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_recv(fd, 4); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd, &buf] { return sock_recv_into(fd, std::span<char>(buf)); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_sendall(fd, "x"); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd] { return sock_accept(fd); }) == EBADF, "fd " << fd);
+        CHECK_MESSAGE(co_await error_of([fd, sa] { return sock_connect(fd, sa, sizeof(sockaddr_in)); }) == EBADF, "fd " << fd);
+        event_loop& loop = event_loop::current();
+        CHECK_MESSAGE(co_await error_of([&loop, fd] { return loop.wait_readable(fd); }) == EBADF, "fd " << fd);
+      }
+    }());
+    CHECK(testing::peak_rss_kib() - rss_before < 64 * 1024);
+  }
+
+  TEST_CASE("sock_* and wait_* on a descriptor with a huge number (dup2 to 1000000 if allowed)") {
+    testing::huge_fd_number huge;
+    socket_pair p;
+    p.fd[0] = huge.move(p.fd[0]);
+    REQUIRE(p.fd[0] == huge.number());
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto reader = create_task(sock_recv(p.fd[0], 10));
+      co_await sleep(1ms);  // waits on the huge descriptor
+      co_await sock_sendall(p.fd[1], "hello");
+      CHECK(co_await reader == "hello");
+      co_await wait_writable(p.fd[0]);
+      co_await sock_sendall(p.fd[0], "back");
+      co_await wait_readable(p.fd[1]);
+      CHECK(co_await sock_recv(p.fd[1], 10) == "back");
     }());
   }
 
