@@ -472,6 +472,8 @@ class unique_fd {
   ~unique_fd() { reset(); }
   int get() const noexcept { return fd_; }
   explicit operator bool() const noexcept { return fd_ >= 0; }
+  /// Gives the descriptor up without closing it.
+  int release() noexcept { return std::exchange(fd_, -1); }
   void reset(int fd = -1) noexcept {
     if (fd_ >= 0) ::close(fd_);
     fd_ = fd;
@@ -4946,9 +4948,12 @@ struct accepted_socket {
 
 namespace detail {
 
+/// The accepted descriptor belongs to the op until result() hands it out: an accept that
+/// completed for a waiter cancelled before it resumed (or destroyed with its loop) closes it.
 struct accept_op : op_status {
   int fd;
-  accepted_socket out;
+  accepted_socket out;  // out.fd stays -1; the connection is in `conn`
+  unique_fd conn;
   bool attempt(bool) noexcept {
     for (;;) {
       out.address_length = sizeof out.address;
@@ -4969,7 +4974,7 @@ struct accept_op : op_status {
       }
 #endif
       if (conn >= 0) {
-        out.fd = conn;
+        this->conn.reset(conn);
         return true;
       }
       if (errno == EINTR || errno == ECONNABORTED) continue;
@@ -4979,9 +4984,11 @@ struct accept_op : op_status {
       return true;
     }
   }
-  accepted_socket result() const {
+  accepted_socket result() {
     check();
-    return out;
+    accepted_socket r = out;
+    r.fd = conn.release();
+    return r;
   }
 };
 
@@ -5043,7 +5050,7 @@ inline auto sock_sendall(int fd, std::span<const std::byte> data) {
 /// Accepts one connection on a non-blocking listening socket.
 inline auto sock_accept(int fd) {
   detail::require_nonblocking(fd, "sock_accept");
-  return detail::io_awaiter<detail::accept_op>({{}, fd, {}}, fd, detail::io_read);
+  return detail::io_awaiter<detail::accept_op>({{}, fd, {}, {}}, fd, detail::io_read);
 }
 /// Connects a non-blocking socket to `address`.
 inline auto sock_connect(int fd, const sockaddr* address, socklen_t length) {
@@ -5254,6 +5261,99 @@ TEST_SUITE("io") {
       co_await wait_readable(p.fd[1]);
       CHECK(co_await sock_recv(p.fd[1], 10) == "back");
     }());
+  }
+
+  // A listening socket on 127.0.0.1 and its address.
+  struct listener {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    listener() {
+      REQUIRE(fd >= 0);
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+      REQUIRE(::listen(fd, 16) == 0);
+      socklen_t len = sizeof addr;
+      REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    }
+    ~listener() { ::close(fd); }
+    listener(const listener&) = delete;
+    listener& operator=(const listener&) = delete;
+    /// A non-blocking client connected to it (loopback connects complete at once or soon).
+    int connect_client() const {
+      int c = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      REQUIRE(c >= 0);
+      int r = ::connect(c, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+      REQUIRE((r == 0 || errno == EINPROGRESS));
+      return c;
+    }
+  };
+
+  TEST_CASE("sock_accept that completed for a waiter cancelled before it resumed closes the descriptor") {
+    // Regression: the kernel had accepted, the task was cancelled before it resumed, and the
+    // accepted descriptor leaked. The cancel is queued ahead of the wake-up on purpose.
+    const int fds_before = testing::open_fds();
+    {
+      listener l;
+      testing::run_bounded([&]() -> coroutine<void> {
+        event_loop& loop = event_loop::current();
+        for (int round = 0; round < 20; ++round) {
+          auto t = create_task(sock_accept(l.fd));
+          co_await sleep(0s);  // t waits for a connection now
+          REQUIRE_FALSE(t.done());
+          int client = l.connect_client();
+          // Next iteration: the poll accepts for t and queues its wake-up behind this cancel.
+          loop.call_soon([t]() mutable { t.cancel(); });
+          co_await wait_done(t);
+          CHECK(t.cancelled());
+          // The server side is closed: the client reads EOF (or a reset).
+          co_await wait_readable(client);
+          char c;
+          CHECK(::recv(client, &c, 1, MSG_DONTWAIT) <= 0);
+          ::close(client);
+        }
+      }());
+    }
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("every sock_* and wait_* cancelled at each stage leaks nothing and takes nothing") {
+    const int fds_before = testing::open_fds();
+    {
+      socket_pair p;
+      listener l;
+      testing::run_bounded([&]() -> coroutine<void> {
+        event_loop& loop = event_loop::current();
+        // Cancelled while waiting, then after readiness was seen but before resuming.
+        for (bool after_ready : {false, true}) {
+          char buf[8];
+          std::vector<any_task> tasks;
+          tasks.push_back(create_task(wait_readable(p.fd[0])));
+          tasks.push_back(create_task(sock_recv(p.fd[0], 8)));
+          tasks.push_back(create_task(sock_recv_into(p.fd[0], std::span<char>(buf))));
+          tasks.push_back(create_task(sock_accept(l.fd)));
+          co_await sleep(0s);
+          int client = -1;
+          if (after_ready) {
+            CHECK(::send(p.fd[1], "x", 1, 0) == 1);
+            client = l.connect_client();
+          }
+          loop.call_soon([tasks]() mutable {
+            for (auto& t : tasks) t.cancel();
+          });
+          for (auto& t : tasks) co_await wait_done(t);
+          int cancelled = 0;
+          for (auto& t : tasks) cancelled += t.cancelled();
+          CHECK(cancelled == 4);
+          if (client >= 0) ::close(client);
+          // Drain what the readers may have consumed (asyncio loses such bytes as well).
+          char c;
+          while (::recv(p.fd[0], &c, 1, MSG_DONTWAIT) == 1) {
+          }
+        }
+      }());
+    }
+    CHECK(testing::open_fds() == fds_before);
   }
 
   TEST_CASE("a descriptor number reused after a cancelled wait is armed anew") {
