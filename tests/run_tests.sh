@@ -4,7 +4,7 @@
 # and every failed build, counts as one test.
 #
 # Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals
-#        nursery demo
+#        nursery demo parity
 #        cppcheck sanitize valgrind stress fuzz
 # Default: all of them but cppcheck (`make check`), sanitize and valgrind (`make test-sanitize`),
 # stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz (`make fuzz`, FUZZ_TIME).
@@ -17,7 +17,7 @@ CXX_CLANG=${CXX_CLANG:-clang++}
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo} "
+STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
 UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
 # The embedded suite under ASan+UBSan and, separately, TSan: each compiler, each backend.
 # By default each sanitizer runs once per compiler, the backends alternating, so that every
@@ -444,6 +444,22 @@ if want demo; then
   bash tests/demo/run.sh >"$BUILD/demo.log" 2>&1
   count_lines "$BUILD/demo.log"
   grep -q '^  \(ok\|FAIL\) ' "$BUILD/demo.log" || fail "demo (no result)" 1 "$BUILD/demo.log"
+fi
+
+if want parity; then
+  echo "== parity: tests/parity/ scenarios, asyncio (python3) against this library, traces diffed"
+  # Each scenario counts: "ok" and "allowed" (a difference listed in tests/parity/ALLOWED) pass.
+  python3 tests/parity/run.py --jobs 2 >"$BUILD/parity.log" 2>&1
+  ok=$(grep -cE '^  (ok|allowed) ' "$BUILD/parity.log")
+  bad=$(grep -c '^  FAIL ' "$BUILD/parity.log")
+  grep -E '^  (ok|allowed|FAIL|note) |^parity: ' "$BUILD/parity.log"
+  passed=$((passed + ok))
+  failed=$((failed + bad))
+  if ! grep -q '^parity: ' "$BUILD/parity.log"; then
+    fail "parity runner (no result)" 1 "$BUILD/parity.log"
+  elif ((bad > 0)); then
+    grep -A 30 '^  FAIL ' "$BUILD/parity.log" | head -n 60 | sed 's/^/        /'
+  fi
 fi
 
 if want cppcheck && [ -e "$BUILD/cppcheck.rc" ]; then
