@@ -347,30 +347,47 @@ TEST_SUITE("io") {
     CHECK(testing::open_fds() == fds_before);
   }
 
-  TEST_CASE("echo over 127.0.0.1 with sock_accept and sock_connect") {
-    int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    REQUIRE(listener >= 0);
+  // A listening socket on 127.0.0.1 and its address.
+  struct listener {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-    REQUIRE(::listen(listener, 16) == 0);
-    socklen_t len = sizeof addr;
-    REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    listener() {
+      REQUIRE(fd >= 0);
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+      REQUIRE(::listen(fd, 16) == 0);
+      socklen_t len = sizeof addr;
+      REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    }
+    ~listener() { ::close(fd); }
+    listener(const listener&) = delete;
+    listener& operator=(const listener&) = delete;
+    /// A non-blocking client connected to it (loopback connects complete at once or soon).
+    int connect_client() const {
+      int c = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      REQUIRE(c >= 0);
+      int r = ::connect(c, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+      REQUIRE((r == 0 || errno == EINPROGRESS));
+      return c;
+    }
+  };
+
+  TEST_CASE("echo over 127.0.0.1 with sock_accept and sock_connect") {
+    listener l;
     testing::run_bounded([&]() -> coroutine<void> {
-      auto server = create_task([](int l) -> coroutine<void> {
-        accepted_socket conn = co_await sock_accept(l);
+      auto server = create_task([](int fd) -> coroutine<void> {
+        accepted_socket conn = co_await sock_accept(fd);
         CHECK(conn.address.ss_family == AF_INET);
         co_await echo_server(conn.fd);
         ::close(conn.fd);
-      }(listener));
+      }(l.fd));
       int client = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      co_await sock_connect(client, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+      co_await sock_connect(client, reinterpret_cast<const sockaddr*>(&l.addr), sizeof l.addr);
       co_await echo_client(client, 100, 64);
       ::close(client);
       co_await server;
     }());
-    ::close(listener);
   }
 
   TEST_CASE("a peer that closes early: EOF for readers, EPIPE (not SIGPIPE) for writers") {
@@ -470,32 +487,6 @@ TEST_SUITE("io") {
       CHECK(co_await sock_recv(p.fd[1], 10) == "back");
     }());
   }
-
-  // A listening socket on 127.0.0.1 and its address.
-  struct listener {
-    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    listener() {
-      REQUIRE(fd >= 0);
-      addr.sin_family = AF_INET;
-      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-      REQUIRE(::listen(fd, 16) == 0);
-      socklen_t len = sizeof addr;
-      REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
-    }
-    ~listener() { ::close(fd); }
-    listener(const listener&) = delete;
-    listener& operator=(const listener&) = delete;
-    /// A non-blocking client connected to it (loopback connects complete at once or soon).
-    int connect_client() const {
-      int c = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      REQUIRE(c >= 0);
-      int r = ::connect(c, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
-      REQUIRE((r == 0 || errno == EINPROGRESS));
-      return c;
-    }
-  };
 
   TEST_CASE("sock_accept that completed for a waiter cancelled before it resumed closes the descriptor") {
     // Regression: the kernel had accepted, the task was cancelled before it resumed, and the
