@@ -3083,7 +3083,75 @@ template <class T>
 struct awaited_or_value<T> {
   using type = await_result_t<T>;
 };
+
+template <class T>
+struct is_reference_wrapper : std::false_type {};
+template <class T>
+struct is_reference_wrapper<std::reference_wrapper<T>> : std::true_type {};
+template <class A>
+struct is_coroutine : std::false_type {};
+template <class T>
+struct is_coroutine<coroutine<T>> : std::true_type {};
+
+// The by-value rule of create_task, wait_for, gather and shield (SPEC "By value"): they keep a
+// copy of a handle, the moved object of an rvalue, or the std::reference_wrapper the caller
+// gave; nothing they keep refers to a caller's local by accident.
+
+/// What such a call keeps of an argument of type A (A as deduced for a forwarding reference).
+template <class A>
+using held_t = std::decay_t<A>;
+/// How a kept argument is awaited: a std::reference_wrapper as the object it refers to,
+/// anything else as an rvalue.
+template <class H>
+struct held_traits {
+  using awaited = H&&;
+  static H&& unwrap(H& h) noexcept { return std::move(h); }
+};
+template <class T>
+struct held_traits<std::reference_wrapper<T>> {
+  using awaited = T&;
+  static T& unwrap(std::reference_wrapper<T> h) noexcept { return h.get(); }
+};
+template <class A>
+using awaited_t = typename held_traits<held_t<A>>::awaited;
+template <class H>
+decltype(auto) unwrap_held(H& h) noexcept {
+  return held_traits<H>::unwrap(h);
+}
+
+/// Rejects, with a message saying what to do, an argument that cannot be kept by value. Used
+/// as `if constexpr (check_by_value<A>())` so that nothing else is instantiated after the message.
+template <class A>
+constexpr bool check_by_value() {
+  using D = std::remove_cvref_t<A>;
+  constexpr bool lvalue = std::is_lvalue_reference_v<A>;
+  if constexpr (is_reference_wrapper<D>::value) {
+    return true;
+  } else if constexpr (lvalue && is_coroutine<D>::value) {
+    static_assert(!is_coroutine<D>::value, "a coroutine is taken by value and cannot be copied: move it in (std::move(c))");
+    return false;
+  } else if constexpr (!std::is_move_constructible_v<D>) {
+    static_assert(std::is_move_constructible_v<D>,
+                  "this awaitable can be neither copied nor moved: pass std::ref(obj) and keep obj alive until it is done");
+    return false;
+  } else if constexpr (lvalue && !std::is_copy_constructible_v<D>) {
+    static_assert(std::is_copy_constructible_v<D>,
+                  "this awaitable is taken by value and cannot be copied: move it in (std::move(x)) or pass std::ref(x)");
+    return false;
+  } else {
+    return true;
+  }
+}
+
 }  // namespace detail
+
+/// What create_task, wait_for, gather and shield accept: an awaitable, or std::ref(awaitable)
+/// for one that has to stay where it is (a coroutine_wrapper, an awaitable_predicate).
+template <class A>
+concept awaitable_argument = awaitable<detail::awaited_t<A>>;
+/// What awaiting such an argument yields.
+template <class A>
+using argument_result_t = await_result_t<detail::awaited_t<A>>;
 
 }  // namespace codestare::async_utils
 // ---- end src/runtime/awaitable.hpp ----
@@ -3612,19 +3680,24 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   }
 };
 
+/// Keeps a counted reference (any_task is the untyped handle of any future_core), so the
+/// waiter may be awaited after every other handle is gone.
 struct done_waiter {
-  future_core* core;
-  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
+  any_task target;
+  auto operator co_await() const noexcept { return completion_awaiter(target.core_ptr(), false); }
 };
 
 }  // namespace detail
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
-/// without cancelling it when the waiter is cancelled.
-inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
+/// without cancelling it when the waiter is cancelled. Holds its own handle.
+inline detail::done_waiter wait_done(const any_task& t) {
+  if (!t) throw invalid_state_error("empty task handle");
+  return {t};
+}
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
-  return {f.state_ptr()};
+  return {any_task(f.state_ptr())};
 }
 
 }  // namespace codestare::async_utils
@@ -3702,25 +3775,21 @@ static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) 
               sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> await_in_coroutine(A aw) {
-  if constexpr (std::is_void_v<R>) co_await std::move(aw);
-  else co_return co_await std::move(aw);
+template <class R, class H>
+coroutine<R> await_in_coroutine(H held) {
+  if constexpr (std::is_void_v<R>) co_await unwrap_held(held);
+  else co_return co_await unwrap_held(held);
 }
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
-template <class A>
-struct is_coroutine : std::false_type {};
-template <class T>
-struct is_coroutine<coroutine<T>> : std::true_type {};
-
-/// A coroutine<R> that runs `aw`: the coroutine itself, or one that awaits any other awaitable
-/// (an lvalue is awaited by reference, so a coroutine_wrapper stays with its creator).
+/// A coroutine<R> that runs `aw`: an rvalue coroutine itself, or one that awaits its own copy
+/// of any other awaitable (std::ref(obj): obj itself, by reference).
 template <class A>
 auto as_coroutine(A&& aw) {
-  using R = await_result_t<A>;
-  if constexpr (is_coroutine<std::remove_cvref_t<A>>::value && std::is_rvalue_reference_v<A&&>) return std::move(aw);
-  else return await_in_coroutine<R, A>(std::forward<A>(aw));
+  using H = held_t<A>;
+  if constexpr (!check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else if constexpr (is_coroutine<H>::value) return H(std::forward<A>(aw));
+  else return await_in_coroutine<argument_result_t<A>, H>(H(std::forward<A>(aw)));
 }
 
 /// Result of a finished future for a single consumer: moved out when nobody else can read it.
@@ -3758,9 +3827,9 @@ namespace detail {
 /// create_task's body; the name is passed along by reference and moved from only if not empty.
 template <class A>
 auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  static_assert(awaitable_argument<A>, "create_task needs a coroutine or another awaitable");
   loop.check_open();
-  using R = await_result_t<A>;
+  using R = argument_result_t<A>;
   coroutine<R> coro = as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
   auto* state = task_state<R>::create(&loop, coro, std::move(name));
@@ -3802,7 +3871,9 @@ auto event_loop::run_until_complete(A&& aw) {
   return detail::take_result(*state);
 }
 
-/// Schedules `aw` on the running loop (asyncio.create_task).
+/// Schedules `aw` on the running loop (asyncio.create_task). Keeps `aw` by value: a handle is
+/// copied, a coroutine moved in (an lvalue one does not compile: std::move it), an object that
+/// cannot move is passed as std::ref(obj) and awaited where it is.
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
   return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
@@ -4038,6 +4109,56 @@ TEST_SUITE("task") {
     }());
   }
 
+  // Helpers as users write them: the handle parameter dies when the helper returns, long before
+  // the task it started runs (the task used to read it through a reference).
+  task<int> after_yield(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(0s);
+      co_return x;
+    }(v));
+  }
+  task<int> relay(task<int> t) { return create_task(t); }
+
+  TEST_CASE("create_task keeps its own copy of a handle; std::ref(obj) awaits obj itself") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> relayed;
+      for (int i = 0; i < 3; ++i) {
+        auto t = after_yield(i);  // loop-local: gone before the relays run
+        relayed.push_back(relay(t));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(co_await relayed[static_cast<std::size_t>(i)] == i);
+      // A non-movable awaitable is awaited by reference when passed as std::ref.
+      struct gate {
+        future<int> f = event_loop::current().create_future<int>();
+        gate() = default;
+        gate(const gate&) = delete;
+        auto operator co_await() & { return f.operator co_await(); }
+      } g;
+      auto waiting = create_task(std::ref(g));
+      co_await sleep(0s);
+      CHECK_FALSE(waiting.done());
+      g.f.set_result(5);
+      CHECK(co_await waiting == 5);
+    }());
+  }
+
+  TEST_CASE("wait_done holds its own handle: awaitable after the task's last handle is gone") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool finished = false;
+      auto w = wait_done(create_task([](bool* f) -> coroutine<void> {
+        co_await sleep(1ms);
+        *f = true;
+      }(&finished)));
+      co_await sleep(5ms);  // the task ends meanwhile; only w refers to it
+      co_await w;
+      CHECK(finished);
+      auto quick = wait_done(create_task(after_yield(1)));
+      co_await quick;
+      co_await quick;  // done: again at once
+      CHECK_THROWS_AS(wait_done(any_task()), invalid_state_error);
+    }());
+  }
+
   TEST_CASE("closing a loop with a pending task ends it cancelled and frees its coroutine") {
     static int alive = 0;
     struct guard {
@@ -4071,17 +4192,19 @@ TEST_SUITE("task") {
 namespace codestare::async_utils {
 namespace detail {
 
-/// A future<R> for any awaitable: futures and tasks as they are, anything else in a new task.
+/// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
+/// in a new task (by the rules of create_task).
 template <class A>
 auto ensure_future(A&& aw) {
-  if constexpr (is_future_handle<std::remove_cvref_t<A>>::value) return future<typename std::remove_cvref_t<A>::value_type>(aw);
-  else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+  using H = held_t<A>;
+  if constexpr (is_future_handle<H>::value) return future<typename H::value_type>(aw);
+  else return future<argument_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
-  auto fut = ensure_future(std::forward<A>(aw));
+template <class R, class H>
+coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
+  auto fut = ensure_future(std::move(aw));
   auto* state = fut.state_ptr();
   if (!state->done()) {
     completion_awaiter waiting(state, true);
@@ -4099,10 +4222,11 @@ ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 /// Waits for `aw` at most `timeout` (asyncio.wait_for). On timeout, cancels it, waits for the
 /// cancellation to land, and throws timeout_error; if it ignored the cancellation and returned,
 /// its value is returned (as asyncio 3.12 does). Cancelling the caller cancels `aw` too.
-template <class A, class Rep, class Period>
+template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
-  using R = await_result_t<A>;
-  return detail::wait_for_impl<R, A>(std::forward<A>(aw), std::chrono::duration_cast<detail::clock::duration>(timeout));
+  using H = detail::held_t<A>;
+  if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), std::chrono::duration_cast<detail::clock::duration>(timeout));
 }
 
 }  // namespace codestare::async_utils
@@ -4147,6 +4271,27 @@ TEST_SUITE("wait_for") {
         co_return 8;
       };
       CHECK(co_await wait_for(stubborn(), 5ms) == 8);
+    }());
+  }
+
+  task<int> slow_value(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(1ms);
+      co_return x;
+    }(v));
+  }
+  // The helper: `t` dies when it returns, before wait_for starts.
+  task<int> with_timeout(task<int> t) { return create_task(wait_for(t, 1s)); }
+
+  TEST_CASE("wait_for keeps its own copy of a handle given by a helper or a loop") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> limited;
+      for (int i = 0; i < 3; ++i) {
+        auto t = slow_value(i);
+        limited.push_back(with_timeout(t));
+        limited.push_back(create_task(wait_for(t, 1s)));
+      }
+      for (std::size_t i = 0; i < limited.size(); ++i) CHECK(co_await limited[i] == static_cast<int>(i / 2));
     }());
   }
 
@@ -4268,28 +4413,24 @@ outcome<T> gathered_outcome(future<T>& f) {
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <bool ReturnExceptions, class... A>
-auto gather_impl(A... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<await_result_t<A>>...>,
-                                                            std::tuple<gathered_t<await_result_t<A>>...>>> {
+template <bool ReturnExceptions, class... H>
+auto gather_impl(H... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<argument_result_t<H>>...>,
+                                                            std::tuple<gathered_t<argument_result_t<H>>...>>> {
   // Braced initialisation creates the tasks left to right, in argument order.
-  std::tuple<decltype(ensure_future(std::forward<A>(aws)))...> futures{ensure_future(std::forward<A>(aws))...};
-  std::array<future_core*, sizeof...(A)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(A)>{f.state_ptr()...}; }, futures);
+  std::tuple<decltype(ensure_future(std::move(aws)))...> futures{ensure_future(std::move(aws))...};
+  std::array<future_core*, sizeof...(H)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(H)>{f.state_ptr()...}; }, futures);
   co_await gather_awaiter(cores, ReturnExceptions);
   if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
-  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<await_result_t<A>>...>{gathered_value(f)...}; }, futures);
+  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<argument_result_t<H>>...>{gathered_value(f)...}; }, futures);
 }
 
 template <bool ReturnExceptions, class Range>
 auto gather_range_impl(Range range) {
-  using E = decltype(std::move(*std::ranges::begin(range)));
-  using T = await_result_t<E>;
+  using T = argument_result_t<typename Range::value_type>;
   using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
   return [](Range r) -> coroutine<std::vector<V>> {
     std::vector<future<T>> futures;
-    for (auto&& aw : r) {
-      if constexpr (std::is_copy_constructible_v<std::remove_cvref_t<decltype(aw)>>) futures.push_back(ensure_future(aw));
-      else futures.push_back(ensure_future(std::move(aw)));
-    }
+    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw)));
     std::vector<future_core*> cores;
     cores.reserve(futures.size());
     for (auto& f : futures) cores.push_back(f.state_ptr());
@@ -4314,31 +4455,44 @@ template <class R>
 concept awaitable_range = requires(R& r) {
   std::ranges::begin(r);
   std::ranges::end(r);
-} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable<std::iter_reference_t<range_iterator_t<R>>>;
+} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable_argument<std::iter_value_t<range_iterator_t<R>>>;
+
+/// The elements of `range` in a vector of their own: copied from an lvalue range (the caller's
+/// handles stay as they are), moved from an rvalue one.
+template <class R>
+auto take_range(R&& range) {
+  using E = std::iter_value_t<range_iterator_t<R>>;
+  if constexpr (!check_by_value<std::conditional_t<std::is_lvalue_reference_v<R>, E&, E>>()) return std::vector<E>();
+  else if constexpr (std::is_lvalue_reference_v<R>) return std::vector<E>(std::ranges::begin(range), std::ranges::end(range));
+  else return std::vector<E>(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range)));
+}
 
 }  // namespace detail
 
 /// Runs the awaitables concurrently (each in a task) and returns their results as a tuple
 /// (void -> std::monostate). The first exception (or child cancellation) is rethrown at once;
 /// the other children keep running. Cancelling gather cancels every child.
-template <awaitable... A>
+template <awaitable_argument... A>
   requires(sizeof...(A) > 0)
 auto gather(A&&... aws) {
-  return detail::gather_impl<false, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<false, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
 /// As gather(aws...), but every result is an outcome<T>: the value or the exception.
-template <awaitable... A>
+template <awaitable_argument... A>
 auto gather(return_exceptions_t, A&&... aws) {
-  return detail::gather_impl<true, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<true, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
-/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector.
+/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector. An
+/// lvalue range is copied (its handles stay valid); an rvalue range is moved from.
 template <detail::awaitable_range R>
 auto gather(R&& range) {
-  return detail::gather_range_impl<false>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<false>(detail::take_range(std::forward<R>(range)));
 }
 template <detail::awaitable_range R>
 auto gather(return_exceptions_t, R&& range) {
-  return detail::gather_range_impl<true>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<true>(detail::take_range(std::forward<R>(range)));
 }
 
 }  // namespace codestare::async_utils
@@ -4398,6 +4552,29 @@ TEST_SUITE("gather") {
     }());
   }
 
+  TEST_CASE("handles given by helpers and loops are copied; an lvalue vector stays whole") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<std::tuple<int>>> singles;
+      for (int i = 0; i < 3; ++i) {
+        auto t = create_task(after(1ms, i));  // loop-local: gone before the gathers run
+        singles.push_back(create_task(gather(t)));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(std::get<0>(co_await singles[static_cast<std::size_t>(i)]) == i);
+      std::vector<task<int>> tasks;
+      for (int i = 0; i < 4; ++i) tasks.push_back(create_task(after(std::chrono::milliseconds(4 - i), i * 10)));
+      auto results = co_await gather(tasks);
+      CHECK(results == std::vector<int>{0, 10, 20, 30});
+      REQUIRE(tasks.size() == 4);
+      CHECK(tasks[0].result() == 0);  // the caller's handles were copied, not moved out
+      CHECK(tasks[3].result() == 30);
+      auto outcomes = co_await gather(return_exceptions, tasks);
+      CHECK(std::get<0>(outcomes[2]) == 20);
+      CHECK(tasks[2].result() == 20);
+      auto moved = co_await gather(std::move(tasks));  // an rvalue range may be moved from
+      CHECK(moved.size() == 4);
+    }());
+  }
+
   TEST_CASE("cancelling gather cancels every child and then raises cancelled_error") {
     testing::run_bounded([]() -> coroutine<void> {
       auto a = create_task(after(1h, 1));
@@ -4429,10 +4606,14 @@ struct shielded {
 
 /// Runs `aw` in a task (if it is not one) and returns an awaitable of its result that does
 /// not propagate cancellation: the awaiting task gets cancelled_error, the inner one runs on.
-template <class A>
+template <awaitable_argument A>
 auto shield(A&& aw) {
-  auto fut = detail::ensure_future(std::forward<A>(aw));
-  return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  if constexpr (!detail::check_by_value<A>()) {
+    return detail::shielded<argument_result_t<A>>{};
+  } else {
+    auto fut = detail::ensure_future(std::forward<A>(aw));
+    return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  }
 }
 
 }  // namespace codestare::async_utils
@@ -9972,9 +10153,9 @@ class coroutine_wrapper {
   using value_type = R;
 
   // Not copyable and not movable: the member coroutines hold `this`. To schedule one, keep it in
-  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(obj).
+  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(std::ref(obj)).
   coroutine_wrapper(const coroutine_wrapper&) = delete;  // not copyable: its coroutines hold `this`
-  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(obj) needs a named object that outlives the task
+  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(std::ref(obj)) needs a named object that outlives the task
   coroutine_wrapper& operator=(const coroutine_wrapper&) = delete;
   coroutine_wrapper& operator=(coroutine_wrapper&&) = delete;
 
@@ -10219,7 +10400,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(out.str() == expected);
       out.str("");
       coro c(print, even, generate_ranges(5));
-      co_await create_task(c);
+      co_await create_task(std::ref(c));
       CHECK(out.str() == expected);
       CHECK(c.done());
     }());
@@ -10229,7 +10410,7 @@ TEST_SUITE("coroutine_wrapper") {
     testing::run_bounded([]() -> coroutine<void> {
       counter c(5);
       CHECK_FALSE(c.started());
-      auto t = create_task(c, "counter");
+      auto t = create_task(std::ref(c), "counter");
       while (c.value < 2) co_await sleep(0s);
       CHECK(c.value == 2);
       CHECK(c.running());
@@ -10249,8 +10430,8 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(co_await c == 1);
       CHECK_THROWS_AS(co_await c, invalid_state_error);
       counter d(1);
-      auto first = create_task(d);
-      auto second = create_task(d);
+      auto first = create_task(std::ref(d));
+      auto second = create_task(std::ref(d));
       CHECK(co_await first == 1);
       CHECK_THROWS_AS(co_await second, invalid_state_error);
       empty_wrapper e;
@@ -10271,7 +10452,7 @@ TEST_SUITE("coroutine_wrapper") {
       }
       CHECK(f.done());
       counter c(1000);
-      auto t = create_task(c);
+      auto t = create_task(std::ref(c));
       while (c.value < 1) co_await sleep(0s);
       t.cancel();
       co_await wait_done(t);
@@ -10290,7 +10471,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK_THROWS_AS(c.replace(), invalid_state_error);
       counter d(3);
       d.replace();  // before it started: allowed
-      auto t = create_task(d);
+      auto t = create_task(std::ref(d));
       co_await sleep(0s);
       CHECK_THROWS_AS(d.close(), invalid_state_error);
       CHECK_THROWS_AS(d.replace(), invalid_state_error);
@@ -10306,7 +10487,7 @@ TEST_SUITE("coroutine_wrapper") {
     holder h;
     {
       event_loop loop;
-      auto t = loop.create_task(h);
+      auto t = loop.create_task(std::ref(h));
       loop.run_until_complete(sleep(1ms));
       CHECK(tracked_alive == 1);
       CHECK(h.running());

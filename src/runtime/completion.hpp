@@ -53,19 +53,24 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   }
 };
 
+/// Keeps a counted reference (any_task is the untyped handle of any future_core), so the
+/// waiter may be awaited after every other handle is gone.
 struct done_waiter {
-  future_core* core;
-  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
+  any_task target;
+  auto operator co_await() const noexcept { return completion_awaiter(target.core_ptr(), false); }
 };
 
 }  // namespace detail
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
-/// without cancelling it when the waiter is cancelled.
-inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
+/// without cancelling it when the waiter is cancelled. Holds its own handle.
+inline detail::done_waiter wait_done(const any_task& t) {
+  if (!t) throw invalid_state_error("empty task handle");
+  return {t};
+}
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
-  return {f.state_ptr()};
+  return {any_task(f.state_ptr())};
 }
 
 }  // namespace codestare::async_utils

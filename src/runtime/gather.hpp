@@ -108,28 +108,24 @@ outcome<T> gathered_outcome(future<T>& f) {
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <bool ReturnExceptions, class... A>
-auto gather_impl(A... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<await_result_t<A>>...>,
-                                                            std::tuple<gathered_t<await_result_t<A>>...>>> {
+template <bool ReturnExceptions, class... H>
+auto gather_impl(H... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<argument_result_t<H>>...>,
+                                                            std::tuple<gathered_t<argument_result_t<H>>...>>> {
   // Braced initialisation creates the tasks left to right, in argument order.
-  std::tuple<decltype(ensure_future(std::forward<A>(aws)))...> futures{ensure_future(std::forward<A>(aws))...};
-  std::array<future_core*, sizeof...(A)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(A)>{f.state_ptr()...}; }, futures);
+  std::tuple<decltype(ensure_future(std::move(aws)))...> futures{ensure_future(std::move(aws))...};
+  std::array<future_core*, sizeof...(H)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(H)>{f.state_ptr()...}; }, futures);
   co_await gather_awaiter(cores, ReturnExceptions);
   if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
-  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<await_result_t<A>>...>{gathered_value(f)...}; }, futures);
+  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<argument_result_t<H>>...>{gathered_value(f)...}; }, futures);
 }
 
 template <bool ReturnExceptions, class Range>
 auto gather_range_impl(Range range) {
-  using E = decltype(std::move(*std::ranges::begin(range)));
-  using T = await_result_t<E>;
+  using T = argument_result_t<typename Range::value_type>;
   using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
   return [](Range r) -> coroutine<std::vector<V>> {
     std::vector<future<T>> futures;
-    for (auto&& aw : r) {
-      if constexpr (std::is_copy_constructible_v<std::remove_cvref_t<decltype(aw)>>) futures.push_back(ensure_future(aw));
-      else futures.push_back(ensure_future(std::move(aw)));
-    }
+    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw)));
     std::vector<future_core*> cores;
     cores.reserve(futures.size());
     for (auto& f : futures) cores.push_back(f.state_ptr());
@@ -154,31 +150,44 @@ template <class R>
 concept awaitable_range = requires(R& r) {
   std::ranges::begin(r);
   std::ranges::end(r);
-} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable<std::iter_reference_t<range_iterator_t<R>>>;
+} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable_argument<std::iter_value_t<range_iterator_t<R>>>;
+
+/// The elements of `range` in a vector of their own: copied from an lvalue range (the caller's
+/// handles stay as they are), moved from an rvalue one.
+template <class R>
+auto take_range(R&& range) {
+  using E = std::iter_value_t<range_iterator_t<R>>;
+  if constexpr (!check_by_value<std::conditional_t<std::is_lvalue_reference_v<R>, E&, E>>()) return std::vector<E>();
+  else if constexpr (std::is_lvalue_reference_v<R>) return std::vector<E>(std::ranges::begin(range), std::ranges::end(range));
+  else return std::vector<E>(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range)));
+}
 
 }  // namespace detail
 
 /// Runs the awaitables concurrently (each in a task) and returns their results as a tuple
 /// (void -> std::monostate). The first exception (or child cancellation) is rethrown at once;
 /// the other children keep running. Cancelling gather cancels every child.
-template <awaitable... A>
+template <awaitable_argument... A>
   requires(sizeof...(A) > 0)
 auto gather(A&&... aws) {
-  return detail::gather_impl<false, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<false, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
 /// As gather(aws...), but every result is an outcome<T>: the value or the exception.
-template <awaitable... A>
+template <awaitable_argument... A>
 auto gather(return_exceptions_t, A&&... aws) {
-  return detail::gather_impl<true, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<true, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
-/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector.
+/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector. An
+/// lvalue range is copied (its handles stay valid); an rvalue range is moved from.
 template <detail::awaitable_range R>
 auto gather(R&& range) {
-  return detail::gather_range_impl<false>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<false>(detail::take_range(std::forward<R>(range)));
 }
 template <detail::awaitable_range R>
 auto gather(return_exceptions_t, R&& range) {
-  return detail::gather_range_impl<true>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<true>(detail::take_range(std::forward<R>(range)));
 }
 
 }  // namespace codestare::async_utils
@@ -235,6 +244,29 @@ TEST_SUITE("gather") {
       auto outcomes = co_await gather(return_exceptions, tasks);
       CHECK_THROWS_AS(std::rethrow_exception(std::get<1>(outcomes[0])), cancelled_error);
       co_await slow;
+    }());
+  }
+
+  TEST_CASE("handles given by helpers and loops are copied; an lvalue vector stays whole") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<std::tuple<int>>> singles;
+      for (int i = 0; i < 3; ++i) {
+        auto t = create_task(after(1ms, i));  // loop-local: gone before the gathers run
+        singles.push_back(create_task(gather(t)));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(std::get<0>(co_await singles[static_cast<std::size_t>(i)]) == i);
+      std::vector<task<int>> tasks;
+      for (int i = 0; i < 4; ++i) tasks.push_back(create_task(after(std::chrono::milliseconds(4 - i), i * 10)));
+      auto results = co_await gather(tasks);
+      CHECK(results == std::vector<int>{0, 10, 20, 30});
+      REQUIRE(tasks.size() == 4);
+      CHECK(tasks[0].result() == 0);  // the caller's handles were copied, not moved out
+      CHECK(tasks[3].result() == 30);
+      auto outcomes = co_await gather(return_exceptions, tasks);
+      CHECK(std::get<0>(outcomes[2]) == 20);
+      CHECK(tasks[2].result() == 20);
+      auto moved = co_await gather(std::move(tasks));  // an rvalue range may be moved from
+      CHECK(moved.size() == 4);
     }());
   }
 

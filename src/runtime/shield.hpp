@@ -13,10 +13,14 @@ struct shielded {
 
 /// Runs `aw` in a task (if it is not one) and returns an awaitable of its result that does
 /// not propagate cancellation: the awaiting task gets cancelled_error, the inner one runs on.
-template <class A>
+template <awaitable_argument A>
 auto shield(A&& aw) {
-  auto fut = detail::ensure_future(std::forward<A>(aw));
-  return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  if constexpr (!detail::check_by_value<A>()) {
+    return detail::shielded<argument_result_t<A>>{};
+  } else {
+    auto fut = detail::ensure_future(std::forward<A>(aw));
+    return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  }
 }
 
 }  // namespace codestare::async_utils

@@ -75,25 +75,21 @@ static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) 
               sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> await_in_coroutine(A aw) {
-  if constexpr (std::is_void_v<R>) co_await std::move(aw);
-  else co_return co_await std::move(aw);
+template <class R, class H>
+coroutine<R> await_in_coroutine(H held) {
+  if constexpr (std::is_void_v<R>) co_await unwrap_held(held);
+  else co_return co_await unwrap_held(held);
 }
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
-template <class A>
-struct is_coroutine : std::false_type {};
-template <class T>
-struct is_coroutine<coroutine<T>> : std::true_type {};
-
-/// A coroutine<R> that runs `aw`: the coroutine itself, or one that awaits any other awaitable
-/// (an lvalue is awaited by reference, so a coroutine_wrapper stays with its creator).
+/// A coroutine<R> that runs `aw`: an rvalue coroutine itself, or one that awaits its own copy
+/// of any other awaitable (std::ref(obj): obj itself, by reference).
 template <class A>
 auto as_coroutine(A&& aw) {
-  using R = await_result_t<A>;
-  if constexpr (is_coroutine<std::remove_cvref_t<A>>::value && std::is_rvalue_reference_v<A&&>) return std::move(aw);
-  else return await_in_coroutine<R, A>(std::forward<A>(aw));
+  using H = held_t<A>;
+  if constexpr (!check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else if constexpr (is_coroutine<H>::value) return H(std::forward<A>(aw));
+  else return await_in_coroutine<argument_result_t<A>, H>(H(std::forward<A>(aw)));
 }
 
 /// Result of a finished future for a single consumer: moved out when nobody else can read it.
@@ -131,9 +127,9 @@ namespace detail {
 /// create_task's body; the name is passed along by reference and moved from only if not empty.
 template <class A>
 auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  static_assert(awaitable_argument<A>, "create_task needs a coroutine or another awaitable");
   loop.check_open();
-  using R = await_result_t<A>;
+  using R = argument_result_t<A>;
   coroutine<R> coro = as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
   auto* state = task_state<R>::create(&loop, coro, std::move(name));
@@ -175,7 +171,9 @@ auto event_loop::run_until_complete(A&& aw) {
   return detail::take_result(*state);
 }
 
-/// Schedules `aw` on the running loop (asyncio.create_task).
+/// Schedules `aw` on the running loop (asyncio.create_task). Keeps `aw` by value: a handle is
+/// copied, a coroutine moved in (an lvalue one does not compile: std::move it), an object that
+/// cannot move is passed as std::ref(obj) and awaited where it is.
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
   return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
@@ -408,6 +406,56 @@ TEST_SUITE("task") {
       CHECK(seen.size() == 1);
       co_await sleep(0s);
       CHECK(seen.size() == 2);
+    }());
+  }
+
+  // Helpers as users write them: the handle parameter dies when the helper returns, long before
+  // the task it started runs (the task used to read it through a reference).
+  task<int> after_yield(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(0s);
+      co_return x;
+    }(v));
+  }
+  task<int> relay(task<int> t) { return create_task(t); }
+
+  TEST_CASE("create_task keeps its own copy of a handle; std::ref(obj) awaits obj itself") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> relayed;
+      for (int i = 0; i < 3; ++i) {
+        auto t = after_yield(i);  // loop-local: gone before the relays run
+        relayed.push_back(relay(t));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(co_await relayed[static_cast<std::size_t>(i)] == i);
+      // A non-movable awaitable is awaited by reference when passed as std::ref.
+      struct gate {
+        future<int> f = event_loop::current().create_future<int>();
+        gate() = default;
+        gate(const gate&) = delete;
+        auto operator co_await() & { return f.operator co_await(); }
+      } g;
+      auto waiting = create_task(std::ref(g));
+      co_await sleep(0s);
+      CHECK_FALSE(waiting.done());
+      g.f.set_result(5);
+      CHECK(co_await waiting == 5);
+    }());
+  }
+
+  TEST_CASE("wait_done holds its own handle: awaitable after the task's last handle is gone") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool finished = false;
+      auto w = wait_done(create_task([](bool* f) -> coroutine<void> {
+        co_await sleep(1ms);
+        *f = true;
+      }(&finished)));
+      co_await sleep(5ms);  // the task ends meanwhile; only w refers to it
+      co_await w;
+      CHECK(finished);
+      auto quick = wait_done(create_task(after_yield(1)));
+      co_await quick;
+      co_await quick;  // done: again at once
+      CHECK_THROWS_AS(wait_done(any_task()), invalid_state_error);
     }());
   }
 

@@ -7,17 +7,19 @@
 namespace codestare::async_utils {
 namespace detail {
 
-/// A future<R> for any awaitable: futures and tasks as they are, anything else in a new task.
+/// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
+/// in a new task (by the rules of create_task).
 template <class A>
 auto ensure_future(A&& aw) {
-  if constexpr (is_future_handle<std::remove_cvref_t<A>>::value) return future<typename std::remove_cvref_t<A>::value_type>(aw);
-  else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+  using H = held_t<A>;
+  if constexpr (is_future_handle<H>::value) return future<typename H::value_type>(aw);
+  else return future<argument_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
-  auto fut = ensure_future(std::forward<A>(aw));
+template <class R, class H>
+coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
+  auto fut = ensure_future(std::move(aw));
   auto* state = fut.state_ptr();
   if (!state->done()) {
     completion_awaiter waiting(state, true);
@@ -35,10 +37,11 @@ ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 /// Waits for `aw` at most `timeout` (asyncio.wait_for). On timeout, cancels it, waits for the
 /// cancellation to land, and throws timeout_error; if it ignored the cancellation and returned,
 /// its value is returned (as asyncio 3.12 does). Cancelling the caller cancels `aw` too.
-template <class A, class Rep, class Period>
+template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
-  using R = await_result_t<A>;
-  return detail::wait_for_impl<R, A>(std::forward<A>(aw), std::chrono::duration_cast<detail::clock::duration>(timeout));
+  using H = detail::held_t<A>;
+  if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), std::chrono::duration_cast<detail::clock::duration>(timeout));
 }
 
 }  // namespace codestare::async_utils
@@ -83,6 +86,27 @@ TEST_SUITE("wait_for") {
         co_return 8;
       };
       CHECK(co_await wait_for(stubborn(), 5ms) == 8);
+    }());
+  }
+
+  task<int> slow_value(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(1ms);
+      co_return x;
+    }(v));
+  }
+  // The helper: `t` dies when it returns, before wait_for starts.
+  task<int> with_timeout(task<int> t) { return create_task(wait_for(t, 1s)); }
+
+  TEST_CASE("wait_for keeps its own copy of a handle given by a helper or a loop") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> limited;
+      for (int i = 0; i < 3; ++i) {
+        auto t = slow_value(i);
+        limited.push_back(with_timeout(t));
+        limited.push_back(create_task(wait_for(t, 1s)));
+      }
+      for (std::size_t i = 0; i < limited.size(); ++i) CHECK(co_await limited[i] == static_cast<int>(i / 2));
     }());
   }
 
