@@ -1858,6 +1858,8 @@ class future_core : public list_node {
 
 /// The running task of the running loop, or an exception naming `what` that needs one.
 future_core& current_task_core(const char* what);
+/// asyncio's "attached to a different loop": std::runtime_error unless `core` belongs to `loop`.
+void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
 
 }  // namespace detail
 }  // namespace codestare::async_utils
@@ -2798,6 +2800,16 @@ inline future_core& current_task_core(const char* what) {
   return *loop->running_task();
 }
 
+[[noreturn, gnu::noinline]] inline void throw_other_loop(const char* what) {
+  throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
+}
+
+inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+  // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
+  if (core.loop() != loop && core.loop()) [[unlikely]]
+    throw_other_loop(what);
+}
+
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
   if (status_ == future_status::finished && error_ && !retrieved_) {
@@ -3186,7 +3198,9 @@ class future_state : public future_core {
 };
 
 /// co_await on a future or task: waits on it from the running task. Cancelling the waiting task
-/// cancels the awaited future (asyncio's propagation) unless `shielded`.
+/// cancels the awaited future (asyncio's propagation) unless `shielded`. An rvalue await (Move)
+/// takes the handle's reference over: the handle is left empty, and the result may be moved out
+/// when no other handle can read it.
 template <class T, bool Move, bool Shielded = false>
 struct future_awaiter : completion_waiter, cancel_hook {
   future_state<T>* state;
@@ -3194,7 +3208,17 @@ struct future_awaiter : completion_waiter, cancel_hook {
   bool withdrawn = false;
 
   explicit future_awaiter(future_state<T>* s) noexcept : state(s) {}
-  bool await_ready() const noexcept { return state->done(); }
+  future_awaiter(const future_awaiter&) = delete;
+  ~future_awaiter() {
+    if constexpr (Move) {
+      completion_waiter::unlink();
+      state->release();
+    }
+  }
+  bool await_ready() const {
+    check_same_loop(*state, running_loop, "co_await");
+    return state->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("co_await on a future");
     if (task == state) throw std::runtime_error("a task cannot await itself");
@@ -3273,12 +3297,19 @@ class future {
     return *state().loop();
   }
 
-  auto operator co_await() const& noexcept { return detail::future_awaiter<T, false>(state_ptr()); }
-  auto operator co_await() && noexcept { return detail::future_awaiter<T, true>(state_ptr()); }
+  auto operator co_await() const& { return detail::future_awaiter<T, false>(state_ptr()); }
+  /// `co_await std::move(f)` consumes the handle: f is empty afterwards.
+  auto operator co_await() && { return detail::future_awaiter<T, true>(release_state()); }
 
   state_type* state_ptr() const {
     if (!state_) throw invalid_state_error("empty future handle");
     return state_;
+  }
+
+  /// Hands this handle's reference over to the caller; the handle becomes empty.
+  state_type* release_state() {
+    state_ptr();  // throws for an empty handle
+    return std::exchange(state_, nullptr);
   }
 
  private:
@@ -3645,7 +3676,10 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
 
   completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
   completion_awaiter(const completion_awaiter&) = delete;
-  bool await_ready() const noexcept { return core->done(); }
+  bool await_ready() const {
+    check_same_loop(*core, running_loop, "co_await");
+    return core->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("waiting on a task");
     if (task == core) throw std::runtime_error("a task cannot await itself");
@@ -3824,12 +3858,20 @@ class task : public future<T> {
 };
 
 namespace detail {
+template <class A>
+struct is_future_handle : std::false_type {};
+template <class T>
+struct is_future_handle<future<T>> : std::true_type {};
+template <class T>
+struct is_future_handle<task<T>> : std::true_type {};
+
 /// create_task's body; the name is passed along by reference and moved from only if not empty.
 template <class A>
 auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
   static_assert(awaitable_argument<A>, "create_task needs a coroutine or another awaitable");
   loop.check_open();
   using R = argument_result_t<A>;
+  if constexpr (is_future_handle<held_t<A>>::value) check_same_loop(*aw.state_ptr(), &loop, "create_task");
   coroutine<R> coro = as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
   auto* state = task_state<R>::create(&loop, coro, std::move(name));
@@ -3842,15 +3884,6 @@ auto event_loop::create_task(A&& aw, std::string name) {
   return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
-namespace detail {
-template <class A>
-struct is_future_handle : std::false_type {};
-template <class T>
-struct is_future_handle<future<T>> : std::true_type {};
-template <class T>
-struct is_future_handle<task<T>> : std::true_type {};
-}  // namespace detail
-
 template <class A>
 auto event_loop::run_until_complete(A&& aw) {
   auto fut = [&] {
@@ -3858,6 +3891,7 @@ auto event_loop::run_until_complete(A&& aw) {
     else return create_task(std::forward<A>(aw));
   }();
   auto* state = fut.state_ptr();
+  detail::check_same_loop(*state, this, "run_until_complete");
   struct stopper : detail::completion_waiter {
     event_loop* loop;
   } waiter;
@@ -4159,6 +4193,65 @@ TEST_SUITE("task") {
     }());
   }
 
+  TEST_CASE("co_await std::move(t) empties t; other handles keep the whole result") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto text = []() -> coroutine<std::string> {
+        co_await sleep(0s);
+        co_return std::string(100, 'x');  // long enough to be left empty by a move
+      };
+      auto t = create_task(text());
+      auto kept = t;
+      CHECK(co_await std::move(t) == std::string(100, 'x'));
+      CHECK_FALSE(t);
+      CHECK_THROWS_AS(t.result(), invalid_state_error);
+      CHECK(kept.result() == std::string(100, 'x'));  // another handle: copied, not moved out
+      auto last = create_task(text());
+      std::string taken = co_await std::move(last);  // the last handle: moved out
+      CHECK(taken.size() == 100);
+      CHECK_FALSE(last);
+      auto fut = event_loop::current().create_future<std::string>();
+      fut.set_result("f");
+      CHECK(co_await std::move(fut) == "f");
+      CHECK_FALSE(fut);
+      CHECK_THROWS_AS(co_await std::move(fut), invalid_state_error);  // empty: not awaitable
+    }());
+  }
+
+  TEST_CASE("a future or task of another loop: std::runtime_error, no data race") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto finished = other.create_future<int>();
+    finished.set_result(1);
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    auto is_other_loop = [](const std::runtime_error& e) {
+      return std::string(e.what()).find("attached to a different loop") != std::string::npos;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      for (auto* f : {&pending, &finished}) {
+        try {
+          co_await *f;
+          FAIL("awaited a future of another loop");
+        } catch (const std::runtime_error& e) {
+          CHECK(is_other_loop(e));
+        }
+      }
+      try {
+        co_await foreign_task;
+        FAIL("awaited a task of another loop");
+      } catch (const std::runtime_error& e) {
+        CHECK(is_other_loop(e));
+      }
+      CHECK_THROWS_AS(co_await wait_done(pending), std::runtime_error);
+      CHECK_THROWS_AS(create_task(pending), std::runtime_error);
+      CHECK_THROWS_AS(event_loop::current().create_task(foreign_task), std::runtime_error);
+    }());
+    event_loop third;
+    CHECK_THROWS_AS(third.run_until_complete(pending), std::runtime_error);
+    CHECK(other.run_until_complete(foreign_task) == 2);  // its own loop: fine
+    CHECK(finished.result() == 1);
+    CHECK_FALSE(pending.done());
+  }
+
   TEST_CASE("closing a loop with a pending task ends it cancelled and frees its coroutine") {
     static int alive = 0;
     struct guard {
@@ -4195,16 +4288,21 @@ namespace detail {
 /// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
 /// in a new task (by the rules of create_task).
 template <class A>
-auto ensure_future(A&& aw) {
+auto ensure_future(A&& aw, const char* what) {
   using H = held_t<A>;
-  if constexpr (is_future_handle<H>::value) return future<typename H::value_type>(aw);
-  else return future<argument_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+  event_loop& loop = event_loop::current();
+  if constexpr (is_future_handle<H>::value) {
+    check_same_loop(*aw.state_ptr(), &loop, what);
+    return future<typename H::value_type>(aw);
+  } else {
+    return future<argument_result_t<A>>(loop.create_task(std::forward<A>(aw)));
+  }
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class H>
 coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
-  auto fut = ensure_future(std::move(aw));
+  auto fut = ensure_future(std::move(aw), "wait_for");
   auto* state = fut.state_ptr();
   if (!state->done()) {
     completion_awaiter waiting(state, true);
@@ -4417,7 +4515,7 @@ template <bool ReturnExceptions, class... H>
 auto gather_impl(H... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<argument_result_t<H>>...>,
                                                             std::tuple<gathered_t<argument_result_t<H>>...>>> {
   // Braced initialisation creates the tasks left to right, in argument order.
-  std::tuple<decltype(ensure_future(std::move(aws)))...> futures{ensure_future(std::move(aws))...};
+  std::tuple<decltype(ensure_future(std::move(aws), "gather"))...> futures{ensure_future(std::move(aws), "gather")...};
   std::array<future_core*, sizeof...(H)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(H)>{f.state_ptr()...}; }, futures);
   co_await gather_awaiter(cores, ReturnExceptions);
   if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
@@ -4430,7 +4528,7 @@ auto gather_range_impl(Range range) {
   using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
   return [](Range r) -> coroutine<std::vector<V>> {
     std::vector<future<T>> futures;
-    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw)));
+    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw), "gather"));
     std::vector<future_core*> cores;
     cores.reserve(futures.size());
     for (auto& f : futures) cores.push_back(f.state_ptr());
@@ -4599,8 +4697,8 @@ namespace detail {
 template <class T>
 struct shielded {
   future<T> inner;
-  auto operator co_await() const& noexcept { return future_awaiter<T, false, true>(inner.state_ptr()); }
-  auto operator co_await() && noexcept { return future_awaiter<T, true, true>(inner.state_ptr()); }
+  auto operator co_await() const& { return future_awaiter<T, false, true>(inner.state_ptr()); }
+  auto operator co_await() && { return future_awaiter<T, true, true>(inner.release_state()); }
 };
 }  // namespace detail
 
@@ -4611,7 +4709,7 @@ auto shield(A&& aw) {
   if constexpr (!detail::check_by_value<A>()) {
     return detail::shielded<argument_result_t<A>>{};
   } else {
-    auto fut = detail::ensure_future(std::forward<A>(aw));
+    auto fut = detail::ensure_future(std::forward<A>(aw), "shield");
     return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
   }
 }
@@ -4622,6 +4720,24 @@ auto shield(A&& aw) {
 TEST_SUITE("shield") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
+
+  TEST_CASE("wait_for, gather and shield refuse a future or task of another loop") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto mine = create_task([]() -> coroutine<int> { co_return 1; }());
+      CHECK_THROWS_WITH_AS(co_await wait_for(foreign_task, 1s), "wait_for: the future or task is attached to a different loop",
+                           std::runtime_error);
+      CHECK_THROWS_WITH_AS(shield(pending), "shield: the future or task is attached to a different loop", std::runtime_error);
+      CHECK_THROWS_WITH_AS(co_await gather(mine, pending), "gather: the future or task is attached to a different loop",
+                           std::runtime_error);
+      std::vector<future<int>> mixed{mine, pending};
+      CHECK_THROWS_AS(co_await gather(return_exceptions, mixed), std::runtime_error);
+      CHECK(co_await mine == 1);
+    }());
+    CHECK_FALSE(pending.done());
+  }
 
   TEST_CASE("cancellation stops at the shield; the inner task finishes") {
     testing::run_bounded([]() -> coroutine<void> {

@@ -18,7 +18,10 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
 
   completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
   completion_awaiter(const completion_awaiter&) = delete;
-  bool await_ready() const noexcept { return core->done(); }
+  bool await_ready() const {
+    check_same_loop(*core, running_loop, "co_await");
+    return core->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("waiting on a task");
     if (task == core) throw std::runtime_error("a task cannot await itself");

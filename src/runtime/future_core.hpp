@@ -170,6 +170,8 @@ class future_core : public list_node {
 
 /// The running task of the running loop, or an exception naming `what` that needs one.
 future_core& current_task_core(const char* what);
+/// asyncio's "attached to a different loop": std::runtime_error unless `core` belongs to `loop`.
+void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
 
 }  // namespace detail
 }  // namespace codestare::async_utils

@@ -112,7 +112,7 @@ template <bool ReturnExceptions, class... H>
 auto gather_impl(H... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<argument_result_t<H>>...>,
                                                             std::tuple<gathered_t<argument_result_t<H>>...>>> {
   // Braced initialisation creates the tasks left to right, in argument order.
-  std::tuple<decltype(ensure_future(std::move(aws)))...> futures{ensure_future(std::move(aws))...};
+  std::tuple<decltype(ensure_future(std::move(aws), "gather"))...> futures{ensure_future(std::move(aws), "gather")...};
   std::array<future_core*, sizeof...(H)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(H)>{f.state_ptr()...}; }, futures);
   co_await gather_awaiter(cores, ReturnExceptions);
   if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
@@ -125,7 +125,7 @@ auto gather_range_impl(Range range) {
   using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
   return [](Range r) -> coroutine<std::vector<V>> {
     std::vector<future<T>> futures;
-    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw)));
+    for (auto& aw : r) futures.push_back(ensure_future(std::move(aw), "gather"));
     std::vector<future_core*> cores;
     cores.reserve(futures.size());
     for (auto& f : futures) cores.push_back(f.state_ptr());

@@ -124,12 +124,20 @@ class task : public future<T> {
 };
 
 namespace detail {
+template <class A>
+struct is_future_handle : std::false_type {};
+template <class T>
+struct is_future_handle<future<T>> : std::true_type {};
+template <class T>
+struct is_future_handle<task<T>> : std::true_type {};
+
 /// create_task's body; the name is passed along by reference and moved from only if not empty.
 template <class A>
 auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
   static_assert(awaitable_argument<A>, "create_task needs a coroutine or another awaitable");
   loop.check_open();
   using R = argument_result_t<A>;
+  if constexpr (is_future_handle<held_t<A>>::value) check_same_loop(*aw.state_ptr(), &loop, "create_task");
   coroutine<R> coro = as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
   auto* state = task_state<R>::create(&loop, coro, std::move(name));
@@ -142,15 +150,6 @@ auto event_loop::create_task(A&& aw, std::string name) {
   return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
-namespace detail {
-template <class A>
-struct is_future_handle : std::false_type {};
-template <class T>
-struct is_future_handle<future<T>> : std::true_type {};
-template <class T>
-struct is_future_handle<task<T>> : std::true_type {};
-}  // namespace detail
-
 template <class A>
 auto event_loop::run_until_complete(A&& aw) {
   auto fut = [&] {
@@ -158,6 +157,7 @@ auto event_loop::run_until_complete(A&& aw) {
     else return create_task(std::forward<A>(aw));
   }();
   auto* state = fut.state_ptr();
+  detail::check_same_loop(*state, this, "run_until_complete");
   struct stopper : detail::completion_waiter {
     event_loop* loop;
   } waiter;
@@ -457,6 +457,65 @@ TEST_SUITE("task") {
       co_await quick;  // done: again at once
       CHECK_THROWS_AS(wait_done(any_task()), invalid_state_error);
     }());
+  }
+
+  TEST_CASE("co_await std::move(t) empties t; other handles keep the whole result") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto text = []() -> coroutine<std::string> {
+        co_await sleep(0s);
+        co_return std::string(100, 'x');  // long enough to be left empty by a move
+      };
+      auto t = create_task(text());
+      auto kept = t;
+      CHECK(co_await std::move(t) == std::string(100, 'x'));
+      CHECK_FALSE(t);
+      CHECK_THROWS_AS(t.result(), invalid_state_error);
+      CHECK(kept.result() == std::string(100, 'x'));  // another handle: copied, not moved out
+      auto last = create_task(text());
+      std::string taken = co_await std::move(last);  // the last handle: moved out
+      CHECK(taken.size() == 100);
+      CHECK_FALSE(last);
+      auto fut = event_loop::current().create_future<std::string>();
+      fut.set_result("f");
+      CHECK(co_await std::move(fut) == "f");
+      CHECK_FALSE(fut);
+      CHECK_THROWS_AS(co_await std::move(fut), invalid_state_error);  // empty: not awaitable
+    }());
+  }
+
+  TEST_CASE("a future or task of another loop: std::runtime_error, no data race") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto finished = other.create_future<int>();
+    finished.set_result(1);
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    auto is_other_loop = [](const std::runtime_error& e) {
+      return std::string(e.what()).find("attached to a different loop") != std::string::npos;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      for (auto* f : {&pending, &finished}) {
+        try {
+          co_await *f;
+          FAIL("awaited a future of another loop");
+        } catch (const std::runtime_error& e) {
+          CHECK(is_other_loop(e));
+        }
+      }
+      try {
+        co_await foreign_task;
+        FAIL("awaited a task of another loop");
+      } catch (const std::runtime_error& e) {
+        CHECK(is_other_loop(e));
+      }
+      CHECK_THROWS_AS(co_await wait_done(pending), std::runtime_error);
+      CHECK_THROWS_AS(create_task(pending), std::runtime_error);
+      CHECK_THROWS_AS(event_loop::current().create_task(foreign_task), std::runtime_error);
+    }());
+    event_loop third;
+    CHECK_THROWS_AS(third.run_until_complete(pending), std::runtime_error);
+    CHECK(other.run_until_complete(foreign_task) == 2);  // its own loop: fine
+    CHECK(finished.result() == 1);
+    CHECK_FALSE(pending.done());
   }
 
   TEST_CASE("closing a loop with a pending task ends it cancelled and frees its coroutine") {

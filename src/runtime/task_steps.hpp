@@ -14,6 +14,16 @@ inline future_core& current_task_core(const char* what) {
   return *loop->running_task();
 }
 
+[[noreturn, gnu::noinline]] inline void throw_other_loop(const char* what) {
+  throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
+}
+
+inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+  // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
+  if (core.loop() != loop && core.loop()) [[unlikely]]
+    throw_other_loop(what);
+}
+
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
   if (status_ == future_status::finished && error_ && !retrieved_) {

@@ -10,16 +10,21 @@ namespace detail {
 /// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
 /// in a new task (by the rules of create_task).
 template <class A>
-auto ensure_future(A&& aw) {
+auto ensure_future(A&& aw, const char* what) {
   using H = held_t<A>;
-  if constexpr (is_future_handle<H>::value) return future<typename H::value_type>(aw);
-  else return future<argument_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+  event_loop& loop = event_loop::current();
+  if constexpr (is_future_handle<H>::value) {
+    check_same_loop(*aw.state_ptr(), &loop, what);
+    return future<typename H::value_type>(aw);
+  } else {
+    return future<argument_result_t<A>>(loop.create_task(std::forward<A>(aw)));
+  }
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class H>
 coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
-  auto fut = ensure_future(std::move(aw));
+  auto fut = ensure_future(std::move(aw), "wait_for");
   auto* state = fut.state_ptr();
   if (!state->done()) {
     completion_awaiter waiting(state, true);
