@@ -1709,8 +1709,11 @@ namespace detail {
 
 enum class future_status : std::uint8_t { pending, finished, cancelled };
 
-/// Waits for a future to finish (an awaiting task, gather, run_until_complete). Notified
-/// synchronously when it finishes, after being unlinked; notify only schedules, never runs user code.
+/// Waits for a future to finish (an awaiting task, gather, run_until_complete, a done
+/// callback). Notified synchronously when it finishes, after being unlinked; notify only
+/// schedules, never runs user code. Waiters and done callbacks share one list, so they are
+/// scheduled in the order they were registered (asyncio wakes an awaiting task by a done
+/// callback: one added before the await runs before the task resumes).
 struct completion_waiter : list_node {
   void (*notify)(completion_waiter*) = nullptr;
 };
@@ -1737,7 +1740,7 @@ class future_core : public list_node {
   future_core(event_loop* loop, bool is_task) noexcept : loop_(loop), is_task_(is_task) {}
   future_core(const future_core&) = delete;
   future_core& operator=(const future_core&) = delete;
-  virtual ~future_core() = default;
+  virtual ~future_core() { drop_callbacks(); }
 
   void add_ref() noexcept { ++refs_; }
   void release() noexcept;
@@ -1810,17 +1813,22 @@ class future_core : public list_node {
 
  private:
   friend class codestare::async_utils::event_loop;
-  struct done_callback {
+  /// A done callback, waiting in waiters_ like an awaiting task; once notified it is the job
+  /// that runs it (holding a reference to the future until then).
+  struct done_callback : completion_waiter {
     callback_id id;
+    future_core* core;
     std::function<void(future_core&)> fn;
+    static void schedule(completion_waiter* w);
+    static void run(void* self, bool run) noexcept;
   };
+  /// Frees the done callbacks never scheduled (a future destroyed while pending).
+  void drop_callbacks() noexcept;
   /// What most futures and tasks never use, allocated on first use: keeps the state small
   /// enough to live behind its coroutine frame.
   struct extra_state {
     std::string name;  // empty: "Task-<number>"
     std::string cancel_message;
-    std::vector<done_callback> callbacks;
-    callback_id next_callback_id = 0;
   };
   static const std::string& no_text() noexcept {
     static const std::string empty;
@@ -1839,7 +1847,7 @@ class future_core : public list_node {
   [[noreturn]] void throw_cancelled();
   void wake_refused();
 
-  intrusive_list<completion_waiter> waiters_;
+  intrusive_list<completion_waiter> waiters_;  // awaiting tasks and done callbacks, in order
   std::unique_ptr<extra_state> extras_;
   std::uint64_t number_ = 0;
   // Task part.
@@ -2873,63 +2881,71 @@ inline bool future_core::cancel(std::string message) {
   return true;
 }
 
-/// A scheduled done callback: holds a reference to its future until it has run.
-struct done_callback_job {
-  future_core* core;
-  std::function<void(future_core&)> fn;
-};
-
 inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
-  extra_state& x = extras();
-  x.callbacks.push_back({x.next_callback_id + 1, std::move(fn)});
-  callback_id id = ++x.next_callback_id;
-  if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
+  static thread_local callback_id last_id = 0;  // unique per thread, the futures' loop thread
+  std::unique_ptr<done_callback> node(new done_callback);
+  node->id = ++last_id;
+  node->core = this;
+  node->fn = std::move(fn);
+  node->notify = &done_callback::schedule;
+  const callback_id id = node->id;
+  if (done()) done_callback::schedule(node.get());  // via call_soon, as asyncio does
+  else waiters_.push_back(*node);
+  node.release();  // owned by the list, or by the scheduled job
   return id;
 }
 
 inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
-  if (!extras_) return 0;
-  auto& callbacks = extras_->callbacks;
-  std::size_t before = callbacks.size();
-  std::erase_if(callbacks, [id](const done_callback& c) { return c.id == id; });
-  return before - callbacks.size();
+  std::size_t removed = 0;
+  waiters_.for_each([&](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule || static_cast<done_callback&>(w).id != id) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+    ++removed;
+  });
+  return removed;
+}
+
+inline void future_core::drop_callbacks() noexcept {
+  waiters_.for_each([](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+  });
+}
+
+inline void future_core::done_callback::schedule(completion_waiter* w) {
+  auto* self = static_cast<done_callback*>(w);
+  event_loop* loop = self->core->loop_;
+  if (!loop || loop->is_closed()) {  // nothing will run it any more
+    delete self;
+    return;
+  }
+  loop->schedule({&run, self});
+  self->core->add_ref();  // the job's (after schedule, which may throw)
+}
+
+inline void future_core::done_callback::run(void* arg, bool run) noexcept {
+  auto* self = static_cast<done_callback*>(arg);
+  future_core* core = self->core;
+  if (run) {
+    try {
+      self->fn(*core);
+    } catch (...) {
+      if (core->loop_)
+        core->loop_->call_exception_handler({"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
+    }
+  }
+  delete self;
+  core->release();
 }
 
 inline void future_core::finish(future_status status) noexcept {
-  const bool first = status_ == future_status::pending;
+  if (status_ != future_status::pending) return;
   status_ = status;
-  if (first) {
-    if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
-    while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
-  }
-  if (!extras_ || extras_->callbacks.empty()) return;
-  std::vector<done_callback> callbacks;
-  callbacks.swap(extras_->callbacks);
-  if (!loop_ || loop_->is_closed()) return;
-  for (auto& c : callbacks) {
-    add_ref();
-    auto* job = new (std::nothrow) done_callback_job{this, std::move(c.fn)};
-    if (!job) {
-      release();
-      continue;
-    }
-    loop_->schedule({[](void* arg, bool run) noexcept {
-                       auto* j = static_cast<done_callback_job*>(arg);
-                       if (run) {
-                         try {
-                           j->fn(*j->core);
-                         } catch (...) {
-                           if (j->core->loop_)
-                             j->core->loop_->call_exception_handler(
-                                 {"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
-                         }
-                       }
-                       j->core->release();
-                       delete j;
-                     },
-                     job});
-  }
+  if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
+  while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
 inline std::string future_core::name() const {
@@ -4132,14 +4148,50 @@ TEST_SUITE("task") {
       auto id = t.add_done_callback([&](future<int>) { seen.push_back("b"); });
       CHECK(t.remove_done_callback(id) == 1);
       CHECK(t.remove_done_callback(id) == 0);
+      CHECK(seen.empty());
       co_await wait_done(t);
-      CHECK(seen.empty());  // scheduled, not yet run
-      co_await sleep(0s);
-      CHECK(seen == std::vector<std::string>{"a3"});
+      CHECK(seen == std::vector<std::string>{"a3"});  // added before the await: ran before it resumed
       any_task(t).add_done_callback([&](any_task x) { seen.push_back(x.name()); });  // done already
-      CHECK(seen.size() == 1);
+      CHECK(seen.size() == 1);  // scheduled, not run inline
       co_await sleep(0s);
       CHECK(seen.size() == 2);
+    }());
+  }
+
+  TEST_CASE("done callbacks and awaiting tasks are woken in registration order, as in asyncio") {
+    testing::run_bounded([]() -> coroutine<void> {
+      // CPython 3.11 prints ['w2', 'main', 'cb1', 'w1', 'cb2', 'cb3'] for the same program.
+      std::vector<std::string> order;
+      auto t = create_task([]() -> coroutine<int> {
+        co_await sleep(0s);
+        co_return 1;
+      }());
+      auto note = [&](std::string name) { return [&order, name](future<int>) { order.push_back(name); }; };
+      auto waiter = [&](std::string name) -> coroutine<void> {
+        co_await t;
+        order.push_back(name);
+      };
+      t.add_done_callback(note("cb1"));
+      auto w1 = create_task(waiter("w1"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb2"));
+      auto w2 = create_task(waiter("w2"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb3"));
+      co_await t;
+      order.push_back("main");
+      co_await sleep(0s);
+      CHECK(order == std::vector<std::string>{"w2", "main", "cb1", "w1", "cb2", "cb3"});
+      CHECK(w1.done());
+
+      // The original suite's check: a callback added before cancel() has run once `await` returns.
+      bool called = false;
+      auto sleeper = create_task(sleep(10s));
+      sleeper.add_done_callback([&](future<void>) { called = true; });
+      co_await sleep(0s);
+      sleeper.cancel();
+      CHECK_THROWS_AS(co_await sleeper, cancelled_error);
+      CHECK(called);
     }());
   }
 

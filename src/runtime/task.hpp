@@ -398,14 +398,50 @@ TEST_SUITE("task") {
       auto id = t.add_done_callback([&](future<int>) { seen.push_back("b"); });
       CHECK(t.remove_done_callback(id) == 1);
       CHECK(t.remove_done_callback(id) == 0);
+      CHECK(seen.empty());
       co_await wait_done(t);
-      CHECK(seen.empty());  // scheduled, not yet run
-      co_await sleep(0s);
-      CHECK(seen == std::vector<std::string>{"a3"});
+      CHECK(seen == std::vector<std::string>{"a3"});  // added before the await: ran before it resumed
       any_task(t).add_done_callback([&](any_task x) { seen.push_back(x.name()); });  // done already
-      CHECK(seen.size() == 1);
+      CHECK(seen.size() == 1);  // scheduled, not run inline
       co_await sleep(0s);
       CHECK(seen.size() == 2);
+    }());
+  }
+
+  TEST_CASE("done callbacks and awaiting tasks are woken in registration order, as in asyncio") {
+    testing::run_bounded([]() -> coroutine<void> {
+      // CPython 3.11 prints ['w2', 'main', 'cb1', 'w1', 'cb2', 'cb3'] for the same program.
+      std::vector<std::string> order;
+      auto t = create_task([]() -> coroutine<int> {
+        co_await sleep(0s);
+        co_return 1;
+      }());
+      auto note = [&](std::string name) { return [&order, name](future<int>) { order.push_back(name); }; };
+      auto waiter = [&](std::string name) -> coroutine<void> {
+        co_await t;
+        order.push_back(name);
+      };
+      t.add_done_callback(note("cb1"));
+      auto w1 = create_task(waiter("w1"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb2"));
+      auto w2 = create_task(waiter("w2"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb3"));
+      co_await t;
+      order.push_back("main");
+      co_await sleep(0s);
+      CHECK(order == std::vector<std::string>{"w2", "main", "cb1", "w1", "cb2", "cb3"});
+      CHECK(w1.done());
+
+      // The original suite's check: a callback added before cancel() has run once `await` returns.
+      bool called = false;
+      auto sleeper = create_task(sleep(10s));
+      sleeper.add_done_callback([&](future<void>) { called = true; });
+      co_await sleep(0s);
+      sleeper.cancel();
+      CHECK_THROWS_AS(co_await sleeper, cancelled_error);
+      CHECK(called);
     }());
   }
 
