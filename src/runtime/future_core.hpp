@@ -90,6 +90,12 @@ class future_core : public list_node {
   }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
+  /// A task created to wait on `hook` from the start (gather's): a cancel() even before its
+  /// first step reaches the hook. Its first await on the hook's object suspends on it as usual.
+  void wait_on(cancel_hook* hook) noexcept { waiting_on_ = hook; }
+  /// Whatever the outcome, nobody is to be told that it was never retrieved (a gather has
+  /// taken charge of it, as asyncio's gather retrieves its children's exceptions).
+  void mark_retrieved() noexcept { retrieved_ = true; }
   /// Schedules the next step (the awaited thing is ready or was withdrawn).
   void wake();
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
