@@ -2,11 +2,23 @@
 // completion awaiter behind it, wait_for and run().
 #pragma once
 
+#include <optional>
+
 namespace codestare::async_utils {
 namespace detail {
 
+/// now + timeout, or nothing ("never") when the sum does not fit the clock: wait_for(aw,
+/// duration::max()) waits for ever. (Local until the loop saturates its deadlines itself.)
+inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
+  const clock::time_point now = clock::now();
+  if (timeout >= clock::time_point::max() - now) return std::nullopt;
+  return now + timeout;
+}
+
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
-/// the awaited one (unless shielded); the deadline does the same and records that it expired.
+/// the awaited one (unless shielded). At the deadline the waiting task itself is cancelled, as
+/// asyncio.timeout does (which passes on to the awaited one), and `expired` records it; a
+/// deadline reached after the awaited one finished does nothing (its wake-up came first).
 struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   future_core* core;
   future_core* task = nullptr;
@@ -34,14 +46,17 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
       self->task->wake();
       return true;
     };
-    if (has_deadline) {
+    if (auto deadline = has_deadline ? deadline_after(timeout) : std::nullopt) {
       fire = [](timer_node* node, bool run) {
         auto* self = static_cast<completion_awaiter*>(node);
-        if (!run) return;
+        if (!run || !self->completion_waiter::linked()) return;
         self->expired = true;
-        self->core->cancel({});  // its completion wakes us, once the cancellation has landed
+        try {
+          self->task->cancel({});  // reaches the awaited one through cancel hook below
+        } catch (...) {  // out of memory for a message copy: the expiry is still recorded
+        }
       };
-      task->loop()->add_timer(*this, clock::now() + timeout);
+      task->loop()->add_timer(*this, *deadline);
     }
     core->add_waiter(*this);
     task->suspend_on(this, h);
