@@ -1,16 +1,7 @@
 // expect: COMPILES
 // The accepted forms of the by-value rule: rvalue coroutines, copied handles, std::ref(obj).
-#include "async_utils.hpp"
-#include <chrono>
-#include <functional>
-#include <vector>
-using namespace codestare::async_utils;
+#include "by_value.hpp"
 using namespace std::chrono_literals;
-coroutine<int> work() { co_return 1; }
-struct counter : coroutine_wrapper<int> {
-  counter() { set_coroutine(run()); }
-  coroutine<int> run() { co_return 2; }
-};
 coroutine<void> body() {
   auto c = work();
   auto t = create_task(std::move(c));
