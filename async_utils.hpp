@@ -1818,8 +1818,11 @@ namespace detail {
 
 enum class future_status : std::uint8_t { pending, finished, cancelled };
 
-/// Waits for a future to finish (an awaiting task, gather, run_until_complete). Notified
-/// synchronously when it finishes, after being unlinked; notify only schedules, never runs user code.
+/// Waits for a future to finish (an awaiting task, gather, run_until_complete, a done
+/// callback). Notified synchronously when it finishes, after being unlinked; notify only
+/// schedules, never runs user code. Waiters and done callbacks share one list, so they are
+/// scheduled in the order they were registered (asyncio wakes an awaiting task by a done
+/// callback: one added before the await runs before the task resumes).
 struct completion_waiter : list_node {
   void (*notify)(completion_waiter*) = nullptr;
 };
@@ -1846,7 +1849,7 @@ class future_core : public list_node {
   future_core(event_loop* loop, bool is_task) noexcept : loop_(loop), is_task_(is_task) {}
   future_core(const future_core&) = delete;
   future_core& operator=(const future_core&) = delete;
-  virtual ~future_core() = default;
+  virtual ~future_core() { drop_callbacks(); }
 
   void add_ref() noexcept { ++refs_; }
   void release() noexcept;
@@ -1884,6 +1887,12 @@ class future_core : public list_node {
   }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
+  /// A task created to wait on `hook` from the start (gather's): a cancel() even before its
+  /// first step reaches the hook. Its first await on the hook's object suspends on it as usual.
+  void wait_on(cancel_hook* hook) noexcept { waiting_on_ = hook; }
+  /// Whatever the outcome, nobody is to be told that it was never retrieved (a gather has
+  /// taken charge of it, as asyncio's gather retrieves its children's exceptions).
+  void mark_retrieved() noexcept { retrieved_ = true; }
   /// Schedules the next step (the awaited thing is ready or was withdrawn).
   void wake();
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
@@ -1919,17 +1928,22 @@ class future_core : public list_node {
 
  private:
   friend class codestare::async_utils::event_loop;
-  struct done_callback {
+  /// A done callback, waiting in waiters_ like an awaiting task; once notified it is the job
+  /// that runs it (holding a reference to the future until then).
+  struct done_callback : completion_waiter {
     callback_id id;
+    future_core* core;
     std::function<void(future_core&)> fn;
+    static void schedule(completion_waiter* w);
+    static void run(void* self, bool run) noexcept;
   };
+  /// Frees the done callbacks never scheduled (a future destroyed while pending).
+  void drop_callbacks() noexcept;
   /// What most futures and tasks never use, allocated on first use: keeps the state small
   /// enough to live behind its coroutine frame.
   struct extra_state {
     std::string name;  // empty: "Task-<number>"
     std::string cancel_message;
-    std::vector<done_callback> callbacks;
-    callback_id next_callback_id = 0;
   };
   static const std::string& no_text() noexcept {
     static const std::string empty;
@@ -1948,7 +1962,7 @@ class future_core : public list_node {
   [[noreturn]] void throw_cancelled();
   void wake_refused();
 
-  intrusive_list<completion_waiter> waiters_;
+  intrusive_list<completion_waiter> waiters_;  // awaiting tasks and done callbacks, in order
   std::unique_ptr<extra_state> extras_;
   std::uint64_t number_ = 0;
   // Task part.
@@ -1967,6 +1981,8 @@ class future_core : public list_node {
 
 /// The running task of the running loop, or an exception naming `what` that needs one.
 future_core& current_task_core(const char* what);
+/// asyncio's "attached to a different loop": std::runtime_error unless `core` belongs to `loop`.
+void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
 
 }  // namespace detail
 }  // namespace codestare::async_utils
@@ -3092,6 +3108,16 @@ inline future_core& current_task_core(const char* what) {
   return *loop->running_task();
 }
 
+[[noreturn, gnu::noinline]] inline void throw_other_loop(const char* what) {
+  throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
+}
+
+inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+  // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
+  if (core.loop() != loop && core.loop()) [[unlikely]]
+    throw_other_loop(what);
+}
+
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
   if (status_ == future_status::finished && error_ && !retrieved_) {
@@ -3155,63 +3181,71 @@ inline bool future_core::cancel(std::string message) {
   return true;
 }
 
-/// A scheduled done callback: holds a reference to its future until it has run.
-struct done_callback_job {
-  future_core* core;
-  std::function<void(future_core&)> fn;
-};
-
 inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
-  extra_state& x = extras();
-  x.callbacks.push_back({x.next_callback_id + 1, std::move(fn)});
-  callback_id id = ++x.next_callback_id;
-  if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
+  static thread_local callback_id last_id = 0;  // unique per thread, the futures' loop thread
+  std::unique_ptr<done_callback> node(new done_callback);
+  node->id = ++last_id;
+  node->core = this;
+  node->fn = std::move(fn);
+  node->notify = &done_callback::schedule;
+  const callback_id id = node->id;
+  if (done()) done_callback::schedule(node.get());  // via call_soon, as asyncio does
+  else waiters_.push_back(*node);
+  node.release();  // owned by the list, or by the scheduled job
   return id;
 }
 
 inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
-  if (!extras_) return 0;
-  auto& callbacks = extras_->callbacks;
-  std::size_t before = callbacks.size();
-  std::erase_if(callbacks, [id](const done_callback& c) { return c.id == id; });
-  return before - callbacks.size();
+  std::size_t removed = 0;
+  waiters_.for_each([&](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule || static_cast<done_callback&>(w).id != id) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+    ++removed;
+  });
+  return removed;
+}
+
+inline void future_core::drop_callbacks() noexcept {
+  waiters_.for_each([](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+  });
+}
+
+inline void future_core::done_callback::schedule(completion_waiter* w) {
+  auto* self = static_cast<done_callback*>(w);
+  event_loop* loop = self->core->loop_;
+  if (!loop || loop->is_closed()) {  // nothing will run it any more
+    delete self;
+    return;
+  }
+  loop->schedule({&run, self});
+  self->core->add_ref();  // the job's (after schedule, which may throw)
+}
+
+inline void future_core::done_callback::run(void* arg, bool run) noexcept {
+  auto* self = static_cast<done_callback*>(arg);
+  future_core* core = self->core;
+  if (run) {
+    try {
+      self->fn(*core);
+    } catch (...) {
+      if (core->loop_)
+        core->loop_->call_exception_handler({"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
+    }
+  }
+  delete self;
+  core->release();
 }
 
 inline void future_core::finish(future_status status) noexcept {
-  const bool first = status_ == future_status::pending;
+  if (status_ != future_status::pending) return;
   status_ = status;
-  if (first) {
-    if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
-    while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
-  }
-  if (!extras_ || extras_->callbacks.empty()) return;
-  std::vector<done_callback> callbacks;
-  callbacks.swap(extras_->callbacks);
-  if (!loop_ || loop_->is_closed()) return;
-  for (auto& c : callbacks) {
-    add_ref();
-    auto* job = new (std::nothrow) done_callback_job{this, std::move(c.fn)};
-    if (!job) {
-      release();
-      continue;
-    }
-    loop_->schedule({[](void* arg, bool run) noexcept {
-                       auto* j = static_cast<done_callback_job*>(arg);
-                       if (run) {
-                         try {
-                           j->fn(*j->core);
-                         } catch (...) {
-                           if (j->core->loop_)
-                             j->core->loop_->call_exception_handler(
-                                 {"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
-                         }
-                       }
-                       j->core->release();
-                       delete j;
-                     },
-                     job});
-  }
+  if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
+  while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
 inline std::string future_core::name() const {
@@ -3377,7 +3411,75 @@ template <class T>
 struct awaited_or_value<T> {
   using type = await_result_t<T>;
 };
+
+template <class T>
+struct is_reference_wrapper : std::false_type {};
+template <class T>
+struct is_reference_wrapper<std::reference_wrapper<T>> : std::true_type {};
+template <class A>
+struct is_coroutine : std::false_type {};
+template <class T>
+struct is_coroutine<coroutine<T>> : std::true_type {};
+
+// The by-value rule of create_task, wait_for, gather and shield (SPEC "By value"): they keep a
+// copy of a handle, the moved object of an rvalue, or the std::reference_wrapper the caller
+// gave; nothing they keep refers to a caller's local by accident.
+
+/// What such a call keeps of an argument of type A (A as deduced for a forwarding reference).
+template <class A>
+using held_t = std::decay_t<A>;
+/// How a kept argument is awaited: a std::reference_wrapper as the object it refers to,
+/// anything else as an rvalue.
+template <class H>
+struct held_traits {
+  using awaited = H&&;
+  static H&& unwrap(H& h) noexcept { return std::move(h); }
+};
+template <class T>
+struct held_traits<std::reference_wrapper<T>> {
+  using awaited = T&;
+  static T& unwrap(std::reference_wrapper<T> h) noexcept { return h.get(); }
+};
+template <class A>
+using awaited_t = typename held_traits<held_t<A>>::awaited;
+template <class H>
+decltype(auto) unwrap_held(H& h) noexcept {
+  return held_traits<H>::unwrap(h);
+}
+
+/// Rejects, with a message saying what to do, an argument that cannot be kept by value. Used
+/// as `if constexpr (check_by_value<A>())` so that nothing else is instantiated after the message.
+template <class A>
+constexpr bool check_by_value() {
+  using D = std::remove_cvref_t<A>;
+  constexpr bool lvalue = std::is_lvalue_reference_v<A>;
+  if constexpr (is_reference_wrapper<D>::value) {
+    return true;
+  } else if constexpr (lvalue && is_coroutine<D>::value) {
+    static_assert(!is_coroutine<D>::value, "a coroutine is taken by value and cannot be copied: move it in (std::move(c))");
+    return false;
+  } else if constexpr (!std::is_move_constructible_v<D>) {
+    static_assert(std::is_move_constructible_v<D>,
+                  "this awaitable can be neither copied nor moved: pass std::ref(obj) and keep obj alive until it is done");
+    return false;
+  } else if constexpr (lvalue && !std::is_copy_constructible_v<D>) {
+    static_assert(std::is_copy_constructible_v<D>,
+                  "this awaitable is taken by value and cannot be copied: move it in (std::move(x)) or pass std::ref(x)");
+    return false;
+  } else {
+    return true;
+  }
+}
+
 }  // namespace detail
+
+/// What create_task, wait_for, gather and shield accept: an awaitable, or std::ref(awaitable)
+/// for one that has to stay where it is (a coroutine_wrapper, an awaitable_predicate).
+template <class A>
+concept awaitable_argument = awaitable<detail::awaited_t<A>>;
+/// What awaiting such an argument yields.
+template <class A>
+using argument_result_t = await_result_t<detail::awaited_t<A>>;
 
 }  // namespace codestare::async_utils
 // ---- end src/runtime/awaitable.hpp ----
@@ -3412,7 +3514,9 @@ class future_state : public future_core {
 };
 
 /// co_await on a future or task: waits on it from the running task. Cancelling the waiting task
-/// cancels the awaited future (asyncio's propagation) unless `shielded`.
+/// cancels the awaited future (asyncio's propagation) unless `shielded`. An rvalue await (Move)
+/// takes the handle's reference over: the handle is left empty, and the result may be moved out
+/// when no other handle can read it.
 template <class T, bool Move, bool Shielded = false>
 struct future_awaiter : completion_waiter, cancel_hook {
   future_state<T>* state;
@@ -3420,7 +3524,17 @@ struct future_awaiter : completion_waiter, cancel_hook {
   bool withdrawn = false;
 
   explicit future_awaiter(future_state<T>* s) noexcept : state(s) {}
-  bool await_ready() const noexcept { return state->done(); }
+  future_awaiter(const future_awaiter&) = delete;
+  ~future_awaiter() {
+    if constexpr (Move) {
+      completion_waiter::unlink();
+      state->release();
+    }
+  }
+  bool await_ready() const {
+    check_same_loop(*state, running_loop, "co_await");
+    return state->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("co_await on a future");
     if (task == state) throw std::runtime_error("a task cannot await itself");
@@ -3499,12 +3613,19 @@ class future {
     return *state().loop();
   }
 
-  auto operator co_await() const& noexcept { return detail::future_awaiter<T, false>(state_ptr()); }
-  auto operator co_await() && noexcept { return detail::future_awaiter<T, true>(state_ptr()); }
+  auto operator co_await() const& { return detail::future_awaiter<T, false>(state_ptr()); }
+  /// `co_await std::move(f)` consumes the handle: f is empty afterwards.
+  auto operator co_await() && { return detail::future_awaiter<T, true>(release_state()); }
 
   state_type* state_ptr() const {
     if (!state_) throw invalid_state_error("empty future handle");
     return state_;
+  }
+
+  /// Hands this handle's reference over to the caller; the handle becomes empty.
+  state_type* release_state() {
+    state_ptr();  // throws for an empty handle
+    return std::exchange(state_, nullptr);
   }
 
  private:
@@ -3896,11 +4017,22 @@ TEST_SUITE("sleep") {
 // wait_done(fut): waits until a future or task is done, without touching its outcome; and the
 // completion awaiter behind it, wait_for and run().
 
+
 namespace codestare::async_utils {
 namespace detail {
 
+/// now + timeout, or nothing ("never") when the sum does not fit the clock: wait_for(aw,
+/// duration::max()) waits for ever. (Local until the loop saturates its deadlines itself.)
+inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
+  const clock::time_point now = clock::now();
+  if (timeout >= clock::time_point::max() - now) return std::nullopt;
+  return now + timeout;
+}
+
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
-/// the awaited one (unless shielded); the deadline does the same and records that it expired.
+/// the awaited one (unless shielded). At the deadline the waiting task itself is cancelled, as
+/// asyncio.timeout does (which passes on to the awaited one), and `expired` records it; a
+/// deadline reached after the awaited one finished does nothing (its wake-up came first).
 struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   future_core* core;
   future_core* task = nullptr;
@@ -3912,7 +4044,10 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
 
   completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
   completion_awaiter(const completion_awaiter&) = delete;
-  bool await_ready() const noexcept { return core->done(); }
+  bool await_ready() const {
+    check_same_loop(*core, running_loop, "co_await");
+    return core->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("waiting on a task");
     if (task == core) throw std::runtime_error("a task cannot await itself");
@@ -3925,14 +4060,17 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
       self->task->wake();
       return true;
     };
-    if (has_deadline) {
+    if (auto deadline = has_deadline ? deadline_after(timeout) : std::nullopt) {
       fire = [](timer_node* node, bool run) {
         auto* self = static_cast<completion_awaiter*>(node);
-        if (!run) return;
+        if (!run || !self->completion_waiter::linked()) return;
         self->expired = true;
-        self->core->cancel({});  // its completion wakes us, once the cancellation has landed
+        try {
+          self->task->cancel({});  // reaches the awaited one through cancel hook below
+        } catch (...) {  // out of memory for a message copy: the expiry is still recorded
+        }
       };
-      task->loop()->add_timer(*this, clock::now() + timeout);
+      task->loop()->add_timer(*this, *deadline);
     }
     core->add_waiter(*this);
     task->suspend_on(this, h);
@@ -3947,19 +4085,24 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   }
 };
 
+/// Keeps a counted reference (any_task is the untyped handle of any future_core), so the
+/// waiter may be awaited after every other handle is gone.
 struct done_waiter {
-  future_core* core;
-  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
+  any_task target;
+  auto operator co_await() const noexcept { return completion_awaiter(target.core_ptr(), false); }
 };
 
 }  // namespace detail
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
-/// without cancelling it when the waiter is cancelled.
-inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
+/// without cancelling it when the waiter is cancelled. Holds its own handle.
+inline detail::done_waiter wait_done(const any_task& t) {
+  if (!t) throw invalid_state_error("empty task handle");
+  return {t};
+}
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
-  return {f.state_ptr()};
+  return {any_task(f.state_ptr())};
 }
 
 }  // namespace codestare::async_utils
@@ -4037,25 +4180,21 @@ static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) 
               sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> await_in_coroutine(A aw) {
-  if constexpr (std::is_void_v<R>) co_await std::move(aw);
-  else co_return co_await std::move(aw);
+template <class R, class H>
+coroutine<R> await_in_coroutine(H held) {
+  if constexpr (std::is_void_v<R>) co_await unwrap_held(held);
+  else co_return co_await unwrap_held(held);
 }
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
-template <class A>
-struct is_coroutine : std::false_type {};
-template <class T>
-struct is_coroutine<coroutine<T>> : std::true_type {};
-
-/// A coroutine<R> that runs `aw`: the coroutine itself, or one that awaits any other awaitable
-/// (an lvalue is awaited by reference, so a coroutine_wrapper stays with its creator).
+/// A coroutine<R> that runs `aw`: an rvalue coroutine itself, or one that awaits its own copy
+/// of any other awaitable (std::ref(obj): obj itself, by reference).
 template <class A>
 auto as_coroutine(A&& aw) {
-  using R = await_result_t<A>;
-  if constexpr (is_coroutine<std::remove_cvref_t<A>>::value && std::is_rvalue_reference_v<A&&>) return std::move(aw);
-  else return await_in_coroutine<R, A>(std::forward<A>(aw));
+  using H = held_t<A>;
+  if constexpr (!check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else if constexpr (is_coroutine<H>::value) return H(std::forward<A>(aw));
+  else return await_in_coroutine<argument_result_t<A>, H>(H(std::forward<A>(aw)));
 }
 
 /// Result of a finished future for a single consumer: moved out when nobody else can read it.
@@ -4090,12 +4229,20 @@ class task : public future<T> {
 };
 
 namespace detail {
+template <class A>
+struct is_future_handle : std::false_type {};
+template <class T>
+struct is_future_handle<future<T>> : std::true_type {};
+template <class T>
+struct is_future_handle<task<T>> : std::true_type {};
+
 /// create_task's body; the name is passed along by reference and moved from only if not empty.
 template <class A>
 auto create_task_on(event_loop& loop, A&& aw, std::string&& name) {
-  static_assert(awaitable<A>, "create_task needs a coroutine or another awaitable");
+  static_assert(awaitable_argument<A>, "create_task needs a coroutine or another awaitable");
   loop.check_open();
-  using R = await_result_t<A>;
+  using R = argument_result_t<A>;
+  if constexpr (is_future_handle<held_t<A>>::value) check_same_loop(*aw.state_ptr(), &loop, "create_task");
   coroutine<R> coro = as_coroutine(std::forward<A>(aw));
   if (!coro.valid()) throw invalid_state_error("coroutine was already awaited or scheduled");
   auto* state = task_state<R>::create(&loop, coro, std::move(name));
@@ -4108,15 +4255,6 @@ auto event_loop::create_task(A&& aw, std::string name) {
   return detail::create_task_on(*this, std::forward<A>(aw), std::move(name));
 }
 
-namespace detail {
-template <class A>
-struct is_future_handle : std::false_type {};
-template <class T>
-struct is_future_handle<future<T>> : std::true_type {};
-template <class T>
-struct is_future_handle<task<T>> : std::true_type {};
-}  // namespace detail
-
 template <class A>
 auto event_loop::run_until_complete(A&& aw) {
   auto fut = [&] {
@@ -4124,6 +4262,7 @@ auto event_loop::run_until_complete(A&& aw) {
     else return create_task(std::forward<A>(aw));
   }();
   auto* state = fut.state_ptr();
+  detail::check_same_loop(*state, this, "run_until_complete");
   struct stopper : detail::completion_waiter {
     event_loop* loop;
   } waiter;
@@ -4137,7 +4276,9 @@ auto event_loop::run_until_complete(A&& aw) {
   return detail::take_result(*state);
 }
 
-/// Schedules `aw` on the running loop (asyncio.create_task).
+/// Schedules `aw` on the running loop (asyncio.create_task). Keeps `aw` by value: a handle is
+/// copied, a coroutine moved in (an lvalue one does not compile: std::move it), an object that
+/// cannot move is passed as std::ref(obj) and awaited where it is.
 template <class A>
 auto create_task(A&& aw, std::string name = {}) {
   return detail::create_task_on(event_loop::current(), std::forward<A>(aw), std::move(name));
@@ -4362,15 +4503,160 @@ TEST_SUITE("task") {
       auto id = t.add_done_callback([&](future<int>) { seen.push_back("b"); });
       CHECK(t.remove_done_callback(id) == 1);
       CHECK(t.remove_done_callback(id) == 0);
+      CHECK(seen.empty());
       co_await wait_done(t);
-      CHECK(seen.empty());  // scheduled, not yet run
-      co_await sleep(0s);
-      CHECK(seen == std::vector<std::string>{"a3"});
+      CHECK(seen == std::vector<std::string>{"a3"});  // added before the await: ran before it resumed
       any_task(t).add_done_callback([&](any_task x) { seen.push_back(x.name()); });  // done already
-      CHECK(seen.size() == 1);
+      CHECK(seen.size() == 1);  // scheduled, not run inline
       co_await sleep(0s);
       CHECK(seen.size() == 2);
     }());
+  }
+
+  TEST_CASE("done callbacks and awaiting tasks are woken in registration order, as in asyncio") {
+    testing::run_bounded([]() -> coroutine<void> {
+      // CPython 3.11 prints ['w2', 'main', 'cb1', 'w1', 'cb2', 'cb3'] for the same program.
+      std::vector<std::string> order;
+      auto t = create_task([]() -> coroutine<int> {
+        co_await sleep(0s);
+        co_return 1;
+      }());
+      auto note = [&](std::string name) { return [&order, name](future<int>) { order.push_back(name); }; };
+      auto waiter = [&](std::string name) -> coroutine<void> {
+        co_await t;
+        order.push_back(name);
+      };
+      t.add_done_callback(note("cb1"));
+      auto w1 = create_task(waiter("w1"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb2"));
+      auto w2 = create_task(waiter("w2"));
+      co_await sleep(0s);
+      t.add_done_callback(note("cb3"));
+      co_await t;
+      order.push_back("main");
+      co_await sleep(0s);
+      CHECK(order == std::vector<std::string>{"w2", "main", "cb1", "w1", "cb2", "cb3"});
+      CHECK(w1.done());
+
+      // The original suite's check: a callback added before cancel() has run once `await` returns.
+      bool called = false;
+      auto sleeper = create_task(sleep(10s));
+      sleeper.add_done_callback([&](future<void>) { called = true; });
+      co_await sleep(0s);
+      sleeper.cancel();
+      CHECK_THROWS_AS(co_await sleeper, cancelled_error);
+      CHECK(called);
+    }());
+  }
+
+  // Helpers as users write them: the handle parameter dies when the helper returns, long before
+  // the task it started runs (the task used to read it through a reference).
+  task<int> after_yield(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(0s);
+      co_return x;
+    }(v));
+  }
+  task<int> relay(task<int> t) { return create_task(t); }
+
+  TEST_CASE("create_task keeps its own copy of a handle; std::ref(obj) awaits obj itself") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> relayed;
+      for (int i = 0; i < 3; ++i) {
+        auto t = after_yield(i);  // loop-local: gone before the relays run
+        relayed.push_back(relay(t));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(co_await relayed[static_cast<std::size_t>(i)] == i);
+      // A non-movable awaitable is awaited by reference when passed as std::ref.
+      struct gate {
+        future<int> f = event_loop::current().create_future<int>();
+        gate() = default;
+        gate(const gate&) = delete;
+        auto operator co_await() & { return f.operator co_await(); }
+      } g;
+      auto waiting = create_task(std::ref(g));
+      co_await sleep(0s);
+      CHECK_FALSE(waiting.done());
+      g.f.set_result(5);
+      CHECK(co_await waiting == 5);
+    }());
+  }
+
+  TEST_CASE("wait_done holds its own handle: awaitable after the task's last handle is gone") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool finished = false;
+      auto w = wait_done(create_task([](bool* f) -> coroutine<void> {
+        co_await sleep(1ms);
+        *f = true;
+      }(&finished)));
+      co_await sleep(5ms);  // the task ends meanwhile; only w refers to it
+      co_await w;
+      CHECK(finished);
+      auto quick = wait_done(create_task(after_yield(1)));
+      co_await quick;
+      co_await quick;  // done: again at once
+      CHECK_THROWS_AS(wait_done(any_task()), invalid_state_error);
+    }());
+  }
+
+  TEST_CASE("co_await std::move(t) empties t; other handles keep the whole result") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto text = []() -> coroutine<std::string> {
+        co_await sleep(0s);
+        co_return std::string(100, 'x');  // long enough to be left empty by a move
+      };
+      auto t = create_task(text());
+      auto kept = t;
+      CHECK(co_await std::move(t) == std::string(100, 'x'));
+      CHECK_FALSE(t);
+      CHECK_THROWS_AS(t.result(), invalid_state_error);
+      CHECK(kept.result() == std::string(100, 'x'));  // another handle: copied, not moved out
+      auto last = create_task(text());
+      std::string taken = co_await std::move(last);  // the last handle: moved out
+      CHECK(taken.size() == 100);
+      CHECK_FALSE(last);
+      auto fut = event_loop::current().create_future<std::string>();
+      fut.set_result("f");
+      CHECK(co_await std::move(fut) == "f");
+      CHECK_FALSE(fut);
+      CHECK_THROWS_AS(co_await std::move(fut), invalid_state_error);  // empty: not awaitable
+    }());
+  }
+
+  TEST_CASE("a future or task of another loop: std::runtime_error, no data race") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto finished = other.create_future<int>();
+    finished.set_result(1);
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    auto is_other_loop = [](const std::runtime_error& e) {
+      return std::string(e.what()).find("attached to a different loop") != std::string::npos;
+    };
+    testing::run_bounded([&]() -> coroutine<void> {
+      for (auto* f : {&pending, &finished}) {
+        try {
+          co_await *f;
+          FAIL("awaited a future of another loop");
+        } catch (const std::runtime_error& e) {
+          CHECK(is_other_loop(e));
+        }
+      }
+      try {
+        co_await foreign_task;
+        FAIL("awaited a task of another loop");
+      } catch (const std::runtime_error& e) {
+        CHECK(is_other_loop(e));
+      }
+      CHECK_THROWS_AS(co_await wait_done(pending), std::runtime_error);
+      CHECK_THROWS_AS(create_task(pending), std::runtime_error);
+      CHECK_THROWS_AS(event_loop::current().create_task(foreign_task), std::runtime_error);
+    }());
+    event_loop third;
+    CHECK_THROWS_AS(third.run_until_complete(pending), std::runtime_error);
+    CHECK(other.run_until_complete(foreign_task) == 2);  // its own loop: fine
+    CHECK(finished.result() == 1);
+    CHECK_FALSE(pending.done());
   }
 
   TEST_CASE("closing a loop with a pending task ends it cancelled and frees its coroutine") {
@@ -4406,24 +4692,61 @@ TEST_SUITE("task") {
 namespace codestare::async_utils {
 namespace detail {
 
-/// A future<R> for any awaitable: futures and tasks as they are, anything else in a new task.
+/// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
+/// in a new task (by the rules of create_task).
 template <class A>
-auto ensure_future(A&& aw) {
-  if constexpr (is_future_handle<std::remove_cvref_t<A>>::value) return future<typename std::remove_cvref_t<A>::value_type>(aw);
-  else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+auto ensure_future(A&& aw, const char* what) {
+  using H = held_t<A>;
+  event_loop& loop = event_loop::current();
+  if constexpr (is_future_handle<H>::value) {
+    check_same_loop(*aw.state_ptr(), &loop, what);
+    return future<typename H::value_type>(aw);
+  } else {
+    return future<argument_result_t<A>>(loop.create_task(std::forward<A>(aw)));
+  }
+}
+
+/// A timeout as the loop clock's duration: at or past what it can hold (hours::max(), an
+/// infinite or NaN floating duration) it is duration::max(), "never"; negative is zero.
+template <class Rep, class Period>
+clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
+  using wide = std::chrono::duration<long double, std::nano>;
+  if (!(wide(timeout) < wide(clock::duration::max()))) return clock::duration::max();
+  if (timeout <= timeout.zero()) return clock::duration::zero();
+  return std::chrono::duration_cast<clock::duration>(timeout);
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
-  auto fut = ensure_future(std::forward<A>(aw));
+// asyncio 3.12's wait_for, which is `async with timeout(t): return await fut`: the deadline
+// cancels the waiting task, and only a cancellation that the deadline itself accounts for
+// (uncancel() back to the count at entry) becomes timeout_error. An outside cancel(), before or
+// after the deadline, keeps the count above it and leaves as cancelled_error.
+template <class R, class H>
+coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
+  auto fut = ensure_future(std::move(aw), "wait_for");
   auto* state = fut.state_ptr();
+  if (timeout == clock::duration::zero()) {
+    // asyncio 3.12: no waiting at all; cancel what is not done, wait for that to land.
+    if (!state->done()) {
+      state->cancel({});
+      co_await completion_awaiter(state, false);  // a cancellation of ours ends here, as asyncio's
+      if (state->cancelled()) throw timeout_error("wait_for: timed out");
+    }
+    co_return take_result(*state);
+  }
   if (!state->done()) {
+    future_core& me = current_task_core("wait_for");
+    const unsigned cancelling_before = me.cancel_requests();
     completion_awaiter waiting(state, true);
     waiting.has_deadline = true;
     waiting.timeout = timeout;
-    co_await waiting;
-    if (waiting.expired && state->cancelled()) throw timeout_error("wait_for: timed out");
+    try {
+      co_await waiting;
+    } catch (const cancelled_error&) {  // the deadline came after the awaited one had finished
+      if (waiting.expired && me.uncancel() <= cancelling_before) throw timeout_error("wait_for: timed out");
+      throw;
+    }
+    if (waiting.expired && me.uncancel() <= cancelling_before && state->cancelled()) throw timeout_error("wait_for: timed out");
   }
   co_return take_result(*state);
 }
@@ -4431,13 +4754,16 @@ ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 }  // namespace detail
 
-/// Waits for `aw` at most `timeout` (asyncio.wait_for). On timeout, cancels it, waits for the
-/// cancellation to land, and throws timeout_error; if it ignored the cancellation and returned,
-/// its value is returned (as asyncio 3.12 does). Cancelling the caller cancels `aw` too.
-template <class A, class Rep, class Period>
+/// Waits for `aw` at most `timeout` (asyncio.wait_for, as in Python 3.12). On timeout, cancels
+/// it, waits for the cancellation to land, and throws timeout_error; if it ignored the
+/// cancellation and returned, its value is returned. Cancelling the caller cancels `aw` too,
+/// and such a cancellation leaves as cancelled_error even when it meets the timeout. A timeout
+/// of zero or less cancels `aw` unless it is done already; duration::max() waits for ever.
+template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
-  using R = await_result_t<A>;
-  return detail::wait_for_impl<R, A>(std::forward<A>(aw), std::chrono::duration_cast<detail::clock::duration>(timeout));
+  using H = detail::held_t<A>;
+  if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), detail::clamp_timeout(timeout));
 }
 
 }  // namespace codestare::async_utils
@@ -4485,6 +4811,120 @@ TEST_SUITE("wait_for") {
     }());
   }
 
+  task<int> slow_value(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(1ms);
+      co_return x;
+    }(v));
+  }
+  // The helper: `t` dies when it returns, before wait_for starts.
+  task<int> with_timeout(task<int> t) { return create_task(wait_for(t, 1s)); }
+
+  TEST_CASE("wait_for keeps its own copy of a handle given by a helper or a loop") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> limited;
+      for (int i = 0; i < 3; ++i) {
+        auto t = slow_value(i);
+        limited.push_back(with_timeout(t));
+        limited.push_back(create_task(wait_for(t, 1s)));
+      }
+      for (std::size_t i = 0; i < limited.size(); ++i) CHECK(co_await limited[i] == static_cast<int>(i / 2));
+    }());
+  }
+
+  // An outside cancel() that meets the timeout, in either order. The inner task's cleanup waits
+  // on a gate, and takes a second cancellation there, so both land before it ends. CPython 3.12's
+  // wait_for gives "cancelled" in both orders, cancelling() 1 (checked with its code on 3.11).
+  coroutine<std::string> timeout_meets_cancel(bool outside_first) {
+    event_loop& loop = event_loop::current();
+    auto got_cancel = loop.create_future<void>();
+    auto gate = loop.create_future<void>();
+    auto started = loop.create_future<void>();
+    auto inner = [](future<void> started, future<void> got_cancel, future<void> gate) -> coroutine<void> {
+      started.set_result();
+      try {
+        co_await sleep(1h);
+      } catch (const cancelled_error&) {
+        got_cancel.set_result();
+      }
+      try {
+        co_await gate;
+      } catch (const cancelled_error&) {  // the second cancellation lands here
+      }
+      throw cancelled_error();
+    };
+    auto outer = create_task([](coroutine<void> body) -> coroutine<std::string> {
+      try {
+        co_await wait_for(std::move(body), 1ms);
+        co_return "value";
+      } catch (const timeout_error&) {
+        co_return "timeout";
+      } catch (const cancelled_error&) {
+        co_return "cancelled";
+      }
+    }(inner(started, got_cancel, gate)));
+    if (outside_first) {
+      co_await started;
+      outer.cancel();
+      co_await got_cancel;
+      co_await sleep(5ms);  // the deadline passes meanwhile
+    } else {
+      co_await got_cancel;  // the deadline cancelled it
+      outer.cancel();
+    }
+    if (!gate.done()) gate.set_result();
+    std::string how = co_await outer;
+    co_return how + " " + std::to_string(outer.cancelling());
+  }
+
+  TEST_CASE("an outside cancel that meets the timeout leaves as cancelled_error, in either order") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await timeout_meets_cancel(false) == "cancelled 1");
+      CHECK(co_await timeout_meets_cancel(true) == "cancelled 1");
+      // A timeout of its own is handled: the count goes back to zero.
+      auto slow = []() -> coroutine<void> { co_await sleep(1h); };
+      CHECK_THROWS_AS(co_await wait_for(slow(), 1ms), timeout_error);
+      CHECK(current_task()->cancelling() == 0);
+      co_await sleep(0s);  // and no stray cancellation is left for the next await
+    }());
+  }
+
+  TEST_CASE("timeouts of zero or less, and of duration::max()") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool ran = false;
+      auto body = [](bool* r) -> coroutine<int> {
+        *r = true;
+        co_return 1;
+      };
+      // CPython 3.12: a coroutine with timeout 0 becomes a task, cancelled before it starts.
+      CHECK_THROWS_AS(co_await wait_for(body(&ran), 0s), timeout_error);
+      CHECK_FALSE(ran);
+      CHECK_THROWS_AS(co_await wait_for(body(&ran), -5ms), timeout_error);
+      auto done = create_task(body(&ran));
+      co_await sleep(0s);
+      CHECK(co_await wait_for(done, 0s) == 1);  // done already: its result
+      auto pending = create_task([]() -> coroutine<int> {
+        co_await sleep(1h);
+        co_return 0;
+      }());
+      CHECK_THROWS_AS(co_await wait_for(pending, 0ms), timeout_error);
+      CHECK(pending.cancelled());
+      // duration::max() and friends wait for ever (the cast used to overflow into a timeout).
+      auto later = [](int v) -> coroutine<int> {
+        for (int i = 0; i < 3; ++i) co_await sleep(1ms);
+        co_return v;
+      };
+      CHECK(co_await wait_for(later(2), std::chrono::hours::max()) == 2);
+      CHECK(co_await wait_for(later(3), std::chrono::nanoseconds::max()) == 3);
+      CHECK(co_await wait_for(later(4), std::chrono::duration<double>(std::numeric_limits<double>::infinity())) == 4);
+      auto endless = create_task(wait_for(sleep(1h), std::chrono::hours::max()));
+      co_await sleep(2ms);
+      CHECK_FALSE(endless.done());  // no immediate timeout
+      endless.cancel();
+      CHECK_THROWS_AS(co_await endless, cancelled_error);
+    }());
+  }
+
   TEST_CASE("cancelling the waiter cancels the inner awaitable") {
     testing::run_bounded([]() -> coroutine<void> {
       auto inner = create_task([]() -> coroutine<void> { co_await sleep(1h); }());
@@ -4521,67 +4961,101 @@ using outcome = std::variant<gathered_t<T>, std::exception_ptr>;
 
 namespace detail {
 
-/// Waits for children: all of them, or (without return_exceptions) the first failure. Cancelling
-/// it cancels every child; it then throws cancelled_error once they are all done (asyncio).
-struct gather_awaiter : cancel_hook {
-  struct child_waiter : completion_waiter {
-    gather_awaiter* owner;
-    future_core* child;
-  };
-  std::span<future_core* const> children;
-  bool return_exceptions;
-  future_core* task = nullptr;
-  future_core* first_failure = nullptr;
-  std::size_t remaining = 0;
-  bool cancel_requested = false;
-  bool woken = false;
-  std::vector<child_waiter> waiters;
+/// asyncio's _GatheringFuture, as what the gather task waits on. Registered on the children when
+/// gather() is called, so their completions are seen in completion order even before the gather
+/// task first runs. Decided when every child is done or, without return_exceptions, at the
+/// first failure (an exception or a cancellation); from then on every child's exception counts
+/// as retrieved, as asyncio's callbacks retrieve them. It is the gather task's cancel hook from
+/// its creation: cancelling the gather cancels the children, and the gather then ends cancelled.
+class gather_control : public cancel_hook {
+ public:
+  gather_control(std::vector<future_core*> children, bool return_exceptions)
+      : children_(std::move(children)), waiters_(new child_waiter[children_.size()]), return_exceptions_(return_exceptions) {
+    cancel = &cancel_children;
+    for (std::size_t i = 0; i < children_.size(); ++i) {
+      future_core* child = children_[i];
+      if (child->done()) {
+        note(child);
+        continue;
+      }
+      ++remaining_;
+      waiters_[i].owner = this;
+      waiters_[i].child = child;
+      waiters_[i].notify = &child_done;
+      child->add_waiter(waiters_[i]);
+    }
+    if (decided()) mark_children_retrieved();
+  }
+  gather_control(const gather_control&) = delete;
+  gather_control& operator=(const gather_control&) = delete;
 
-  gather_awaiter(std::span<future_core* const> c, bool return_exc) noexcept : children(c), return_exceptions(return_exc) {}
-  gather_awaiter(const gather_awaiter&) = delete;
-  static bool failed(const future_core* c) { return c->cancelled() || c->has_error(); }
-  bool await_ready() {
-    for (future_core* c : children) {
-      if (!c->done()) ++remaining;
-      else if (!first_failure && failed(c)) first_failure = c;
+  /// The gather task, waiting on this from before its first step.
+  void attach(future_core& task) noexcept {
+    task_ = &task;
+    task.wait_on(this);
+  }
+
+  /// What the gather task awaits: nothing once decided; then the first failure, or the
+  /// cancellation it asked for, is thrown.
+  struct awaiter {
+    gather_control& g;
+    bool await_ready() const noexcept { return g.decided(); }
+    void await_suspend(std::coroutine_handle<> h) {
+      g.waiting_ = true;
+      g.task_->suspend_on(&g, h);
     }
-    return remaining == 0 || (!return_exceptions && first_failure);
-  }
-  void await_suspend(std::coroutine_handle<> h) {
-    task = &current_task_core("gather()");
-    waiters.resize(children.size());
-    for (std::size_t i = 0; i < children.size(); ++i) {
-      if (children[i]->done()) continue;
-      if (children[i] == task) throw std::runtime_error("a task cannot gather itself");
-      waiters[i].owner = this;
-      waiters[i].child = children[i];
-      waiters[i].notify = [](completion_waiter* w) {
-        auto* cw = static_cast<child_waiter*>(w);
-        gather_awaiter& g = *cw->owner;
-        --g.remaining;
-        if (!g.first_failure && failed(cw->child)) g.first_failure = cw->child;
-        if (!g.woken && (g.remaining == 0 || (!g.return_exceptions && g.first_failure == cw->child))) {
-          g.woken = true;
-          g.task->wake();
-        }
-      };
-      children[i]->add_waiter(waiters[i]);
+    void await_resume() const {
+      g.task_->wait_on(nullptr);  // the control goes away before the task ends
+      g.task_->throw_if_cancelled();
+      if (!g.return_exceptions_ && g.first_failure_) g.first_failure_->check_result();
+      if (g.cancel_requested_) throw cancelled_error(g.task_->cancel_message());
     }
-    cancel = [](cancel_hook* c) {
-      auto* self = static_cast<gather_awaiter*>(c);
-      bool any = false;
-      for (future_core* child : self->children) any = child->cancel(self->task->cancel_message()) || any;
-      if (any) self->cancel_requested = true;
-      return any;
-    };
-    task->suspend_on(this, h);
+  };
+  awaiter operator co_await() noexcept { return {*this}; }
+
+ private:
+  struct child_waiter : completion_waiter {
+    gather_control* owner = nullptr;
+    future_core* child = nullptr;
+  };
+  static bool failed(const future_core* c) noexcept { return c->cancelled() || c->has_error(); }
+  bool decided() const noexcept { return remaining_ == 0 || (!return_exceptions_ && first_failure_); }
+  void note(future_core* child) noexcept {
+    if (!first_failure_ && failed(child)) first_failure_ = child;
   }
-  void await_resume() {
-    for (auto& w : waiters) w.unlink();
-    if (task) task->throw_if_cancelled();
-    if (cancel_requested && remaining == 0) throw cancelled_error(task->cancel_message());
-    if (!return_exceptions && first_failure) first_failure->check_result();
+  void mark_children_retrieved() noexcept {
+    for (future_core* c : children_) c->mark_retrieved();
   }
+  static void child_done(completion_waiter* w) {
+    auto* cw = static_cast<child_waiter*>(w);
+    gather_control& g = *cw->owner;
+    const bool was_decided = g.decided();
+    --g.remaining_;
+    g.note(cw->child);
+    if (was_decided || !g.decided()) return;
+    g.mark_children_retrieved();
+    if (g.waiting_) {
+      g.waiting_ = false;
+      g.task_->wake();
+    }
+  }
+  static bool cancel_children(cancel_hook* hook) {
+    auto& g = static_cast<gather_control&>(*hook);
+    if (g.decided()) return false;  // asyncio: the gathering future is done already
+    bool any = false;
+    for (future_core* c : g.children_) any = c->cancel(g.task_->cancel_message()) || any;
+    if (any) g.cancel_requested_ = true;
+    return any;
+  }
+
+  std::vector<future_core*> children_;  // kept alive by the gather task's handles
+  std::unique_ptr<child_waiter[]> waiters_;
+  future_core* task_ = nullptr;
+  future_core* first_failure_ = nullptr;
+  std::size_t remaining_ = 0;
+  bool return_exceptions_;
+  bool cancel_requested_ = false;
+  bool waiting_ = false;
 };
 
 template <class T>
@@ -4603,43 +5077,62 @@ outcome<T> gathered_outcome(future<T>& f) {
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <bool ReturnExceptions, class... A>
-auto gather_impl(A... aws) -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<await_result_t<A>>...>,
-                                                            std::tuple<gathered_t<await_result_t<A>>...>>> {
-  // Braced initialisation creates the tasks left to right, in argument order.
-  std::tuple<decltype(ensure_future(std::forward<A>(aws)))...> futures{ensure_future(std::forward<A>(aws))...};
-  std::array<future_core*, sizeof...(A)> cores = std::apply([](auto&... f) { return std::array<future_core*, sizeof...(A)>{f.state_ptr()...}; }, futures);
-  co_await gather_awaiter(cores, ReturnExceptions);
+template <bool ReturnExceptions, class... T>
+auto gather_tuple_body(std::unique_ptr<gather_control> control, std::tuple<future<T>...> futures)
+    -> coroutine<std::conditional_t<ReturnExceptions, std::tuple<outcome<T>...>, std::tuple<gathered_t<T>...>>> {
+  co_await *control;
+  control.reset();  // leaves the children still running
   if constexpr (ReturnExceptions) co_return std::apply([](auto&... f) { return std::tuple{gathered_outcome(f)...}; }, futures);
-  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<await_result_t<A>>...>{gathered_value(f)...}; }, futures);
+  else co_return std::apply([](auto&... f) { return std::tuple<gathered_t<T>...>{gathered_value(f)...}; }, futures);
 }
 
-template <bool ReturnExceptions, class Range>
-auto gather_range_impl(Range range) {
-  using E = decltype(std::move(*std::ranges::begin(range)));
-  using T = await_result_t<E>;
-  using V = std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>;
-  return [](Range r) -> coroutine<std::vector<V>> {
-    std::vector<future<T>> futures;
-    for (auto&& aw : r) {
-      if constexpr (std::is_copy_constructible_v<std::remove_cvref_t<decltype(aw)>>) futures.push_back(ensure_future(aw));
-      else futures.push_back(ensure_future(std::move(aw)));
-    }
-    std::vector<future_core*> cores;
-    cores.reserve(futures.size());
-    for (auto& f : futures) cores.push_back(f.state_ptr());
-    co_await gather_awaiter(cores, ReturnExceptions);
-    std::vector<V> results;
-    results.reserve(futures.size());
-    for (auto& f : futures) {
-      if constexpr (ReturnExceptions) results.push_back(gathered_outcome(f));
-      else results.push_back(gathered_value(f));
-    }
-    co_return results;
-  }(std::move(range));
+template <bool ReturnExceptions, class T>
+auto gather_range_body(std::unique_ptr<gather_control> control, std::vector<future<T>> futures)
+    -> coroutine<std::vector<std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>>> {
+  co_await *control;
+  control.reset();
+  std::vector<std::conditional_t<ReturnExceptions, outcome<T>, gathered_t<T>>> results;
+  results.reserve(futures.size());
+  for (auto& f : futures) {
+    if constexpr (ReturnExceptions) results.push_back(gathered_outcome(f));
+    else results.push_back(gathered_value(f));
+  }
+  co_return results;
 }
-
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
+
+/// The gather task: `body` waits on `control`, which is its cancel hook from the start.
+template <class R>
+task<R> start_gather(event_loop& loop, gather_control* control, coroutine<R> body) {
+  auto t = loop.create_task(std::move(body));
+  control->attach(*t.state_ptr());
+  return t;
+}
+
+template <bool ReturnExceptions, class... H>
+auto gather_impl(H... aws) {
+  event_loop& loop = event_loop::current();  // before any task is made: no running loop, nothing started
+  // Braced initialisation creates the tasks left to right, in argument order.
+  std::tuple<decltype(ensure_future(std::move(aws), "gather"))...> futures{ensure_future(std::move(aws), "gather")...};
+  auto control = std::apply([](auto&... f) { return std::make_unique<gather_control>(std::vector<future_core*>{f.state_ptr()...}, ReturnExceptions); }, futures);
+  gather_control* g = control.get();
+  return start_gather(loop, g, gather_tuple_body<ReturnExceptions>(std::move(control), std::move(futures)));
+}
+
+template <bool ReturnExceptions, class E>
+auto gather_range_impl(std::vector<E> range) {
+  using T = argument_result_t<E>;
+  event_loop& loop = event_loop::current();
+  std::vector<future<T>> futures;
+  futures.reserve(range.size());
+  for (auto& aw : range) futures.push_back(ensure_future(std::move(aw), "gather"));
+  std::vector<future_core*> cores;
+  cores.reserve(futures.size());
+  for (auto& f : futures) cores.push_back(f.state_ptr());
+  auto control = std::make_unique<gather_control>(std::move(cores), ReturnExceptions);
+  gather_control* g = control.get();
+  return start_gather(loop, g, gather_range_body<ReturnExceptions>(std::move(control), std::move(futures)));
+}
 
 /// std::ranges::iterator_t / input_range / range_reference_t, spelled with what <iterator>
 /// provides, so that this header does not pull in all of <ranges>.
@@ -4649,31 +5142,44 @@ template <class R>
 concept awaitable_range = requires(R& r) {
   std::ranges::begin(r);
   std::ranges::end(r);
-} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable<std::iter_reference_t<range_iterator_t<R>>>;
+} && std::input_iterator<range_iterator_t<R>> && !awaitable<R> && awaitable_argument<std::iter_value_t<range_iterator_t<R>>>;
+
+/// The elements of `range` in a vector of their own: copied from an lvalue range (the caller's
+/// handles stay as they are), moved from an rvalue one.
+template <class R>
+auto take_range(R&& range) {
+  using E = std::iter_value_t<range_iterator_t<R>>;
+  if constexpr (!check_by_value<std::conditional_t<std::is_lvalue_reference_v<R>, E&, E>>()) return std::vector<E>();
+  else if constexpr (std::is_lvalue_reference_v<R>) return std::vector<E>(std::ranges::begin(range), std::ranges::end(range));
+  else return std::vector<E>(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range)));
+}
 
 }  // namespace detail
 
 /// Runs the awaitables concurrently (each in a task) and returns their results as a tuple
 /// (void -> std::monostate). The first exception (or child cancellation) is rethrown at once;
 /// the other children keep running. Cancelling gather cancels every child.
-template <awaitable... A>
+template <awaitable_argument... A>
   requires(sizeof...(A) > 0)
 auto gather(A&&... aws) {
-  return detail::gather_impl<false, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<false, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
 /// As gather(aws...), but every result is an outcome<T>: the value or the exception.
-template <awaitable... A>
+template <awaitable_argument... A>
 auto gather(return_exceptions_t, A&&... aws) {
-  return detail::gather_impl<true, A...>(std::forward<A>(aws)...);
+  if constexpr (!(detail::check_by_value<A>() && ...)) return;
+  else return detail::gather_impl<true, detail::held_t<A>...>(detail::held_t<A>(std::forward<A>(aws))...);
 }
-/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector.
+/// gather over a range of awaitables (a vector of coroutines or tasks) -> std::vector. An
+/// lvalue range is copied (its handles stay valid); an rvalue range is moved from.
 template <detail::awaitable_range R>
 auto gather(R&& range) {
-  return detail::gather_range_impl<false>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<false>(detail::take_range(std::forward<R>(range)));
 }
 template <detail::awaitable_range R>
 auto gather(return_exceptions_t, R&& range) {
-  return detail::gather_range_impl<true>(std::vector(std::make_move_iterator(std::ranges::begin(range)), std::make_move_iterator(std::ranges::end(range))));
+  return detail::gather_range_impl<true>(detail::take_range(std::forward<R>(range)));
 }
 
 }  // namespace codestare::async_utils
@@ -4733,6 +5239,156 @@ TEST_SUITE("gather") {
     }());
   }
 
+  TEST_CASE("handles given by helpers and loops are copied; an lvalue vector stays whole") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<std::tuple<int>>> singles;
+      for (int i = 0; i < 3; ++i) {
+        auto t = create_task(after(1ms, i));  // loop-local: gone before the gathers run
+        singles.push_back(create_task(gather(t)));
+      }
+      for (int i = 0; i < 3; ++i) CHECK(std::get<0>(co_await singles[static_cast<std::size_t>(i)]) == i);
+      std::vector<task<int>> tasks;
+      for (int i = 0; i < 4; ++i) tasks.push_back(create_task(after(std::chrono::milliseconds(4 - i), i * 10)));
+      auto results = co_await gather(tasks);
+      CHECK(results == std::vector<int>{0, 10, 20, 30});
+      REQUIRE(tasks.size() == 4);
+      CHECK(tasks[0].result() == 0);  // the caller's handles were copied, not moved out
+      CHECK(tasks[3].result() == 30);
+      auto outcomes = co_await gather(return_exceptions, tasks);
+      CHECK(std::get<0>(outcomes[2]) == 20);
+      CHECK(tasks[2].result() == 20);
+      auto moved = co_await gather(std::move(tasks));  // an rvalue range may be moved from
+      CHECK(moved.size() == 4);
+    }());
+  }
+
+  coroutine<int> fail_with(std::chrono::milliseconds d, std::string message) {
+    co_await sleep(d);
+    throw std::runtime_error(message);
+  }
+
+  TEST_CASE("gather is eager and returns a task; outside a running loop it throws") {
+    static_assert(std::is_same_v<decltype(gather(after(1ms, 1), fail_after(1ms))), task<std::tuple<int, std::monostate>>>);
+    static_assert(std::is_same_v<decltype(gather(std::vector<coroutine<int>>{})), task<std::vector<int>>>);
+    CHECK_THROWS_WITH_AS(gather(after(1ms, 1)), "no running event loop", std::runtime_error);
+    std::vector<coroutine<int>> later;
+    later.push_back(after(1ms, 1));
+    CHECK_THROWS_AS(gather(std::move(later)), std::runtime_error);
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<int> started;
+      auto note = [&](int n) -> coroutine<int> {
+        started.push_back(n);
+        co_await sleep(0s);
+        co_return n * 10;
+      };
+      auto g = gather(note(1), note(2));  // CPython: both children run at the next iteration
+      CHECK(started.empty());
+      co_await sleep(0s);
+      CHECK(started == std::vector<int>{1, 2});
+      CHECK(co_await g == std::tuple<int, int>{10, 20});
+      auto none = gather(std::vector<task<int>>{});
+      CHECK((co_await none).empty());
+    }());
+  }
+
+  TEST_CASE("the first failure in completion order fails the gather; the others' exceptions are retrieved") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> reports;
+      event_loop::current().set_exception_handler([&](event_loop&, const exception_context& c) { reports.push_back(c.message); });
+      // CPython: the second argument fails first, so gather raises its exception.
+      auto late = create_task(fail_with(20ms, "first argument"));
+      auto early = create_task(fail_with(5ms, "second argument"));
+      try {
+        co_await gather(late, early);
+        FAIL("gather returned");
+      } catch (const std::runtime_error& e) {
+        CHECK(std::string(e.what()) == "second argument");
+      }
+      CHECK_FALSE(late.done());  // not cancelled: it runs on, as in asyncio
+      co_await wait_done(late);
+      CHECK(late.exception() != nullptr);
+      // Children that fail in the same step: the first in argument order, as in CPython.
+      std::string first;
+      try {
+        co_await gather(fail_with(0ms, "x"), fail_with(0ms, "y"));
+      } catch (const std::runtime_error& e) {
+        first = e.what();
+      }
+      CHECK(first == "x");
+      // Temporaries only: nobody else can look at "later", yet its failure is not reported as
+      // never retrieved (with a task_nursery alive, that report would shut the program down).
+      auto keeps = create_task(after(40ms, 3));
+      try {
+        co_await gather(fail_with(1ms, "now"), fail_with(10ms, "later"), keeps);
+      } catch (const std::runtime_error& e) {
+        CHECK(std::string(e.what()) == "now");
+      }
+      co_await sleep(20ms);
+      CHECK(co_await keeps == 3);
+      CHECK(reports.empty());
+    }());
+  }
+
+  TEST_CASE("cancelling the gather cancels its children; it ends cancelled, with the message") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto a = create_task(after(1h, 1));
+      auto b = create_task(after(1h, 2));
+      auto g = gather(a, b);
+      CHECK(g.cancel("stop"));  // before the gather task ran at all: still reaches the children
+      try {
+        co_await g;
+        FAIL("gather returned");
+      } catch (const cancelled_error& e) {
+        CHECK(e.message() == "stop");
+      }
+      CHECK(g.cancelled());
+      CHECK(a.cancelled());
+      CHECK(b.cancelled());
+      CHECK_THROWS_WITH_AS(a.result(), "stop", cancelled_error);
+      std::vector<task<int>> running;
+      for (int i = 0; i < 3; ++i) running.push_back(create_task(after(1h, i)));
+      auto all = gather(return_exceptions, running);
+      co_await sleep(1ms);
+      all.cancel();
+      CHECK_THROWS_AS(co_await all, cancelled_error);  // return_exceptions: cancelled all the same
+      for (auto& t : running) CHECK(t.cancelled());
+      // A child that swallows the cancellation: the gather still ends cancelled (asyncio).
+      auto stubborn = create_task([]() -> coroutine<int> {
+        try {
+          co_await sleep(1h);
+        } catch (const cancelled_error&) {
+        }
+        co_return 7;
+      }());
+      auto g2 = gather(stubborn);
+      co_await sleep(0s);
+      g2.cancel();
+      CHECK_THROWS_AS(co_await g2, cancelled_error);
+      CHECK(stubborn.result() == 7);
+    }());
+  }
+
+  TEST_CASE("a child cancelled from outside fails the gather at once; the sibling runs on") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto a = create_task(after(1h, 1));
+      auto b = create_task(after(5ms, 2));
+      auto g = gather(a, b);
+      co_await sleep(0s);
+      a.cancel();
+      CHECK_THROWS_AS(co_await g, cancelled_error);
+      CHECK_FALSE(b.done());
+      CHECK(co_await b == 2);
+      // return_exceptions: the cancellation is one more outcome.
+      auto c = create_task(after(1h, 0));
+      auto both = gather(return_exceptions, after(1ms, 5), c);
+      co_await sleep(0s);
+      c.cancel();
+      auto [x, y] = co_await both;
+      CHECK(std::get<0>(x) == 5);
+      CHECK_THROWS_AS(std::rethrow_exception(std::get<1>(y)), cancelled_error);
+    }());
+  }
+
   TEST_CASE("cancelling gather cancels every child and then raises cancelled_error") {
     testing::run_bounded([]() -> coroutine<void> {
       auto a = create_task(after(1h, 1));
@@ -4757,17 +5413,21 @@ namespace detail {
 template <class T>
 struct shielded {
   future<T> inner;
-  auto operator co_await() const& noexcept { return future_awaiter<T, false, true>(inner.state_ptr()); }
-  auto operator co_await() && noexcept { return future_awaiter<T, true, true>(inner.state_ptr()); }
+  auto operator co_await() const& { return future_awaiter<T, false, true>(inner.state_ptr()); }
+  auto operator co_await() && { return future_awaiter<T, true, true>(inner.release_state()); }
 };
 }  // namespace detail
 
 /// Runs `aw` in a task (if it is not one) and returns an awaitable of its result that does
 /// not propagate cancellation: the awaiting task gets cancelled_error, the inner one runs on.
-template <class A>
+template <awaitable_argument A>
 auto shield(A&& aw) {
-  auto fut = detail::ensure_future(std::forward<A>(aw));
-  return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  if constexpr (!detail::check_by_value<A>()) {
+    return detail::shielded<argument_result_t<A>>{};
+  } else {
+    auto fut = detail::ensure_future(std::forward<A>(aw), "shield");
+    return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  }
 }
 
 }  // namespace codestare::async_utils
@@ -4776,6 +5436,24 @@ auto shield(A&& aw) {
 TEST_SUITE("shield") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
+
+  TEST_CASE("wait_for, gather and shield refuse a future or task of another loop") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto mine = create_task([]() -> coroutine<int> { co_return 1; }());
+      CHECK_THROWS_WITH_AS(co_await wait_for(foreign_task, 1s), "wait_for: the future or task is attached to a different loop",
+                           std::runtime_error);
+      CHECK_THROWS_WITH_AS(shield(pending), "shield: the future or task is attached to a different loop", std::runtime_error);
+      CHECK_THROWS_WITH_AS(co_await gather(mine, pending), "gather: the future or task is attached to a different loop",
+                           std::runtime_error);
+      std::vector<future<int>> mixed{mine, pending};
+      CHECK_THROWS_AS(co_await gather(return_exceptions, mixed), std::runtime_error);
+      CHECK(co_await mine == 1);
+    }());
+    CHECK_FALSE(pending.done());
+  }
 
   TEST_CASE("cancellation stops at the shield; the inner task finishes") {
     testing::run_bounded([]() -> coroutine<void> {
@@ -10457,9 +11135,9 @@ class coroutine_wrapper {
   using value_type = R;
 
   // Not copyable and not movable: the member coroutines hold `this`. To schedule one, keep it in
-  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(obj).
+  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(std::ref(obj)).
   coroutine_wrapper(const coroutine_wrapper&) = delete;  // not copyable: its coroutines hold `this`
-  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(obj) needs a named object that outlives the task
+  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(std::ref(obj)) needs a named object that outlives the task
   coroutine_wrapper& operator=(const coroutine_wrapper&) = delete;
   coroutine_wrapper& operator=(coroutine_wrapper&&) = delete;
 
@@ -10704,7 +11382,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(out.str() == expected);
       out.str("");
       coro c(print, even, generate_ranges(5));
-      co_await create_task(c);
+      co_await create_task(std::ref(c));
       CHECK(out.str() == expected);
       CHECK(c.done());
     }());
@@ -10714,7 +11392,7 @@ TEST_SUITE("coroutine_wrapper") {
     testing::run_bounded([]() -> coroutine<void> {
       counter c(5);
       CHECK_FALSE(c.started());
-      auto t = create_task(c, "counter");
+      auto t = create_task(std::ref(c), "counter");
       while (c.value < 2) co_await sleep(0s);
       CHECK(c.value == 2);
       CHECK(c.running());
@@ -10734,8 +11412,8 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(co_await c == 1);
       CHECK_THROWS_AS(co_await c, invalid_state_error);
       counter d(1);
-      auto first = create_task(d);
-      auto second = create_task(d);
+      auto first = create_task(std::ref(d));
+      auto second = create_task(std::ref(d));
       CHECK(co_await first == 1);
       CHECK_THROWS_AS(co_await second, invalid_state_error);
       empty_wrapper e;
@@ -10756,7 +11434,7 @@ TEST_SUITE("coroutine_wrapper") {
       }
       CHECK(f.done());
       counter c(1000);
-      auto t = create_task(c);
+      auto t = create_task(std::ref(c));
       while (c.value < 1) co_await sleep(0s);
       t.cancel();
       co_await wait_done(t);
@@ -10775,7 +11453,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK_THROWS_AS(c.replace(), invalid_state_error);
       counter d(3);
       d.replace();  // before it started: allowed
-      auto t = create_task(d);
+      auto t = create_task(std::ref(d));
       co_await sleep(0s);
       CHECK_THROWS_AS(d.close(), invalid_state_error);
       CHECK_THROWS_AS(d.replace(), invalid_state_error);
@@ -10791,7 +11469,7 @@ TEST_SUITE("coroutine_wrapper") {
     holder h;
     {
       event_loop loop;
-      auto t = loop.create_task(h);
+      auto t = loop.create_task(std::ref(h));
       loop.run_until_complete(sleep(1ms));
       CHECK(tracked_alive == 1);
       CHECK(h.running());

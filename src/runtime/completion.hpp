@@ -2,11 +2,23 @@
 // completion awaiter behind it, wait_for and run().
 #pragma once
 
+#include <optional>
+
 namespace codestare::async_utils {
 namespace detail {
 
+/// now + timeout, or nothing ("never") when the sum does not fit the clock: wait_for(aw,
+/// duration::max()) waits for ever. (Local until the loop saturates its deadlines itself.)
+inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
+  const clock::time_point now = clock::now();
+  if (timeout >= clock::time_point::max() - now) return std::nullopt;
+  return now + timeout;
+}
+
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
-/// the awaited one (unless shielded); the deadline does the same and records that it expired.
+/// the awaited one (unless shielded). At the deadline the waiting task itself is cancelled, as
+/// asyncio.timeout does (which passes on to the awaited one), and `expired` records it; a
+/// deadline reached after the awaited one finished does nothing (its wake-up came first).
 struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   future_core* core;
   future_core* task = nullptr;
@@ -18,7 +30,10 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
 
   completion_awaiter(future_core* c, bool propagate) noexcept : core(c), propagate_cancel(propagate) {}
   completion_awaiter(const completion_awaiter&) = delete;
-  bool await_ready() const noexcept { return core->done(); }
+  bool await_ready() const {
+    check_same_loop(*core, running_loop, "co_await");
+    return core->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("waiting on a task");
     if (task == core) throw std::runtime_error("a task cannot await itself");
@@ -31,14 +46,17 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
       self->task->wake();
       return true;
     };
-    if (has_deadline) {
+    if (auto deadline = has_deadline ? deadline_after(timeout) : std::nullopt) {
       fire = [](timer_node* node, bool run) {
         auto* self = static_cast<completion_awaiter*>(node);
-        if (!run) return;
+        if (!run || !self->completion_waiter::linked()) return;
         self->expired = true;
-        self->core->cancel({});  // its completion wakes us, once the cancellation has landed
+        try {
+          self->task->cancel({});  // reaches the awaited one through cancel hook below
+        } catch (...) {  // out of memory for a message copy: the expiry is still recorded
+        }
       };
-      task->loop()->add_timer(*this, clock::now() + timeout);
+      task->loop()->add_timer(*this, *deadline);
     }
     core->add_waiter(*this);
     task->suspend_on(this, h);
@@ -53,19 +71,24 @@ struct completion_awaiter : completion_waiter, cancel_hook, timer_node {
   }
 };
 
+/// Keeps a counted reference (any_task is the untyped handle of any future_core), so the
+/// waiter may be awaited after every other handle is gone.
 struct done_waiter {
-  future_core* core;
-  auto operator co_await() const noexcept { return completion_awaiter(core, false); }
+  any_task target;
+  auto operator co_await() const noexcept { return completion_awaiter(target.core_ptr(), false); }
 };
 
 }  // namespace detail
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
-/// without cancelling it when the waiter is cancelled.
-inline detail::done_waiter wait_done(const any_task& t) { return {t.core_ptr()}; }
+/// without cancelling it when the waiter is cancelled. Holds its own handle.
+inline detail::done_waiter wait_done(const any_task& t) {
+  if (!t) throw invalid_state_error("empty task handle");
+  return {t};
+}
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
-  return {f.state_ptr()};
+  return {any_task(f.state_ptr())};
 }
 
 }  // namespace codestare::async_utils

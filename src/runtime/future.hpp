@@ -31,7 +31,9 @@ class future_state : public future_core {
 };
 
 /// co_await on a future or task: waits on it from the running task. Cancelling the waiting task
-/// cancels the awaited future (asyncio's propagation) unless `shielded`.
+/// cancels the awaited future (asyncio's propagation) unless `shielded`. An rvalue await (Move)
+/// takes the handle's reference over: the handle is left empty, and the result may be moved out
+/// when no other handle can read it.
 template <class T, bool Move, bool Shielded = false>
 struct future_awaiter : completion_waiter, cancel_hook {
   future_state<T>* state;
@@ -39,7 +41,17 @@ struct future_awaiter : completion_waiter, cancel_hook {
   bool withdrawn = false;
 
   explicit future_awaiter(future_state<T>* s) noexcept : state(s) {}
-  bool await_ready() const noexcept { return state->done(); }
+  future_awaiter(const future_awaiter&) = delete;
+  ~future_awaiter() {
+    if constexpr (Move) {
+      completion_waiter::unlink();
+      state->release();
+    }
+  }
+  bool await_ready() const {
+    check_same_loop(*state, running_loop, "co_await");
+    return state->done();
+  }
   void await_suspend(std::coroutine_handle<> h) {
     task = &current_task_core("co_await on a future");
     if (task == state) throw std::runtime_error("a task cannot await itself");
@@ -118,12 +130,19 @@ class future {
     return *state().loop();
   }
 
-  auto operator co_await() const& noexcept { return detail::future_awaiter<T, false>(state_ptr()); }
-  auto operator co_await() && noexcept { return detail::future_awaiter<T, true>(state_ptr()); }
+  auto operator co_await() const& { return detail::future_awaiter<T, false>(state_ptr()); }
+  /// `co_await std::move(f)` consumes the handle: f is empty afterwards.
+  auto operator co_await() && { return detail::future_awaiter<T, true>(release_state()); }
 
   state_type* state_ptr() const {
     if (!state_) throw invalid_state_error("empty future handle");
     return state_;
+  }
+
+  /// Hands this handle's reference over to the caller; the handle becomes empty.
+  state_type* release_state() {
+    state_ptr();  // throws for an empty handle
+    return std::exchange(state_, nullptr);
   }
 
  private:

@@ -21,8 +21,11 @@ namespace detail {
 
 enum class future_status : std::uint8_t { pending, finished, cancelled };
 
-/// Waits for a future to finish (an awaiting task, gather, run_until_complete). Notified
-/// synchronously when it finishes, after being unlinked; notify only schedules, never runs user code.
+/// Waits for a future to finish (an awaiting task, gather, run_until_complete, a done
+/// callback). Notified synchronously when it finishes, after being unlinked; notify only
+/// schedules, never runs user code. Waiters and done callbacks share one list, so they are
+/// scheduled in the order they were registered (asyncio wakes an awaiting task by a done
+/// callback: one added before the await runs before the task resumes).
 struct completion_waiter : list_node {
   void (*notify)(completion_waiter*) = nullptr;
 };
@@ -49,7 +52,7 @@ class future_core : public list_node {
   future_core(event_loop* loop, bool is_task) noexcept : loop_(loop), is_task_(is_task) {}
   future_core(const future_core&) = delete;
   future_core& operator=(const future_core&) = delete;
-  virtual ~future_core() = default;
+  virtual ~future_core() { drop_callbacks(); }
 
   void add_ref() noexcept { ++refs_; }
   void release() noexcept;
@@ -87,6 +90,12 @@ class future_core : public list_node {
   }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
+  /// A task created to wait on `hook` from the start (gather's): a cancel() even before its
+  /// first step reaches the hook. Its first await on the hook's object suspends on it as usual.
+  void wait_on(cancel_hook* hook) noexcept { waiting_on_ = hook; }
+  /// Whatever the outcome, nobody is to be told that it was never retrieved (a gather has
+  /// taken charge of it, as asyncio's gather retrieves its children's exceptions).
+  void mark_retrieved() noexcept { retrieved_ = true; }
   /// Schedules the next step (the awaited thing is ready or was withdrawn).
   void wake();
   /// Called by awaitables on resumption: throws cancelled_error if their wait was withdrawn or a
@@ -122,17 +131,22 @@ class future_core : public list_node {
 
  private:
   friend class codestare::async_utils::event_loop;
-  struct done_callback {
+  /// A done callback, waiting in waiters_ like an awaiting task; once notified it is the job
+  /// that runs it (holding a reference to the future until then).
+  struct done_callback : completion_waiter {
     callback_id id;
+    future_core* core;
     std::function<void(future_core&)> fn;
+    static void schedule(completion_waiter* w);
+    static void run(void* self, bool run) noexcept;
   };
+  /// Frees the done callbacks never scheduled (a future destroyed while pending).
+  void drop_callbacks() noexcept;
   /// What most futures and tasks never use, allocated on first use: keeps the state small
   /// enough to live behind its coroutine frame.
   struct extra_state {
     std::string name;  // empty: "Task-<number>"
     std::string cancel_message;
-    std::vector<done_callback> callbacks;
-    callback_id next_callback_id = 0;
   };
   static const std::string& no_text() noexcept {
     static const std::string empty;
@@ -151,7 +165,7 @@ class future_core : public list_node {
   [[noreturn]] void throw_cancelled();
   void wake_refused();
 
-  intrusive_list<completion_waiter> waiters_;
+  intrusive_list<completion_waiter> waiters_;  // awaiting tasks and done callbacks, in order
   std::unique_ptr<extra_state> extras_;
   std::uint64_t number_ = 0;
   // Task part.
@@ -170,6 +184,8 @@ class future_core : public list_node {
 
 /// The running task of the running loop, or an exception naming `what` that needs one.
 future_core& current_task_core(const char* what);
+/// asyncio's "attached to a different loop": std::runtime_error unless `core` belongs to `loop`.
+void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
 
 }  // namespace detail
 }  // namespace codestare::async_utils

@@ -6,17 +6,21 @@ namespace detail {
 template <class T>
 struct shielded {
   future<T> inner;
-  auto operator co_await() const& noexcept { return future_awaiter<T, false, true>(inner.state_ptr()); }
-  auto operator co_await() && noexcept { return future_awaiter<T, true, true>(inner.state_ptr()); }
+  auto operator co_await() const& { return future_awaiter<T, false, true>(inner.state_ptr()); }
+  auto operator co_await() && { return future_awaiter<T, true, true>(inner.release_state()); }
 };
 }  // namespace detail
 
 /// Runs `aw` in a task (if it is not one) and returns an awaitable of its result that does
 /// not propagate cancellation: the awaiting task gets cancelled_error, the inner one runs on.
-template <class A>
+template <awaitable_argument A>
 auto shield(A&& aw) {
-  auto fut = detail::ensure_future(std::forward<A>(aw));
-  return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  if constexpr (!detail::check_by_value<A>()) {
+    return detail::shielded<argument_result_t<A>>{};
+  } else {
+    auto fut = detail::ensure_future(std::forward<A>(aw), "shield");
+    return detail::shielded<typename decltype(fut)::value_type>{std::move(fut)};
+  }
 }
 
 }  // namespace codestare::async_utils
@@ -25,6 +29,24 @@ auto shield(A&& aw) {
 TEST_SUITE("shield") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
+
+  TEST_CASE("wait_for, gather and shield refuse a future or task of another loop") {
+    event_loop other;
+    auto pending = other.create_future<int>();
+    auto foreign_task = other.create_task([]() -> coroutine<int> { co_return 2; }());
+    testing::run_bounded([&]() -> coroutine<void> {
+      auto mine = create_task([]() -> coroutine<int> { co_return 1; }());
+      CHECK_THROWS_WITH_AS(co_await wait_for(foreign_task, 1s), "wait_for: the future or task is attached to a different loop",
+                           std::runtime_error);
+      CHECK_THROWS_WITH_AS(shield(pending), "shield: the future or task is attached to a different loop", std::runtime_error);
+      CHECK_THROWS_WITH_AS(co_await gather(mine, pending), "gather: the future or task is attached to a different loop",
+                           std::runtime_error);
+      std::vector<future<int>> mixed{mine, pending};
+      CHECK_THROWS_AS(co_await gather(return_exceptions, mixed), std::runtime_error);
+      CHECK(co_await mine == 1);
+    }());
+    CHECK_FALSE(pending.done());
+  }
 
   TEST_CASE("cancellation stops at the shield; the inner task finishes") {
     testing::run_bounded([]() -> coroutine<void> {

@@ -14,6 +14,16 @@ inline future_core& current_task_core(const char* what) {
   return *loop->running_task();
 }
 
+[[noreturn, gnu::noinline]] inline void throw_other_loop(const char* what) {
+  throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
+}
+
+inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+  // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
+  if (core.loop() != loop && core.loop()) [[unlikely]]
+    throw_other_loop(what);
+}
+
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
   if (status_ == future_status::finished && error_ && !retrieved_) {
@@ -77,63 +87,71 @@ inline bool future_core::cancel(std::string message) {
   return true;
 }
 
-/// A scheduled done callback: holds a reference to its future until it has run.
-struct done_callback_job {
-  future_core* core;
-  std::function<void(future_core&)> fn;
-};
-
 inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
-  extra_state& x = extras();
-  x.callbacks.push_back({x.next_callback_id + 1, std::move(fn)});
-  callback_id id = ++x.next_callback_id;
-  if (done()) finish(status_);  // schedules it, as asyncio does with call_soon
+  static thread_local callback_id last_id = 0;  // unique per thread, the futures' loop thread
+  std::unique_ptr<done_callback> node(new done_callback);
+  node->id = ++last_id;
+  node->core = this;
+  node->fn = std::move(fn);
+  node->notify = &done_callback::schedule;
+  const callback_id id = node->id;
+  if (done()) done_callback::schedule(node.get());  // via call_soon, as asyncio does
+  else waiters_.push_back(*node);
+  node.release();  // owned by the list, or by the scheduled job
   return id;
 }
 
 inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
-  if (!extras_) return 0;
-  auto& callbacks = extras_->callbacks;
-  std::size_t before = callbacks.size();
-  std::erase_if(callbacks, [id](const done_callback& c) { return c.id == id; });
-  return before - callbacks.size();
+  std::size_t removed = 0;
+  waiters_.for_each([&](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule || static_cast<done_callback&>(w).id != id) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+    ++removed;
+  });
+  return removed;
+}
+
+inline void future_core::drop_callbacks() noexcept {
+  waiters_.for_each([](completion_waiter& w) {
+    if (w.notify != &done_callback::schedule) return;
+    w.unlink();
+    delete &static_cast<done_callback&>(w);
+  });
+}
+
+inline void future_core::done_callback::schedule(completion_waiter* w) {
+  auto* self = static_cast<done_callback*>(w);
+  event_loop* loop = self->core->loop_;
+  if (!loop || loop->is_closed()) {  // nothing will run it any more
+    delete self;
+    return;
+  }
+  loop->schedule({&run, self});
+  self->core->add_ref();  // the job's (after schedule, which may throw)
+}
+
+inline void future_core::done_callback::run(void* arg, bool run) noexcept {
+  auto* self = static_cast<done_callback*>(arg);
+  future_core* core = self->core;
+  if (run) {
+    try {
+      self->fn(*core);
+    } catch (...) {
+      if (core->loop_)
+        core->loop_->call_exception_handler({"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
+    }
+  }
+  delete self;
+  core->release();
 }
 
 inline void future_core::finish(future_status status) noexcept {
-  const bool first = status_ == future_status::pending;
+  if (status_ != future_status::pending) return;
   status_ = status;
-  if (first) {
-    if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
-    while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
-  }
-  if (!extras_ || extras_->callbacks.empty()) return;
-  std::vector<done_callback> callbacks;
-  callbacks.swap(extras_->callbacks);
-  if (!loop_ || loop_->is_closed()) return;
-  for (auto& c : callbacks) {
-    add_ref();
-    auto* job = new (std::nothrow) done_callback_job{this, std::move(c.fn)};
-    if (!job) {
-      release();
-      continue;
-    }
-    loop_->schedule({[](void* arg, bool run) noexcept {
-                       auto* j = static_cast<done_callback_job*>(arg);
-                       if (run) {
-                         try {
-                           j->fn(*j->core);
-                         } catch (...) {
-                           if (j->core->loop_)
-                             j->core->loop_->call_exception_handler(
-                                 {"Exception in done callback", std::current_exception(), std::nullopt, std::nullopt});
-                         }
-                       }
-                       j->core->release();
-                       delete j;
-                     },
-                     job});
-  }
+  if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
+  while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
 inline std::string future_core::name() const {

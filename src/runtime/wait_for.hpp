@@ -3,28 +3,66 @@
 #pragma once
 
 #include <chrono>
+#include <limits>
 
 namespace codestare::async_utils {
 namespace detail {
 
-/// A future<R> for any awaitable: futures and tasks as they are, anything else in a new task.
+/// A future<R> for any awaitable argument: a copy of a future or task handle, anything else
+/// in a new task (by the rules of create_task).
 template <class A>
-auto ensure_future(A&& aw) {
-  if constexpr (is_future_handle<std::remove_cvref_t<A>>::value) return future<typename std::remove_cvref_t<A>::value_type>(aw);
-  else return future<await_result_t<A>>(event_loop::current().create_task(std::forward<A>(aw)));
+auto ensure_future(A&& aw, const char* what) {
+  using H = held_t<A>;
+  event_loop& loop = event_loop::current();
+  if constexpr (is_future_handle<H>::value) {
+    check_same_loop(*aw.state_ptr(), &loop, what);
+    return future<typename H::value_type>(aw);
+  } else {
+    return future<argument_result_t<A>>(loop.create_task(std::forward<A>(aw)));
+  }
+}
+
+/// A timeout as the loop clock's duration: at or past what it can hold (hours::max(), an
+/// infinite or NaN floating duration) it is duration::max(), "never"; negative is zero.
+template <class Rep, class Period>
+clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
+  using wide = std::chrono::duration<long double, std::nano>;
+  if (!(wide(timeout) < wide(clock::duration::max()))) return clock::duration::max();
+  if (timeout <= timeout.zero()) return clock::duration::zero();
+  return std::chrono::duration_cast<clock::duration>(timeout);
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
-template <class R, class A>
-coroutine<R> wait_for_impl(A aw, clock::duration timeout) {
-  auto fut = ensure_future(std::forward<A>(aw));
+// asyncio 3.12's wait_for, which is `async with timeout(t): return await fut`: the deadline
+// cancels the waiting task, and only a cancellation that the deadline itself accounts for
+// (uncancel() back to the count at entry) becomes timeout_error. An outside cancel(), before or
+// after the deadline, keeps the count above it and leaves as cancelled_error.
+template <class R, class H>
+coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
+  auto fut = ensure_future(std::move(aw), "wait_for");
   auto* state = fut.state_ptr();
+  if (timeout == clock::duration::zero()) {
+    // asyncio 3.12: no waiting at all; cancel what is not done, wait for that to land.
+    if (!state->done()) {
+      state->cancel({});
+      co_await completion_awaiter(state, false);  // a cancellation of ours ends here, as asyncio's
+      if (state->cancelled()) throw timeout_error("wait_for: timed out");
+    }
+    co_return take_result(*state);
+  }
   if (!state->done()) {
+    future_core& me = current_task_core("wait_for");
+    const unsigned cancelling_before = me.cancel_requests();
     completion_awaiter waiting(state, true);
     waiting.has_deadline = true;
     waiting.timeout = timeout;
-    co_await waiting;
-    if (waiting.expired && state->cancelled()) throw timeout_error("wait_for: timed out");
+    try {
+      co_await waiting;
+    } catch (const cancelled_error&) {  // the deadline came after the awaited one had finished
+      if (waiting.expired && me.uncancel() <= cancelling_before) throw timeout_error("wait_for: timed out");
+      throw;
+    }
+    if (waiting.expired && me.uncancel() <= cancelling_before && state->cancelled()) throw timeout_error("wait_for: timed out");
   }
   co_return take_result(*state);
 }
@@ -32,13 +70,16 @@ ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
 }  // namespace detail
 
-/// Waits for `aw` at most `timeout` (asyncio.wait_for). On timeout, cancels it, waits for the
-/// cancellation to land, and throws timeout_error; if it ignored the cancellation and returned,
-/// its value is returned (as asyncio 3.12 does). Cancelling the caller cancels `aw` too.
-template <class A, class Rep, class Period>
+/// Waits for `aw` at most `timeout` (asyncio.wait_for, as in Python 3.12). On timeout, cancels
+/// it, waits for the cancellation to land, and throws timeout_error; if it ignored the
+/// cancellation and returned, its value is returned. Cancelling the caller cancels `aw` too,
+/// and such a cancellation leaves as cancelled_error even when it meets the timeout. A timeout
+/// of zero or less cancels `aw` unless it is done already; duration::max() waits for ever.
+template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
-  using R = await_result_t<A>;
-  return detail::wait_for_impl<R, A>(std::forward<A>(aw), std::chrono::duration_cast<detail::clock::duration>(timeout));
+  using H = detail::held_t<A>;
+  if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), detail::clamp_timeout(timeout));
 }
 
 }  // namespace codestare::async_utils
@@ -83,6 +124,120 @@ TEST_SUITE("wait_for") {
         co_return 8;
       };
       CHECK(co_await wait_for(stubborn(), 5ms) == 8);
+    }());
+  }
+
+  task<int> slow_value(int v) {
+    return create_task([](int x) -> coroutine<int> {
+      co_await sleep(1ms);
+      co_return x;
+    }(v));
+  }
+  // The helper: `t` dies when it returns, before wait_for starts.
+  task<int> with_timeout(task<int> t) { return create_task(wait_for(t, 1s)); }
+
+  TEST_CASE("wait_for keeps its own copy of a handle given by a helper or a loop") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> limited;
+      for (int i = 0; i < 3; ++i) {
+        auto t = slow_value(i);
+        limited.push_back(with_timeout(t));
+        limited.push_back(create_task(wait_for(t, 1s)));
+      }
+      for (std::size_t i = 0; i < limited.size(); ++i) CHECK(co_await limited[i] == static_cast<int>(i / 2));
+    }());
+  }
+
+  // An outside cancel() that meets the timeout, in either order. The inner task's cleanup waits
+  // on a gate, and takes a second cancellation there, so both land before it ends. CPython 3.12's
+  // wait_for gives "cancelled" in both orders, cancelling() 1 (checked with its code on 3.11).
+  coroutine<std::string> timeout_meets_cancel(bool outside_first) {
+    event_loop& loop = event_loop::current();
+    auto got_cancel = loop.create_future<void>();
+    auto gate = loop.create_future<void>();
+    auto started = loop.create_future<void>();
+    auto inner = [](future<void> started, future<void> got_cancel, future<void> gate) -> coroutine<void> {
+      started.set_result();
+      try {
+        co_await sleep(1h);
+      } catch (const cancelled_error&) {
+        got_cancel.set_result();
+      }
+      try {
+        co_await gate;
+      } catch (const cancelled_error&) {  // the second cancellation lands here
+      }
+      throw cancelled_error();
+    };
+    auto outer = create_task([](coroutine<void> body) -> coroutine<std::string> {
+      try {
+        co_await wait_for(std::move(body), 1ms);
+        co_return "value";
+      } catch (const timeout_error&) {
+        co_return "timeout";
+      } catch (const cancelled_error&) {
+        co_return "cancelled";
+      }
+    }(inner(started, got_cancel, gate)));
+    if (outside_first) {
+      co_await started;
+      outer.cancel();
+      co_await got_cancel;
+      co_await sleep(5ms);  // the deadline passes meanwhile
+    } else {
+      co_await got_cancel;  // the deadline cancelled it
+      outer.cancel();
+    }
+    if (!gate.done()) gate.set_result();
+    std::string how = co_await outer;
+    co_return how + " " + std::to_string(outer.cancelling());
+  }
+
+  TEST_CASE("an outside cancel that meets the timeout leaves as cancelled_error, in either order") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await timeout_meets_cancel(false) == "cancelled 1");
+      CHECK(co_await timeout_meets_cancel(true) == "cancelled 1");
+      // A timeout of its own is handled: the count goes back to zero.
+      auto slow = []() -> coroutine<void> { co_await sleep(1h); };
+      CHECK_THROWS_AS(co_await wait_for(slow(), 1ms), timeout_error);
+      CHECK(current_task()->cancelling() == 0);
+      co_await sleep(0s);  // and no stray cancellation is left for the next await
+    }());
+  }
+
+  TEST_CASE("timeouts of zero or less, and of duration::max()") {
+    testing::run_bounded([]() -> coroutine<void> {
+      bool ran = false;
+      auto body = [](bool* r) -> coroutine<int> {
+        *r = true;
+        co_return 1;
+      };
+      // CPython 3.12: a coroutine with timeout 0 becomes a task, cancelled before it starts.
+      CHECK_THROWS_AS(co_await wait_for(body(&ran), 0s), timeout_error);
+      CHECK_FALSE(ran);
+      CHECK_THROWS_AS(co_await wait_for(body(&ran), -5ms), timeout_error);
+      auto done = create_task(body(&ran));
+      co_await sleep(0s);
+      CHECK(co_await wait_for(done, 0s) == 1);  // done already: its result
+      auto pending = create_task([]() -> coroutine<int> {
+        co_await sleep(1h);
+        co_return 0;
+      }());
+      CHECK_THROWS_AS(co_await wait_for(pending, 0ms), timeout_error);
+      CHECK(pending.cancelled());
+      // duration::max() and friends wait for ever (the cast used to overflow into a timeout).
+      auto later = [](int v) -> coroutine<int> {
+        for (int i = 0; i < 3; ++i) co_await sleep(1ms);
+        co_return v;
+      };
+      CHECK(co_await wait_for(later(2), std::chrono::hours::max()) == 2);
+      CHECK(co_await wait_for(later(3), std::chrono::nanoseconds::max()) == 3);
+      CHECK(co_await wait_for(later(4), std::chrono::duration<double>(std::numeric_limits<double>::infinity())) == 4);
+      auto endless = create_task(wait_for(sleep(1h), std::chrono::hours::max()));
+      co_await sleep(2ms);
+      CHECK_FALSE(endless.done());  // no immediate timeout
+      endless.cancel();
+      CHECK_THROWS_AS(co_await endless, cancelled_error);
     }());
   }
 

@@ -36,9 +36,9 @@ class coroutine_wrapper {
   using value_type = R;
 
   // Not copyable and not movable: the member coroutines hold `this`. To schedule one, keep it in
-  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(obj).
+  // a named object (or a std::unique_ptr) that outlives the task, and pass create_task(std::ref(obj)).
   coroutine_wrapper(const coroutine_wrapper&) = delete;  // not copyable: its coroutines hold `this`
-  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(obj) needs a named object that outlives the task
+  coroutine_wrapper(coroutine_wrapper&&) = delete;  // not movable: create_task(std::ref(obj)) needs a named object that outlives the task
   coroutine_wrapper& operator=(const coroutine_wrapper&) = delete;
   coroutine_wrapper& operator=(coroutine_wrapper&&) = delete;
 
@@ -284,7 +284,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(out.str() == expected);
       out.str("");
       coro c(print, even, generate_ranges(5));
-      co_await create_task(c);
+      co_await create_task(std::ref(c));
       CHECK(out.str() == expected);
       CHECK(c.done());
     }());
@@ -294,7 +294,7 @@ TEST_SUITE("coroutine_wrapper") {
     testing::run_bounded([]() -> coroutine<void> {
       counter c(5);
       CHECK_FALSE(c.started());
-      auto t = create_task(c, "counter");
+      auto t = create_task(std::ref(c), "counter");
       while (c.value < 2) co_await sleep(0s);
       CHECK(c.value == 2);
       CHECK(c.running());
@@ -314,8 +314,8 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK(co_await c == 1);
       CHECK_THROWS_AS(co_await c, invalid_state_error);
       counter d(1);
-      auto first = create_task(d);
-      auto second = create_task(d);
+      auto first = create_task(std::ref(d));
+      auto second = create_task(std::ref(d));
       CHECK(co_await first == 1);
       CHECK_THROWS_AS(co_await second, invalid_state_error);
       empty_wrapper e;
@@ -336,7 +336,7 @@ TEST_SUITE("coroutine_wrapper") {
       }
       CHECK(f.done());
       counter c(1000);
-      auto t = create_task(c);
+      auto t = create_task(std::ref(c));
       while (c.value < 1) co_await sleep(0s);
       t.cancel();
       co_await wait_done(t);
@@ -355,7 +355,7 @@ TEST_SUITE("coroutine_wrapper") {
       CHECK_THROWS_AS(c.replace(), invalid_state_error);
       counter d(3);
       d.replace();  // before it started: allowed
-      auto t = create_task(d);
+      auto t = create_task(std::ref(d));
       co_await sleep(0s);
       CHECK_THROWS_AS(d.close(), invalid_state_error);
       CHECK_THROWS_AS(d.replace(), invalid_state_error);
@@ -371,7 +371,7 @@ TEST_SUITE("coroutine_wrapper") {
     holder h;
     {
       event_loop loop;
-      auto t = loop.create_task(h);
+      auto t = loop.create_task(std::ref(h));
       loop.run_until_complete(sleep(1ms));
       CHECK(tracked_alive == 1);
       CHECK(h.running());
