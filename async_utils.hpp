@@ -4021,12 +4021,11 @@ TEST_SUITE("sleep") {
 namespace codestare::async_utils {
 namespace detail {
 
-/// now + timeout, or nothing ("never") when the sum does not fit the clock: wait_for(aw,
-/// duration::max()) waits for ever. (Local until the loop saturates its deadlines itself.)
+/// now + timeout, or nothing ("never"): wait_for(aw, duration::max()) waits for ever.
 inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
-  const clock::time_point now = clock::now();
-  if (timeout >= clock::time_point::max() - now) return std::nullopt;
-  return now + timeout;
+  const clock::time_point when = saturating_deadline(timeout);
+  if (when == never) return std::nullopt;
+  return when;
 }
 
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
@@ -4706,16 +4705,6 @@ auto ensure_future(A&& aw, const char* what) {
   }
 }
 
-/// A timeout as the loop clock's duration: at or past what it can hold (hours::max(), an
-/// infinite or NaN floating duration) it is duration::max(), "never"; negative is zero.
-template <class Rep, class Period>
-clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
-  using wide = std::chrono::duration<long double, std::nano>;
-  if (!(wide(timeout) < wide(clock::duration::max()))) return clock::duration::max();
-  if (timeout <= timeout.zero()) return clock::duration::zero();
-  return std::chrono::duration_cast<clock::duration>(timeout);
-}
-
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 // asyncio 3.12's wait_for, which is `async with timeout(t): return await fut`: the deadline
 // cancels the waiting task, and only a cancellation that the deadline itself accounts for
@@ -4763,7 +4752,7 @@ template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
   using H = detail::held_t<A>;
   if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
-  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), detail::clamp_timeout(timeout));
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), std::max(detail::to_clock_duration(timeout), detail::clock::duration::zero()));
 }
 
 }  // namespace codestare::async_utils

@@ -7,12 +7,11 @@
 namespace codestare::async_utils {
 namespace detail {
 
-/// now + timeout, or nothing ("never") when the sum does not fit the clock: wait_for(aw,
-/// duration::max()) waits for ever. (Local until the loop saturates its deadlines itself.)
+/// now + timeout, or nothing ("never"): wait_for(aw, duration::max()) waits for ever.
 inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
-  const clock::time_point now = clock::now();
-  if (timeout >= clock::time_point::max() - now) return std::nullopt;
-  return now + timeout;
+  const clock::time_point when = saturating_deadline(timeout);
+  if (when == never) return std::nullopt;
+  return when;
 }
 
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels

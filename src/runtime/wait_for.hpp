@@ -2,6 +2,7 @@
 // timeout_error is thrown.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 
@@ -20,16 +21,6 @@ auto ensure_future(A&& aw, const char* what) {
   } else {
     return future<argument_result_t<A>>(loop.create_task(std::forward<A>(aw)));
   }
-}
-
-/// A timeout as the loop clock's duration: at or past what it can hold (hours::max(), an
-/// infinite or NaN floating duration) it is duration::max(), "never"; negative is zero.
-template <class Rep, class Period>
-clock::duration clamp_timeout(std::chrono::duration<Rep, Period> timeout) {
-  using wide = std::chrono::duration<long double, std::nano>;
-  if (!(wide(timeout) < wide(clock::duration::max()))) return clock::duration::max();
-  if (timeout <= timeout.zero()) return clock::duration::zero();
-  return std::chrono::duration_cast<clock::duration>(timeout);
 }
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
@@ -79,7 +70,7 @@ template <awaitable_argument A, class Rep, class Period>
 auto wait_for(A&& aw, std::chrono::duration<Rep, Period> timeout) {
   using H = detail::held_t<A>;
   if constexpr (!detail::check_by_value<A>()) return coroutine<argument_result_t<A>>();
-  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), detail::clamp_timeout(timeout));
+  else return detail::wait_for_impl<argument_result_t<A>, H>(H(std::forward<A>(aw)), std::max(detail::to_clock_duration(timeout), detail::clock::duration::zero()));
 }
 
 }  // namespace codestare::async_utils
