@@ -4824,6 +4824,7 @@ TEST_SUITE("wait_for") {
   // An outside cancel() that meets the timeout, in either order. The inner task's cleanup waits
   // on a gate, and takes a second cancellation there, so both land before it ends. CPython 3.12's
   // wait_for gives "cancelled" in both orders, cancelling() 1 (checked with its code on 3.11).
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
   coroutine<std::string> timeout_meets_cancel(bool outside_first) {
     event_loop& loop = event_loop::current();
     auto got_cancel = loop.create_future<void>();
@@ -4865,6 +4866,7 @@ TEST_SUITE("wait_for") {
     std::string how = co_await outer;
     co_return how + " " + std::to_string(outer.cancelling());
   }
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
   TEST_CASE("an outside cancel that meets the timeout leaves as cancelled_error, in either order") {
     testing::run_bounded([]() -> coroutine<void> {
@@ -5888,6 +5890,7 @@ TEST_SUITE("io") {
 
   // The errno with which the operation `make()` creates fails (at creation or when awaited);
   // 0 if it succeeds, -1 for any other exception.
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
   template <class F>
   coroutine<int> error_of(F make) {
     try {
@@ -5899,6 +5902,7 @@ TEST_SUITE("io") {
     }
     co_return 0;
   }
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
   TEST_CASE("negative, closed and huge descriptors get EBADF at once from every call") {
     // Regression: wait_readable(INT_MAX) threw bad_alloc, wait_readable(100000000) first grew a

@@ -429,6 +429,7 @@ TEST_SUITE("io") {
 
   // The errno with which the operation `make()` creates fails (at creation or when awaited);
   // 0 if it succeeds, -1 for any other exception.
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
   template <class F>
   coroutine<int> error_of(F make) {
     try {
@@ -440,6 +441,7 @@ TEST_SUITE("io") {
     }
     co_return 0;
   }
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
   TEST_CASE("negative, closed and huge descriptors get EBADF at once from every call") {
     // Regression: wait_readable(INT_MAX) threw bad_alloc, wait_readable(100000000) first grew a

@@ -142,6 +142,7 @@ TEST_SUITE("wait_for") {
   // An outside cancel() that meets the timeout, in either order. The inner task's cleanup waits
   // on a gate, and takes a second cancellation there, so both land before it ends. CPython 3.12's
   // wait_for gives "cancelled" in both orders, cancelling() 1 (checked with its code on 3.11).
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
   coroutine<std::string> timeout_meets_cancel(bool outside_first) {
     event_loop& loop = event_loop::current();
     auto got_cancel = loop.create_future<void>();
@@ -183,6 +184,7 @@ TEST_SUITE("wait_for") {
     std::string how = co_await outer;
     co_return how + " " + std::to_string(outer.cancelling());
   }
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 
   TEST_CASE("an outside cancel that meets the timeout leaves as cancelled_error, in either order") {
     testing::run_bounded([]() -> coroutine<void> {
