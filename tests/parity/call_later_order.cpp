@@ -17,4 +17,5 @@ int main() {
   loop.run_forever();
   say("cancelled: " + py(h.cancelled()));
   loop.close();
+  return 0;
 }

@@ -18,4 +18,5 @@ int main() {
   loop.run_forever();
   say("cancelled handle: " + py(h.cancelled()));
   loop.close();
+  return 0;
 }

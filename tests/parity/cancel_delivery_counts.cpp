@@ -31,4 +31,5 @@ int main() {
     say("result: " + co_await t);
     say("cancelled: " + py(t.cancelled()));
   }());
+  return 0;
 }

@@ -22,4 +22,5 @@ int main() {
     }
     say("cancelled: " + py(t.cancelled()));
   }());
+  return 0;
 }

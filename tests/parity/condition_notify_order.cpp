@@ -37,4 +37,5 @@ int main() {
     for (auto& t : tasks) co_await t;
     say("done; locked: " + py(cond.locked()));
   }());
+  return 0;
 }

@@ -35,4 +35,5 @@ int main() {
     co_await t;
     say("done");
   }());
+  return 0;
 }

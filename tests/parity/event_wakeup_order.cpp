@@ -25,4 +25,5 @@ int main() {
     ev.set();
     co_await again;
   }());
+  return 0;
 }

@@ -31,4 +31,5 @@ int main() {
     }
     say("quick: " + quick.result() + " slow cancelled: " + py(slow.cancelled()));
   }());
+  return 0;
 }

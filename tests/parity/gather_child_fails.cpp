@@ -30,4 +30,5 @@ int main() {
     for (int i = 0; i < 6; ++i) co_await sleep(0s);
     say("a: " + a.result() + " cancelled: " + py(a.cancelled()));
   }());
+  return 0;
 }

@@ -32,4 +32,5 @@ int main() {
     say(show(c));
     say(show(d));
   }());
+  return 0;
 }

@@ -22,4 +22,5 @@ int main() {
     say("never-timer cancelled: " + py(never.cancelled()));
     never.cancel();
   }());
+  return 0;
 }

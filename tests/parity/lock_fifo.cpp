@@ -28,4 +28,5 @@ int main() {
     for (auto& t : tasks) co_await wait_done(t);
     say("locked at end: " + py(lk.locked()));
   }());
+  return 0;
 }

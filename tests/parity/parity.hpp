@@ -1,4 +1,6 @@
 // Shared by the C++ side of the parity scenarios: the trace printer and a few names.
+// A scenario's main() ends with `return 0;`: run.py builds every scenario into one program, where
+// main() becomes an ordinary function (without it the scenario is built alone, more slowly).
 #pragma once
 
 #include "async_utils.hpp"

@@ -32,4 +32,5 @@ int main() {
     co_await gather(producer(q, 7), consumer(q, "c1"), consumer(q, "c2"));
     say("empty: " + py(q.empty()));
   }());
+  return 0;
 }

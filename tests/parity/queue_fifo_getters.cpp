@@ -26,4 +26,5 @@ int main() {
     for (auto& t : tasks) co_await t;
     say("left: " + std::to_string(q.qsize()));
   }());
+  return 0;
 }

@@ -38,4 +38,5 @@ int main() {
     co_await wait_for([](queue<int>& q) -> coroutine<void> { co_await q.join(); }(q), 1s);
     say("join on an idle queue: None");
   }());
+  return 0;
 }

@@ -12,4 +12,5 @@ int main() {
     say("got: " + co_await getter);
     say("qsize after get: " + std::to_string(q.qsize()));
   }());
+  return 0;
 }

@@ -21,4 +21,5 @@ int main() {
     for (auto& t : tasks) co_await t;
     say("locked at end: " + py(sem.locked()));
   }());
+  return 0;
 }

@@ -43,4 +43,5 @@ int main() {
     }
     for (int i = 0; i < 5; ++i) co_await sleep(0s);
   }());
+  return 0;
 }

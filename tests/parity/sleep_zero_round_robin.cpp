@@ -20,4 +20,5 @@ int main() {
     for (auto& t : tasks) co_await t;
     say("all done");
   }());
+  return 0;
 }

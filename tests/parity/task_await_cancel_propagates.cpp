@@ -37,4 +37,5 @@ int main() {
     co_await wait_done(ft);
     say("future cancelled: " + py(fut.cancelled()));
   }());
+  return 0;
 }

@@ -19,4 +19,5 @@ int main() {
     say("cancelled: " + py(t.cancelled()) + " done: " + py(t.done()));
     say("cancel again: " + py(t.cancel()));
   }());
+  return 0;
 }

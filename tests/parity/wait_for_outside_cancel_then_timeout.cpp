@@ -48,4 +48,5 @@ int main() {
     say("caller: " + result);
     say("inner cancelled: " + py(inner.cancelled()));
   }());
+  return 0;
 }

@@ -52,4 +52,5 @@ int main() {
     ev.set();
     say("event.wait: " + py(co_await wait_for(wait(ev), 1s)));
   }());
+  return 0;
 }

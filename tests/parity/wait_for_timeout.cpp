@@ -36,4 +36,5 @@ int main() {
       say("caller: TimeoutError at zero timeout; task cancelled: " + py(t.cancelled()));
     }
   }());
+  return 0;
 }

@@ -47,4 +47,5 @@ int main() {
     say("caller: " + result);
     say("inner cancelled: " + py(inner.cancelled()));
   }());
+  return 0;
 }
