@@ -295,4 +295,113 @@ class io_uring_backend {
 };
 
 }  // namespace codestare::async_utils::detail
+
+#ifdef ASYNC_UTILS_TESTS
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+namespace codestare::async_utils::detail::testing {
+// Drives a backend by hand: one-shot read and write reports, re-arming, disarming, timeouts.
+inline void exercise_backend(io_uring_backend& b) {
+  int sv[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  unique_fd a(sv[0]), c(sv[1]);
+  std::vector<std::pair<int, unsigned>> seen;
+  auto collect = [&](int fd, unsigned bits) { seen.emplace_back(fd, bits); };
+  b.add(a.get());
+  b.arm(a.get(), io_read);
+  b.wait(std::chrono::nanoseconds{0}, collect);
+  CHECK(seen.empty());
+  b.wait(std::chrono::milliseconds(1), collect);  // times out
+  CHECK(seen.empty());
+  REQUIRE(::write(c.get(), "x", 1) == 1);
+  b.wait(std::chrono::seconds(5), collect);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].first == a.get());
+  CHECK((seen[0].second & io_read) != 0);
+  seen.clear();
+  b.wait(std::chrono::nanoseconds{0}, collect);  // one-shot: no second report unarmed
+  CHECK(seen.empty());
+  b.arm(a.get(), io_read | io_write);
+  b.arm(a.get(), io_write);  // replaces the request; the old one's completion is dropped
+  b.wait(std::chrono::seconds(5), collect);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].second == io_write);
+  seen.clear();
+  b.arm(a.get(), io_read);
+  b.arm(a.get(), 0);  // disarmed: the pending byte is not reported
+  b.wait(std::chrono::milliseconds(1), collect);
+  CHECK(seen.empty());
+  b.arm(a.get(), io_read);
+  b.remove(a.get());
+  b.wait(std::chrono::milliseconds(1), collect);
+  CHECK(seen.empty());
+  // A permanent watch reports every time, without re-arming.
+  b.watch(a.get());
+  for (int i = 0; i < 3; ++i) {
+    b.wait(std::chrono::seconds(5), collect);
+    REQUIRE(seen.size() == 1);
+    char buf[8];
+    CHECK(::read(a.get(), buf, sizeof buf) >= 1);
+    seen.clear();
+    REQUIRE(::write(c.get(), "y", 1) == 1);
+  }
+  b.remove(a.get());
+}
+}  // namespace codestare::async_utils::detail::testing
+
+TEST_SUITE("io_uring") {
+  using namespace codestare::async_utils;
+  TEST_CASE("the io_uring backend reports readiness one-shot, re-arms and times out") {
+    detail::io_uring_backend b;
+    if (std::string(b.active_name()) != "io_uring") MESSAGE("io_uring refused here; this ran on the epoll fallback");
+    detail::testing::exercise_backend(b);
+  }
+  TEST_CASE("a refused io_uring falls back to epoll and says so at debug level") {
+    std::string logged;
+    auto previous = set_log_handler([&](log_level level, std::string_view m) {
+      if (level == log_level::debug) logged += std::string(m);
+    });
+    detail::io_uring_forced_errno = EPERM;
+    std::optional<detail::io_uring_backend> b;
+    b.emplace();
+    detail::io_uring_forced_errno = 0;
+    set_log_handler(std::move(previous));
+    CHECK(std::string(b->active_name()) == "epoll");
+    CHECK(logged.find("falling back to epoll") != std::string::npos);
+    detail::testing::exercise_backend(*b);
+  }
+  TEST_CASE("a seccomp filter that refuses io_uring_setup makes the backend fall back (forked child)") {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::alarm(20);
+      set_log_handler([](log_level, std::string_view) {});
+      sock_filter filter[] = {
+          BPF_STMT(BPF_LD | BPF_W | BPF_ABS, 0),  // seccomp_data.nr
+          BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+          BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+          BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+      };
+      sock_fprog prog{static_cast<unsigned short>(sizeof filter / sizeof filter[0]), filter};
+      if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+        ::_exit(3);  // no seccomp here: nothing to test
+      try {
+        detail::io_uring_backend b;
+        ::_exit(std::string(b.active_name()) == "epoll" ? 0 : 1);
+      } catch (...) {
+        ::_exit(2);
+      }
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    REQUIRE(WIFEXITED(status));
+    if (WEXITSTATUS(status) == 3) MESSAGE("seccomp unavailable; not tested");
+    else CHECK(WEXITSTATUS(status) == 0);
+  }
+}
+#endif
 #endif  // ASYNC_UTILS_BACKEND_IO_URING
