@@ -9,6 +9,7 @@
 #include "platform/log.hpp"
 #include "platform/posix.hpp"
 #include "platform/backend_epoll.hpp"
+#include "platform/backend_io_uring.hpp"
 #include "platform/backend_kqueue.hpp"
 #include "platform/backend_poll.hpp"
 #include "platform/backend.hpp"

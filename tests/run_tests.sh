@@ -18,16 +18,16 @@ WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
-UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
+UNIT_VARIANTS="gcc-epoll gcc-poll gcc-uring clang-epoll clang-poll clang-uring"
 # The embedded suite under ASan+UBSan and, separately, TSan: each compiler, each backend.
 # By default each sanitizer runs once per compiler, the backends alternating, so that every
 # compiler, backend and sanitizer is covered in half the build time (a sanitized build of the
 # whole suite takes minutes); SAN_FULL=1 runs all eight combinations.
 if [ "${SAN_FULL:-}" = 1 ]; then
-  SAN_VARIANTS="gcc-asan-epoll gcc-asan-poll clang-asan-epoll clang-asan-poll
-    gcc-tsan-epoll gcc-tsan-poll clang-tsan-epoll clang-tsan-poll"
+  SAN_VARIANTS="gcc-asan-epoll gcc-asan-poll gcc-asan-uring clang-asan-epoll clang-asan-poll clang-asan-uring
+    gcc-tsan-epoll gcc-tsan-poll gcc-tsan-uring clang-tsan-epoll clang-tsan-poll clang-tsan-uring"
 else
-  SAN_VARIANTS="gcc-asan-epoll clang-asan-poll gcc-tsan-poll clang-tsan-epoll"
+  SAN_VARIANTS="gcc-asan-epoll clang-asan-poll gcc-tsan-poll clang-tsan-epoll clang-asan-uring gcc-tsan-uring"
 fi
 # Valgrind memcheck runs these suites (the runtime) of a plain -O1 build.
 VALGRIND_SUITES=${VALGRIND_SUITES:-coroutine,errors,event_loop,future,gather,intrusive_list,io,job_queue,log,run,shield,task,timer_heap,wait_for}
@@ -79,6 +79,7 @@ compile_unit() {  # compile_unit VARIANT: the embedded tests, from the committed
   local cxx=$CXX_GCC backend=()
   [[ $1 == clang-* ]] && cxx=$CXX_CLANG
   [[ $1 == *-poll ]] && backend=(-DASYNC_UTILS_BACKEND_POLL)
+  [[ $1 == *-uring ]] && backend=(-DASYNC_UTILS_BACKEND_IO_URING)
   # shellcheck disable=SC2086  # WARN is a list of flags
   "$cxx" $WARN -pthread -O1 -g -DASYNC_UTILS_TESTS_MAIN "${backend[@]}" \
     -x c++ async_utils.hpp -o "$BUILD/$1"
@@ -88,6 +89,7 @@ compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc
   local cxx=$CXX_GCC backend=() san
   [[ $1 == clang-* ]] && cxx=$CXX_CLANG
   [[ $1 == *-poll ]] && backend=(-DASYNC_UTILS_BACKEND_POLL)
+  [[ $1 == *-uring ]] && backend=(-DASYNC_UTILS_BACKEND_IO_URING)
   if [[ $1 == *-tsan-* ]]; then
     san=(-fsanitize=thread)
   else
@@ -298,7 +300,7 @@ check_job() {  # check_job NAME DESCRIPTION
 }
 
 if want unit; then
-  echo "== embedded tests: g++ and clang++, epoll and poll"
+  echo "== embedded tests: g++ and clang++, epoll, poll and io_uring (the backend in each name)"
   for v in $UNIT_VARIANTS; do
     if job_ok "$v"; then
       count_doctest "$v" "$BUILD/$v"
@@ -310,7 +312,7 @@ if want unit; then
 fi
 
 if want sanitize; then
-  echo "== sanitizers: ASan+UBSan and TSan, g++ and clang++, epoll and poll"
+  echo "== sanitizers: ASan+UBSan and TSan, g++ and clang++, epoll, poll and io_uring"
   for v in $SAN_VARIANTS; do
     if job_ok "$v"; then count_doctest "$v" "$BUILD/$v"; else fail "build $v" 1 "$BUILD/$v.log"; fi
   done

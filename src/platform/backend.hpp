@@ -7,7 +7,9 @@
 
 namespace codestare::async_utils::detail {
 
-#if defined(ASYNC_UTILS_BACKEND_EPOLL)
+#if defined(ASYNC_UTILS_BACKEND_IO_URING)
+using io_backend = io_uring_backend;
+#elif defined(ASYNC_UTILS_BACKEND_EPOLL)
 using io_backend = epoll_backend;
 #elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
 using io_backend = kqueue_backend;

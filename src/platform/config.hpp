@@ -6,11 +6,18 @@
 #define ASYNC_UTILS_VERSION_PATCH 0
 #define ASYNC_UTILS_VERSION "0.1.0"
 
-// Backend: forced by the user with ASYNC_UTILS_BACKEND_{EPOLL,KQUEUE,POLL}, else the best the
-// platform has. Exactly one of them ends up defined.
-#if (defined(ASYNC_UTILS_BACKEND_EPOLL) + defined(ASYNC_UTILS_BACKEND_KQUEUE) + \
-     defined(ASYNC_UTILS_BACKEND_POLL)) > 1
-#error "async_utils: define at most one of ASYNC_UTILS_BACKEND_EPOLL, _KQUEUE, _POLL"
+// Backend: forced by the user with ASYNC_UTILS_BACKEND_{EPOLL,IO_URING,KQUEUE,POLL}, else the
+// best the platform has. Exactly one of them ends up defined, except that io_uring also defines
+// the epoll one: it falls back to epoll when the kernel refuses io_uring, and shares signalfd.
+#if (defined(ASYNC_UTILS_BACKEND_EPOLL) + defined(ASYNC_UTILS_BACKEND_IO_URING) + \
+     defined(ASYNC_UTILS_BACKEND_KQUEUE) + defined(ASYNC_UTILS_BACKEND_POLL)) > 1
+#error "async_utils: define at most one of ASYNC_UTILS_BACKEND_EPOLL, _IO_URING, _KQUEUE, _POLL"
+#endif
+#if defined(ASYNC_UTILS_BACKEND_IO_URING)
+#if !defined(__linux__)
+#error "async_utils: ASYNC_UTILS_BACKEND_IO_URING needs Linux"
+#endif
+#define ASYNC_UTILS_BACKEND_EPOLL
 #endif
 #if !defined(ASYNC_UTILS_BACKEND_EPOLL) && !defined(ASYNC_UTILS_BACKEND_KQUEUE) && \
     !defined(ASYNC_UTILS_BACKEND_POLL)
