@@ -17,6 +17,7 @@
 
 // Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 #include "runtime/test_support.hpp"
+#include "runtime/exception_group.hpp"
 #include "runtime/intrusive_list.hpp"
 #include "runtime/job_queue.hpp"
 #include "runtime/timer_heap.hpp"
