@@ -63,6 +63,10 @@
 //   Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 //     src/runtime/test_support.hpp           Helpers for the embedded tests only: bounded runs,
 //                                            descriptor and thread counts, log capture.
+//     src/runtime/exception_group.hpp        exception_group: Python's ExceptionGroup, what a
+//                                            task_group throws when children fail. subgroup<E>()
+//                                            and split<E>() do what `except* E` does; nested groups
+//                                            keep their shape.
 //     src/runtime/intrusive_list.hpp         An intrusive doubly linked FIFO: waiters live in the
 //                                            awaiting coroutine frame, never on the heap.
 //     src/runtime/job_queue.hpp              The loop's ready queue: a ring buffer of two-word
@@ -143,6 +147,11 @@
 //                                            async_context(enter, exit), async_with(cm, body) for
 //                                            `async with`, and async_exit_stack
 //                                            (contextlib.AsyncExitStack).
+//     src/utilities/timeout.hpp              timeout(delay) / timeout_at(when): asyncio.timeout, an
+//                                            async context manager whose body runs in the current
+//                                            task. At the deadline the task is cancelled; at exit
+//                                            that cancellation (and only one the scope accounts
+//                                            for, by uncancel()) becomes timeout_error.
 //     src/utilities/async_exit_on_exc.hpp    async_exit_on_exc(cm, task): exits an async context
 //                                            manager with the exception a task ended with
 //                                            (codestare's async_exit_on_exc), directly or as a done
@@ -1810,6 +1819,178 @@ class log_capture {
 }  // namespace codestare::async_utils::testing
 #endif
 // ---- end src/runtime/test_support.hpp ----
+// ---- begin src/runtime/exception_group.hpp ----
+// exception_group: Python's ExceptionGroup, what a task_group throws when children fail.
+// subgroup<E>() and split<E>() do what `except* E` does; nested groups keep their shape.
+
+
+namespace codestare::async_utils {
+
+/// ExceptionGroup: a message and the exceptions (std::exception_ptr, nested groups kept) that
+/// left together. what() reads "message (N sub-exceptions)", as Python's str(); operator<<
+/// prints the whole tree.
+class exception_group : public std::exception {
+ public:
+  /// Throws std::invalid_argument for an empty list or a null pointer in it (Python's ValueError
+  /// / TypeError).
+  exception_group(std::string message, std::vector<std::exception_ptr> exceptions)
+      : message_(std::move(message)), exceptions_(std::move(exceptions)) {
+    if (exceptions_.empty()) throw std::invalid_argument("exception_group: needs at least one exception");
+    for (const auto& e : exceptions_)
+      if (!e) throw std::invalid_argument("exception_group: a null exception_ptr");
+    what_ = message_ + " (" + std::to_string(exceptions_.size()) + (exceptions_.size() == 1 ? " sub-exception)" : " sub-exceptions)");
+  }
+
+  const std::string& message() const noexcept { return message_; }
+  const std::vector<std::exception_ptr>& exceptions() const noexcept { return exceptions_; }
+  const char* what() const noexcept override { return what_.c_str(); }
+
+  /// The part whose leaves are E (or the whole group when a group is an E), structure and
+  /// messages kept; std::nullopt when nothing matches.
+  template <class E>
+  std::optional<exception_group> subgroup() const {
+    return split<E>().first;
+  }
+
+  /// {matching, rest}, as `except* E` divides the group; either may be std::nullopt.
+  template <class E>
+  std::pair<std::optional<exception_group>, std::optional<exception_group>> split() const {
+    if constexpr (std::is_base_of_v<E, exception_group>) return {*this, std::nullopt};
+    std::vector<std::exception_ptr> match, rest;
+    for (const auto& e : exceptions_) {
+      if (const auto* inner = as_group(e)) {
+        auto [m, r] = inner->split<E>();
+        if (m) match.push_back(m->same_object(*inner) ? e : std::make_exception_ptr(std::move(*m)));
+        if (r) rest.push_back(r->same_object(*inner) ? e : std::make_exception_ptr(std::move(*r)));
+      } else if (is_a<E>(e)) {
+        match.push_back(e);
+      } else {
+        rest.push_back(e);
+      }
+    }
+    auto derive = [this](std::vector<std::exception_ptr>& part) -> std::optional<exception_group> {
+      if (part.empty()) return std::nullopt;
+      if (part == exceptions_) return *this;
+      return exception_group(message_, std::move(part));
+    };
+    return {derive(match), derive(rest)};
+  }
+
+  /// The group and its nested groups, one exception a line, indented by depth.
+  friend std::ostream& operator<<(std::ostream& out, const exception_group& group) {
+    group.print(out, 0);
+    return out;
+  }
+
+ private:
+  bool same_object(const exception_group& other) const noexcept { return exceptions_ == other.exceptions_ && message_ == other.message_; }
+
+  static const exception_group* as_group(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const exception_group& g) {
+      return &g;  // the exception object lives as long as `e` does
+    } catch (...) {
+      return nullptr;
+    }
+  }
+
+  template <class E>
+  static bool is_a(const std::exception_ptr& e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const E&) {
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+
+  void print(std::ostream& out, int depth) const {
+    out << std::string(static_cast<std::size_t>(depth) * 2, ' ') << "exception_group: " << what_ << '\n';
+    for (const auto& e : exceptions_) {
+      if (const auto* inner = as_group(e)) {
+        inner->print(out, depth + 1);
+        continue;
+      }
+      out << std::string(static_cast<std::size_t>(depth + 1) * 2, ' ');
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        out << ex.what();
+      } catch (...) {
+        out << "(an exception not derived from std::exception)";
+      }
+      out << '\n';
+    }
+  }
+
+  std::string message_;
+  std::vector<std::exception_ptr> exceptions_;
+  std::string what_;
+};
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("exception_group") {
+  using namespace codestare::async_utils;
+
+  exception_group sample() {
+    std::vector<std::exception_ptr> inner{std::make_exception_ptr(std::invalid_argument("bad arg")),
+                                          std::make_exception_ptr(timeout_error("slow"))};
+    return exception_group("outer", {std::make_exception_ptr(std::runtime_error("boom")),
+                                     std::make_exception_ptr(exception_group("inner", std::move(inner))),
+                                     std::make_exception_ptr(std::logic_error("oops"))});
+  }
+
+  TEST_CASE("message, exceptions and what() as Python's str()") {
+    auto g = sample();
+    CHECK(g.message() == "outer");
+    CHECK(g.exceptions().size() == 3);
+    CHECK(std::string(g.what()) == "outer (3 sub-exceptions)");
+    exception_group one("m", {std::make_exception_ptr(std::runtime_error("x"))});
+    CHECK(std::string(one.what()) == "m (1 sub-exception)");
+    CHECK_THROWS_AS(exception_group("empty", {}), std::invalid_argument);
+    CHECK_THROWS_AS(exception_group("null", {std::exception_ptr()}), std::invalid_argument);
+    CHECK_THROWS_AS(throw g, std::exception);
+  }
+
+  TEST_CASE("split and subgroup keep the nesting and the messages") {
+    auto g = sample();
+    // std::runtime_error matches "boom" and timeout_error (a runtime_error) inside "inner".
+    auto [match, rest] = g.split<std::runtime_error>();
+    REQUIRE(match);
+    REQUIRE(rest);
+    std::ostringstream m, r;
+    m << *match;
+    r << *rest;
+    CHECK(m.str() == "exception_group: outer (2 sub-exceptions)\n  boom\n  exception_group: inner (1 sub-exception)\n    slow\n");
+    CHECK(r.str() == "exception_group: outer (2 sub-exceptions)\n  exception_group: inner (1 sub-exception)\n    bad arg\n  oops\n");
+    // The same exception objects travel: no copies.
+    CHECK(match->exceptions()[0] == g.exceptions()[0]);
+    CHECK_FALSE(g.subgroup<queue_full>());
+    auto all = g.subgroup<std::exception>();  // a group is an std::exception: the whole of it
+    REQUIRE(all);
+    CHECK(all->exceptions() == g.exceptions());
+    auto [none, everything] = g.split<cancelled_error>();
+    CHECK_FALSE(none);
+    REQUIRE(everything);
+    CHECK(everything->exceptions() == g.exceptions());
+    auto logic = g.subgroup<std::logic_error>();  // invalid_argument is a logic_error too
+    REQUIRE(logic);
+    CHECK(logic->exceptions().size() == 2);
+  }
+
+  TEST_CASE("printable, with a non-standard exception inside") {
+    exception_group g("odd", {std::make_exception_ptr(42)});
+    std::ostringstream out;
+    out << g;
+    CHECK(out.str() == "exception_group: odd (1 sub-exception)\n  (an exception not derived from std::exception)\n");
+  }
+}
+#endif
+// ---- end src/runtime/exception_group.hpp ----
 // ---- begin src/runtime/intrusive_list.hpp ----
 // An intrusive doubly linked FIFO: waiters live in the awaiting coroutine frame, never on the heap.
 
@@ -4375,6 +4556,23 @@ struct sleep_for {
   sleep_awaiter operator co_await() const noexcept { return sleep_awaiter(delay); }
 };
 
+/// sleep(d, result): the sleep, then the result (moved out of the awaitable).
+template <class T>
+struct sleep_with {
+  clock::duration delay;
+  T result;
+  struct awaiter : sleep_awaiter {
+    T* result;
+    awaiter(clock::duration d, T* r) noexcept : sleep_awaiter(d), result(r) {}
+    T await_resume() {
+      sleep_awaiter::await_resume();
+      return std::move(*result);
+    }
+  };
+  awaiter operator co_await() & noexcept { return awaiter(delay, &result); }
+  awaiter operator co_await() && noexcept { return awaiter(delay, &result); }
+};
+
 }  // namespace detail
 
 /// Suspends the running task for `delay` (asyncio.sleep); cancellable. Any unit; a negative
@@ -4383,6 +4581,12 @@ struct sleep_for {
 template <class Rep, class Period>
 detail::sleep_for sleep(std::chrono::duration<Rep, Period> delay) {
   return {detail::to_clock_duration(delay)};
+}
+
+/// asyncio.sleep(delay, result): sleeps, then yields `result`.
+template <class Rep, class Period, class T>
+detail::sleep_with<std::decay_t<T>> sleep(std::chrono::duration<Rep, Period> delay, T&& result) {
+  return {detail::to_clock_duration(delay), std::forward<T>(result)};
 }
 
 }  // namespace codestare::async_utils
@@ -4421,6 +4625,22 @@ TEST_SUITE("sleep") {
       CHECK_FALSE(co_await sleeps_until_cancelled(std::chrono::hours::min()));
       CHECK_FALSE(co_await sleeps_until_cancelled(0s));
       CHECK_FALSE(co_await sleeps_until_cancelled(1ms));
+    }());
+  }
+
+  TEST_CASE("sleep(delay, result) yields the result; cancellation still lands") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await sleep(1ms, 7) == 7);
+      std::string word = "kept";
+      CHECK(co_await sleep(0s, word) == "kept");
+      CHECK(word == "kept");  // copied, not moved from
+      auto later = sleep(-1s, std::make_unique<int>(3));
+      CHECK(*(co_await later) == 3);
+      event_loop& loop = event_loop::current();
+      detail::future_core* self = loop.running_task();
+      auto h = loop.call_later(1ms, [self] { self->cancel("stop"); });
+      CHECK_THROWS_AS(co_await sleep(std::chrono::hours::max(), 1), cancelled_error);
+      self->uncancel();
     }());
   }
 }
@@ -11351,6 +11571,258 @@ TEST_SUITE("async_exit_stack") {
 }
 #endif
 // ---- end src/utilities/async_exit_stack.hpp ----
+// ---- begin src/utilities/timeout.hpp ----
+// timeout(delay) / timeout_at(when): asyncio.timeout, an async context manager whose body runs
+// in the current task. At the deadline the task is cancelled; at exit that cancellation (and
+// only one the scope accounts for, by uncancel()) becomes timeout_error.
+
+
+// (already included: src/utilities/async_exit_stack.hpp)
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// An awaitable with a value ready at once.
+struct ready_bool {
+  bool value;
+  bool await_ready() const noexcept { return true; }
+  void await_suspend(std::coroutine_handle<>) const noexcept {}
+  bool await_resume() const noexcept { return value; }
+};
+
+inline bool is_cancellation(const std::exception_ptr& error) {
+  if (!error) return false;
+  try {
+    std::rethrow_exception(error);
+  } catch (const cancelled_error&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace detail
+
+/// asyncio.Timeout: what timeout() and timeout_at() return; enter it with async_with (or an
+/// async_exit_stack). Not to be moved once entered (the deadline's callback points at it).
+class timeout_scope {
+ public:
+  using time_point = detail::clock::time_point;
+
+  /// std::nullopt: no deadline (reschedule() may set one later).
+  explicit timeout_scope(std::optional<time_point> when) noexcept : when_(when) {}
+  timeout_scope(timeout_scope&& other) noexcept : when_(other.when_) {}
+  timeout_scope& operator=(timeout_scope&&) = delete;
+  ~timeout_scope() { timer_.cancel(); }
+
+  /// The deadline (loop time), std::nullopt for none.
+  std::optional<time_point> when() const noexcept { return when_; }
+  /// True once the deadline has cancelled the task.
+  bool expired() const noexcept { return state_ == state::expiring || state_ == state::expired; }
+
+  /// Moves the deadline (std::nullopt: never; a past time: at the next loop iteration). Only
+  /// inside the scope: std::runtime_error before it is entered or after it is left.
+  void reschedule(std::optional<time_point> when) {
+    if (state_ == state::created) throw std::runtime_error("timeout: has not been entered");
+    if (state_ != state::entered) throw std::runtime_error("timeout: cannot reschedule an expired or finished timeout");
+    when_ = when;
+    timer_.cancel();
+    timer_ = {};
+    if (!when) return;
+    event_loop& loop = *task_->loop();
+    if (*when <= loop.time()) timer_ = loop.call_soon([this] { on_timeout(); });
+    else timer_ = loop.call_at(*when, [this] { on_timeout(); });
+  }
+
+  /// Enters the scope in the running task (std::runtime_error outside a task, or when entered
+  /// twice); yields the scope.
+  detail::ready_ref<timeout_scope> aenter() {
+    if (state_ != state::created) throw std::runtime_error("timeout: has already been entered");
+    task_ = &detail::current_task_core("timeout");
+    state_ = state::entered;
+    cancelling_ = task_->cancel_requests();
+    reschedule(when_);
+    return {*this};
+  }
+
+  /// Leaves the scope: a cancellation the deadline caused, with no other cancel() pending,
+  /// leaves as timeout_error (the cancelled_error nested); anything else passes through.
+  detail::ready_bool aexit(std::exception_ptr error) {
+    timer_.cancel();
+    timer_ = {};
+    if (state_ == state::expiring) {
+      state_ = state::expired;
+      if (task_->uncancel() <= cancelling_ && detail::is_cancellation(error)) throw timeout_error("timeout: the deadline passed");
+    } else if (state_ == state::entered) {
+      state_ = state::exited;
+    }
+    return {false};
+  }
+
+ private:
+  enum class state { created, entered, expiring, expired, exited };
+
+  void on_timeout() {
+    task_->cancel({});
+    state_ = state::expiring;
+    timer_ = {};
+  }
+
+  std::optional<time_point> when_;
+  state state_ = state::created;
+  detail::future_core* task_ = nullptr;
+  unsigned cancelling_ = 0;
+  handle timer_;
+};
+
+/// asyncio.timeout(delay): a scope whose deadline is `delay` from now. Any unit; zero or less
+/// expires at the first await; duration::max() (or more than the clock holds) never expires.
+template <class Rep, class Period>
+timeout_scope timeout(std::chrono::duration<Rep, Period> delay) {
+  return timeout_scope(detail::saturating_deadline(delay));
+}
+
+/// asyncio.timeout(None): a scope without a deadline until reschedule() gives it one.
+inline timeout_scope timeout(std::nullopt_t) { return timeout_scope(std::nullopt); }
+
+/// asyncio.timeout_at(when): a scope whose deadline is the loop time `when` (nullopt: none).
+inline timeout_scope timeout_at(std::optional<detail::clock::time_point> when) { return timeout_scope(when); }
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("timeout") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  // What a timed body ends as, and whether the scope says it expired.
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
+  coroutine<std::string> outcome(timeout_scope scope, coroutine<void> body) {
+    bool expired = false;
+    std::string how = "done";
+    try {
+      co_await async_with(std::move(scope), [&](timeout_scope& t) -> coroutine<void> {
+        try {
+          co_await std::move(body);
+        } catch (...) {
+          expired = t.expired();
+          throw;
+        }
+        expired = t.expired();
+      });
+    } catch (const timeout_error&) {
+      how = "timeout";
+    } catch (const cancelled_error&) {
+      how = "cancelled";
+    }
+    co_return how + (expired ? " expired" : "") + " " + std::to_string(current_task()->cancelling());
+  }
+  ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
+
+  coroutine<void> nap(std::chrono::milliseconds d) { co_await sleep(d); }
+  coroutine<void> no_await() { co_return; }
+
+  TEST_CASE("the body runs in the current task; the deadline becomes timeout_error") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await outcome(timeout(1h), nap(1ms)) == "done 0");
+      CHECK(co_await outcome(timeout(1ms), nap(std::chrono::milliseconds(3600000))) == "timeout expired 0");
+      auto me = *current_task();
+      co_await async_with(timeout(1h), [me]() -> coroutine<void> {
+        CHECK(*current_task() == me);  // no extra task
+        co_return;
+      });
+      co_await sleep(0s);  // no stray cancellation left behind
+    }());
+  }
+
+  TEST_CASE("timeouts of zero or less, of duration::max(), and none") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await outcome(timeout(0s), nap(1ms)) == "timeout expired 0");
+      CHECK(co_await outcome(timeout(-5s), nap(1ms)) == "timeout expired 0");
+      CHECK(co_await outcome(timeout(0s), no_await()) == "done 0");  // never suspended: in time
+      CHECK(co_await outcome(timeout(std::chrono::hours::max()), nap(2ms)) == "done 0");
+      CHECK(co_await outcome(timeout(std::chrono::nanoseconds::max()), nap(2ms)) == "done 0");
+      CHECK(co_await outcome(timeout(std::nullopt), nap(2ms)) == "done 0");
+      CHECK(co_await outcome(timeout_at(event_loop::current().time() - 1s), nap(1ms)) == "timeout expired 0");
+    }());
+  }
+
+  TEST_CASE("when(), reschedule() and misuse") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto scope = timeout(1h);
+      CHECK(scope.when());
+      CHECK_THROWS_AS(scope.reschedule(std::nullopt), std::runtime_error);  // not entered
+      bool timed_out = false;
+      try {
+        co_await async_with(timeout(std::nullopt), [](timeout_scope& t) -> coroutine<void> {
+          CHECK_FALSE(t.when());
+          co_await sleep(1ms);
+          t.reschedule(event_loop::current().time() + 1ms);  // now it has a deadline
+          co_await sleep(1h);
+        });
+      } catch (const timeout_error&) {
+        timed_out = true;
+      }
+      CHECK(timed_out);
+      co_await async_with(timeout(1ms), [](timeout_scope& t) -> coroutine<void> {
+        t.reschedule(std::nullopt);  // no deadline after all
+        co_await sleep(3ms);
+        CHECK_FALSE(t.expired());
+      });
+      timeout_scope* kept = nullptr;
+      auto left = timeout(1h);
+      co_await async_with(left, [&](timeout_scope& t) { kept = &t; });
+      CHECK_THROWS_AS(kept->reschedule(std::nullopt), std::runtime_error);  // left already
+      CHECK_THROWS_AS(co_await async_with(left, [] {}), std::runtime_error);  // entered twice
+    }());
+    CHECK_THROWS_AS(timeout(1s).aenter(), std::runtime_error);  // outside a task
+  }
+
+  TEST_CASE("nested scopes: the one whose deadline passed reports it") {
+    testing::run_bounded([]() -> coroutine<void> {
+      // Outer deadline first: the inner scope lets the cancellation through, the outer converts it.
+      std::string inner_saw;
+      auto inner_body = [&]() -> coroutine<void> {
+        try {
+          co_await async_with(timeout(1h), [] { return sleep(1h); });
+        } catch (const cancelled_error&) {
+          inner_saw = "cancelled";
+          throw;
+        }
+      };
+      CHECK(co_await outcome(timeout(1ms), inner_body()) == "timeout expired 0");
+      CHECK(inner_saw == "cancelled");
+      // Inner deadline first: its timeout_error passes the outer scope unchanged.
+      auto inner_first = []() -> coroutine<void> { co_await async_with(timeout(1ms), [] { return sleep(1h); }); };
+      CHECK(co_await outcome(timeout(1h), inner_first()) == "timeout 0");
+    }());
+  }
+
+  TEST_CASE("an outside cancellation passes through as cancelled_error, even past the deadline") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto t = create_task(outcome(timeout(1h), nap(std::chrono::milliseconds(3600000))));
+      co_await sleep(1ms);
+      t.cancel();
+      CHECK(co_await t == "cancelled 1");
+      // The outside cancel() and the deadline both land before the body sees either.
+      auto both = create_task([]() -> coroutine<std::string> {
+        co_return co_await outcome(timeout(0s), nap(1ms));
+      }());
+      both.cancel();  // before it starts: the first await in the scope takes both
+      CHECK_THROWS_AS(co_await both, cancelled_error);
+      // A cancelled parent: the scope inside it sees cancelled_error, not a timeout.
+      auto parent = create_task([]() -> coroutine<std::string> {
+        co_await sleep(1ms);
+        co_return co_await outcome(timeout(1ms), nap(std::chrono::milliseconds(3600000)));
+      }());
+      co_await sleep(0s);
+      parent.cancel();
+      CHECK_THROWS_AS(co_await parent, cancelled_error);
+    }());
+  }
+}
+#endif
+// ---- end src/utilities/timeout.hpp ----
 // ---- begin src/utilities/async_exit_on_exc.hpp ----
 // async_exit_on_exc(cm, task): exits an async context manager with the exception a task ended
 // with (codestare's async_exit_on_exc), directly or as a done callback.

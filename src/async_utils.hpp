@@ -18,6 +18,7 @@
 
 // Runtime: the event loop, futures, coroutines, tasks and the asyncio helpers.
 #include "runtime/test_support.hpp"
+#include "runtime/exception_group.hpp"
 #include "runtime/intrusive_list.hpp"
 #include "runtime/job_queue.hpp"
 #include "runtime/timer_heap.hpp"
@@ -54,6 +55,7 @@
 #include "utilities/condition_property.hpp"
 #include "utilities/registry.hpp"
 #include "utilities/async_exit_stack.hpp"
+#include "utilities/timeout.hpp"
 #include "utilities/async_exit_on_exc.hpp"
 #include "utilities/coroutine_wrapper.hpp"
 #include "utilities/make_async.hpp"

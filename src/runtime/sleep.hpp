@@ -4,6 +4,8 @@
 #include <chrono>
 #include <limits>
 #include <new>
+#include <type_traits>
+#include <utility>
 
 namespace codestare::async_utils {
 namespace detail {
@@ -65,6 +67,23 @@ struct sleep_for {
   sleep_awaiter operator co_await() const noexcept { return sleep_awaiter(delay); }
 };
 
+/// sleep(d, result): the sleep, then the result (moved out of the awaitable).
+template <class T>
+struct sleep_with {
+  clock::duration delay;
+  T result;
+  struct awaiter : sleep_awaiter {
+    T* result;
+    awaiter(clock::duration d, T* r) noexcept : sleep_awaiter(d), result(r) {}
+    T await_resume() {
+      sleep_awaiter::await_resume();
+      return std::move(*result);
+    }
+  };
+  awaiter operator co_await() & noexcept { return awaiter(delay, &result); }
+  awaiter operator co_await() && noexcept { return awaiter(delay, &result); }
+};
+
 }  // namespace detail
 
 /// Suspends the running task for `delay` (asyncio.sleep); cancellable. Any unit; a negative
@@ -73,6 +92,12 @@ struct sleep_for {
 template <class Rep, class Period>
 detail::sleep_for sleep(std::chrono::duration<Rep, Period> delay) {
   return {detail::to_clock_duration(delay)};
+}
+
+/// asyncio.sleep(delay, result): sleeps, then yields `result`.
+template <class Rep, class Period, class T>
+detail::sleep_with<std::decay_t<T>> sleep(std::chrono::duration<Rep, Period> delay, T&& result) {
+  return {detail::to_clock_duration(delay), std::forward<T>(result)};
 }
 
 }  // namespace codestare::async_utils
@@ -111,6 +136,22 @@ TEST_SUITE("sleep") {
       CHECK_FALSE(co_await sleeps_until_cancelled(std::chrono::hours::min()));
       CHECK_FALSE(co_await sleeps_until_cancelled(0s));
       CHECK_FALSE(co_await sleeps_until_cancelled(1ms));
+    }());
+  }
+
+  TEST_CASE("sleep(delay, result) yields the result; cancellation still lands") {
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK(co_await sleep(1ms, 7) == 7);
+      std::string word = "kept";
+      CHECK(co_await sleep(0s, word) == "kept");
+      CHECK(word == "kept");  // copied, not moved from
+      auto later = sleep(-1s, std::make_unique<int>(3));
+      CHECK(*(co_await later) == 3);
+      event_loop& loop = event_loop::current();
+      detail::future_core* self = loop.running_task();
+      auto h = loop.call_later(1ms, [self] { self->cancel("stop"); });
+      CHECK_THROWS_AS(co_await sleep(std::chrono::hours::max(), 1), cancelled_error);
+      self->uncancel();
     }());
   }
 }
