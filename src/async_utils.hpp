@@ -21,6 +21,7 @@
 #include "runtime/exception_group.hpp"
 #include "runtime/intrusive_list.hpp"
 #include "runtime/job_queue.hpp"
+#include "runtime/frame_cache.hpp"
 #include "runtime/timer_heap.hpp"
 #include "runtime/future_core.hpp"
 #include "runtime/any_task.hpp"

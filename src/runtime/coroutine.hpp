@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "frame_cache.hpp"
+
 namespace codestare::async_utils {
 namespace detail {
 
@@ -31,8 +33,12 @@ inline frame_header* header_of(void* frame) noexcept {
 inline void* task_room_of(void* frame) noexcept {
   return static_cast<std::byte*>(frame) + round_to_frame_align(header_of(frame)->frame_size);
 }
+/// The whole block's size, as allocated (blocks are recycled through the per-thread frame cache).
+inline std::size_t frame_block_size(const frame_header* header) noexcept {
+  return frame_align + round_to_frame_align(header->frame_size) + task_room;
+}
 [[gnu::noinline]] inline void* allocate_frame(std::size_t n) {
-  auto* block = static_cast<std::byte*>(::operator new(frame_align + round_to_frame_align(n) + task_room));
+  auto* block = static_cast<std::byte*>(cached_allocate(frame_align + round_to_frame_align(n) + task_room));
   ::new (static_cast<void*>(block)) frame_header{n, false, false};
   return block + frame_align;
 }
@@ -42,7 +48,7 @@ inline void* task_room_of(void* frame) noexcept {
     header->frame_gone = true;  // the task state in the room frees the block
     return;
   }
-  ::operator delete(static_cast<void*>(header));
+  cached_free(static_cast<void*>(header), frame_block_size(header));
 }
 
 /// Shared by every coroutine promise. Awaiting a child starts it inline and, if it finishes

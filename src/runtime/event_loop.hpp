@@ -16,6 +16,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "frame_cache.hpp"
+
 namespace codestare::async_utils {
 
 template <class T>
@@ -599,6 +601,7 @@ inline void event_loop::close() {
   dirty_.clear();
   // Handles that outlive the loop must not reach back into it.
   while (detail::future_core* core = others_.pop_front()) core->loop_ = nullptr;
+  detail::frame_cache_trim();  // the frames this thread recycled go back to the system
 }
 
 }  // namespace codestare::async_utils

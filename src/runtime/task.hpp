@@ -48,8 +48,9 @@ class task_state final : public future_state<T> {
       return;
     }
     frame_header* block = block_;
+    std::size_t size = frame_block_size(block);
     this->~task_state();  // destroys the frame first, which leaves the block to us
-    ::operator delete(static_cast<void*>(block));
+    cached_free(static_cast<void*>(block), size);
   }
   void harvest() noexcept override {
     auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
