@@ -47,12 +47,13 @@ deps-reliability: deps
 	echo "installing:$$missing"; \
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing
 
-# Every check; the last line of output is "tests: N passed, M failed".
+# Every check; the last line of output is "tests: N passed, M failed". UNIT_FULL=1 builds the
+# embedded suite with every compiler on every backend (default: a covering subset).
 test: deps
-	@tests/run_tests.sh
+	@UNIT_FULL=$(UNIT_FULL) tests/run_tests.sh
 
-# The embedded suite under ASan+UBSan and under TSan (each with g++ and clang++, covering epoll
-# and poll; SAN_FULL=1 for all eight combinations), and the
+# The embedded suite under ASan+UBSan and under TSan (each with g++ and clang++, covering epoll,
+# poll and io_uring; SAN_FULL=1 for all twelve combinations), and the
 # runtime's suites under Valgrind memcheck. Any report fails. Ends with the same summary line.
 test-sanitize: deps-reliability
 	@SAN_FULL=$(SAN_FULL) tests/run_tests.sh sanitize valgrind
