@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <functional>
+#include <type_traits>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -136,7 +137,10 @@ class event_loop {
 
   // Executor (executor.hpp): asyncio's run_in_executor(None, fn, *args) and friends.
   template <class F, class... Args>
+    requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
   auto run_in_executor(F fn, Args... args);
+  template <class F, class... Args>
+  auto run_in_executor(executor& where, F fn, Args... args);
   void set_default_executor(std::shared_ptr<executor> e);
   void set_default_executor(std::size_t max_workers);
   coroutine<void> shutdown_default_executor();

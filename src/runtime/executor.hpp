@@ -255,6 +255,7 @@ class [[nodiscard]] executor_future : detail::cancel_hook {
 /// expression (`co_await run_in_executor([p] {...})`) is copied bitwise and destroyed twice by
 /// the compiler, whatever the callee does. Pass such values as args, or name the lambda first.
 template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
 auto event_loop::run_in_executor(F fn, Args... args) {
   static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
   using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
@@ -264,6 +265,21 @@ auto event_loop::run_in_executor(F fn, Args... args) {
   auto* call = new detail::executor_job<R, decltype(work)>(this, std::move(work));
   executor_future<R> result(call);  // owns the creation reference
   detail::slot_of(*this).submit(*call);
+  return result;
+}
+
+/// loop.run_in_executor(executor, fn, *args): as above on the given executor, which must
+/// outlive the job (the loop neither owns nor shuts it down). Its submit() errors propagate.
+template <class F, class... Args>
+auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
+  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
+  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
+  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
+  check_open();
+  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
+  auto* call = new detail::executor_job<R, decltype(work)>(this, std::move(work));
+  executor_future<R> result(call);
+  where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
   return result;
 }
 
@@ -323,7 +339,16 @@ inline void event_loop::shutdown_default_executor_now() {
 
 /// loop.run_in_executor(None, fn, *args) on the running loop.
 template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
 auto run_in_executor(F fn, Args... args) {
+  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
+}
+
+/// asyncio.to_thread(fn, *args): fn(args...) on the running loop's default executor, awaited
+/// for its result. Arguments are moved or copied in (std::ref to share).
+template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
+auto to_thread(F fn, Args... args) {
   return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
 }
 
@@ -357,6 +382,26 @@ TEST_SUITE("executor") {
       auto owned = std::make_unique<int>(7);
       CHECK(co_await event_loop::current().run_in_executor([](std::unique_ptr<int> p) { return *p * 6; }, std::move(owned)) == 42);
       CHECK(std::this_thread::get_id() == me);
+    }());
+  }
+
+  TEST_CASE("to_thread, and run_in_executor on an executor of the caller's") {
+    testing::run_bounded([]() -> coroutine<void> {
+      const auto me = std::this_thread::get_id();
+      auto where = [] { return std::this_thread::get_id(); };
+      CHECK(co_await to_thread(where) != me);
+      CHECK(co_await to_thread([](int a, int b) { return a * b; }, 6, 7) == 42);
+      auto fails = to_thread([] { throw std::domain_error("in thread"); });
+      CHECK_THROWS_AS(co_await fails, std::domain_error);
+      thread_pool_executor pool(1);
+      auto first = event_loop::current().run_in_executor(pool, where);
+      auto second = event_loop::current().run_in_executor(pool, [](std::string s) { return s + "!"; }, std::string("own"));
+      const auto worker = co_await first;
+      CHECK(worker != me);
+      CHECK(co_await second == "own!");
+      CHECK(co_await event_loop::current().run_in_executor(pool, where) == worker);  // one worker: the same thread
+      pool.shutdown(true);
+      CHECK_THROWS_AS((void)event_loop::current().run_in_executor(pool, where), std::runtime_error);  // a stopped executor refuses
     }());
   }
 
