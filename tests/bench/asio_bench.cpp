@@ -56,6 +56,34 @@ awaitable<void> w1(long n) {
                 "co_spawn + completion handler per task; join via a cancelled steady_timer");
 }
 
+// ---- W1': create N lazy awaitable<long> and await each (no co_spawn) -----------------------
+awaitable<void> w1_lazy(long n) {
+  std::vector<awaitable<long>> coros;
+  coros.reserve(static_cast<std::size_t>(n));
+  bench::alloc_scope allocs;
+  auto t0 = bench::clock::now();
+  for (long i = 0; i < n; ++i) coros.push_back(index_of(i));
+  long sum = 0;
+  for (auto& c : coros) sum += co_await std::move(c);
+  auto t1 = bench::clock::now();
+  if (sum != n * (n - 1) / 2) throw std::runtime_error("W1': wrong sum");
+  bench::report("W1L", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n));
+}
+
+// ---- M1': resident bytes per suspended (created, not started) awaitable ----------------------
+awaitable<void> m1_lazy(long n) {
+  std::vector<awaitable<long>> coros;
+  coros.reserve(static_cast<std::size_t>(n));
+  bench::alloc_scope allocs;
+  const long before = bench::resident_bytes();
+  for (long i = 0; i < n; ++i) coros.push_back(index_of(i));
+  const long after = bench::resident_bytes();
+  const double heap = double(allocs.bytes()) / double(n);
+  bench::report("M1L", impl, n, double(after - before) / double(n), double(allocs.allocs()) / double(n),
+                "{\"heap_bytes_per_coroutine\":" + std::to_string(heap) + "}", "awaitable<long> created, never started");
+  co_return;
+}
+
 // ---- W2: no condition in Asio; one steady_timer per side, cancelled as the notification -------
 awaitable<void> side(asio::steady_timer& mine, asio::steady_timer& other, int& turn, int me, long rounds) {
   for (long i = 0; i < rounds; ++i) {
@@ -241,6 +269,8 @@ int main(int argc, char** argv) {
   else if (w == "W5") body.emplace(w5(n, pool));
   else if (w == "W6") body.emplace(w6(n));
   else if (w == "M1") body.emplace(m1(n));
+  else if (w == "W1L") body.emplace(w1_lazy(n));
+  else if (w == "M1L") body.emplace(m1_lazy(n));
   else {
     std::fprintf(stderr, "unknown workload %s\n", w.c_str());
     return 2;

@@ -33,6 +33,34 @@ coroutine<void> w1(long n) {
   bench::report("W1", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n));
 }
 
+// ---- W1': create N lazy coroutine<long> and await each (no tasks) ------------------------------
+coroutine<void> w1_lazy(long n) {
+  std::vector<coroutine<long>> coros;
+  coros.reserve(static_cast<std::size_t>(n));
+  bench::alloc_scope allocs;
+  auto t0 = bench::clock::now();
+  for (long i = 0; i < n; ++i) coros.push_back(index_of(i));
+  long sum = 0;
+  for (auto& c : coros) sum += co_await std::move(c);
+  auto t1 = bench::clock::now();
+  if (sum != n * (n - 1) / 2) throw std::runtime_error("W1': wrong sum");
+  bench::report("W1L", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n));
+}
+
+// ---- M1': resident bytes per suspended (created, not started) lazy coroutine ----------------
+coroutine<void> m1_lazy(long n) {
+  std::vector<coroutine<long>> coros;
+  coros.reserve(static_cast<std::size_t>(n));
+  bench::alloc_scope allocs;
+  const long before = bench::resident_bytes();
+  for (long i = 0; i < n; ++i) coros.push_back(index_of(i));
+  const long after = bench::resident_bytes();
+  const double heap = double(allocs.bytes()) / double(n);
+  bench::report("M1L", impl, n, double(after - before) / double(n), double(allocs.allocs()) / double(n),
+                "{\"heap_bytes_per_coroutine\":" + std::to_string(heap) + "}", "coroutine<long> created, never started");
+  co_return;
+}
+
 // ---- W3: one task yields N times ------------------------------------------------------------
 coroutine<void> w3(long n) {
   co_await au::sleep(0s);  // warm the ready queue
@@ -169,7 +197,7 @@ coroutine<void> m1(long n) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s W1|W3|W4|W6|M1 N\n", argv[0]);
+    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W6|M1|M1L N\n", argv[0]);
     return 2;
   }
   const std::string w = argv[1];
@@ -179,6 +207,8 @@ int main(int argc, char** argv) {
   else if (w == "W4") au::run(w4(n));
   else if (w == "W6") au::run(w6(n));
   else if (w == "M1") au::run(m1(n));
+  else if (w == "W1L") au::run(w1_lazy(n));
+  else if (w == "M1L") au::run(m1_lazy(n));
   else {
     std::fprintf(stderr, "unknown workload %s\n", w.c_str());
     return 2;

@@ -28,14 +28,17 @@ CXX = os.environ.get("CXX", "g++")
 CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000}
-QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000}
+FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
+          "W1L": 1_000_000, "M1L": 1_000_000}
+QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
+           "W1L": 100_000, "M1L": 100_000}
 N = QUICK_N if QUICK else FULL_N
-REPEATS = 1 if QUICK else 3  # native programs: best of REPEATS; Python: one run
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "M1"]
+REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W5", "W6", "M1", "M1L"]
+LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
 OURS = "async_utils"
 
-UNITS = {"M1": "B/task", "C1": "s"}
+UNITS = {"M1": "B/task", "M1L": "B/coroutine", "C1": "s"}
 WHAT = {
     "W1": "spawn N tasks returning their index, await all in order (per task)",
     "W2": "condition ping-pong between two tasks (per round trip)",
@@ -44,6 +47,8 @@ WHAT = {
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
     "M1": "resident bytes per idle task blocked on an event (RSS delta)",
+    "W1L": "W1': create N lazy coroutine<long>, await each, no tasks (per coroutine)",
+    "M1L": "M1': resident bytes per created, never started coroutine<long> (RSS delta)",
     "C1-O0": "compile + link a hello TU, -O0 (CPU seconds)",
     "C1-O2": "compile + link a hello TU, -O2 (CPU seconds)",
 }
@@ -141,9 +146,10 @@ def implementations(built):
                   "n/a (build failed)", REPEATS))
     impls.append(("epoll-floor", ["W4"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
                   "n/a (build failed)", REPEATS))
-    impls.append(("asyncio", WORKLOADS, lambda w, n: [SYS_PYTHON, py, "asyncio", w, str(n)], "n/a", 1))
+    native_only = [w for w in WORKLOADS if w not in LAZY]
+    impls.append(("asyncio", native_only, lambda w, n: [SYS_PYTHON, py, "asyncio", w, str(n)], "n/a", 1))
     uv_ok = python_has_uvloop()
-    impls.append(("uvloop", WORKLOADS, lambda w, n: [SYS_PYTHON, py, "uvloop", w, str(n)] if uv_ok else None,
+    impls.append(("uvloop", native_only, lambda w, n: [SYS_PYTHON, py, "uvloop", w, str(n)] if uv_ok else None,
                   "n/a (no uvloop)", 1))
     return impls
 
@@ -182,7 +188,7 @@ def measure_compile(built_dir):
 def fmt_value(workload, v):
     if v is None:
         return None
-    if workload == "M1":
+    if workload.startswith("M1"):
         return f"{v:,.0f} B"
     if workload.startswith("C1"):
         return f"{v / 1e9:.2f} s"
@@ -206,6 +212,9 @@ def notes_of(r):
         parts.append(f"heap {ex['heap_bytes_per_task']:.0f} B/task")
     if "wall_s" in ex:
         parts.append(f"wall {ex['wall_s']} s")
+    if r.get("spread") and r["spread"][2] > 1:
+        lo, hi, k = r["spread"]
+        parts.append(f"min {fmt_value(r['workload'], lo)} max {fmt_value(r['workload'], hi)} of {k}")
     if r.get("note"):
         parts.append(r["note"])
     return "; ".join(parts)
@@ -251,6 +260,7 @@ def write_csv(rows, path):
 
 def main():
     started = time.perf_counter()
+    load_before = os.getloadavg()
     log(f"building into {os.path.relpath(BUILD, ROOT)} ...")
     built = build_all()
     rows = []
@@ -275,18 +285,21 @@ def main():
                     log(f"  failed: {e}")
                     failed.add(impl)
                     continue
-                if impl not in best or r["per_op_ns"] < best[impl]["per_op_ns"]:
-                    best[impl] = r
+                best.setdefault(impl, []).append(r)
         for impl, cmd, unavailable, repeats in todo:
             if impl in best:
-                rows.append(best[impl])
+                # The median run is the row; min and max of the repetitions go in its notes.
+                runs = sorted(best[impl], key=lambda r: r["per_op_ns"])
+                row = dict(runs[len(runs) // 2])
+                row["spread"] = (runs[0]["per_op_ns"], runs[-1]["per_op_ns"], len(runs))
+                rows.append(row)
             else:
                 note = unavailable if cmd is None else "n/a (failed)"
                 rows.append({"workload": w, "impl": impl, "per_op_ns": None, "allocs_per_op": None, "note": note})
     log("C1 compile cost ...")
     rows += measure_compile(BUILD)
     print(f"async_utils benchmarks ({'QUICK' if QUICK else 'full'} run, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}); N = " + ", ".join(f"{w} {N[w]:,}" for w in WORKLOADS))
+          f"load {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after); N = " + ", ".join(f"{w} {N[w]:,}" for w in WORKLOADS))
     print(table(rows))
     print("ratio = peer time / our time (>1: we are faster; for M1 and C1: peer bytes or seconds / ours).")
     print("per op: W4 per message (round trip), M1 bytes per idle task, C1 compiler CPU seconds; "
