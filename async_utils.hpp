@@ -199,6 +199,13 @@
 //                                            and restores the previous dispositions), so late
 //                                            signals are absorbed instead of killing the process
 //                                            half-way through its cleanup.
+//     src/utilities/streams.hpp              asyncio streams over a connected socket: stream_reader
+//                                            and stream_writer share one owned descriptor. Reads
+//                                            fill a buffer owned by the stream (so a cancelled read
+//                                            loses no byte) and hand it out by move when a read
+//                                            takes all of it; writes go out at once and only what
+//                                            the socket does not take is buffered, flushed by an
+//                                            add_writer callback (asyncio's transport).
 
 #if !defined(__INCLUDE_LEVEL__) || __INCLUDE_LEVEL__ > 0
 #pragma once
@@ -207,6 +214,7 @@
 #define ASYNC_UTILS_HPP_INCLUDED
 
 #include <algorithm>
+#include <arpa/inet.h>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -243,6 +251,7 @@
 #include <string_view>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <system_error>
 #include <thread>
 #include <tuple>
@@ -6517,7 +6526,6 @@ inline auto event_loop::wait_writable(int fd) { return async_utils::wait_writabl
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
-#include <arpa/inet.h>
 TEST_SUITE("io") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
@@ -13894,5 +13902,630 @@ TEST_SUITE("shutdown") {
 }
 #endif
 // ---- end src/utilities/shutdown.hpp ----
+// ---- begin src/utilities/streams.hpp ----
+// asyncio streams over a connected socket: stream_reader and stream_writer share one owned
+// descriptor. Reads fill a buffer owned by the stream (so a cancelled read loses no byte) and
+// hand it out by move when a read takes all of it; writes go out at once and only what the
+// socket does not take is buffered, flushed by an add_writer callback (asyncio's transport).
+
+// (already included: src/runtime/future.hpp)
+// (already included: src/runtime/io.hpp)
+// (already included: src/runtime/sleep.hpp)
+
+
+namespace codestare::async_utils {
+
+/// asyncio.IncompleteReadError: EOF came before `expected()` bytes (none for readuntil).
+class incomplete_read_error : public std::runtime_error {
+ public:
+  incomplete_read_error(std::string partial, std::optional<std::size_t> expected)
+      : std::runtime_error(std::to_string(partial.size()) + " bytes read on a total of " +
+                           (expected ? std::to_string(*expected) : std::string("undefined")) + " expected bytes"),
+        partial_(std::move(partial)),
+        expected_(expected) {}
+  const std::string& partial() const noexcept { return partial_; }
+  std::optional<std::size_t> expected() const noexcept { return expected_; }
+
+ private:
+  std::string partial_;
+  std::optional<std::size_t> expected_;
+};
+
+/// asyncio.LimitOverrunError: the separator was not found within the reader's limit; the data
+/// stays in the buffer, `consumed()` bytes of it were searched.
+class limit_overrun_error : public std::runtime_error {
+ public:
+  limit_overrun_error(const std::string& what, std::size_t consumed) : std::runtime_error(what), consumed_(consumed) {}
+  std::size_t consumed() const noexcept { return consumed_; }
+
+ private:
+  std::size_t consumed_;
+};
+
+namespace detail {
+
+inline constexpr std::size_t stream_default_limit = 64 * 1024;
+inline constexpr std::size_t stream_high_water = 64 * 1024;
+inline constexpr std::size_t stream_low_water = stream_high_water / 4;
+
+/// The connection shared by a reader and its writer; the last of them closes the descriptor.
+struct stream_state {
+  event_loop* loop;
+  unique_fd fd;
+  std::size_t limit;
+  // Read side: valid bytes are rbuf[head, tail); rbuf.size() is the capacity.
+  std::string rbuf;
+  std::size_t head = 0, tail = 0;
+  bool eof = false;
+  bool reading = false;  // a read waits on the descriptor: closing must wake it, not pull the fd
+  int read_error = 0;
+  // Write side: bytes the socket did not take, wbuf[whead, end).
+  std::string wbuf;
+  std::size_t whead = 0;
+  bool writer_armed = false;
+  bool closing = false;      // close() called
+  bool eof_pending = false;  // write_eof() waits for the buffer to flush
+  bool eof_written = false;
+  int write_error = 0;
+  std::vector<future<void>> drainers;
+  future<void> closed;
+
+  stream_state(int f, std::size_t lim) : loop(&event_loop::current()), fd(f), limit(lim), closed(loop->create_future<void>()) {}
+  stream_state(const stream_state&) = delete;
+  stream_state& operator=(const stream_state&) = delete;
+  ~stream_state() {
+    if (writer_armed && fd) loop->remove_writer(fd.get());
+  }
+
+  std::size_t available() const noexcept { return tail - head; }
+  std::size_t buffered() const noexcept { return wbuf.size() - whead; }
+
+  /// Room for at least `n` more bytes after tail.
+  void reserve(std::size_t n) {
+    if (head == tail) head = tail = 0;
+    if (rbuf.size() - tail >= n) return;
+    if (head > 0) {
+      std::memmove(rbuf.data(), rbuf.data() + head, tail - head);
+      tail -= head;
+      head = 0;
+    }
+    if (rbuf.size() - tail < n) rbuf.resize(std::max(tail + n, rbuf.size() * 2));
+  }
+
+  /// The first n buffered bytes; moved out without a copy when they are all of the buffer.
+  std::string take(std::size_t n) {
+    std::string out;
+    if (head == 0 && n == tail) {
+      out = std::move(rbuf);
+      out.resize(n);
+      rbuf = std::string();
+      tail = 0;
+    } else {
+      out.assign(rbuf.data() + head, n);
+      head += n;
+      if (head == tail) head = tail = 0;
+    }
+    return out;
+  }
+
+  void wake_drainers() {
+    for (auto& f : drainers)
+      if (!f.done()) f.set_result();
+    drainers.clear();
+  }
+
+  void finish_close() {
+    if (writer_armed) {
+      loop->remove_writer(fd.get());
+      writer_armed = false;
+    }
+    wake_drainers();
+    if (reading) {
+      ::shutdown(fd.get(), SHUT_RDWR);  // the pending read sees EOF and closes after it
+      return;
+    }
+    fd.reset();
+    if (!closed.done()) closed.set_result();
+  }
+
+  void flush() {
+    while (buffered() > 0) {
+      ssize_t n = ::send(fd.get(), wbuf.data() + whead, buffered(), send_flags);
+      if (n >= 0) {
+        whead += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (would_block(errno)) break;
+      write_error = errno;
+      wbuf.clear();
+      whead = 0;
+      break;
+    }
+    if (buffered() == 0) {
+      wbuf.clear();
+      whead = 0;
+    }
+    if (buffered() <= stream_low_water) wake_drainers();
+    if (buffered() == 0 || write_error) {
+      if (writer_armed) {
+        loop->remove_writer(fd.get());
+        writer_armed = false;
+      }
+      if (closing && fd) {
+        finish_close();
+      } else if (eof_pending && !write_error) {
+        eof_pending = false;
+        eof_written = true;
+        ::shutdown(fd.get(), SHUT_WR);
+      }
+    } else if (!writer_armed) {
+      loop->add_writer(fd.get(), [this] { flush(); });
+      writer_armed = true;
+    }
+  }
+};
+
+/// Receives into the stream's buffer. The bytes are counted in the state at once, so a read
+/// cancelled after the kernel handed them over keeps them for the next read.
+struct stream_fill_op : op_status {
+  stream_state* s;
+  std::size_t max;
+  bool attempt(bool) noexcept {
+    for (;;) {
+      ssize_t n = ::recv(s->fd.get(), s->rbuf.data() + s->tail, max, MSG_DONTWAIT);
+      if (n > 0) {
+        s->tail += static_cast<std::size_t>(n);
+        return true;
+      }
+      if (n == 0) {
+        s->eof = true;
+        return true;
+      }
+      if (errno == EINTR) continue;
+      if (would_block(errno)) return false;
+      s->read_error = errno;
+      s->eof = true;
+      return true;
+    }
+  }
+  void result() const {}
+};
+
+/// Marks a read in progress; when it ends on a closed writer, the descriptor is closed now.
+struct reading_guard {
+  stream_state* s;
+  explicit reading_guard(stream_state* st) : s(st) { s->reading = true; }
+  reading_guard(const reading_guard&) = delete;
+  reading_guard& operator=(const reading_guard&) = delete;
+  ~reading_guard() {
+    s->reading = false;
+    if (s->closing && s->fd && s->buffered() == 0) s->finish_close();
+  }
+};
+
+inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
+  char host[INET6_ADDRSTRLEN] = {};
+  if (a.ss_family == AF_INET) {
+    const auto& in = reinterpret_cast<const sockaddr_in&>(a);
+    ::inet_ntop(AF_INET, &in.sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(in.sin_port));
+  }
+  if (a.ss_family == AF_INET6) {
+    const auto& in6 = reinterpret_cast<const sockaddr_in6&>(a);
+    ::inet_ntop(AF_INET6, &in6.sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6.sin6_port));
+  }
+  if (a.ss_family == AF_UNIX) {
+    const auto& un = reinterpret_cast<const sockaddr_un&>(a);
+    std::size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
+    return std::string(un.sun_path, strnlen(un.sun_path, std::min(n, sizeof un.sun_path)));
+  }
+  return {};
+}
+
+}  // namespace detail
+
+/// asyncio.StreamReader over a connected socket. Copies share the connection.
+class stream_reader {
+ public:
+  explicit stream_reader(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
+
+  /// Up to n bytes (n < 0: everything until EOF); empty at EOF.
+  coroutine<std::string> read(std::ptrdiff_t n = -1) { return read_impl(s_, n); }
+  // Each operation's frame holds the state: the handle may go while the operation runs.
+  static coroutine<std::string> read_impl(std::shared_ptr<detail::stream_state> s, std::ptrdiff_t n) {
+    if (n == 0) co_return std::string();
+    if (n < 0) {
+      while (!s->eof) co_await fill(s, detail::stream_default_limit);
+      check_error(*s);
+      co_return s->take(s->available());
+    }
+    if (s->available() == 0 && !s->eof) co_await fill(s, std::min<std::size_t>(static_cast<std::size_t>(n), 256 * 1024));
+    if (s->available() == 0) check_error(*s);
+    co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
+  }
+
+  /// Exactly n bytes; incomplete_read_error (with what came) if EOF comes first.
+  coroutine<std::string> readexactly(std::ptrdiff_t n) { return readexactly_impl(s_, n); }
+  static coroutine<std::string> readexactly_impl(std::shared_ptr<detail::stream_state> s, std::ptrdiff_t n) {
+    if (n < 0) throw std::invalid_argument("readexactly: size can not be less than zero");
+    const auto want = static_cast<std::size_t>(n);
+    while (s->available() < want) {
+      if (s->eof) {
+        check_error(*s);
+        throw incomplete_read_error(s->take(s->available()), want);
+      }
+      co_await fill(s, want - s->available());
+    }
+    co_return s->take(want);
+  }
+
+  /// Data up to and including `separator`. At EOF without it: incomplete_read_error with the
+  /// rest. Not found within limit bytes: limit_overrun_error, the data stays buffered.
+  coroutine<std::string> readuntil(std::string separator = "\n") { return readuntil_impl(s_, std::move(separator)); }
+  static coroutine<std::string> readuntil_impl(std::shared_ptr<detail::stream_state> s, std::string separator) {
+    if (separator.empty()) throw std::invalid_argument("readuntil: separator should be at least one-byte string");
+    const std::size_t seplen = separator.size();
+    std::size_t offset = 0, found = std::string::npos;
+    for (;;) {
+      const std::size_t len = s->available();
+      if (len - std::min(len, offset) >= seplen) {
+        std::string_view view(s->rbuf.data() + s->head, len);
+        found = view.find(separator, offset);
+        if (found != std::string::npos) break;
+        offset = len + 1 - seplen;
+        if (offset > s->limit) throw limit_overrun_error("Separator is not found, and chunk exceed the limit", offset);
+      }
+      if (s->eof) {
+        check_error(*s);
+        throw incomplete_read_error(s->take(s->available()), std::nullopt);
+      }
+      co_await fill(s, detail::stream_default_limit);
+    }
+    if (found > s->limit) throw limit_overrun_error("Separator is found, but chunk is longer than limit", found);
+    co_return s->take(found + seplen);
+  }
+
+  /// A line ending in '\n', or what is left at EOF. A line longer than the limit is dropped
+  /// and throws limit_overrun_error (asyncio: ValueError).
+  coroutine<std::string> readline() { return readline_impl(s_); }
+  static coroutine<std::string> readline_impl(std::shared_ptr<detail::stream_state> s) {
+    std::string sep = "\n";
+    std::optional<limit_overrun_error> overrun;
+    try {
+      co_return co_await readuntil_impl(s, sep);
+    } catch (incomplete_read_error& e) {
+      co_return e.partial();
+    } catch (limit_overrun_error& e) {
+      overrun = e;
+    }
+    std::string_view rest(s->rbuf.data() + s->head, s->available());
+    if (rest.substr(std::min(rest.size(), overrun->consumed()), 1) == sep)
+      s->take(overrun->consumed() + 1);
+    else
+      s->take(s->available());
+    throw *overrun;
+  }
+
+  /// True once EOF was seen and the buffer is empty.
+  bool at_eof() const noexcept { return s_->eof && s_->available() == 0; }
+
+ private:
+  static void check_error(detail::stream_state& s) {
+    if (s.read_error) {
+      int e = std::exchange(s.read_error, 0);
+      detail::throw_errno(e, "stream_reader");
+    }
+  }
+  // One receive into the buffer (room for at least `want` bytes, or the whole 64 KiB chunk).
+  static coroutine<void> fill(std::shared_ptr<detail::stream_state> s, std::size_t want) {
+    if (!s->fd || s->eof) {
+      s->eof = true;
+      co_return;
+    }
+    if (s->reading) throw std::runtime_error("stream_reader: another read is already waiting for data");
+    s->reserve(want);
+    detail::reading_guard guard(s.get());
+    const std::size_t room = s->rbuf.size() - s->tail;
+    co_await detail::io_awaiter<detail::stream_fill_op>({{}, s.get(), room}, s->fd.get(), detail::io_read);
+  }
+
+  std::shared_ptr<detail::stream_state> s_;
+};
+
+/// asyncio.StreamWriter over a connected socket. Copies share the connection.
+class stream_writer {
+ public:
+  explicit stream_writer(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
+
+  /// Sends what the socket takes now and buffers the rest; drain() waits for the buffer.
+  void write(std::string_view data) {
+    auto& s = *s_;
+    if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
+    if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
+    if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
+    std::size_t sent = 0;
+    if (s.buffered() == 0) {
+      while (sent < data.size()) {
+        ssize_t n = ::send(s.fd.get(), data.data() + sent, data.size() - sent, detail::send_flags);
+        if (n >= 0) {
+          sent += static_cast<std::size_t>(n);
+          continue;
+        }
+        if (errno == EINTR) continue;
+        if (detail::would_block(errno)) break;
+        s.write_error = errno;
+        return;
+      }
+      if (sent == data.size()) return;
+    }
+    s.wbuf.append(data.data() + sent, data.size() - sent);
+    if (!s.writer_armed) {
+      s.loop->add_writer(s.fd.get(), [p = s_.get()] { p->flush(); });
+      s.writer_armed = true;
+    }
+  }
+  template <class Range>
+  void writelines(const Range& lines) {
+    for (const auto& line : lines) write(std::string_view(line));
+  }
+
+  /// Waits while more than 64 KiB are buffered, until at most 16 KiB are; throws the error of a
+  /// lost connection. Cancelling it keeps every buffered byte.
+  coroutine<void> drain() { return drain_impl(s_); }
+  static coroutine<void> drain_impl(std::shared_ptr<detail::stream_state> s) {
+    if (s->write_error) detail::throw_errno(s->write_error, "stream_writer.drain");
+    if (s->closing) {
+      co_await sleep(std::chrono::seconds(0));  // as asyncio: let the close go on
+      co_return;
+    }
+    while (s->buffered() > detail::stream_high_water) {
+      auto f = s->loop->create_future<void>();
+      s->drainers.push_back(f);
+      co_await f;
+      if (s->write_error) detail::throw_errno(s->write_error, "stream_writer.drain");
+    }
+  }
+
+  /// Closes the connection once the buffer is flushed.
+  void close() {
+    auto& s = *s_;
+    if (s.closing) return;
+    s.closing = true;
+    if (s.buffered() == 0 && s.fd) s.finish_close();
+  }
+  bool is_closing() const noexcept { return s_->closing; }
+  coroutine<void> wait_closed() { return wait_closed_impl(s_); }
+  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::stream_state> s) {
+    if (!s->closed.done()) co_await s->closed;
+  }
+  bool can_write_eof() const noexcept { return true; }
+  /// Shuts the sending side down after the buffer is flushed.
+  void write_eof() {
+    auto& s = *s_;
+    if (s.closing || s.eof_written || s.eof_pending) return;
+    if (s.buffered() == 0) {
+      s.eof_written = true;
+      ::shutdown(s.fd.get(), SHUT_WR);
+    } else {
+      s.eof_pending = true;
+    }
+  }
+  /// "peername" or "sockname" as "host:port" ("[v6]:port", or a Unix path); none for others.
+  std::optional<std::string> get_extra_info(std::string_view name) const {
+    if (!s_->fd) return std::nullopt;
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    int r;
+    if (name == "peername")
+      r = ::getpeername(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+    else if (name == "sockname")
+      r = ::getsockname(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+    else
+      return std::nullopt;
+    if (r != 0) return std::nullopt;
+    return detail::format_address(a, len);
+  }
+  /// The descriptor (owned by the stream; -1 once closed).
+  int fileno() const noexcept { return s_->fd.get(); }
+
+ private:
+  std::shared_ptr<detail::stream_state> s_;
+};
+
+/// Takes a connected socket (made non-blocking here) and returns its reader and writer, which
+/// own it from now on.
+inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit = detail::stream_default_limit) {
+  detail::unique_fd owned(fd);
+  if (fd < 0) throw std::invalid_argument("open_stream: bad descriptor");
+  if (limit == 0) throw std::invalid_argument("open_stream: limit must be positive");
+  detail::make_nonblocking_cloexec(fd);
+  auto s = std::make_shared<detail::stream_state>(owned.release(), limit);
+  return {stream_reader(s), stream_writer(s)};
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("streams") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  // A connected pair of streams over a socketpair.
+  struct stream_pair {
+    std::pair<stream_reader, stream_writer> a, b;
+    static int end(int i) {
+      static thread_local int fds[2];
+      if (i == 0) REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+      return fds[i];
+    }
+    stream_pair() : a(open_stream(end(0))), b(open_stream(end(1))) {}
+  };
+
+  coroutine<void> send_then_eof(stream_writer w, std::string data) {
+    w.write(data);
+    co_await w.drain();
+    w.write_eof();
+  }
+
+  TEST_CASE("readline, readexactly, readuntil, read and at_eof") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      auto& [r, w] = p.a;
+      auto& [peer_r, peer_w] = p.b;
+      std::string payload = "one\ntwo\r\nabcdefXYZrest";
+      co_await send_then_eof(peer_w, payload);
+      CHECK(co_await r.readline() == "one\n");
+      CHECK(co_await r.readuntil("\r\n") == "two\r\n");
+      CHECK(co_await r.readexactly(6) == "abcdef");
+      CHECK(co_await r.readuntil("Z") == "XYZ");
+      CHECK_FALSE(r.at_eof());
+      CHECK(co_await r.read(2) == "re");
+      CHECK(co_await r.read() == "st");
+      CHECK(r.at_eof());
+      CHECK(co_await r.read() == "");
+      CHECK(co_await r.readline() == "");
+      CHECK(co_await r.readexactly(0) == "");
+      w.write("back");
+      w.close();
+      co_await w.wait_closed();
+      CHECK(co_await peer_r.read() == "back");
+      (void)peer_r;
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("readexactly with the peer closing mid-message; readuntil at EOF") {
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      co_await send_then_eof(p.b.second, "abc");
+      try {
+        co_await p.a.first.readexactly(10);
+        FAIL("no error");
+      } catch (const incomplete_read_error& e) {
+        CHECK(e.partial() == "abc");
+        CHECK(e.expected() == std::optional<std::size_t>(10));
+      }
+      CHECK(p.a.first.at_eof());
+      stream_pair q;
+      co_await send_then_eof(q.b.second, "no separator");
+      try {
+        co_await q.a.first.readuntil("!");
+        FAIL("no error");
+      } catch (const incomplete_read_error& e) {
+        CHECK(e.partial() == "no separator");
+        CHECK_FALSE(e.expected().has_value());
+      }
+      CHECK_THROWS_AS(co_await q.a.first.readuntil(""), std::invalid_argument);
+      CHECK_THROWS_AS(co_await q.a.first.readexactly(-1), std::invalid_argument);
+    }());
+  }
+
+  TEST_CASE("a line longer than the limit: limit_overrun_error, readline drops it") {
+    testing::run_bounded([]() -> coroutine<void> {
+      int fds[2];
+      REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+      auto [r, w] = open_stream(fds[0], 8);
+      auto [pr, pw] = open_stream(fds[1]);
+      pw.write("0123456789AB\nshort\n");
+      co_await pw.drain();
+      try {
+        co_await r.readuntil("\n");
+        FAIL("no error");
+      } catch (const limit_overrun_error& e) {
+        CHECK(e.consumed() == 12);
+      }
+      CHECK_THROWS_AS(co_await r.readline(), limit_overrun_error);  // drops the long line
+      CHECK(co_await r.readline() == "short\n");
+      (void)w;
+      (void)pr;
+    }());
+  }
+
+  TEST_CASE("writing after close or write_eof throws; a peer that never reads blocks drain, cancel works") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      auto& w = p.a.second;
+      std::string chunk(4 << 20, 'x');
+      w.write(chunk);  // more than the socket takes
+      auto d = create_task(w.drain());
+      co_await sleep(5ms);
+      CHECK_FALSE(d.done());  // nobody reads
+      d.cancel();
+      co_await wait_done(d);
+      CHECK(d.cancelled());
+      // Every byte is still delivered after the cancelled drain.
+      auto reading = create_task(p.b.first.readexactly(static_cast<std::ptrdiff_t>(chunk.size())));
+      co_await w.drain();
+      CHECK(co_await reading == chunk);
+      w.write_eof();
+      CHECK_THROWS_AS(w.write("late"), std::runtime_error);
+      CHECK(co_await p.b.first.read() == "");
+      p.b.second.close();
+      CHECK(p.b.second.is_closing());
+      CHECK_THROWS_AS(p.b.second.write("x"), std::runtime_error);
+      co_await p.b.second.wait_closed();
+      w.close();
+      co_await w.wait_closed();
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("a cancelled read loses no byte; closing the writer wakes a pending read with EOF") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      auto& r = p.a.first;
+      auto t = create_task(r.readexactly(6));
+      co_await sleep(1ms);
+      p.b.second.write("abc");
+      co_await sleep(1ms);  // three bytes buffered by the waiting read
+      t.cancel();
+      co_await wait_done(t);
+      CHECK(t.cancelled());
+      p.b.second.write("def");
+      CHECK(co_await r.readexactly(6) == "abcdef");
+      auto pending = create_task(r.read(10));
+      co_await sleep(1ms);
+      p.a.second.close();
+      CHECK(co_await pending == "");
+      co_await p.a.second.wait_closed();
+      CHECK(p.a.second.fileno() == -1);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("streams destroyed while their reads run close the descriptor once") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<std::string>> reads;
+      {
+        stream_pair p;
+        reads.push_back(create_task(p.a.first.readline()));
+        p.b.second.write("partial");
+      }  // the handles are gone; the frames keep the connections
+      // The peer's end closed with the pair: the read gets what was sent.
+      CHECK(co_await reads[0] == "partial");
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("get_extra_info and writelines") {
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      CHECK(p.a.second.get_extra_info("peername").has_value());
+      CHECK_FALSE(p.a.second.get_extra_info("nonsense").has_value());
+      std::vector<std::string> lines{"a\n", "b\n"};
+      p.a.second.writelines(lines);
+      CHECK(co_await p.b.first.readline() == "a\n");
+      CHECK(co_await p.b.first.readline() == "b\n");
+    }());
+  }
+}
+#endif
+// ---- end src/utilities/streams.hpp ----
 
 #endif  // ASYNC_UTILS_HPP_INCLUDED

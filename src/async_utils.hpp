@@ -62,3 +62,4 @@
 #include "utilities/make_async.hpp"
 #include "utilities/task_nursery.hpp"
 #include "utilities/shutdown.hpp"
+#include "utilities/streams.hpp"
