@@ -1,6 +1,9 @@
 // handle: what call_soon, call_later and call_at return (asyncio's Handle and TimerHandle).
 #pragma once
 
+#include "job_queue.hpp"
+#include "timer_heap.hpp"
+
 #include <atomic>
 #include <functional>
 

@@ -1,6 +1,8 @@
 // The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <algorithm>
 #include <cstddef>
 

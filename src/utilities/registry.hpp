@@ -2,6 +2,8 @@
 // keyed by a member it names (or a default key), in Derived::registry().
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
