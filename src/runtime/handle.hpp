@@ -2,6 +2,7 @@
 #pragma once
 
 #include "job_queue.hpp"
+#include "future_core.hpp"  // declares event_loop
 #include "timer_heap.hpp"
 
 #include <atomic>

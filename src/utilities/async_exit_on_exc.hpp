@@ -12,6 +12,7 @@
 #include "../runtime/completion.hpp"
 #include "../runtime/task.hpp"
 #include "../runtime/run.hpp"
+#include "async_exit_stack.hpp"
 
 #include <exception>
 #include <optional>

@@ -11,6 +11,7 @@
 #include "../runtime/sleep.hpp"
 #include "../runtime/completion.hpp"
 #include "../runtime/task.hpp"
+#include "../runtime/executor.hpp"
 #include "../runtime/run.hpp"
 
 #include <functional>

@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
 #include <cxxabi.h>
