@@ -4,11 +4,12 @@
     python3 amalgamate.py            write ./async_utils.hpp
     python3 amalgamate.py --check    exit 1 if ./async_utils.hpp differs from a fresh build
 
-The root file src/async_utils.hpp lists the parts. Every quoted include is resolved relative to
-the file that names it and inlined the first time only; system includes that sit outside any
-#if block are hoisted into one sorted list; conditional ones stay where they are, except repeats
-(hoisted anyway, or already included under the same #if lines). The output depends only on the
-sources: no timestamps, LF line ends.
+The root file src/async_utils.hpp lists the parts, and each part includes the parts it uses.
+Every quoted include is resolved relative to the file that names it and inlined the first time
+only (later ones vanish); system includes that sit outside any #if block are hoisted into one
+sorted list; conditional ones stay where they are, except repeats (hoisted anyway, or already
+included under the same #if lines). The output depends only on the sources: no timestamps, LF
+line ends.
 """
 
 import argparse
@@ -167,11 +168,17 @@ class Amalgamator:
         lines, code_starts = code_line_starts(text)
         if lines and lines[-1] == "":
             lines.pop()
+        dropped = False
         for number, (line, is_code) in enumerate(zip(lines, code_starts), start=1):
             m = DIRECTIVE_RE.match(line) if is_code else None
             if not m:
-                out.append(line)
+                # A blank line after dropped directives (#pragma once, hoisted or repeated
+                # includes) is dropped too when the output already ends with one.
+                if not (line == "" and dropped and out and out[-1] == ""):
+                    out.append(line)
+                    dropped = False
                 continue
+            dropped = False
             name, rest = m.group(1), m.group(2)
             if name in ("if", "ifdef", "ifndef"):
                 self.guards.append(line.strip())
@@ -180,15 +187,19 @@ class Amalgamator:
             elif name == "endif" and self.guards:
                 self.guards.pop()
             elif name == "pragma" and rest.split() == ["once"]:
+                dropped = True
                 continue
             elif name == "include":
                 quoted = QUOTED_INCLUDE_RE.match(rest)
                 system = SYSTEM_INCLUDE_RE.match(rest)
                 if quoted:
+                    size = len(out)
                     self.include_local(path, number, quoted.group(1), out)
+                    dropped = len(out) == size
                     continue
                 if system and not self.guards:
                     self.system_includes.add(system.group(1))
+                    dropped = True
                     continue
                 if system:
                     out.append(ConditionalInclude(system.group(1), tuple(self.guards), line))
@@ -207,8 +218,7 @@ class Amalgamator:
             chain = " -> ".join(self.rel(p) for p in active[active.index(target):] + [target])
             raise AmalgamateError(f"{where}: include cycle: {chain}")
         if target in self.visited:
-            out.append(f"// (already included: {self.rel(target)})")
-            return
+            return  # every source names what it uses, so repeats are the rule: leave no trace
         self.visited.add(target)
         self.files.append((self.rel(target), leading_comment(self.read(target)), self.section))
         out.append(f"// ---- begin {self.rel(target)} ----")

@@ -336,7 +336,6 @@
 // ---- begin src/platform/errors.hpp ----
 // The exceptions of asyncio, spelled the C++ way (SPEC section 0).
 
-
 namespace codestare::async_utils {
 
 /// asyncio.CancelledError: thrown at the suspension point of a cancelled task.
@@ -405,7 +404,6 @@ TEST_SUITE("errors") {
 // ---- begin src/platform/log.hpp ----
 // The library's logger: one pluggable sink, stderr by default.
 
-
 namespace codestare::async_utils {
 
 enum class log_level { debug, info, warning, error };
@@ -473,7 +471,6 @@ TEST_SUITE("log") {
 // ---- end src/platform/log.hpp ----
 // ---- begin src/platform/posix.hpp ----
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
-
 
 namespace codestare::async_utils::detail {
 
@@ -624,10 +621,6 @@ class epoll_backend {
 // ---- begin src/platform/backend_io_uring.hpp ----
 // The io_uring backend: readiness through poll requests on a ring driven by raw system calls,
 // with one io_uring_enter per loop iteration that both submits and waits. Epoll if refused.
-
-// (already included: src/platform/posix.hpp)
-// (already included: src/platform/log.hpp)
-// (already included: src/platform/backend_epoll.hpp)
 
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
 #include <linux/io_uring.h>
@@ -1281,7 +1274,6 @@ class wakeup_fd {
 // signal_source: turns POSIX signals into readiness of one descriptor a loop can watch
 // (signalfd on Linux/epoll, EVFILT_SIGNAL on kqueue, a self-pipe fed by sigaction elsewhere).
 
-
 #if defined(ASYNC_UTILS_BACKEND_EPOLL) && defined(__linux__)
 #define ASYNC_UTILS_SIGNALS_SIGNALFD
 #include <sys/signalfd.h>
@@ -1621,7 +1613,6 @@ std::thread start_thread_without_signals(F&& fn) {
 // executor / thread_pool_executor: concurrent.futures' Executor and ThreadPoolExecutor, as plain
 // job runners (no futures: the loop side brings its own result slot, executor.hpp).
 
-
 namespace codestare::async_utils {
 
 /// concurrent.futures.Executor as an event loop uses it: something that runs jobs on other
@@ -1836,7 +1827,6 @@ class log_capture {
 // exception_group: Python's ExceptionGroup, what a task_group throws when children fail.
 // subgroup<E>() and split<E>() do what `except* E` does; nested groups keep their shape.
 
-
 namespace codestare::async_utils {
 
 /// ExceptionGroup: a message and the exceptions (std::exception_ptr, nested groups kept) that
@@ -2007,7 +1997,6 @@ TEST_SUITE("exception_group") {
 // ---- begin src/runtime/intrusive_list.hpp ----
 // An intrusive doubly linked FIFO: waiters live in the awaiting coroutine frame, never on the heap.
 
-
 namespace codestare::async_utils::detail {
 
 /// A link that unlinks itself when destroyed, so a frame destroyed while waiting (a cancelled
@@ -2127,7 +2116,6 @@ TEST_SUITE("intrusive_list") {
 // ---- begin src/runtime/job_queue.hpp ----
 // The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
 
-
 namespace codestare::async_utils::detail {
 
 /// A unit of ready work: fn(arg, true) runs it, fn(arg, false) discards it (releasing what arg
@@ -2204,7 +2192,6 @@ TEST_SUITE("job_queue") {
 // ---- begin src/runtime/frame_cache.hpp ----
 // Recycles coroutine frames and task states: a per-thread free list per 16-byte size class,
 // so a spawn loop in steady state asks the system for no memory at all.
-
 
 namespace codestare::async_utils::detail {
 
@@ -2325,7 +2312,6 @@ TEST_SUITE("frame_cache") {
 // ---- end src/runtime/frame_cache.hpp ----
 // ---- begin src/runtime/timer_heap.hpp ----
 // Timers in a binary min-heap whose nodes know their position, so cancelling removes at once.
-
 
 namespace codestare::async_utils::detail {
 
@@ -2536,7 +2522,6 @@ TEST_SUITE("timer_heap") {
 // ---- begin src/runtime/future_core.hpp ----
 // The untyped state behind future<T> and task<T>: status, waiters, done callbacks, cancellation.
 
-
 namespace codestare::async_utils {
 
 class event_loop;
@@ -2720,7 +2705,6 @@ void check_same_loop(const future_core& core, const event_loop* loop, const char
 // any_task, the untyped task handle (what current_task() and all_tasks() return), and the
 // exception_context given to the loop's exception handler.
 
-
 namespace codestare::async_utils {
 
 /// A handle to a task of any result type (asyncio.Task as seen by all_tasks()).
@@ -2808,7 +2792,6 @@ inline std::string describe(const std::exception_ptr& error) {
 // ---- begin src/runtime/handle.hpp ----
 // handle: what call_soon, call_later and call_at return (asyncio's Handle and TimerHandle).
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -2872,9 +2855,6 @@ using timer_handle = handle;
 // ---- begin src/runtime/event_loop.hpp ----
 // event_loop: asyncio's loop. Ready jobs, timers, descriptors, cross-thread posts, the
 // exception handler; one loop runs per thread at a time.
-
-
-// (already included: src/runtime/frame_cache.hpp)
 
 namespace codestare::async_utils {
 
@@ -3833,7 +3813,6 @@ TEST_SUITE("event_loop") {
 // How futures finish and tasks run: the loop-facing half of future_core (step, suspend, wake,
 // cancel, finish), written after event_loop because it schedules on it.
 
-
 namespace codestare::async_utils::detail {
 
 inline future_core& current_task_core(const char* what) {
@@ -4098,7 +4077,6 @@ inline void future_core::abandon() noexcept {
 // ---- begin src/runtime/awaitable.hpp ----
 // What counts as an awaitable, and what co_await on it yields (used by create_task and friends).
 
-
 namespace codestare::async_utils::detail {
 
 template <class A>
@@ -4220,7 +4198,6 @@ using argument_result_t = await_result_t<detail::awaited_t<A>>;
 // ---- end src/runtime/awaitable.hpp ----
 // ---- begin src/runtime/future.hpp ----
 // future<T>: asyncio.Future, a copyable handle to a result slot bound to a loop.
-
 
 namespace codestare::async_utils {
 namespace detail {
@@ -4425,9 +4402,6 @@ TEST_SUITE("future") {
 // ---- end src/runtime/future.hpp ----
 // ---- begin src/runtime/coroutine.hpp ----
 // coroutine<T>: what an `async def` returns. Lazy, move-only, awaited once or run by a task.
-
-
-// (already included: src/runtime/frame_cache.hpp)
 
 namespace codestare::async_utils {
 namespace detail {
@@ -4642,7 +4616,6 @@ TEST_SUITE("coroutine") {
 // ---- begin src/runtime/sleep.hpp ----
 // sleep(duration): asyncio.sleep. sleep(0s) yields to the loop once without a timer.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -4797,7 +4770,6 @@ TEST_SUITE("sleep") {
 // wait_done(fut): waits until a future or task is done, without touching its outcome; and the
 // completion awaiter behind it, wait_for and run().
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -4888,7 +4860,6 @@ detail::done_waiter wait_done(const future<T>& f) {
 // ---- end src/runtime/completion.hpp ----
 // ---- begin src/runtime/task.hpp ----
 // task<T>: asyncio.Task, a future driving a coroutine; create_task, current_task, all_tasks.
-
 
 namespace codestare::async_utils {
 namespace detail {
@@ -5468,7 +5439,6 @@ TEST_SUITE("task") {
 // wait_for(aw, timeout): asyncio.wait_for. On timeout the inner task is cancelled, awaited, and
 // timeout_error is thrown.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -5713,7 +5683,6 @@ TEST_SUITE("wait_for") {
 // ---- end src/runtime/wait_for.hpp ----
 // ---- begin src/runtime/gather.hpp ----
 // gather(aws...) and gather(range): asyncio.gather, with the return_exceptions form.
-
 
 namespace codestare::async_utils {
 
@@ -6252,7 +6221,6 @@ TEST_SUITE("shield") {
 // Awaitable I/O on non-blocking descriptors: wait_readable/writable and asyncio's sock_* calls.
 // Each operation is tried first and waits only on EAGAIN; retries run in the loop's dispatch,
 // so a spurious wake-up never resumes the task.
-
 
 namespace codestare::async_utils {
 namespace detail {
@@ -7037,7 +7005,6 @@ TEST_SUITE("run") {
 // run_in_executor and the loop's default executor: asyncio's loop.run_in_executor,
 // set_default_executor and shutdown_default_executor.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -7612,7 +7579,6 @@ TEST_SUITE("executor") {
 // ---- begin src/runtime/signals.hpp ----
 // Signals: asyncio's loop.add_signal_handler / remove_signal_handler on top of signal_source.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -7975,7 +7941,6 @@ TEST_SUITE("signals") {
 // ---- begin src/primitives/waiter.hpp ----
 // The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -8074,7 +8039,6 @@ class [[nodiscard]] scoped_guard {
 // ---- end src/primitives/waiter.hpp ----
 // ---- begin src/primitives/lock.hpp ----
 // lock: asyncio.Lock, a FIFO-fair mutual exclusion lock for tasks, and its scoped guard awaiter.
-
 
 namespace codestare::async_utils {
 
@@ -8435,7 +8399,6 @@ TEST_SUITE("lock") {
 // ---- end src/primitives/lock.hpp ----
 // ---- begin src/primitives/condition.hpp ----
 // condition: asyncio.Condition, a condition variable for tasks over an own or shared lock.
-
 
 namespace codestare::async_utils {
 namespace detail {
@@ -9057,7 +9020,6 @@ TEST_SUITE("condition") {
 // ---- begin src/primitives/event.hpp ----
 // event: asyncio.Event, a flag that tasks can wait to see set.
 
-
 namespace codestare::async_utils {
 
 class event;
@@ -9193,7 +9155,6 @@ TEST_SUITE("event") {
 // ---- end src/primitives/event.hpp ----
 // ---- begin src/primitives/semaphore.hpp ----
 // semaphore and bounded_semaphore: asyncio.Semaphore and asyncio.BoundedSemaphore, FIFO fair.
-
 
 namespace codestare::async_utils {
 
@@ -9465,7 +9426,6 @@ TEST_SUITE("semaphore") {
 // ---- end src/primitives/semaphore.hpp ----
 // ---- begin src/primitives/queue.hpp ----
 // queue<T>: asyncio.Queue, a FIFO queue for producer and consumer tasks, with task_done/join.
-
 
 namespace codestare::async_utils {
 
@@ -9885,7 +9845,6 @@ TEST_SUITE("queue") {
 // ---- begin src/utilities/awaitable_predicate.hpp ----
 // awaitable_predicate: a predicate that is a bool now and an awaitable "until it holds".
 
-
 namespace codestare::async_utils {
 
 /// codestare's awaitable_predicate. `bool(p)` evaluates the predicate now; `co_await p` takes
@@ -10007,7 +9966,6 @@ TEST_SUITE("awaitable_predicate") {
 // ---- end src/utilities/awaitable_predicate.hpp ----
 // ---- begin src/utilities/accessor.hpp ----
 // accessor<T>: shared access to a value, synchronised by a condition (codestare's accessor).
-
 
 namespace codestare::async_utils {
 
@@ -10302,7 +10260,6 @@ TEST_SUITE("accessor") {
 // ---- end src/utilities/accessor.hpp ----
 // ---- begin src/utilities/condition_property.hpp ----
 // condition_property: the codestare decorator as a class member that behaves as an accessor.
-
 
 namespace codestare::async_utils {
 namespace detail {
@@ -10936,7 +10893,6 @@ TEST_SUITE("registry") {
 // ---- begin src/utilities/async_exit_stack.hpp ----
 // Async context managers: the concept, async_context(enter, exit), async_with(cm, body) for
 // `async with`, and async_exit_stack (contextlib.AsyncExitStack).
-
 
 // g++ flags the frames of these coroutine templates when they hold a lambda of an anonymous
 // namespace defined in a header (as the embedded tests do); the frames are internal.
@@ -11768,9 +11724,6 @@ TEST_SUITE("async_exit_stack") {
 // in the current task. At the deadline the task is cancelled; at exit that cancellation (and
 // only one the scope accounts for, by uncancel()) becomes timeout_error.
 
-
-// (already included: src/utilities/async_exit_stack.hpp)
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -12019,7 +11972,6 @@ TEST_SUITE("timeout") {
 // async_exit_on_exc(cm, task): exits an async context manager with the exception a task ended
 // with (codestare's async_exit_on_exc), directly or as a done callback.
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -12173,7 +12125,6 @@ TEST_SUITE("async_exit_on_exc") {
 // ---- begin src/utilities/coroutine_wrapper.hpp ----
 // coroutine_wrapper<R>: codestare's CoroutineWrapper, a base class that turns a class into a
 // coroutine built from its own member coroutines.
-
 
 namespace codestare::async_utils {
 
@@ -12557,7 +12508,6 @@ TEST_SUITE("coroutine_wrapper") {
 // make_async(fn): turns a blocking function into one that returns a coroutine running it on the
 // loop's default executor (codestare's make_async decorator).
 
-
 namespace codestare::async_utils {
 namespace detail {
 
@@ -12753,7 +12703,6 @@ TEST_SUITE("make_async") {
 // ---- begin src/utilities/task_nursery.hpp ----
 // task_nursery: codestare's TaskNursery, an async_exit_stack that also owns tasks and closes
 // when its sentinel task is cancelled; and the free stop_task(t).
-
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
@@ -13484,7 +13433,6 @@ TEST_SUITE("task_nursery") {
 // restores the previous dispositions), so late signals are absorbed instead of killing the
 // process half-way through its cleanup.
 
-
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
@@ -13907,11 +13855,6 @@ TEST_SUITE("shutdown") {
 // descriptor. Reads fill a buffer owned by the stream (so a cancelled read loses no byte) and
 // hand it out by move when a read takes all of it; writes go out at once and only what the
 // socket does not take is buffered, flushed by an add_writer callback (asyncio's transport).
-
-// (already included: src/runtime/future.hpp)
-// (already included: src/runtime/io.hpp)
-// (already included: src/runtime/sleep.hpp)
-
 
 namespace codestare::async_utils {
 

@@ -3,11 +3,12 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals
-#        nursery demo parity
-#        cppcheck sanitize valgrind stress fuzz
-# Default: all of them but cppcheck (`make check`), sanitize and valgrind (`make test-sanitize`),
-# stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz (`make fuzz`, FUZZ_TIME).
+# Steps: freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme
+#        signals nursery demo parity
+#        cppcheck self_contained sanitize valgrind stress fuzz
+# Default: all of them but cppcheck and self_contained (`make check`), sanitize and valgrind
+# (`make test-sanitize`), stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz
+# (`make fuzz`, FUZZ_TIME).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -17,7 +18,7 @@ CXX_CLANG=${CXX_CLANG:-clang++}
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
+STEPS=" ${*:-freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
 # Each compiler on io_uring and on one readiness backend; each backend with at least one compiler
 # (UNIT_FULL=1: every compiler on every backend). A build of the whole suite takes a minute or
 # two, and CI's budget counts them.
@@ -271,6 +272,32 @@ if want amalgamator; then
     ((bad > 0)) || bad=1
     passed=$((passed + ${ran:-0} - bad > 0 ? ${ran:-0} - bad : 0))
     fail "amalgamator unit tests ($bad of ${ran:-?} failed)" "$bad" "$BUILD/amalgamator.log"
+  fi
+fi
+
+if want layering; then
+  echo "== layering: includes point down platform <- runtime <- primitives <- utilities"
+  if python3 tests/layering.py >"$BUILD/layering.log" 2>&1; then
+    pass "$(tail -n 1 "$BUILD/layering.log")"
+  else
+    fail "$(tail -n 1 "$BUILD/layering.log")" 1 "$BUILD/layering.log"
+  fi
+fi
+
+if want self_contained; then
+  echo "== self_contained: each src/ header compiles alone (g++, clang++; tests off and on)"
+  python3 tests/self_contained.py -j "$JOBS" >"$BUILD/self_contained.log" 2>&1
+  line=$(grep '^self_contained: ' "$BUILD/self_contained.log")
+  if [[ $line =~ ([0-9]+)\ passed,\ ([0-9]+)\ failed ]]; then
+    ok=${BASH_REMATCH[1]} bad=${BASH_REMATCH[2]}  # each header, compiler and mode counts
+    if ((bad == 0)); then
+      pass "each header alone: $ok compiles" "$ok"
+    else
+      passed=$((passed + ok))
+      fail "each header alone: $bad of $((ok + bad)) compiles failed" "$bad" "$BUILD/self_contained.log"
+    fi
+  else
+    fail "self_contained (the script failed)" 1 "$BUILD/self_contained.log"
   fi
 fi
 

@@ -1,6 +1,12 @@
 // Picks the I/O backend chosen in config.hpp, and the cross-thread wake-up descriptor.
 #pragma once
 
+#include "config.hpp"
+#include "posix.hpp"
+#include "backend_epoll.hpp"
+#include "backend_kqueue.hpp"
+#include "backend_poll.hpp"
+
 #if defined(__linux__)
 #include <sys/eventfd.h>
 #endif

@@ -1,6 +1,9 @@
 // The Linux backend: epoll with one-shot arming, so a closed and reused descriptor cannot hang.
 #pragma once
 
+#include "config.hpp"
+#include "posix.hpp"
+
 #ifdef ASYNC_UTILS_BACKEND_EPOLL
 #include <sys/epoll.h>
 

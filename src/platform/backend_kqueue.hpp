@@ -1,6 +1,9 @@
 // The Apple/BSD backend: kqueue with EV_ONESHOT filters. Compiled here only against a shim.
 #pragma once
 
+#include "config.hpp"
+#include "posix.hpp"
+
 #ifdef ASYNC_UTILS_BACKEND_KQUEUE
 #include <sys/event.h>
 #include <sys/time.h>

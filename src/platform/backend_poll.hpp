@@ -1,6 +1,9 @@
 // The portable backend: poll(2) over a compact array of the armed descriptors.
 #pragma once
 
+#include "config.hpp"
+#include "posix.hpp"
+
 #ifdef ASYNC_UTILS_BACKEND_POLL
 #include <poll.h>
 #include <unordered_map>

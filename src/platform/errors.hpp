@@ -1,6 +1,8 @@
 // The exceptions of asyncio, spelled the C++ way (SPEC section 0).
 #pragma once
 
+#include "config.hpp"
+
 #include <stdexcept>
 #include <string>
 

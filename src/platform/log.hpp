@@ -1,6 +1,8 @@
 // The library's logger: one pluggable sink, stderr by default.
 #pragma once
 
+#include "config.hpp"
+
 #include <cstdio>
 #include <functional>
 #include <mutex>

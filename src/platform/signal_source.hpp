@@ -2,6 +2,9 @@
 // (signalfd on Linux/epoll, EVFILT_SIGNAL on kqueue, a self-pipe fed by sigaction elsewhere).
 #pragma once
 
+#include "config.hpp"
+#include "posix.hpp"
+
 #include <array>
 #include <atomic>
 #include <csignal>

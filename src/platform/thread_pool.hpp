@@ -2,6 +2,10 @@
 // job runners (no futures: the loop side brings its own result slot, executor.hpp).
 #pragma once
 
+#include "config.hpp"
+#include "log.hpp"
+#include "signal_source.hpp"
+
 #include <algorithm>
 #include <condition_variable>
 #include <cstddef>

@@ -1,6 +1,21 @@
 // condition: asyncio.Condition, a condition variable for tasks over an own or shared lock.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/future_core.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/wait_for.hpp"
+#include "../runtime/run.hpp"
+#include "waiter.hpp"
+#include "lock.hpp"
+
 #include <concepts>
 #include <coroutine>
 #include <cstddef>

@@ -1,6 +1,17 @@
 // event: asyncio.Event, a flag that tasks can wait to see set.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "waiter.hpp"
+
 #include <coroutine>
 
 namespace codestare::async_utils {

@@ -1,6 +1,20 @@
 // lock: asyncio.Lock, a FIFO-fair mutual exclusion lock for tasks, and its scoped guard awaiter.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/future_core.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "waiter.hpp"
+
 #include <coroutine>
 #include <stdexcept>
 

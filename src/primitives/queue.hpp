@@ -1,6 +1,19 @@
 // queue<T>: asyncio.Queue, a FIFO queue for producer and consumer tasks, with task_done/join.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "waiter.hpp"
+
 #include <coroutine>
 #include <cstddef>
 #include <deque>

@@ -1,6 +1,19 @@
 // semaphore and bounded_semaphore: asyncio.Semaphore and asyncio.BoundedSemaphore, FIFO fair.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "waiter.hpp"
+
 #include <coroutine>
 #include <cstddef>
 #include <limits>

@@ -1,6 +1,13 @@
 // The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
 #pragma once
 
+#include "../platform/log.hpp"
+#include "../runtime/intrusive_list.hpp"
+#include "../runtime/future_core.hpp"
+#include "../runtime/task_steps.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/task.hpp"
+
 #include <coroutine>
 #include <exception>
 #include <string>

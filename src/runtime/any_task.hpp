@@ -2,6 +2,9 @@
 // exception_context given to the loop's exception handler.
 #pragma once
 
+#include "../platform/errors.hpp"
+#include "future_core.hpp"
+
 #include <optional>
 #include <ostream>
 #include <string>

@@ -1,6 +1,8 @@
 // What counts as an awaitable, and what co_await on it yields (used by create_task and friends).
 #pragma once
 
+#include "event_loop.hpp"  // declares coroutine
+
 #include <concepts>
 #include <coroutine>
 #include <functional>

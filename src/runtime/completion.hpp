@@ -2,6 +2,14 @@
 // completion awaiter behind it, wait_for and run().
 #pragma once
 
+#include "../platform/errors.hpp"
+#include "timer_heap.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "future.hpp"
+
 #include <optional>
 
 namespace codestare::async_utils {

@@ -1,6 +1,11 @@
 // coroutine<T>: what an `async def` returns. Lazy, move-only, awaited once or run by a task.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "test_support.hpp"
+#include "handle.hpp"
+
 #include <coroutine>
 #include <cstddef>
 #include <exception>

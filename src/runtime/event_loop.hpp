@@ -2,6 +2,19 @@
 // exception handler; one loop runs per thread at a time.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/log.hpp"
+#include "../platform/posix.hpp"
+#include "../platform/backend.hpp"
+#include "../platform/thread_pool.hpp"
+#include "test_support.hpp"
+#include "intrusive_list.hpp"
+#include "job_queue.hpp"
+#include "timer_heap.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "handle.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <cstddef>

@@ -2,6 +2,22 @@
 // set_default_executor and shutdown_default_executor.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../platform/signal_source.hpp"
+#include "../platform/thread_pool.hpp"
+#include "test_support.hpp"
+#include "job_queue.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "task.hpp"
+#include "run.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <functional>

@@ -1,6 +1,12 @@
 // future<T>: asyncio.Future, a copyable handle to a result slot bound to a loop.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "future_core.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+
 #include <optional>
 #include <type_traits>
 

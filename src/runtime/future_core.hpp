@@ -1,6 +1,8 @@
 // The untyped state behind future<T> and task<T>: status, waiters, done callbacks, cancellation.
 #pragma once
 
+#include "intrusive_list.hpp"
+
 #include <atomic>
 #include <coroutine>
 #include <cstdint>

@@ -1,6 +1,20 @@
 // gather(aws...) and gather(range): asyncio.gather, with the return_exceptions form.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "test_support.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "awaitable.hpp"
+#include "future.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+#include "task.hpp"
+#include "wait_for.hpp"
+
 #include <iterator>
 #include <memory>
 #include <tuple>

@@ -1,6 +1,10 @@
 // handle: what call_soon, call_later and call_at return (asyncio's Handle and TimerHandle).
 #pragma once
 
+#include "job_queue.hpp"
+#include "future_core.hpp"  // declares event_loop
+#include "timer_heap.hpp"
+
 #include <atomic>
 #include <functional>
 

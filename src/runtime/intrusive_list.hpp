@@ -1,6 +1,8 @@
 // An intrusive doubly linked FIFO: waiters live in the awaiting coroutine frame, never on the heap.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <cstddef>
 
 namespace codestare::async_utils::detail {

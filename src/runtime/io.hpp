@@ -3,6 +3,19 @@
 // so a spurious wake-up never resumes the task.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/posix.hpp"
+#include "test_support.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+#include "task.hpp"
+#include "wait_for.hpp"
+
 #include <cstring>
 #include <netinet/in.h>
 #include <span>

@@ -1,8 +1,11 @@
 // The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <algorithm>
 #include <cstddef>
+#include <vector>
 
 namespace codestare::async_utils::detail {
 

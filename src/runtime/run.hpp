@@ -2,6 +2,22 @@
 // executor down and closes, so nothing outlives the call.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "test_support.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "awaitable.hpp"
+#include "future.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+#include "task.hpp"
+#include "wait_for.hpp"
+#include "io.hpp"
+
 namespace codestare::async_utils {
 namespace detail {
 

@@ -1,6 +1,17 @@
 // shield(aw): asyncio.shield. Cancelling the awaiting task does not cancel what it awaits.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "test_support.hpp"
+#include "event_loop.hpp"
+#include "awaitable.hpp"
+#include "future.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+#include "task.hpp"
+#include "wait_for.hpp"
+#include "gather.hpp"
+
 namespace codestare::async_utils {
 namespace detail {
 template <class T>

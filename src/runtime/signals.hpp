@@ -1,6 +1,16 @@
 // Signals: asyncio's loop.add_signal_handler / remove_signal_handler on top of signal_source.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/signal_source.hpp"
+#include "test_support.hpp"
+#include "any_task.hpp"
+#include "handle.hpp"
+#include "event_loop.hpp"
+#include "sleep.hpp"
+#include "run.hpp"
+#include "executor.hpp"
+
 #include <functional>
 #include <memory>
 #include <vector>

@@ -1,6 +1,15 @@
 // sleep(duration): asyncio.sleep. sleep(0s) yields to the loop once without a timer.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "test_support.hpp"
+#include "timer_heap.hpp"
+#include "future_core.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "coroutine.hpp"
+
 #include <chrono>
 #include <limits>
 #include <new>

@@ -1,6 +1,20 @@
 // task<T>: asyncio.Task, a future driving a coroutine; create_task, current_task, all_tasks.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "test_support.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "awaitable.hpp"
+#include "future.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+
 #include <optional>
 #include <string>
 #include <utility>

@@ -2,6 +2,12 @@
 // cancel, finish), written after event_loop because it schedules on it.
 #pragma once
 
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "future_core.hpp"
+#include "any_task.hpp"
+#include "event_loop.hpp"
+
 #include <string>
 #include <utility>
 

@@ -1,6 +1,9 @@
 // Helpers for the embedded tests only: bounded runs, descriptor and thread counts, log capture.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/log.hpp"
+
 #ifdef ASYNC_UTILS_TESTS
 #include <dirent.h>
 #include <sstream>

@@ -1,6 +1,8 @@
 // Timers in a binary min-heap whose nodes know their position, so cancelling removes at once.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>

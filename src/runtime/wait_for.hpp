@@ -2,6 +2,20 @@
 // timeout_error is thrown.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "test_support.hpp"
+#include "timer_heap.hpp"
+#include "future_core.hpp"
+#include "event_loop.hpp"
+#include "task_steps.hpp"
+#include "awaitable.hpp"
+#include "future.hpp"
+#include "coroutine.hpp"
+#include "sleep.hpp"
+#include "completion.hpp"
+#include "task.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <limits>

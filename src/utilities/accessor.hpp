@@ -1,6 +1,17 @@
 // accessor<T>: shared access to a value, synchronised by a condition (codestare's accessor).
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "../primitives/condition.hpp"
+#include "awaitable_predicate.hpp"
+
 #include <concepts>
 #include <functional>
 #include <memory>

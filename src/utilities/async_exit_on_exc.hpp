@@ -2,6 +2,18 @@
 // with (codestare's async_exit_on_exc), directly or as a done callback.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "async_exit_stack.hpp"
+
 #include <exception>
 #include <optional>
 

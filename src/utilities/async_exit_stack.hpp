@@ -2,6 +2,18 @@
 // `async with`, and async_exit_stack (contextlib.AsyncExitStack).
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/awaitable.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+
 #include <exception>
 #include <functional>
 #include <memory>

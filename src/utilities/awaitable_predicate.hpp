@@ -1,6 +1,16 @@
 // awaitable_predicate: a predicate that is a bool now and an awaitable "until it holds".
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/wait_for.hpp"
+#include "../runtime/run.hpp"
+#include "../primitives/condition.hpp"
+
 #include <chrono>
 #include <functional>
 #include <memory>

@@ -1,6 +1,14 @@
 // condition_property: the codestare decorator as a class member that behaves as an accessor.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "accessor.hpp"
+
 #include <memory>
 #include <string>
 #include <type_traits>

@@ -2,6 +2,17 @@
 // coroutine built from its own member coroutines.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+
 #include <coroutine>
 #include <cstdint>
 #include <utility>

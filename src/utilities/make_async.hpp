@@ -2,6 +2,18 @@
 // loop's default executor (codestare's make_async decorator).
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/job_queue.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/awaitable.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/executor.hpp"
+#include "../runtime/run.hpp"
+
 #include <functional>
 #include <memory>
 #include <type_traits>

@@ -2,6 +2,8 @@
 // keyed by a member it names (or a default key), in Derived::registry().
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -13,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
 #include <cxxabi.h>

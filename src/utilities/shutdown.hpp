@@ -19,6 +19,22 @@
 // process half-way through its cleanup.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/future_core.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/wait_for.hpp"
+#include "../runtime/run.hpp"
+#include "../primitives/lock.hpp"
+#include "task_nursery.hpp"
+
 #include <algorithm>
 #include <csignal>
 #include <map>

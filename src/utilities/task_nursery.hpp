@@ -2,6 +2,23 @@
 // when its sentinel task is cancelled; and the free stop_task(t).
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+#include "../platform/log.hpp"
+#include "../runtime/test_support.hpp"
+#include "../runtime/any_task.hpp"
+#include "../runtime/handle.hpp"
+#include "../runtime/event_loop.hpp"
+#include "../runtime/future.hpp"
+#include "../runtime/coroutine.hpp"
+#include "../runtime/sleep.hpp"
+#include "../runtime/completion.hpp"
+#include "../runtime/task.hpp"
+#include "../runtime/run.hpp"
+#include "../runtime/executor.hpp"
+#include "registry.hpp"
+#include "async_exit_stack.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <exception>

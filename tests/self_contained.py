@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Compiles each header under src/ on its own (-fsyntax-only), with g++ and clang++, with and
+without ASYNC_UTILS_TESTS: a file that forgets to include what it uses fails here, although the
+single header (which inlines everything in order) would still build.
+
+    python3 tests/self_contained.py [-j N] [--compiler CXX]... [FILE...]
+
+Each check is a one-line translation unit `#include "FILE"`, so the header is not the main file
+(as in a user's program). Prints one line per failure and ends with "self_contained: N passed,
+M failed"; exits 1 on any failure.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+SRC = os.path.join(ROOT, "src")
+WARN = shlex.split(os.environ.get("WARN", "-std=c++20 -Wall -Wextra -Wpedantic -Werror"))
+MODES = [("", []), ("tests", ["-DASYNC_UTILS_TESTS"])]
+
+
+def headers():
+    found = []
+    for base, _, names in os.walk(SRC):
+        found += [os.path.relpath(os.path.join(base, n), SRC).replace(os.sep, "/")
+                  for n in names if n.endswith(".hpp")]
+    return sorted(found)
+
+
+def check(compiler, header, flags):
+    source = f'#include "{header}"\n'
+    cmd = [compiler, *WARN, "-pthread", "-fsyntax-only", f"-I{SRC}", *flags, "-x", "c++", "-"]
+    result = subprocess.run(cmd, input=source, capture_output=True, text=True)
+    return result.returncode == 0, result.stderr
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-j", type=int, default=int(os.environ.get("JOBS", "2")))
+    parser.add_argument("--compiler", action="append",
+                        help="compilers to use (default: $CXX_GCC and $CXX_CLANG, else g++, "
+                             "clang++)")
+    parser.add_argument("files", nargs="*", help="headers relative to src/ (default: all)")
+    args = parser.parse_args()
+    compilers = args.compiler or [os.environ.get("CXX_GCC", "g++"),
+                                  os.environ.get("CXX_CLANG", "clang++")]
+    jobs = [(c, h, mode, flags) for h in (args.files or headers()) for c in compilers
+            for mode, flags in MODES]
+    passed = failed = 0
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.j)) as pool:
+        futures = [(job, pool.submit(check, job[0], job[1], job[3])) for job in jobs]
+        for (compiler, header, mode, _), future in futures:
+            ok, errors = future.result()
+            if ok:
+                passed += 1
+                continue
+            failed += 1
+            label = f"{header} ({compiler}{', ' + mode if mode else ''})"
+            first = next((l for l in errors.splitlines() if "error" in l), errors.strip())
+            print(f"FAIL {label}: {first}")
+    print(f"self_contained: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
