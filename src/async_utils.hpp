@@ -58,3 +58,4 @@
 #include "utilities/make_async.hpp"
 #include "utilities/task_nursery.hpp"
 #include "utilities/shutdown.hpp"
+#include "utilities/composition.hpp"
