@@ -206,6 +206,12 @@
 //                                            takes all of it; writes go out at once and only what
 //                                            the socket does not take is buffered, flushed by an
 //                                            add_writer callback (asyncio's transport).
+//     src/utilities/composition.hpp          The composition matrix (issue 13 item 1): every
+//                                            awaitable a primitive returns, awaited directly and
+//                                            through create_task, task_nursery::create_task,
+//                                            gather, shield and wait_for. Nothing but tests lives
+//                                            here; the awaiters are movable until they park
+//                                            (waiter.hpp).
 
 #if !defined(__INCLUDE_LEVEL__) || __INCLUDE_LEVEL__ > 0
 #pragma once
@@ -7950,8 +7956,13 @@ struct parked_task : list_node, cancel_hook {
   future_core* task = nullptr;
   bool woken = false;      // chosen by the primitive; resumes on a later loop iteration
   bool withdrawn = false;  // cancelled while parked: unlinked, resumes only to throw
+  bool abandoned = false;  // its primitive was destroyed: never touch it again
 
   parked_task() noexcept = default;
+  // Movable until await_suspend (so wait_for, gather, shield and create_task can keep the
+  // awaiter by value); the node only parks then, so a move yields a fresh, unbound node.
+  // Moving an awaiter while it is suspended is not possible through the library.
+  parked_task(parked_task&&) noexcept : list_node(), cancel_hook() {}
   parked_task(const parked_task&) = delete;
   parked_task& operator=(const parked_task&) = delete;
 
@@ -7981,6 +7992,18 @@ struct parked_task : list_node, cancel_hook {
   }
   /// Throws cancelled_error when the wait was withdrawn or a cancel() came after the wake-up.
   void check_cancelled() { task->throw_if_cancelled(withdrawn); }
+  /// First thing an await_resume does before it touches its primitive.
+  void throw_if_abandoned() {
+    if (abandoned) task->throw_if_cancelled(true);
+  }
+  /// The primitive is being destroyed: the wait ends with cancelled_error (a woken task is
+  /// scheduled already) and nothing of the primitive is touched from now on.
+  void abandon() {
+    unlink();
+    abandoned = true;
+    withdrawn = true;
+    if (!std::exchange(woken, false)) task->wake();
+  }
 };
 
 /// Runs fn, which may schedule tasks, from a destructor: a failure there (out of memory while
@@ -7996,6 +8019,12 @@ void from_destructor(const char* what, F&& fn) noexcept {
     }
   } catch (...) {
   }
+}
+
+/// A primitive's destructor: every task still waiting on it (parked or woken) gets
+/// cancelled_error instead of a pointer to a dead object (SPEC: destroying ends waits).
+inline void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
+  while (parked_task* w = waiters.pop_front()) from_destructor("abandoning a waiter failed", [w] { w->abandon(); });
 }
 
 }  // namespace detail
@@ -8053,6 +8082,7 @@ struct lock_acquire : parked_task {
   lock* owner;
 
   explicit lock_acquire(lock& l) noexcept : owner(&l) {}
+  lock_acquire(lock_acquire&&) noexcept = default;
   bool await_ready() noexcept;
   void await_suspend(std::coroutine_handle<> h);
   bool await_resume();
@@ -8076,6 +8106,8 @@ class lock {
   lock() noexcept = default;
   lock(const lock&) = delete;
   lock& operator=(const lock&) = delete;
+  /// Waits still queued (woken ones too) end with cancelled_error.
+  ~lock() { detail::abandon_all(waiters_); }
 
   /// Lock.acquire(): `co_await lk.acquire()` waits until the lock is ours; yields true.
   /// Cancelled while waiting, it throws cancelled_error and leaves the lock to the next waiter.
@@ -8130,6 +8162,7 @@ inline void lock_acquire::await_suspend(std::coroutine_handle<> h) {
 inline bool lock_acquire::await_resume() {
   if (!task) return true;  // taken in await_ready
   unlink();
+  throw_if_abandoned();
   try {
     check_cancelled();
   } catch (...) {
@@ -8412,6 +8445,7 @@ struct condition_wait : parked_task {
   bool cancelled = false;  // cancelled before the notification: rethrown once the lock is back
 
   condition_wait(condition& c, lock& l) noexcept : cond(&c), lk(&l) {}
+  condition_wait(condition_wait&&) noexcept = default;
   bool await_ready() const {
     if (!lk->locked()) throw std::runtime_error("condition.wait(): the lock is not acquired");
     return false;
@@ -8481,6 +8515,7 @@ struct condition_wait_for_awaiter : condition_wait, resume_gate {
  private:
   static bool gate(resume_gate* g) noexcept {
     auto* self = static_cast<condition_wait_for_awaiter*>(g);
+    if (self->abandoned) return true;  // its condition or lock is gone: await_resume throws
     self->take_lock();
     if (self->cancelled || self->task->cancel_pending()) return true;  // await_resume throws
     try {
@@ -8526,6 +8561,9 @@ class condition {
   explicit condition(lock& borrowed) noexcept : lock_(&borrowed) {}
   condition(const condition&) = delete;
   condition& operator=(const condition&) = delete;
+  /// Waits not yet notified end with cancelled_error, without the lock (own_'s destructor
+  /// does the same for those queued for it).
+  ~condition() { detail::abandon_all(waiters_); }
 
   /// Condition.acquire() / release() / locked(): the underlying lock's.
   [[nodiscard]] detail::lock_acquire acquire() noexcept { return lock_->acquire(); }
@@ -8606,6 +8644,10 @@ inline void condition_wait::take_lock() noexcept {
 }
 
 inline bool condition_wait::await_resume() {
+  if (abandoned) {
+    unlink();
+    task->throw_if_cancelled(true);
+  }
   take_lock();
   try {
     task->throw_if_cancelled(cancelled);
@@ -9051,6 +9093,8 @@ class event {
   event() noexcept = default;
   event(const event&) = delete;
   event& operator=(const event&) = delete;
+  /// Waits still parked end with cancelled_error.
+  ~event() { detail::abandon_all(waiters_); }
 
   /// Event.set(): sets the flag and wakes all waiters (they run on later iterations).
   void set() {
@@ -9168,6 +9212,7 @@ struct semaphore_acquire : parked_task {
   semaphore* owner;
 
   explicit semaphore_acquire(semaphore& s) noexcept : owner(&s) {}
+  semaphore_acquire(semaphore_acquire&&) noexcept = default;
   bool await_ready() noexcept;
   void await_suspend(std::coroutine_handle<> h);
   bool await_resume();
@@ -9190,6 +9235,11 @@ class semaphore {
   explicit semaphore(std::ptrdiff_t value = 1) : semaphore(value, std::numeric_limits<std::size_t>::max()) {}
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
+  /// Waits still queued, and those handed a unit but not yet resumed, end with cancelled_error.
+  ~semaphore() {
+    detail::abandon_all(waiters_);
+    detail::abandon_all(handed_);
+  }
 
   /// Semaphore.acquire(): `co_await sem.acquire()` takes a unit; yields true. Cancelled after
   /// being handed a unit, it gives the unit to the next waiter.
@@ -9220,7 +9270,9 @@ class semaphore {
   void wake_next() {
     while (value_ > 0 && !waiters_.empty()) {
       --value_;
-      waiters_.pop_front()->wake_up();
+      detail::parked_task* w = waiters_.pop_front();
+      handed_.push_back(*w);  // reachable until it resumes, for the destructor
+      w->wake_up();
     }
   }
   /// A unit handed to a waiter that will not use it goes back round.
@@ -9232,6 +9284,7 @@ class semaphore {
   std::size_t value_;
   std::size_t bound_;
   detail::intrusive_list<detail::parked_task> waiters_;
+  detail::intrusive_list<detail::parked_task> handed_;  // woken, not yet resumed
 };
 
 /// asyncio.BoundedSemaphore: release() beyond the initial value throws std::invalid_argument.
@@ -9260,6 +9313,8 @@ inline void semaphore_acquire::await_suspend(std::coroutine_handle<> h) {
 
 inline bool semaphore_acquire::await_resume() {
   if (!task) return true;  // taken in await_ready
+  unlink();
+  throw_if_abandoned();
   const bool handed = std::exchange(woken, false);
   try {
     check_cancelled();
@@ -9272,6 +9327,7 @@ inline bool semaphore_acquire::await_resume() {
 
 inline semaphore_acquire::~semaphore_acquire() {
   // A frame destroyed between hand-over and resumption (loop closing) returns its unit.
+  unlink();
   if (woken) from_destructor("semaphore: returning a unit failed", [this] { owner->give_back(); });
 }
 
@@ -9442,6 +9498,7 @@ struct queue_get : parked_task {
   queue<T>* q;
 
   explicit queue_get(queue<T>& owner) noexcept : q(&owner) {}
+  queue_get(queue_get&&) noexcept = default;
   bool await_ready() const noexcept { return !q->empty(); }
   void await_suspend(std::coroutine_handle<> h) {
     bind("queue.get()");
@@ -9450,6 +9507,8 @@ struct queue_get : parked_task {
   }
   T await_resume() {
     if (task) {
+      unlink();
+      throw_if_abandoned();
       const bool claimed = std::exchange(woken, false);
       if (claimed) --q->claimed_items_;
       try {
@@ -9462,6 +9521,7 @@ struct queue_get : parked_task {
     return q->take();
   }
   ~queue_get() {
+    unlink();
     if (woken) {  // destroyed between wake-up and resumption (loop closing)
       --q->claimed_items_;
       from_destructor("queue: waking the next getter failed", [this] { q->wake_getters(); });
@@ -9477,6 +9537,7 @@ struct queue_put : parked_task {
   T item;
 
   queue_put(queue<T>& owner, T&& value) : q(&owner), item(std::move(value)) {}
+  queue_put(queue_put&&) noexcept(std::is_nothrow_move_constructible_v<T>) = default;
   bool await_ready() const noexcept { return !q->full(); }
   void await_suspend(std::coroutine_handle<> h) {
     bind("queue.put()");
@@ -9485,6 +9546,8 @@ struct queue_put : parked_task {
   }
   void await_resume() {
     if (task) {
+      unlink();
+      throw_if_abandoned();
       const bool claimed = std::exchange(woken, false);
       if (claimed) --q->claimed_slots_;
       try {
@@ -9497,6 +9560,7 @@ struct queue_put : parked_task {
     q->store(std::move(item));
   }
   ~queue_put() {
+    unlink();
     if (woken) {
       --q->claimed_slots_;
       from_destructor("queue: waking the next putter failed", [this] { q->wake_putters(); });
@@ -9540,6 +9604,13 @@ class queue {
   explicit queue(std::ptrdiff_t maxsize = 0) noexcept : maxsize_(maxsize) {}
   queue(const queue&) = delete;
   queue& operator=(const queue&) = delete;
+  /// Every wait still pending (get, put, join; woken or not) ends with cancelled_error.
+  ~queue() {
+    detail::abandon_all(getters_);
+    detail::abandon_all(putters_);
+    detail::abandon_all(joiners_);
+    detail::abandon_all(woken_);
+  }
 
   /// Queue.maxsize, as given.
   std::ptrdiff_t maxsize() const noexcept { return maxsize_; }
@@ -9605,13 +9676,17 @@ class queue {
   void wake_getters() {
     while (qsize() > 0 && !getters_.empty()) {
       ++claimed_items_;
-      getters_.pop_front()->wake_up();
+      detail::parked_task* w = getters_.pop_front();
+      woken_.push_back(*w);  // reachable until it resumes, for the destructor
+      w->wake_up();
     }
   }
   void wake_putters() {
     while (!full() && !putters_.empty()) {
       ++claimed_slots_;
-      putters_.pop_front()->wake_up();
+      detail::parked_task* w = putters_.pop_front();
+      woken_.push_back(*w);
+      w->wake_up();
     }
   }
 
@@ -9623,6 +9698,7 @@ class queue {
   detail::intrusive_list<detail::parked_task> getters_;
   detail::intrusive_list<detail::parked_task> putters_;
   detail::intrusive_list<detail::parked_task> joiners_;
+  detail::intrusive_list<detail::parked_task> woken_;  // getters and putters not yet resumed
 };
 
 }  // namespace codestare::async_utils
@@ -12909,7 +12985,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   /// The tasks created by create_task() that are not done yet.
   const std::vector<any_task>& tasks() const noexcept { return state_->tasks; }
   /// The task whose cancellation shuts the nursery down; empty once it is shut down.
-  const any_task& sentinel_task() const noexcept { return state_->sentinel; }
+  any_task sentinel_task() const noexcept { return state_->sentinel; }
   /// True once a shutdown has finished (create_task refuses work from then on).
   bool closed() const noexcept { return state_->closed; }
 
@@ -14470,5 +14546,346 @@ TEST_SUITE("streams") {
 }
 #endif
 // ---- end src/utilities/streams.hpp ----
+// ---- begin src/utilities/composition.hpp ----
+// The composition matrix (issue 13 item 1): every awaitable a primitive returns, awaited
+// directly and through create_task, task_nursery::create_task, gather, shield and wait_for.
+// Nothing but tests lives here; the awaiters are movable until they park (waiter.hpp).
+
+#ifdef ASYNC_UTILS_TESTS
+namespace codestare::async_utils::testing::composition {
+using namespace std::chrono_literals;
+
+// Each case: setup() makes blocked() wait; release() lets it finish; cleanup() checks and
+// undoes what the finished wait did; after_timeout() checks the primitive is as if the
+// cancelled wait had never been made.
+struct event_case {
+  static constexpr const char* name = "event.wait()";
+  event ev;
+  coroutine<void> setup() { co_return; }
+  auto blocked() { return ev.wait(); }
+  coroutine<void> release() {
+    ev.set();
+    co_return;
+  }
+  coroutine<void> cleanup() { co_return; }
+  coroutine<void> after_timeout() {
+    CHECK_FALSE(ev.is_set());
+    co_return;
+  }
+};
+
+template <bool Scoped>
+struct lock_case {
+  lock lk;
+  coroutine<void> setup() { co_await lk.acquire(); }  // held by someone else
+  auto blocked() {
+    if constexpr (Scoped) return lk.scoped();
+    else return lk.acquire();
+  }
+  coroutine<void> release() {
+    lk.release();
+    co_return;
+  }
+  coroutine<void> cleanup() {
+    if constexpr (Scoped) {
+      CHECK_FALSE(lk.locked());  // the guard, dropped with the result, released it
+    } else {
+      CHECK(lk.locked());
+      lk.release();
+    }
+    co_return;
+  }
+  coroutine<void> after_timeout() {
+    CHECK(lk.locked());  // still the holder's, not ours
+    lk.release();
+    co_await sleep(0s);
+    CHECK_FALSE(lk.locked());  // nobody else was promised it
+  }
+};
+
+template <bool Scoped>
+struct semaphore_case {
+  semaphore sem{1};
+  coroutine<void> setup() { co_await sem.acquire(); }
+  auto blocked() {
+    if constexpr (Scoped) return sem.scoped();
+    else return sem.acquire();
+  }
+  coroutine<void> release() {
+    sem.release();
+    co_return;
+  }
+  coroutine<void> cleanup() {
+    if constexpr (Scoped) {
+      CHECK_FALSE(sem.locked());
+    } else {
+      CHECK(sem.locked());
+      sem.release();
+    }
+    co_return;
+  }
+  coroutine<void> after_timeout() {
+    CHECK(sem.locked());
+    sem.release();
+    co_await sleep(0s);
+    CHECK_FALSE(sem.locked());  // the unit is free: not consumed by the cancelled wait
+    co_await sem.acquire();
+    sem.release();
+  }
+};
+
+struct queue_get_case {
+  queue<int> q;
+  coroutine<void> setup() { co_return; }
+  auto blocked() { return q.get(); }
+  coroutine<void> release() {
+    q.put_nowait(1);
+    co_return;
+  }
+  coroutine<void> cleanup() {
+    CHECK(q.empty());
+    co_return;
+  }
+  coroutine<void> after_timeout() {
+    q.put_nowait(7);
+    co_await sleep(0s);
+    CHECK(q.qsize() == 1);  // no item lost to the cancelled getter
+    CHECK(q.get_nowait() == 7);
+  }
+};
+
+struct queue_put_case {
+  queue<int> q{1};
+  coroutine<void> setup() {
+    q.put_nowait(1);
+    co_return;
+  }
+  auto blocked() { return q.put(2); }
+  coroutine<void> release() {
+    CHECK(q.get_nowait() == 1);
+    co_return;
+  }
+  coroutine<void> cleanup() {
+    CHECK(q.get_nowait() == 2);
+    co_return;
+  }
+  coroutine<void> after_timeout() {
+    CHECK(q.get_nowait() == 1);
+    co_await sleep(0s);
+    CHECK(q.empty());  // the cancelled put put nothing
+  }
+};
+
+struct queue_join_case {
+  queue<int> q;
+  coroutine<void> setup() {
+    q.put_nowait(1);
+    co_return;
+  }
+  auto blocked() { return q.join(); }
+  coroutine<void> release() {
+    q.get_nowait();
+    q.task_done();
+    co_return;
+  }
+  coroutine<void> cleanup() { co_return; }
+  coroutine<void> after_timeout() {
+    CHECK(q.qsize() == 1);
+    co_return;
+  }
+};
+
+template <bool Predicate>
+struct condition_case {
+  condition cond;
+  bool flag = false;
+  coroutine<void> setup() { co_await cond.acquire(); }  // the waiter runs with it held
+  auto blocked() {
+    if constexpr (Predicate) return cond.wait_for([this] { return flag; });
+    else return cond.wait();
+  }
+  coroutine<void> release() {
+    co_await cond.acquire();
+    flag = true;
+    cond.notify_all();
+    cond.release();
+  }
+  coroutine<void> cleanup() {
+    CHECK(cond.locked());  // the waiter got the lock back
+    cond.release();
+    co_return;
+  }
+  coroutine<void> after_timeout() {
+    CHECK(cond.locked());  // cancelled, it still took the lock back (asyncio does the same)
+    cond.release();
+    co_return;
+  }
+};
+
+enum class via { direct, create_task, nursery, gather, shield, wait_for_max };
+
+/// Awaits `aw` and drops what it yields (a scoped() guard is [[nodiscard]]).
+template <class A>
+coroutine<void> discard(A aw) {
+  if constexpr (std::is_void_v<await_result_t<A>>) {
+    co_await std::move(aw);
+  } else {
+    auto result = co_await std::move(aw);
+    (void)result;
+  }
+}
+
+template <class C>
+coroutine<void> await_directly(C& c) {
+  co_await discard(c.blocked());
+}
+
+/// Starts c.blocked() through `how` as a task (so it can be watched), lets it park, releases.
+template <class C>
+coroutine<void> run_through(via how) {
+  C c;
+  co_await c.setup();
+  {
+    task_nursery n("composition");
+    any_task t;
+    switch (how) {
+      case via::direct: t = create_task(await_directly(c)); break;
+      case via::create_task: t = create_task(c.blocked()); break;
+      case via::nursery: t = n.create_task(c.blocked()); break;
+      case via::gather: t = gather(c.blocked()); break;
+      case via::shield: t = create_task(shield(c.blocked())); break;
+      case via::wait_for_max: t = create_task(wait_for(c.blocked(), std::chrono::steady_clock::duration::max())); break;
+    }
+    co_await sleep(0s);
+    co_await sleep(0s);
+    CHECK_FALSE(t.done());
+    co_await c.release();
+    co_await wait_done(t);
+    CHECK_FALSE(t.cancelled());
+    CHECK(t.exception() == nullptr);
+    t = any_task();
+    co_await sleep(0s);  // gather's children and shield's inner task let go of their results
+    co_await stop_task(n.sentinel_task());
+  }
+  co_await c.cleanup();
+}
+
+/// wait_for(c.blocked(), timeout) times out; the primitive is as if never called.
+template <class C, class D>
+coroutine<void> time_out(D timeout) {
+  C c;
+  co_await c.setup();
+  bool timed_out = false;
+  try {
+    co_await discard(wait_for(c.blocked(), timeout));
+  } catch (const timeout_error&) {
+    timed_out = true;
+  }
+  CHECK(timed_out);
+  co_await c.after_timeout();
+}
+
+/// Destroys the case (and its primitive) while a task waits on it, parked or already woken
+/// (issue 12 items 4-5): the wait ends with cancelled_error, or returns if it needed nothing
+/// more of the primitive, and nothing touches the dead object (ASan).
+template <class C>
+coroutine<void> destroy_while_waiting(bool woken) {
+  auto c = std::make_unique<C>();
+  co_await c->setup();
+  any_task t = create_task(c->blocked());
+  co_await sleep(0s);
+  co_await sleep(0s);
+  if (woken) co_await c->release();
+  c.reset();
+  co_await wait_done(t);
+  if (!woken) CHECK(t.cancelled());
+  if (!t.cancelled()) CHECK(t.exception() == nullptr);
+}
+
+struct primitives {
+  semaphore sem{0};
+  queue<int> q;
+  lock lk;
+};
+
+/// Owns the primitives in its frame; wakes one waiter of each, which never gets to run.
+inline coroutine<void> own_primitives(future<primitives*> ready) {
+  primitives p;
+  co_await p.lk.acquire();
+  ready.set_result(&p);
+  co_await sleep(0s);
+  co_await sleep(0s);
+  p.sem.release();
+  p.q.put_nowait(1);
+  p.lk.release();
+  co_await sleep(1h);
+}
+
+inline coroutine<void> wait_on_primitives(future<primitives*> ready, int which) {
+  primitives* p = co_await ready;
+  if (which == 0) co_await p->lk.acquire();
+  if (which == 1) co_await p->sem.acquire();
+  if (which == 2) co_await p->q.get();
+}
+
+}  // namespace codestare::async_utils::testing::composition
+
+TEST_SUITE("composition") {
+  using namespace codestare::async_utils;
+  using namespace codestare::async_utils::testing::composition;
+  using namespace std::chrono_literals;
+
+  TEST_CASE_TEMPLATE("every primitive awaitable composes with every combinator", C, event_case, lock_case<false>, lock_case<true>,
+                     semaphore_case<false>, semaphore_case<true>, queue_get_case, queue_put_case, queue_join_case,
+                     condition_case<false>, condition_case<true>) {
+    for (via how : {via::direct, via::create_task, via::nursery, via::gather, via::shield, via::wait_for_max}) {
+      CAPTURE(static_cast<int>(how));
+      testing::run_bounded(run_through<C>(how));
+    }
+    testing::run_bounded(time_out<C>(0s));
+    testing::run_bounded(time_out<C>(1ms));
+  }
+
+  TEST_CASE_TEMPLATE("destroying a primitive ends the waits on it with cancelled_error", C, event_case, lock_case<false>,
+                     semaphore_case<false>, queue_get_case, queue_put_case, queue_join_case, condition_case<false>,
+                     condition_case<true>) {
+    testing::run_bounded(destroy_while_waiting<C>(false));
+    testing::run_bounded(destroy_while_waiting<C>(true));
+  }
+
+  // The primitives live in one pending task's frame, their waiters in others: loop.close()
+  // destroys the frames in its own order (creation order); both orders are tried (issue 12 item 4).
+  TEST_CASE("loop.close() with pending tasks never lets a waiter reach a destroyed primitive") {
+    for (bool owner_first : {true, false}) {
+      CAPTURE(owner_first);
+      testing::log_capture quiet;
+      event_loop loop;
+      auto ready = loop.create_future<primitives*>();
+      std::vector<any_task> tasks;
+      if (owner_first) tasks.push_back(loop.create_task(own_primitives(ready)));
+      for (int i = 0; i < 6; ++i) tasks.push_back(loop.create_task(wait_on_primitives(ready, i % 3)));
+      if (!owner_first) tasks.push_back(loop.create_task(own_primitives(ready)));
+      for (int i = 0; i < 4; ++i) loop.run_until_complete(sleep(0s));
+      loop.close();
+      for (auto& t : tasks) CHECK(t.done());
+    }
+  }
+
+  TEST_CASE("task_nursery::sentinel_task() is a handle that can be cancelled (issue 13 item 5)") {
+    testing::run_bounded([]() -> coroutine<void> {
+      task_nursery n("sentinel-handle");
+      auto child = n.create_task(sleep(1h));
+      co_await sleep(0s);
+      CHECK(n.sentinel_task().cancel());  // a temporary handle: cancel() shuts the nursery down
+      co_await wait_done(child);
+      CHECK(child.cancelled());
+      for (int i = 0; i < 10 && !n.closed(); ++i) co_await sleep(0s);
+      CHECK(n.closed());
+      CHECK_FALSE(n.sentinel_task());
+    }());
+  }
+}
+#endif
+// ---- end src/utilities/composition.hpp ----
 
 #endif  // ASYNC_UTILS_HPP_INCLUDED

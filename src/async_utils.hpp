@@ -63,3 +63,4 @@
 #include "utilities/task_nursery.hpp"
 #include "utilities/shutdown.hpp"
 #include "utilities/streams.hpp"
+#include "utilities/composition.hpp"

@@ -38,6 +38,7 @@ struct condition_wait : parked_task {
   bool cancelled = false;  // cancelled before the notification: rethrown once the lock is back
 
   condition_wait(condition& c, lock& l) noexcept : cond(&c), lk(&l) {}
+  condition_wait(condition_wait&&) noexcept = default;
   bool await_ready() const {
     if (!lk->locked()) throw std::runtime_error("condition.wait(): the lock is not acquired");
     return false;
@@ -107,6 +108,7 @@ struct condition_wait_for_awaiter : condition_wait, resume_gate {
  private:
   static bool gate(resume_gate* g) noexcept {
     auto* self = static_cast<condition_wait_for_awaiter*>(g);
+    if (self->abandoned) return true;  // its condition or lock is gone: await_resume throws
     self->take_lock();
     if (self->cancelled || self->task->cancel_pending()) return true;  // await_resume throws
     try {
@@ -152,6 +154,9 @@ class condition {
   explicit condition(lock& borrowed) noexcept : lock_(&borrowed) {}
   condition(const condition&) = delete;
   condition& operator=(const condition&) = delete;
+  /// Waits not yet notified end with cancelled_error, without the lock (own_'s destructor
+  /// does the same for those queued for it).
+  ~condition() { detail::abandon_all(waiters_); }
 
   /// Condition.acquire() / release() / locked(): the underlying lock's.
   [[nodiscard]] detail::lock_acquire acquire() noexcept { return lock_->acquire(); }
@@ -232,6 +237,10 @@ inline void condition_wait::take_lock() noexcept {
 }
 
 inline bool condition_wait::await_resume() {
+  if (abandoned) {
+    unlink();
+    task->throw_if_cancelled(true);
+  }
   take_lock();
   try {
     task->throw_if_cancelled(cancelled);

@@ -45,6 +45,8 @@ class event {
   event() noexcept = default;
   event(const event&) = delete;
   event& operator=(const event&) = delete;
+  /// Waits still parked end with cancelled_error.
+  ~event() { detail::abandon_all(waiters_); }
 
   /// Event.set(): sets the flag and wakes all waiters (they run on later iterations).
   void set() {

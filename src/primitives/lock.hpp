@@ -31,6 +31,7 @@ struct lock_acquire : parked_task {
   lock* owner;
 
   explicit lock_acquire(lock& l) noexcept : owner(&l) {}
+  lock_acquire(lock_acquire&&) noexcept = default;
   bool await_ready() noexcept;
   void await_suspend(std::coroutine_handle<> h);
   bool await_resume();
@@ -54,6 +55,8 @@ class lock {
   lock() noexcept = default;
   lock(const lock&) = delete;
   lock& operator=(const lock&) = delete;
+  /// Waits still queued (woken ones too) end with cancelled_error.
+  ~lock() { detail::abandon_all(waiters_); }
 
   /// Lock.acquire(): `co_await lk.acquire()` waits until the lock is ours; yields true.
   /// Cancelled while waiting, it throws cancelled_error and leaves the lock to the next waiter.
@@ -108,6 +111,7 @@ inline void lock_acquire::await_suspend(std::coroutine_handle<> h) {
 inline bool lock_acquire::await_resume() {
   if (!task) return true;  // taken in await_ready
   unlink();
+  throw_if_abandoned();
   try {
     check_cancelled();
   } catch (...) {

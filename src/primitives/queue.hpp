@@ -35,6 +35,7 @@ struct queue_get : parked_task {
   queue<T>* q;
 
   explicit queue_get(queue<T>& owner) noexcept : q(&owner) {}
+  queue_get(queue_get&&) noexcept = default;
   bool await_ready() const noexcept { return !q->empty(); }
   void await_suspend(std::coroutine_handle<> h) {
     bind("queue.get()");
@@ -43,6 +44,8 @@ struct queue_get : parked_task {
   }
   T await_resume() {
     if (task) {
+      unlink();
+      throw_if_abandoned();
       const bool claimed = std::exchange(woken, false);
       if (claimed) --q->claimed_items_;
       try {
@@ -55,6 +58,7 @@ struct queue_get : parked_task {
     return q->take();
   }
   ~queue_get() {
+    unlink();
     if (woken) {  // destroyed between wake-up and resumption (loop closing)
       --q->claimed_items_;
       from_destructor("queue: waking the next getter failed", [this] { q->wake_getters(); });
@@ -70,6 +74,7 @@ struct queue_put : parked_task {
   T item;
 
   queue_put(queue<T>& owner, T&& value) : q(&owner), item(std::move(value)) {}
+  queue_put(queue_put&&) noexcept(std::is_nothrow_move_constructible_v<T>) = default;
   bool await_ready() const noexcept { return !q->full(); }
   void await_suspend(std::coroutine_handle<> h) {
     bind("queue.put()");
@@ -78,6 +83,8 @@ struct queue_put : parked_task {
   }
   void await_resume() {
     if (task) {
+      unlink();
+      throw_if_abandoned();
       const bool claimed = std::exchange(woken, false);
       if (claimed) --q->claimed_slots_;
       try {
@@ -90,6 +97,7 @@ struct queue_put : parked_task {
     q->store(std::move(item));
   }
   ~queue_put() {
+    unlink();
     if (woken) {
       --q->claimed_slots_;
       from_destructor("queue: waking the next putter failed", [this] { q->wake_putters(); });
@@ -133,6 +141,13 @@ class queue {
   explicit queue(std::ptrdiff_t maxsize = 0) noexcept : maxsize_(maxsize) {}
   queue(const queue&) = delete;
   queue& operator=(const queue&) = delete;
+  /// Every wait still pending (get, put, join; woken or not) ends with cancelled_error.
+  ~queue() {
+    detail::abandon_all(getters_);
+    detail::abandon_all(putters_);
+    detail::abandon_all(joiners_);
+    detail::abandon_all(woken_);
+  }
 
   /// Queue.maxsize, as given.
   std::ptrdiff_t maxsize() const noexcept { return maxsize_; }
@@ -198,13 +213,17 @@ class queue {
   void wake_getters() {
     while (qsize() > 0 && !getters_.empty()) {
       ++claimed_items_;
-      getters_.pop_front()->wake_up();
+      detail::parked_task* w = getters_.pop_front();
+      woken_.push_back(*w);  // reachable until it resumes, for the destructor
+      w->wake_up();
     }
   }
   void wake_putters() {
     while (!full() && !putters_.empty()) {
       ++claimed_slots_;
-      putters_.pop_front()->wake_up();
+      detail::parked_task* w = putters_.pop_front();
+      woken_.push_back(*w);
+      w->wake_up();
     }
   }
 
@@ -216,6 +235,7 @@ class queue {
   detail::intrusive_list<detail::parked_task> getters_;
   detail::intrusive_list<detail::parked_task> putters_;
   detail::intrusive_list<detail::parked_task> joiners_;
+  detail::intrusive_list<detail::parked_task> woken_;  // getters and putters not yet resumed
 };
 
 }  // namespace codestare::async_utils

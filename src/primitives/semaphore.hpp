@@ -31,6 +31,7 @@ struct semaphore_acquire : parked_task {
   semaphore* owner;
 
   explicit semaphore_acquire(semaphore& s) noexcept : owner(&s) {}
+  semaphore_acquire(semaphore_acquire&&) noexcept = default;
   bool await_ready() noexcept;
   void await_suspend(std::coroutine_handle<> h);
   bool await_resume();
@@ -53,6 +54,11 @@ class semaphore {
   explicit semaphore(std::ptrdiff_t value = 1) : semaphore(value, std::numeric_limits<std::size_t>::max()) {}
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
+  /// Waits still queued, and those handed a unit but not yet resumed, end with cancelled_error.
+  ~semaphore() {
+    detail::abandon_all(waiters_);
+    detail::abandon_all(handed_);
+  }
 
   /// Semaphore.acquire(): `co_await sem.acquire()` takes a unit; yields true. Cancelled after
   /// being handed a unit, it gives the unit to the next waiter.
@@ -83,7 +89,9 @@ class semaphore {
   void wake_next() {
     while (value_ > 0 && !waiters_.empty()) {
       --value_;
-      waiters_.pop_front()->wake_up();
+      detail::parked_task* w = waiters_.pop_front();
+      handed_.push_back(*w);  // reachable until it resumes, for the destructor
+      w->wake_up();
     }
   }
   /// A unit handed to a waiter that will not use it goes back round.
@@ -95,6 +103,7 @@ class semaphore {
   std::size_t value_;
   std::size_t bound_;
   detail::intrusive_list<detail::parked_task> waiters_;
+  detail::intrusive_list<detail::parked_task> handed_;  // woken, not yet resumed
 };
 
 /// asyncio.BoundedSemaphore: release() beyond the initial value throws std::invalid_argument.
@@ -123,6 +132,8 @@ inline void semaphore_acquire::await_suspend(std::coroutine_handle<> h) {
 
 inline bool semaphore_acquire::await_resume() {
   if (!task) return true;  // taken in await_ready
+  unlink();
+  throw_if_abandoned();
   const bool handed = std::exchange(woken, false);
   try {
     check_cancelled();
@@ -135,6 +146,7 @@ inline bool semaphore_acquire::await_resume() {
 
 inline semaphore_acquire::~semaphore_acquire() {
   // A frame destroyed between hand-over and resumption (loop closing) returns its unit.
+  unlink();
   if (woken) from_destructor("semaphore: returning a unit failed", [this] { owner->give_back(); });
 }
 

@@ -22,8 +22,13 @@ struct parked_task : list_node, cancel_hook {
   future_core* task = nullptr;
   bool woken = false;      // chosen by the primitive; resumes on a later loop iteration
   bool withdrawn = false;  // cancelled while parked: unlinked, resumes only to throw
+  bool abandoned = false;  // its primitive was destroyed: never touch it again
 
   parked_task() noexcept = default;
+  // Movable until await_suspend (so wait_for, gather, shield and create_task can keep the
+  // awaiter by value); the node only parks then, so a move yields a fresh, unbound node.
+  // Moving an awaiter while it is suspended is not possible through the library.
+  parked_task(parked_task&&) noexcept : list_node(), cancel_hook() {}
   parked_task(const parked_task&) = delete;
   parked_task& operator=(const parked_task&) = delete;
 
@@ -53,6 +58,18 @@ struct parked_task : list_node, cancel_hook {
   }
   /// Throws cancelled_error when the wait was withdrawn or a cancel() came after the wake-up.
   void check_cancelled() { task->throw_if_cancelled(withdrawn); }
+  /// First thing an await_resume does before it touches its primitive.
+  void throw_if_abandoned() {
+    if (abandoned) task->throw_if_cancelled(true);
+  }
+  /// The primitive is being destroyed: the wait ends with cancelled_error (a woken task is
+  /// scheduled already) and nothing of the primitive is touched from now on.
+  void abandon() {
+    unlink();
+    abandoned = true;
+    withdrawn = true;
+    if (!std::exchange(woken, false)) task->wake();
+  }
 };
 
 /// Runs fn, which may schedule tasks, from a destructor: a failure there (out of memory while
@@ -68,6 +85,12 @@ void from_destructor(const char* what, F&& fn) noexcept {
     }
   } catch (...) {
   }
+}
+
+/// A primitive's destructor: every task still waiting on it (parked or woken) gets
+/// cancelled_error instead of a pointer to a dead object (SPEC: destroying ends waits).
+inline void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
+  while (parked_task* w = waiters.pop_front()) from_destructor("abandoning a waiter failed", [w] { w->abandon(); });
 }
 
 }  // namespace detail

@@ -239,7 +239,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   /// The tasks created by create_task() that are not done yet.
   const std::vector<any_task>& tasks() const noexcept { return state_->tasks; }
   /// The task whose cancellation shuts the nursery down; empty once it is shut down.
-  const any_task& sentinel_task() const noexcept { return state_->sentinel; }
+  any_task sentinel_task() const noexcept { return state_->sentinel; }
   /// True once a shutdown has finished (create_task refuses work from then on).
   bool closed() const noexcept { return state_->closed; }
 
