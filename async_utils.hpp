@@ -2199,12 +2199,24 @@ TEST_SUITE("job_queue") {
 // Recycles coroutine frames and task states: a per-thread free list per 16-byte size class,
 // so a spawn loop in steady state asks the system for no memory at all.
 
+// Under AddressSanitizer every frame goes to and from the system, so that a use of a freed
+// frame is reported instead of landing in a recycled block.
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+#if defined(__SANITIZE_ADDRESS__)
+#define ASYNC_UTILS_NO_FRAME_CACHE
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ASYNC_UTILS_NO_FRAME_CACHE
+#endif
+#endif
+#endif
+
 namespace codestare::async_utils::detail {
 
 /// Blocks up to max_cached_size bytes, in classes of frame_granule; each class keeps at most
 /// max_cached_per_class blocks (about 1 MiB in all per thread at worst). Larger blocks and the
-/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (e.g. to let a
-/// sanitizer see every frame's lifetime).
+/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (AddressSanitizer
+/// builds turn it off by themselves).
 inline constexpr std::size_t frame_granule = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
 inline constexpr std::size_t max_cached_size = 1024;
 inline constexpr std::size_t frame_classes = max_cached_size / frame_granule;
@@ -10077,6 +10089,17 @@ template <class T>
 class accessor {
   static_assert(std::is_copy_constructible_v<T>, "accessor<T> hands out copies of the value: T must be copyable");
 
+  // What the coroutines and has_waiting_read share with the accessor; they hold it, so a
+  // coroutine still running when the accessor is destroyed never reaches into the accessor.
+  // Declared first: has_waiting_read's predicate captures it.
+  struct shared_state {
+    std::shared_ptr<async_utils::condition> condition;
+    std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
+    std::size_t waiting_reads = 0;
+    std::optional<T> stored;
+  };
+  std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
+
  public:
   using value_type = T;
   using getter = std::function<T()>;
@@ -10110,7 +10133,7 @@ class accessor {
   /// Sets the value with fset and notifies every waiting get(). With wait_for_read, first
   /// waits until some get() is waiting (a write that waits for a read). If fset throws, the
   /// exception leaves set, nobody is notified and the lock is released.
-  coroutine<void> set(T value, bool wait_for_read = false) { return set_impl(state_, fset, std::move(value), wait_for_read, &has_waiting_read); }
+  coroutine<void> set(T value, bool wait_for_read = false) { return set_impl(state_, fset, std::move(value), wait_for_read); }
 
   /// Returns fget() once the combined predicate holds (see the class table). Exceptions from
   /// fget or the predicate leave get; the waiting-reader count is restored however get ends.
@@ -10123,19 +10146,10 @@ class accessor {
   }
 
  private:
-  // What the coroutines share with the accessor; they hold it, so it outlives a destroyed accessor.
-  struct shared_state {
-    std::shared_ptr<async_utils::condition> condition;
-    std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
-    std::size_t waiting_reads = 0;
-    std::optional<T> stored;
-  };
-
   accessor(getter get, setter set, accessor_options options, bool internal)
       : fget(std::move(get)),
         fset(std::move(set)),
-        has_waiting_read([this] { return state_->waiting_reads > 0; }),
-        state_(std::make_shared<shared_state>()),
+        has_waiting_read([s = state_] { return s->waiting_reads > 0; }),
         name_(std::move(options.name)),
         custom_(!internal) {
     if (internal) {
@@ -10157,9 +10171,11 @@ class accessor {
     state_->readers_changed = has_waiting_read.shared_condition();
   }
 
-  static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read,
-                                  const awaitable_predicate* has_reader) {
-    if (wait_for_read) co_await has_reader->wait();
+  static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read) {
+    if (wait_for_read) {  // has_waiting_read's wait, on the shared state alone
+      auto announce = co_await s->readers_changed->scoped();
+      co_await s->readers_changed->wait_for([&s] { return s->waiting_reads > 0; });
+    }
     auto guard = co_await s->condition->scoped();
     set(std::move(value));
     s->condition->notify_all();
@@ -10190,7 +10206,6 @@ class accessor {
     co_return get();
   }
 
-  std::shared_ptr<shared_state> state_;
   std::string name_;
   bool custom_;
 };
@@ -10309,6 +10324,31 @@ TEST_SUITE("accessor") {
       CHECK_THROWS_AS(throwing.result(), std::runtime_error);
       CHECK_FALSE(static_cast<bool>(a.has_waiting_read));  // restored when get throws
       CHECK_FALSE(a.condition().locked());
+    }());
+  }
+
+  TEST_CASE("an accessor destroyed while its coroutines wait: they hold the shared state, never the accessor") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto cond = std::make_shared<condition>();
+      auto a = std::make_unique<accessor<int>>(accessor_options{.condition = cond, .name = "gone"});
+      auto writer = create_task(a->set(5, true));  // waits for a reader
+      auto unstarted = a->set(6, true);             // a lazy coroutine, not started yet
+      auto until_reader = create_task([](const awaitable_predicate& p) -> coroutine<void> { co_await p; }(a->has_waiting_read));
+      co_await sleep(1ms);
+      CHECK_FALSE(writer.done());
+      CHECK_FALSE(until_reader.done());
+      auto reader = create_task(a->get());  // not started before the accessor goes
+      a.reset();
+      CHECK(co_await reader == 5);  // the reader came, the writer went on, the reader saw its value
+      co_await writer;
+      co_await until_reader;
+      auto late = create_task(std::move(unstarted));
+      co_await sleep(1ms);
+      CHECK_FALSE(late.done());  // waits for a reader that can no longer come: cancel ends it
+      late.cancel();
+      co_await wait_done(late);
+      CHECK(late.cancelled());
+      CHECK_FALSE(cond->locked());
     }());
   }
 

@@ -5,12 +5,24 @@
 #include <cstddef>
 #include <new>
 
+// Under AddressSanitizer every frame goes to and from the system, so that a use of a freed
+// frame is reported instead of landing in a recycled block.
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+#if defined(__SANITIZE_ADDRESS__)
+#define ASYNC_UTILS_NO_FRAME_CACHE
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ASYNC_UTILS_NO_FRAME_CACHE
+#endif
+#endif
+#endif
+
 namespace codestare::async_utils::detail {
 
 /// Blocks up to max_cached_size bytes, in classes of frame_granule; each class keeps at most
 /// max_cached_per_class blocks (about 1 MiB in all per thread at worst). Larger blocks and the
-/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (e.g. to let a
-/// sanitizer see every frame's lifetime).
+/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (AddressSanitizer
+/// builds turn it off by themselves).
 inline constexpr std::size_t frame_granule = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
 inline constexpr std::size_t max_cached_size = 1024;
 inline constexpr std::size_t frame_classes = max_cached_size / frame_granule;

@@ -54,6 +54,17 @@ template <class T>
 class accessor {
   static_assert(std::is_copy_constructible_v<T>, "accessor<T> hands out copies of the value: T must be copyable");
 
+  // What the coroutines and has_waiting_read share with the accessor; they hold it, so a
+  // coroutine still running when the accessor is destroyed never reaches into the accessor.
+  // Declared first: has_waiting_read's predicate captures it.
+  struct shared_state {
+    std::shared_ptr<async_utils::condition> condition;
+    std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
+    std::size_t waiting_reads = 0;
+    std::optional<T> stored;
+  };
+  std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
+
  public:
   using value_type = T;
   using getter = std::function<T()>;
@@ -87,7 +98,7 @@ class accessor {
   /// Sets the value with fset and notifies every waiting get(). With wait_for_read, first
   /// waits until some get() is waiting (a write that waits for a read). If fset throws, the
   /// exception leaves set, nobody is notified and the lock is released.
-  coroutine<void> set(T value, bool wait_for_read = false) { return set_impl(state_, fset, std::move(value), wait_for_read, &has_waiting_read); }
+  coroutine<void> set(T value, bool wait_for_read = false) { return set_impl(state_, fset, std::move(value), wait_for_read); }
 
   /// Returns fget() once the combined predicate holds (see the class table). Exceptions from
   /// fget or the predicate leave get; the waiting-reader count is restored however get ends.
@@ -100,19 +111,10 @@ class accessor {
   }
 
  private:
-  // What the coroutines share with the accessor; they hold it, so it outlives a destroyed accessor.
-  struct shared_state {
-    std::shared_ptr<async_utils::condition> condition;
-    std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
-    std::size_t waiting_reads = 0;
-    std::optional<T> stored;
-  };
-
   accessor(getter get, setter set, accessor_options options, bool internal)
       : fget(std::move(get)),
         fset(std::move(set)),
-        has_waiting_read([this] { return state_->waiting_reads > 0; }),
-        state_(std::make_shared<shared_state>()),
+        has_waiting_read([s = state_] { return s->waiting_reads > 0; }),
         name_(std::move(options.name)),
         custom_(!internal) {
     if (internal) {
@@ -134,9 +136,11 @@ class accessor {
     state_->readers_changed = has_waiting_read.shared_condition();
   }
 
-  static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read,
-                                  const awaitable_predicate* has_reader) {
-    if (wait_for_read) co_await has_reader->wait();
+  static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read) {
+    if (wait_for_read) {  // has_waiting_read's wait, on the shared state alone
+      auto announce = co_await s->readers_changed->scoped();
+      co_await s->readers_changed->wait_for([&s] { return s->waiting_reads > 0; });
+    }
     auto guard = co_await s->condition->scoped();
     set(std::move(value));
     s->condition->notify_all();
@@ -167,7 +171,6 @@ class accessor {
     co_return get();
   }
 
-  std::shared_ptr<shared_state> state_;
   std::string name_;
   bool custom_;
 };
@@ -287,6 +290,31 @@ TEST_SUITE("accessor") {
       CHECK_THROWS_AS(throwing.result(), std::runtime_error);
       CHECK_FALSE(static_cast<bool>(a.has_waiting_read));  // restored when get throws
       CHECK_FALSE(a.condition().locked());
+    }());
+  }
+
+  TEST_CASE("an accessor destroyed while its coroutines wait: they hold the shared state, never the accessor") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto cond = std::make_shared<condition>();
+      auto a = std::make_unique<accessor<int>>(accessor_options{.condition = cond, .name = "gone"});
+      auto writer = create_task(a->set(5, true));  // waits for a reader
+      auto unstarted = a->set(6, true);             // a lazy coroutine, not started yet
+      auto until_reader = create_task([](const awaitable_predicate& p) -> coroutine<void> { co_await p; }(a->has_waiting_read));
+      co_await sleep(1ms);
+      CHECK_FALSE(writer.done());
+      CHECK_FALSE(until_reader.done());
+      auto reader = create_task(a->get());  // not started before the accessor goes
+      a.reset();
+      CHECK(co_await reader == 5);  // the reader came, the writer went on, the reader saw its value
+      co_await writer;
+      co_await until_reader;
+      auto late = create_task(std::move(unstarted));
+      co_await sleep(1ms);
+      CHECK_FALSE(late.done());  // waits for a reader that can no longer come: cancel ends it
+      late.cancel();
+      co_await wait_done(late);
+      CHECK(late.cancelled());
+      CHECK_FALSE(cond->locked());
     }());
   }
 
