@@ -57,6 +57,7 @@
 #include "utilities/registry.hpp"
 #include "utilities/async_exit_stack.hpp"
 #include "utilities/timeout.hpp"
+#include "utilities/task_group.hpp"
 #include "utilities/async_exit_on_exc.hpp"
 #include "utilities/coroutine_wrapper.hpp"
 #include "utilities/make_async.hpp"

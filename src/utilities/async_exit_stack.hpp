@@ -132,6 +132,7 @@ inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::excep
     std::rethrow_exception(context);
   } catch (...) {
     try {
+      throw_nested_if<exception_group>(raised);
       throw_nested_if<cancelled_error>(raised);
       throw_nested_if<timeout_error>(raised);
       throw_nested_if<invalid_state_error>(raised);

@@ -1,5 +1,11 @@
 // task_nursery: codestare's TaskNursery, an async_exit_stack that also owns tasks and closes
 // when its sentinel task is cancelled; and the free stop_task(t).
+//
+// Nursery or task_group? A task_nursery is a long-lived owner of background tasks (services
+// that run until shutdown): a failing child is logged and shuts the loop down, and closing the
+// nursery cancels the children. A task_group (task_group.hpp, asyncio.TaskGroup) is a scope
+// around one piece of work: leaving it waits for the children, the first failure cancels the
+// rest, and the failures come back to the caller as one exception_group.
 #pragma once
 
 #include "../platform/config.hpp"
