@@ -9,6 +9,8 @@
 #include "../runtime/sleep.hpp"
 
 #include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/tcp.h>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -450,6 +452,102 @@ inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t l
   return {stream_reader(s), stream_writer(s)};
 }
 
+/// One result of getaddrinfo: what socket() and connect()/bind() take.
+struct address_info {
+  int family = 0, socktype = 0, protocol = 0;
+  sockaddr_storage address{};
+  socklen_t length = 0;
+};
+
+namespace detail {
+inline const std::error_category& gai_category() {
+  struct category : std::error_category {
+    const char* name() const noexcept override { return "getaddrinfo"; }
+    std::string message(int e) const override { return ::gai_strerror(e); }
+  };
+  static const category c;
+  return c;
+}
+inline void check_port(int port, const char* what) {
+  if (port < 0 || port > 65535) throw std::invalid_argument(std::string(what) + ": port out of range 0-65535: " + std::to_string(port));
+}
+inline std::vector<address_info> resolve(const std::string& host, int port, int flags) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = flags | AI_NUMERICSERV;
+  addrinfo* list = nullptr;
+  const std::string service = std::to_string(port);
+  int r = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &list);
+  if (r == EAI_SYSTEM) throw_errno(errno, "getaddrinfo " + host);
+  if (r != 0) throw std::system_error(r, gai_category(), "getaddrinfo " + host);
+  std::vector<address_info> out;
+  for (addrinfo* a = list; a; a = a->ai_next) {
+    address_info i;
+    i.family = a->ai_family;
+    i.socktype = a->ai_socktype;
+    i.protocol = a->ai_protocol;
+    std::memcpy(&i.address, a->ai_addr, a->ai_addrlen);
+    i.length = a->ai_addrlen;
+    out.push_back(i);
+  }
+  ::freeaddrinfo(list);
+  return out;
+}
+}  // namespace detail
+
+/// asyncio's loop.getaddrinfo for stream sockets, run on the default executor. An unknown host
+/// throws std::system_error (category "getaddrinfo"), a bad port std::invalid_argument.
+inline coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags = 0) {
+  detail::check_port(port, "getaddrinfo");
+  // Named, not a temporary inside the co_await: g++ 12 frees the captured string twice otherwise.
+  auto job = [host, port, flags] { return detail::resolve(host, port, flags); };
+  auto resolved = event_loop::current().run_in_executor(std::move(job));
+  co_return co_await std::move(resolved);
+}
+
+namespace detail {
+inline coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
+  unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
+  if (!fd) throw_errno(errno, "open_connection: socket");
+  if (a.family == AF_INET || a.family == AF_INET6) {
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  co_await sock_connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.address), a.length);
+  co_return open_stream(fd.release(), limit);
+}
+}  // namespace detail
+
+/// asyncio.open_connection: resolves host, connects to the first address that accepts (TCP_NODELAY on).
+inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
+                                                                          std::size_t limit = detail::stream_default_limit) {
+  detail::check_port(port, "open_connection");
+  auto addresses = co_await getaddrinfo(host, port);
+  std::exception_ptr last;
+  for (const auto& a : addresses) {
+    try {
+      co_return co_await detail::connect_to(a, limit);
+    } catch (const std::system_error&) {
+      last = std::current_exception();
+    }
+  }
+  std::rethrow_exception(last);
+}
+
+/// asyncio.open_unix_connection.
+inline coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
+                                                                               std::size_t limit = detail::stream_default_limit) {
+  address_info a;
+  auto& un = reinterpret_cast<sockaddr_un&>(a.address);
+  if (path.empty() || path.size() >= sizeof un.sun_path) throw std::invalid_argument("open_unix_connection: bad path");
+  un.sun_family = AF_UNIX;
+  std::memcpy(un.sun_path, path.data(), path.size());
+  a.family = AF_UNIX;
+  a.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+  co_return co_await detail::connect_to(a, limit);
+}
+
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
@@ -628,6 +726,24 @@ TEST_SUITE("streams") {
       CHECK(co_await p.b.first.readline() == "a\n");
       CHECK(co_await p.b.first.readline() == "b\n");
     }());
+  }
+
+  TEST_CASE("open_connection: port out of range, unknown host, refused connection") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      CHECK_THROWS_AS(co_await open_connection("127.0.0.1", 70000), std::invalid_argument);
+      CHECK_THROWS_AS(co_await open_connection("127.0.0.1", -1), std::invalid_argument);
+      CHECK_THROWS_AS(co_await open_connection("no-such-host.invalid", 80), std::system_error);
+      CHECK_THROWS_AS(co_await open_connection("127.0.0.1", 1), std::system_error);
+      auto v4 = co_await getaddrinfo("127.0.0.1", 80);
+      REQUIRE(v4.size() >= 1);
+      CHECK(v4[0].family == AF_INET);
+      auto v6 = co_await getaddrinfo("::1", 80);
+      REQUIRE(v6.size() >= 1);
+      CHECK(v6[0].family == AF_INET6);
+      CHECK_FALSE((co_await getaddrinfo("localhost", 0)).empty());
+    }());
+    CHECK(testing::open_fds() == fds_before);
   }
 }
 #endif
