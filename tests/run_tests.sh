@@ -15,11 +15,12 @@ cd "$(dirname "$0")/.." || exit 2
 BUILD=$PWD/tests/build
 CXX_GCC=${CXX_GCC:-g++}
 CXX_CLANG=${CXX_CLANG:-clang++}
+CXX_CLANG19=${CXX_CLANG19:-clang++-19}  # the newest clang Debian 12 ships (make deps installs it)
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 STEPS=" ${*:-freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
-UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"
+UNIT_VARIANTS="gcc-epoll gcc-poll clang-epoll clang-poll"  # clang19-epoll: see CXX_CLANG19
 # The embedded suite under ASan+UBSan and, separately, TSan: each compiler, each backend.
 # By default each sanitizer runs once per compiler, the backends alternating, so that every
 # compiler, backend and sanitizer is covered in half the build time (a sanitized build of the
@@ -79,6 +80,7 @@ job_ok() { [ "$(cat "$BUILD/$1.rc" 2>/dev/null)" = 0 ]; }
 compile_unit() {  # compile_unit VARIANT: the embedded tests, from the committed single header
   local cxx=$CXX_GCC backend=()
   [[ $1 == clang-* ]] && cxx=$CXX_CLANG
+  [[ $1 == clang19-* ]] && cxx=$CXX_CLANG19
   [[ $1 == *-poll ]] && backend=(-DASYNC_UTILS_BACKEND_POLL)
   # shellcheck disable=SC2086  # WARN is a list of flags
   "$cxx" $WARN -pthread -O1 -g -DASYNC_UTILS_TESTS_MAIN "${backend[@]}" \
@@ -445,7 +447,8 @@ fi
 
 if want readme; then
   echo "== readme: every example of README.md compiles, runs and prints what README says"
-  python3 tests/readme/run_examples.py >"$BUILD/readme.log" 2>&1
+  CXX_GCC=$CXX_GCC CXX_CLANG=$CXX_CLANG CXX_CLANG19=$CXX_CLANG19 JOBS=$JOBS \
+    python3 tests/readme/run_examples.py >"$BUILD/readme.log" 2>&1
   if grep -q '^readme: ' "$BUILD/readme.log"; then
     count_lines "$BUILD/readme.log"
   else
