@@ -3,11 +3,12 @@
 
 CXX_GCC ?= g++
 CXX_CLANG ?= clang++
+CXX_CLANG19 ?= clang++-19
 WARN := -std=c++20 -Wall -Wextra -Wpedantic -Werror
 PYTHON ?= python3
 BUILD := tests/build
 
-export CXX_GCC CXX_CLANG WARN
+export CXX_GCC CXX_CLANG CXX_CLANG19 WARN
 
 .PHONY: all test demo bench check clean deps deps-reliability test-sanitize stress fuzz
 
@@ -15,13 +16,15 @@ export CXX_GCC CXX_CLANG WARN
 all:
 	$(PYTHON) amalgamate.py
 
-# Installs what the tests need (doctest, clang) when it is missing; needs root for apt-get.
+# Installs what the tests need (doctest, clang 14 and 19) when it is missing; needs root for
+# apt-get.
 deps:
 	@missing=""; \
 	echo '#include <doctest/doctest.h>' | $(CXX_GCC) -std=c++20 -x c++ -fsyntax-only - \
 	  >/dev/null 2>&1 || missing="$$missing doctest-dev"; \
 	command -v $(CXX_GCC) >/dev/null || missing="$$missing g++"; \
 	command -v $(CXX_CLANG) >/dev/null || missing="$$missing clang"; \
+	command -v $(CXX_CLANG19) >/dev/null || missing="$$missing clang-19"; \
 	command -v $(PYTHON) >/dev/null || missing="$$missing python3"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \

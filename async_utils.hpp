@@ -12104,10 +12104,6 @@ TEST_SUITE("timeout") {
 // exit. The first failure cancels the rest and the body; every failure leaves as one
 // exception_group.
 
-
-// (already included: src/utilities/async_exit_stack.hpp)
-// (already included: src/utilities/timeout.hpp)
-
 namespace codestare::async_utils {
 
 /// asyncio.TaskGroup. Enter it with async_with (or an async_exit_stack); not to be moved once

@@ -15,17 +15,18 @@ cd "$(dirname "$0")/.." || exit 2
 BUILD=$PWD/tests/build
 CXX_GCC=${CXX_GCC:-g++}
 CXX_CLANG=${CXX_CLANG:-clang++}
+CXX_CLANG19=${CXX_CLANG19:-clang++-19}  # the newest clang Debian 12 ships (make deps installs it)
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 STEPS=" ${*:-freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
-# Each compiler on io_uring and on one readiness backend; each backend with at least one compiler
-# (UNIT_FULL=1: every compiler on every backend). A build of the whole suite takes a minute or
+# Each compiler (g++, clang++, clang++-19) once and each backend at least once; the sanitizer
+# builds below cover the other pairs (UNIT_FULL=1: every compiler on every backend). A build of the whole suite takes a minute or
 # two, and CI's budget counts them.
 if [ "${UNIT_FULL:-}" = 1 ]; then
-  UNIT_VARIANTS="gcc-epoll gcc-poll gcc-uring clang-epoll clang-poll clang-uring"
+  UNIT_VARIANTS="gcc-epoll gcc-poll gcc-uring clang-epoll clang-poll clang-uring clang19-epoll clang19-poll clang19-uring"
 else
-  UNIT_VARIANTS="gcc-epoll gcc-uring clang-poll clang-uring"
+  UNIT_VARIANTS="gcc-epoll gcc-uring clang-poll clang19-epoll"
 fi
 # The embedded suite under ASan+UBSan and, separately, TSan. By default each sanitizer runs with
 # each compiler once, so that every compiler, backend and sanitizer is covered by four builds
@@ -85,6 +86,7 @@ job_ok() { [ "$(cat "$BUILD/$1.rc" 2>/dev/null)" = 0 ]; }
 compile_unit() {  # compile_unit VARIANT: the embedded tests, from the committed single header
   local cxx=$CXX_GCC backend=()
   [[ $1 == clang-* ]] && cxx=$CXX_CLANG
+  [[ $1 == clang19-* ]] && cxx=$CXX_CLANG19
   [[ $1 == *-poll ]] && backend=(-DASYNC_UTILS_BACKEND_POLL)
   [[ $1 == *-uring ]] && backend=(-DASYNC_UTILS_BACKEND_IO_URING)
   # shellcheck disable=SC2086  # WARN is a list of flags
@@ -462,7 +464,8 @@ fi
 
 if want readme; then
   echo "== readme: every example of README.md compiles, runs and prints what README says"
-  python3 tests/readme/run_examples.py >"$BUILD/readme.log" 2>&1
+  CXX_GCC=$CXX_GCC CXX_CLANG=$CXX_CLANG CXX_CLANG19=$CXX_CLANG19 JOBS=$JOBS \
+    python3 tests/readme/run_examples.py >"$BUILD/readme.log" 2>&1
   if grep -q '^readme: ' "$BUILD/readme.log"; then
     count_lines "$BUILD/readme.log"
   else
