@@ -13133,6 +13133,9 @@ struct nursery_state {
   std::optional<future<void>> close_done;
   std::vector<std::shared_ptr<nursery_state>> adopted;  // what pop_all() handed to us
   std::shared_ptr<void> shutdown_guard;  // keeps the loop's shutdown handling listed
+  // The exit callbacks being unwound by a shutdown: moved here from the nursery first, so that a
+  // nursery destroyed while its shutdown runs leaves them (and the shutdown) nothing to reach.
+  std::optional<async_exit_stack> unwinding;
 
   /// Pending children of this nursery and of those it adopted, but not `except`.
   std::vector<any_task> pending_children(const std::optional<any_task>& except) const {
@@ -13402,12 +13405,15 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
     if (st->closing) {  // another shutdown runs or ran: wait for it, then exit what came since
       bool ignored = false;
       co_await detail::wait_through_cancel(*st->close_done, ignored);
-      if (empty()) co_return false;
+      if (!st->owner || empty()) co_return false;  // (destroyed meanwhile: nothing of ours is left)
       co_return co_await async_exit_stack::aexit(std::move(error));
     }
     if (!st->responsible && !sentinel_ending) co_return co_await async_exit_stack::aexit(std::move(error));  // popped: nothing else
     st->closing = true;
     st->close_done = st->loop->create_future<void>();
+    // From here on the shutdown touches only `st`, never the nursery object, which may be
+    // destroyed while the shutdown runs: the exit callbacks move into the state first.
+    st->unwinding.emplace(async_exit_stack::pop_all());
     bool cancelled = false;
     // 1. The tasks: cancelled together, awaited (the task running this is spared).
     if (st->responsible) {
@@ -13419,11 +13425,12 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
         for (auto& t : victims) co_await detail::wait_through_cancel(t, cancelled);
       }
     }
-    // 2. The entered contexts and callbacks, LIFO.
+    // 2. The entered contexts and callbacks, LIFO (those entered while the tasks stopped first).
     bool suppressed = false;
     std::exception_ptr exit_error;
     try {
-      suppressed = co_await async_exit_stack::aexit(std::move(error));
+      if (st->owner && !empty()) st->unwinding->push_async_exit(async_exit_stack::pop_all());
+      suppressed = co_await st->unwinding->aexit(std::move(error));
     } catch (...) {
       exit_error = std::current_exception();
     }
@@ -13765,6 +13772,36 @@ TEST_SUITE("task_nursery") {
         CHECK(std::string(e.what()).find("create a new task_nursery") != std::string::npos);
       }
     }());
+  }
+
+  TEST_CASE("destroyed while its own shutdown runs: the shutdown finishes without touching it") {
+    testing::log_capture log;
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<std::string> journal;
+      auto slow_to_stop = [](std::vector<std::string>* j) -> coroutine<void> {
+        try {
+          co_await sleep(std::chrono::hours(1));
+        } catch (const cancelled_error&) {
+          j->push_back("stopping");
+        }
+        co_await sleep(5ms);  // cleanup that takes a while, after the cancellation
+        j->push_back("stopped");
+      };
+      auto n = std::make_unique<task_nursery>("dropped");
+      nursery_probe probe{&journal, "ctx", nullptr};
+      co_await n->enter_async_context(std::move(probe));
+      auto child = n->create_task(slow_to_stop(&journal));
+      any_task sentinel = n->sentinel_task();
+      co_await sleep(1ms);
+      sentinel.cancel();  // the documented way to shut a nursery down
+      co_await sleep(1ms);
+      CHECK_FALSE(child.done());  // the shutdown waits for the child's cleanup ...
+      n.reset();                  // ... and the nursery goes meanwhile
+      co_await wait_done(child);
+      co_await wait_done(sentinel);
+      CHECK(std::find(journal.begin(), journal.end(), "stopped") != journal.end());
+    }());
+    CHECK(log.text().find("'dropped' destroyed while it shuts down") != std::string::npos);
   }
 
   TEST_CASE("destroyed without shutdown: its tasks are cancelled, a warning logged") {
