@@ -62,8 +62,17 @@ class accessor {
     std::shared_ptr<async_utils::condition> readers_changed;  // has_waiting_read's condition
     std::size_t waiting_reads = 0;
     std::optional<T> stored;
+    bool custom = false;     // fget/fset are the user's: they may point into a destroyed owner
+    bool destroyed = false;  // the accessor is gone
   };
   std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
+
+  // A call of a destroyed accessor over the user's functions ends with cancelled_error (the
+  // rule of every waiting primitive) instead of calling a getter or setter whose owner may be
+  // gone; over an internal value it goes on, the value living in the shared state.
+  static void check_alive(const shared_state& s) {
+    if (s.destroyed && s.custom) throw cancelled_error("accessor destroyed while this call waited");
+  }
 
  public:
   using value_type = T;
@@ -82,6 +91,7 @@ class accessor {
       : accessor(getter(std::move(get)), setter(std::move(set)), std::move(options), false) {}
   accessor(const accessor&) = delete;  // the getter/setter of an internal value point into it
   accessor& operator=(const accessor&) = delete;
+  ~accessor() { state_->destroyed = true; }
 
   getter fget;
   setter fset;
@@ -134,6 +144,7 @@ class accessor {
     if (!fset) throw std::invalid_argument("accessor: the setter is empty");
     state_->condition = options.condition ? std::move(options.condition) : std::make_shared<async_utils::condition>();
     state_->readers_changed = has_waiting_read.shared_condition();
+    state_->custom = !internal;
   }
 
   static coroutine<void> set_impl(std::shared_ptr<shared_state> s, setter set, T value, bool wait_for_read) {
@@ -142,6 +153,7 @@ class accessor {
       co_await s->readers_changed->wait_for([&s] { return s->waiting_reads > 0; });
     }
     auto guard = co_await s->condition->scoped();
+    check_alive(*s);
     set(std::move(value));
     s->condition->notify_all();
   }
@@ -164,10 +176,12 @@ class accessor {
       }
       bool first = true;  // the original's default predicate: [False, True, True, ...]
       co_await s->condition->wait_for([&] {
+        check_alive(*s);
         const bool written = !wait_for_write || !std::exchange(first, false);
         return written && (!has_predicate || options.predicate(get()));
       });
     }
+    check_alive(*s);
     co_return get();
   }
 
@@ -314,6 +328,30 @@ TEST_SUITE("accessor") {
       late.cancel();
       co_await wait_done(late);
       CHECK(late.cancelled());
+      CHECK_FALSE(cond->locked());
+    }());
+  }
+
+  TEST_CASE("an owner destroyed with its custom accessor while a get() waits: cancelled_error, the getter never called") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto cond = std::make_shared<condition>();
+      struct owner {
+        int value = 1;
+        accessor<int> acc;
+        explicit owner(std::shared_ptr<condition> c)
+            : acc([this] { return value; }, [this](int v) { value = v; }, {.condition = std::move(c), .name = "owned"}) {}
+      };
+      auto o = std::make_unique<owner>(cond);
+      accessor<int> sibling({.condition = cond, .name = "sibling"});  // shares the condition
+      auto reader = create_task(o->acc.get());  // waits for a write
+      co_await sleep(0s);
+      auto unstarted = create_task(o->acc.set(2));  // created now, runs after the owner is gone
+      o.reset();
+      co_await sibling.set(3);  // notifies the shared condition: the orphaned reader wakes
+      co_await wait_done(reader);
+      co_await wait_done(unstarted);
+      CHECK_THROWS_AS(reader.result(), cancelled_error);
+      CHECK_THROWS_AS(unstarted.result(), cancelled_error);
       CHECK_FALSE(cond->locked());
     }());
   }

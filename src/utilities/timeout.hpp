@@ -131,16 +131,19 @@ TEST_SUITE("timeout") {
   coroutine<std::string> outcome(timeout_scope scope, coroutine<void> body) {
     bool expired = false;
     std::string how = "done";
-    try {
-      co_await async_with(std::move(scope), [&](timeout_scope& t) -> coroutine<void> {
-        try {
-          co_await std::move(body);
-        } catch (...) {
-          expired = t.expired();
-          throw;
-        }
+    // Named before the co_await: g++ 12 mis-copies capturing lambdas and temporaries written
+    // inside a co_await expression (README, Compilers).
+    auto timed = [&](timeout_scope& t) -> coroutine<void> {
+      try {
+        co_await std::move(body);
+      } catch (...) {
         expired = t.expired();
-      });
+        throw;
+      }
+      expired = t.expired();
+    };
+    try {
+      co_await async_with(std::move(scope), timed);
     } catch (const timeout_error&) {
       how = "timeout";
     } catch (const cancelled_error&) {
@@ -158,10 +161,12 @@ TEST_SUITE("timeout") {
       CHECK(co_await outcome(timeout(1h), nap(1ms)) == "done 0");
       CHECK(co_await outcome(timeout(1ms), nap(std::chrono::milliseconds(3600000))) == "timeout expired 0");
       auto me = *current_task();
-      co_await async_with(timeout(1h), [me]() -> coroutine<void> {
+      auto same_task = [me]() -> coroutine<void> {  // named: see outcome()
         CHECK(*current_task() == me);  // no extra task
         co_return;
-      });
+      };
+      auto scope = timeout(1h);
+      co_await async_with(std::move(scope), same_task);
       co_await sleep(0s);  // no stray cancellation left behind
     }());
   }
