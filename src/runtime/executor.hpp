@@ -262,6 +262,22 @@ class [[nodiscard]] executor_future : detail::cancel_hook {
   bool withdrawn_ = false;
 };
 
+namespace detail {
+/// What both run_in_executor overloads do: fn(args...) with everything moved into a job, the
+/// future owning the job's creation reference, and `submit(job)` handing it to an executor.
+template <class Submit, class F, class... Args>
+auto start_executor_job(event_loop* loop, Submit submit, F fn, Args... args) {
+  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
+  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
+  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
+  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
+  auto* call = new executor_job<R, decltype(work)>(loop, std::move(work));
+  executor_future<R> result(call);  // owns the creation reference
+  submit(call);
+  return result;
+}
+}  // namespace detail
+
 /// asyncio's loop.run_in_executor(None, fn, *args): runs fn(args...) on the default executor
 /// (a thread_pool_executor made on first use). fn and args are moved or copied into the job,
 /// never referenced: pass std::ref explicitly to share. Throws std::runtime_error after
@@ -273,30 +289,19 @@ class [[nodiscard]] executor_future : detail::cancel_hook {
 template <class F, class... Args>
   requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
 auto event_loop::run_in_executor(F fn, Args... args) {
-  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
-  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
-  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
   check_open();
-  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
-  auto* call = new detail::executor_job<R, decltype(work)>(this, std::move(work));
-  executor_future<R> result(call);  // owns the creation reference
-  detail::slot_of(*this).submit(*call);
-  return result;
+  return detail::start_executor_job(this, [this](auto* call) { detail::slot_of(*this).submit(*call); }, std::move(fn), std::move(args)...);
 }
 
 /// loop.run_in_executor(executor, fn, *args): as above on the given executor, which must
 /// outlive the job (the loop neither owns nor shuts it down). Its submit() errors propagate.
 template <class F, class... Args>
 auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
-  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
-  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
-  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
   check_open();
-  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
-  auto* call = new detail::executor_job<R, decltype(work)>(this, std::move(work));
-  executor_future<R> result(call);
-  where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
-  return result;
+  auto submit = [this, &where](auto* call) {
+    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
+  };
+  return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
 }
 
 /// asyncio's loop.set_default_executor. Takes any executor implementation (shared with the
@@ -485,7 +490,7 @@ TEST_SUITE("executor") {
       CHECK_THROWS_AS(co_await t, cancelled_error);
     }());
     CHECK(finished);
-    CHECK(testing::threads() == threads_before);
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
   }
 
   TEST_CASE("10,000 jobs in flight") {
@@ -533,7 +538,7 @@ TEST_SUITE("executor") {
       co_await loop.shutdown_default_executor();  // again: nothing to do
       ticker.cancel();
     }());
-    CHECK(testing::threads() == threads_before);
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
   }
 
   TEST_CASE("no executor thread outlives run(), even with jobs still running") {
@@ -549,7 +554,7 @@ TEST_SUITE("executor") {
       CHECK(testing::threads() > threads_before);
     }());
     CHECK(finished == 8);
-    CHECK(testing::threads() == threads_before);
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
   }
 
   TEST_CASE("set_default_executor: a worker count or any executor implementation") {
