@@ -91,10 +91,7 @@ inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit, b
   if (!check_leaks) return;
   // (Fewer is fine: a body may close a descriptor its test opened before.)
   CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
-  // A joined thread can stay listed in /proc/self/task for a moment: the kernel wakes the
-  // joiner (the tid is cleared) before it removes the task. Give it up to a second to go.
-  for (int i = 0; i < 1000 && threads() > threads_before; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  CHECK_MESSAGE(threads() <= threads_before, "run() left a thread running");
+  CHECK_MESSAGE(threads_after_join(threads_before) <= threads_before, "run() left a thread running");
 }
 }  // namespace codestare::async_utils::testing
 

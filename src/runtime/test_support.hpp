@@ -6,7 +6,9 @@
 
 #ifdef ASYNC_UTILS_TESTS
 #include <dirent.h>
+#include <chrono>
 #include <sstream>
+#include <thread>
 
 namespace codestare::async_utils {
 template <class T>
@@ -27,6 +29,16 @@ inline int count_entries(const char* path, int own = 0) {
 }
 inline int open_fds() { return count_entries("/proc/self/fd", 1); }
 inline int threads() { return count_entries("/proc/self/task"); }
+/// threads() once joined threads are gone: the kernel wakes a joiner before it removes the
+/// thread from /proc/self/task, so this waits up to a second for the count to drop to `at_most`.
+inline int threads_after_join(int at_most) {
+  int n = threads();
+  for (int i = 0; i < 1000 && n > at_most; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    n = threads();
+  }
+  return n;
+}
 
 /// run(body) under wait_for(limit), so a bug fails a test instead of hanging the suite.
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
