@@ -39,6 +39,7 @@
 #include "runtime/shield.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
+#include "runtime/async_generator.hpp"
 #include "runtime/executor.hpp"
 #include "runtime/signals.hpp"
 
