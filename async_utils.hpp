@@ -110,6 +110,15 @@
 //                                            the return_exceptions form.
 //     src/runtime/shield.hpp                 shield(aw): asyncio.shield. Cancelling the awaiting
 //                                            task does not cancel what it awaits.
+//     src/runtime/wait.hpp                   wait(handles, {.timeout, .return_when}): asyncio.wait.
+//                                            Waits until the condition holds or the timeout passes
+//                                            and returns the handles split into done and pending;
+//                                            it cancels nothing and raises nothing of the
+//                                            children's.
+//     src/runtime/as_completed.hpp           as_completed(aws, timeout): asyncio.as_completed
+//                                            (3.11), a range of awaitables that yield the results
+//                                            in completion order, timeout_error for those not done
+//                                            when the timeout passes.
 //     src/runtime/io.hpp                     Awaitable I/O on non-blocking descriptors:
 //                                            wait_readable/writable and asyncio's sock_* calls.
 //                                            Each operation is tried first and waits only on
@@ -254,6 +263,7 @@
 #include <exception>
 #include <fcntl.h>
 #include <functional>
+#include <initializer_list>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -283,6 +293,7 @@
 #include <typeinfo>
 #include <unistd.h>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -6263,6 +6274,666 @@ TEST_SUITE("shield") {
 }
 #endif
 // ---- end src/runtime/shield.hpp ----
+// ---- begin src/runtime/wait.hpp ----
+// wait(handles, {.timeout, .return_when}): asyncio.wait. Waits until the condition holds or the
+// timeout passes and returns the handles split into done and pending; it cancels nothing and
+// raises nothing of the children's.
+
+namespace codestare::async_utils {
+
+/// asyncio's FIRST_COMPLETED, FIRST_EXCEPTION and ALL_COMPLETED: when wait() returns.
+enum class return_when_t { first_completed, first_exception, all_completed };
+/// Return as soon as one is done (or cancelled).
+inline constexpr return_when_t first_completed = return_when_t::first_completed;
+/// Return when one ends with an exception (a cancellation does not count), else when all are done.
+inline constexpr return_when_t first_exception = return_when_t::first_exception;
+/// Return when all are done (the default).
+inline constexpr return_when_t all_completed = return_when_t::all_completed;
+
+/// A timeout in any std::chrono unit, or none (std::nullopt, the default): the `timeout=None`
+/// of asyncio's wait and as_completed. Saturates: a negative one counts as zero, and
+/// duration::max() (or anything the clock cannot hold) as none.
+class optional_timeout {
+ public:
+  constexpr optional_timeout() noexcept = default;
+  constexpr optional_timeout(std::nullopt_t) noexcept {}
+  template <class Rep, class Period>
+  constexpr optional_timeout(std::chrono::duration<Rep, Period> d) noexcept {
+    const auto c = detail::to_clock_duration(d);
+    if (c != detail::clock::duration::max()) value_ = std::max(c, detail::clock::duration::zero());
+  }
+  /// The timeout, std::nullopt for none.
+  constexpr const std::optional<detail::clock::duration>& value() const noexcept { return value_; }
+
+ private:
+  std::optional<detail::clock::duration> value_;
+};
+
+/// wait()'s keyword arguments.
+struct wait_options {
+  optional_timeout timeout{};
+  return_when_t return_when = all_completed;
+};
+
+/// What wait() yields: the handles that are done and those still pending, each in the order
+/// they were given (asyncio returns two sets).
+template <class H>
+struct wait_result {
+  std::vector<H> done;
+  std::vector<H> pending;
+};
+
+namespace detail {
+
+template <class H>
+inline constexpr bool is_wait_handle = is_future_handle<H>::value || std::is_same_v<H, any_task>;
+
+template <class H>
+future_core* core_of(const H& h) {
+  if constexpr (std::is_same_v<H, any_task>) return h.core_ptr();
+  else return h ? h.state_ptr() : nullptr;
+}
+
+/// The handles of `range`, copied from an lvalue range, moved from an rvalue one; duplicates
+/// (asyncio takes a set) keep their first place.
+template <class H, class R>
+std::vector<H> unique_handles(R&& range, const char* what) {
+  std::vector<H> out;
+  std::unordered_set<future_core*> seen;
+  for (auto&& h : range) {
+    future_core* core = core_of(h);
+    if (!core) throw std::invalid_argument(std::string(what) + ": empty task handle");
+    if (!seen.insert(core).second) continue;
+    if constexpr (std::is_lvalue_reference_v<R>) out.push_back(h);
+    else out.push_back(std::move(h));
+  }
+  return out;
+}
+
+/// What the completion callbacks of one wait share with it.
+struct wait_shared {
+  future<void> waiter;
+  std::size_t counter = 0;
+  return_when_t when = all_completed;
+};
+
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
+// asyncio's _wait: a done callback on each child counts completions and releases the waiter,
+// which the timeout releases too; afterwards the callbacks go and the children are sorted.
+template <class H>
+coroutine<wait_result<H>> wait_impl(std::vector<H> fs, optional_timeout timeout, return_when_t when) {
+  event_loop& loop = event_loop::current();
+  for (const H& h : fs) check_same_loop(*core_of(h), &loop, "wait");
+  auto shared = std::make_shared<wait_shared>();
+  shared->waiter = loop.create_future<void>();
+  shared->counter = fs.size();
+  shared->when = when;
+  // Removes the callbacks and the timer however the wait ends: returned, cancelled, or its
+  // frame destroyed while the children run on.
+  struct cleanup {
+    std::vector<std::pair<future_core*, callback_id>> callbacks;
+    handle timer;
+    ~cleanup() {
+      timer.cancel();
+      for (auto [core, id] : callbacks) core->remove_done_callback(id);
+    }
+  } guard;
+  guard.callbacks.reserve(fs.size());
+  if (timeout.value()) {
+    if (auto deadline = deadline_after(*timeout.value())) {
+      guard.timer = loop.call_at(*deadline, [w = shared->waiter]() mutable {
+        if (!w.done()) w.set_result();
+      });
+    }
+  }
+  for (const H& h : fs) {
+    future_core* core = core_of(h);
+    auto id = core->add_done_callback([shared](future_core& f) {
+      --shared->counter;
+      bool release = shared->counter == 0 || shared->when == first_completed;
+      if (!release && shared->when == first_exception && f.has_error()) {
+        f.mark_retrieved();  // asyncio looked at it with exception()
+        release = true;
+      }
+      if (release && !shared->waiter.done()) shared->waiter.set_result();
+    });
+    guard.callbacks.emplace_back(core, id);
+  }
+  co_await shared->waiter;
+  wait_result<H> result;
+  for (H& h : fs) (core_of(h)->done() ? result.done : result.pending).push_back(std::move(h));
+  co_return result;
+}
+ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
+
+template <class R>
+using wait_element_t = std::remove_cvref_t<decltype(*std::ranges::begin(std::declval<R&>()))>;
+
+}  // namespace detail
+
+/// asyncio.wait(fs, timeout=, return_when=): waits for the tasks or futures of `handles` (a
+/// range of task<T>, future<T> or any_task) until `return_when` holds or the timeout passes,
+/// and yields {done, pending}. Cancels nothing, neither at the timeout nor when the caller is
+/// cancelled; the children's exceptions stay in them. The handles are copied from an lvalue
+/// range (moved from an rvalue one), so temporaries may be passed. Empty `handles`:
+/// std::invalid_argument (asyncio's ValueError); coroutines do not compile (asyncio 3.11 forbids
+/// them: create_task() first, and keep the handle to read its result).
+template <class R>
+  requires requires(R& r) {
+    std::ranges::begin(r);
+    std::ranges::end(r);
+  }
+auto wait(R&& handles, wait_options options = {}) {
+  using H = detail::wait_element_t<R>;
+  static_assert(detail::is_wait_handle<H>,
+                "wait() takes task<T>, future<T> or any_task handles (asyncio 3.11 forbids coroutines): create_task() first");
+  if (options.return_when != first_completed && options.return_when != first_exception && options.return_when != all_completed)
+    throw std::invalid_argument("wait: invalid return_when value");
+  auto fs = detail::unique_handles<H>(std::forward<R>(handles), "wait");
+  if (fs.empty()) throw std::invalid_argument("wait: the set of tasks/futures is empty");
+  return detail::wait_impl<H>(std::move(fs), options.timeout, options.return_when);
+}
+
+/// wait({a, b}, options): the same for a braced list of handles of one type.
+template <class H>
+auto wait(std::initializer_list<H> handles, wait_options options = {}) {
+  return wait(std::vector<H>(handles), options);
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("wait") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  coroutine<int> after(std::chrono::milliseconds d, int v) {
+    co_await sleep(d);
+    co_return v;
+  }
+  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
+    co_await sleep(d);
+    throw std::runtime_error(what);
+  }
+  std::vector<task<int>> three_tasks() {  // a helper returning handles, as users write it
+    std::vector<task<int>> v;
+    v.push_back(create_task(after(1ms, 1)));
+    v.push_back(create_task(after(20ms, 2)));
+    v.push_back(create_task(after(1h, 3)));
+    return v;
+  }
+  std::vector<int> values(const std::vector<task<int>>& v) {
+    std::vector<int> out;
+    for (const auto& t : v) out.push_back(t.done() && !t.cancelled() && !t.exception() ? t.result() : -1);
+    return out;
+  }
+
+  TEST_CASE("each return_when: done and pending in the given order, nothing cancelled") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto tasks = three_tasks();
+      auto [done, pending] = co_await wait(tasks, {.return_when = first_completed});
+      CHECK(values(done) == std::vector<int>{1});
+      REQUIRE(pending.size() == 2);
+      CHECK(any_task(pending[0]) == any_task(tasks[1]));
+      CHECK(any_task(pending[1]) == any_task(tasks[2]));
+      auto timed = co_await wait(tasks, {.timeout = 200ms});  // all_completed, cut by the timeout
+      CHECK(values(timed.done) == std::vector<int>{1, 2});
+      REQUIRE(timed.pending.size() == 1);
+      CHECK_FALSE(tasks[2].cancelled());  // the timeout cancels nothing
+      tasks[2].cancel();
+      auto all = co_await wait(tasks);
+      CHECK(all.done.size() == 3);
+      CHECK(all.pending.empty());
+      CHECK(tasks[2].cancelled());
+      CHECK(tasks.size() == 3);  // an lvalue range is copied, never moved from
+      CHECK(tasks[0].result() == 1);
+    }());
+  }
+
+  TEST_CASE("first_exception: a failure ends the wait, a cancellation does not; the exception stays in the task") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> v;
+      v.push_back(create_task(after(1h, 0)));  // cancelled: not an exception
+      v.push_back(create_task(fail_after(5ms, "boom")));
+      v.push_back(create_task(after(1h, 2)));
+      v[0].cancel();
+      auto [done, pending] = co_await wait(v, {.return_when = first_exception});
+      REQUIRE(done.size() == 2);
+      CHECK(done[0].cancelled());
+      CHECK_THROWS_WITH_AS(done[1].result(), "boom", std::runtime_error);
+      REQUIRE(pending.size() == 1);
+      pending[0].cancel();
+      // No failure at all: first_exception waits for every task.
+      std::vector<task<int>> fine;
+      fine.push_back(create_task(after(1ms, 1)));
+      fine.push_back(create_task(after(3ms, 2)));
+      auto r = co_await wait(fine, {.return_when = first_exception});
+      CHECK(r.done.size() == 2);
+      CHECK(r.pending.empty());
+      // A child that throws with all_completed: wait itself does not throw.
+      std::vector<task<int>> failing;
+      failing.push_back(create_task(fail_after(1ms, "x")));
+      auto r2 = co_await wait(std::move(failing));
+      CHECK(r2.done[0].exception() != nullptr);
+    }());
+  }
+
+  TEST_CASE("timeouts of zero and duration::max(); done already; futures, any_task and braced lists") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto slow = create_task(after(1h, 0));
+      std::vector<task<int>> one(1, slow);
+      auto zero = co_await wait(one, {.timeout = 0s});
+      CHECK(zero.done.empty());
+      CHECK(zero.pending.size() == 1);
+      auto negative = co_await wait(one, {.timeout = -5s});
+      CHECK(negative.pending.size() == 1);
+      auto quick = create_task(after(2ms, 1));
+      auto forever = co_await wait(std::vector<task<int>>(1, quick), {.timeout = std::chrono::hours::max()});
+      CHECK(forever.done.size() == 1);
+      auto at_once = co_await wait(std::vector<task<int>>(1, quick), {.timeout = 0s});  // done already
+      CHECK(at_once.done.size() == 1);
+      // Futures, any_task for mixed result types, a braced list, duplicates counted once.
+      auto fut = event_loop::current().create_future<std::string>();
+      event_loop::current().call_later(1ms, [fut]() mutable { fut.set_result("f"); });
+      auto fr = co_await wait(std::vector<future<std::string>>(1, fut));
+      CHECK(fr.done[0].result() == "f");
+      auto v = create_task([]() -> coroutine<void> { co_return; }());
+      std::vector<any_task> mixed{any_task(quick), any_task(v), any_task(v)};
+      auto mr = co_await wait(mixed);
+      CHECK(mr.done.size() == 2);
+      auto braced = wait({quick, slow}, {.timeout = 1ms});  // named first: see README, Compilers
+      auto br = co_await std::move(braced);
+      CHECK(br.done.size() == 1);
+      CHECK(br.pending.size() == 1);
+      slow.cancel();
+    }());
+  }
+
+  TEST_CASE("bad input: empty, empty handle, bad return_when, another loop, no loop") {
+    std::vector<task<int>> none;
+    CHECK_THROWS_AS(wait(none), std::invalid_argument);  // asyncio: ValueError
+    CHECK_THROWS_AS(wait(std::vector<task<int>>(1)), std::invalid_argument);
+    std::vector<any_task> empty_any(1);
+    CHECK_THROWS_AS(wait(empty_any), std::invalid_argument);
+    event_loop other;
+    auto foreign = other.create_future<int>();
+    { auto lazy = wait(std::vector<future<int>>(1, foreign)); }  // no loop needed until awaited, as asyncio.wait
+    testing::run_bounded([&]() -> coroutine<void> {
+      CHECK_THROWS_WITH_AS(co_await wait(std::vector<future<int>>(1, foreign)), "wait: the future or task is attached to a different loop",
+                           std::runtime_error);
+      auto t = create_task(after(1ms, 1));
+      CHECK_THROWS_AS(co_await wait(std::vector<task<int>>(1, t), {.return_when = static_cast<return_when_t>(7)}), std::invalid_argument);
+      co_await t;
+    }());
+  }
+
+  TEST_CASE("a cancelled caller: wait ends cancelled, the children run on") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto tasks = three_tasks();
+      auto waiting = create_task(wait(tasks));
+      co_await sleep(5ms);
+      waiting.cancel();
+      CHECK_THROWS_AS(co_await waiting, cancelled_error);
+      CHECK_FALSE(tasks[1].done());
+      CHECK_FALSE(tasks[1].cancelled());
+      CHECK(co_await tasks[1] == 2);  // its callback was removed: it completes without a wait around
+      tasks[2].cancel();
+      // The waiting coroutine destroyed unstarted and while suspended: nothing dangles.
+      { auto never = wait(tasks); }
+      auto child = create_task(after(3ms, 7));
+      {
+        auto w = wait(std::vector<task<int>>(1, child));
+        auto holder = create_task(std::move(w));
+        co_await sleep(0s);
+        holder.cancel();
+        co_await wait_done(holder);
+      }
+      CHECK(co_await child == 7);
+    }());
+  }
+
+  TEST_CASE("a vector of handles filled in a loop; helpers returning temporaries") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<task<int>> v;
+      for (int i = 0; i < 100; ++i) v.push_back(create_task(after(std::chrono::milliseconds(i % 7), i)));
+      int rounds = 0;
+      std::vector<task<int>> left = v;
+      while (!left.empty()) {
+        auto r = co_await wait(left, {.return_when = first_completed});
+        CHECK_FALSE(r.done.empty());
+        left = std::move(r.pending);
+        ++rounds;
+      }
+      CHECK(rounds <= 7);
+      for (int i = 0; i < 100; ++i) CHECK(v[static_cast<std::size_t>(i)].result() == i);
+      auto r = co_await wait(three_tasks(), {.timeout = 50ms});  // a temporary straight in
+      CHECK(r.done.size() == 2);
+      r.pending[0].cancel();
+    }());
+  }
+}
+#endif
+// ---- end src/runtime/wait.hpp ----
+// ---- begin src/runtime/as_completed.hpp ----
+// as_completed(aws, timeout): asyncio.as_completed (3.11), a range of awaitables that yield the
+// results in completion order, timeout_error for those not done when the timeout passes.
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// What as_completed's elements share: the children, a done callback on each, and asyncio's
+/// queue of finished children (an empty handle stands for one the timeout gave up on).
+/// Children and timer refer to it weakly: whoever holds the last element or the range owns it.
+template <class T>
+class as_completed_state : public std::enable_shared_from_this<as_completed_state<T>> {
+ public:
+  explicit as_completed_state(event_loop& loop) : loop_(&loop) {}
+  as_completed_state(const as_completed_state&) = delete;
+  as_completed_state& operator=(const as_completed_state&) = delete;
+  ~as_completed_state() { forget_children(); }
+
+  void start(std::vector<future<T>> children, const optional_timeout& timeout) {
+    todo_ = std::move(children);
+    ids_.resize(todo_.size());
+    std::weak_ptr<as_completed_state> self = this->shared_from_this();
+    for (std::size_t i = 0; i < todo_.size(); ++i) {
+      ids_[i] = todo_[i].state_ptr()->add_done_callback([self, i](future_core&) {
+        if (auto s = self.lock()) s->on_completion(i);
+      });
+      ++remaining_;
+    }
+    if (remaining_ > 0 && timeout.value()) {
+      if (auto deadline = deadline_after(*timeout.value())) {
+        timer_ = loop_->call_at(*deadline, [self] {
+          if (auto s = self.lock()) s->on_timeout();
+        });
+      }
+    }
+  }
+
+  // asyncio's Queue.get on the queue of finished children; then the child's result.
+  static coroutine<T> next(std::shared_ptr<as_completed_state> s) {
+    while (s->finished_.empty()) {
+      auto getter = s->loop_->template create_future<void>();
+      s->getters_.push_back(getter);
+      try {
+        co_await getter;
+      } catch (...) {
+        getter.cancel();
+        std::erase_if(s->getters_, [&](const future<void>& g) { return g.state_ptr() == getter.state_ptr(); });
+        if (!s->finished_.empty() && !getter.cancelled()) s->wake_next();  // pass the wake-up on
+        throw;
+      }
+    }
+    future<T> f = std::move(s->finished_.front());
+    s->finished_.pop_front();
+    if (!f) throw timeout_error("as_completed: timed out");
+    co_return take_result(*f.state_ptr());
+  }
+
+ private:
+  void put(future<T> f) {
+    finished_.push_back(std::move(f));
+    wake_next();
+  }
+  void wake_next() {
+    while (!getters_.empty()) {
+      future<void> g = std::move(getters_.front());
+      getters_.pop_front();
+      if (!g.done()) {
+        g.set_result();
+        return;
+      }
+    }
+  }
+  void on_completion(std::size_t i) {
+    if (remaining_ == 0 || !todo_[i]) return;  // the timeout came first
+    put(std::exchange(todo_[i], {}));
+    if (--remaining_ == 0) timer_.cancel();
+  }
+  void on_timeout() {
+    for (auto& f : todo_) {
+      if (!f) continue;
+      put(future<T>());  // what the awaiting element turns into timeout_error
+    }
+    forget_children();
+  }
+  /// The children not reported yet lose their callback (they run on, untouched).
+  void forget_children() noexcept {
+    timer_.cancel();
+    for (std::size_t i = 0; i < todo_.size(); ++i) {
+      if (todo_[i]) std::exchange(todo_[i], {}).state_ptr()->remove_done_callback(ids_[i]);
+    }
+    remaining_ = 0;
+  }
+
+  event_loop* loop_;
+  std::vector<future<T>> todo_;  // emptied as each child is reported
+  std::vector<callback_id> ids_;
+  std::size_t remaining_ = 0;
+  std::deque<future<T>> finished_;
+  std::deque<future<void>> getters_;
+  handle timer_;
+};
+
+}  // namespace detail
+
+/// What as_completed() returns: a range of as many awaitables as it was given distinct
+/// awaitables. Each element, a coroutine<T>, yields the next result in completion order (or
+/// rethrows that child's exception), or throws timeout_error once the timeout has passed.
+/// Elements may be awaited after the range is gone; cancelling an awaiting element leaves the
+/// next result for the next element.
+template <class T>
+class as_completed_range {
+ public:
+  using state = detail::as_completed_state<T>;
+
+  class iterator {
+   public:
+    using value_type = coroutine<T>;
+    using difference_type = std::ptrdiff_t;
+    iterator() = default;
+    iterator(std::shared_ptr<state> s, std::size_t i) : s_(std::move(s)), i_(i) {}
+    coroutine<T> operator*() const { return state::next(s_); }
+    iterator& operator++() {
+      ++i_;
+      return *this;
+    }
+    void operator++(int) { ++i_; }
+    friend bool operator==(const iterator& a, const iterator& b) noexcept { return a.i_ == b.i_; }
+
+   private:
+    std::shared_ptr<state> s_;
+    std::size_t i_ = 0;
+  };
+
+  as_completed_range(std::shared_ptr<state> s, std::size_t n) : s_(std::move(s)), n_(n) {}
+  iterator begin() const { return {s_, 0}; }
+  iterator end() const { return {s_, n_}; }
+  std::size_t size() const noexcept { return n_; }
+
+ private:
+  std::shared_ptr<state> s_;
+  std::size_t n_;
+};
+
+/// asyncio.as_completed(aws, timeout=): starts waiting at once (a running loop is needed, as
+/// in asyncio): each awaitable of the range becomes a task, a task or future handle is copied
+/// (an lvalue range stays as it is, an rvalue one is moved from; the same handle twice counts
+/// once). Iterate with `for (auto next : as_completed(aws, 1s)) { T v = co_await next; }`. At
+/// the timeout the children still running are left alone (not cancelled) and the elements
+/// awaited for them throw timeout_error. Children that are done already come first, in the
+/// range's order (asyncio: in an unspecified order).
+template <detail::awaitable_range R>
+auto as_completed(R&& aws, optional_timeout timeout = {}) {
+  using E = std::iter_value_t<detail::range_iterator_t<R>>;
+  using T = argument_result_t<E>;
+  event_loop& loop = event_loop::current();
+  std::vector<future<T>> children;
+  std::unordered_set<detail::future_core*> seen;
+  for (auto&& aw : detail::take_range(std::forward<R>(aws))) {
+    auto f = detail::ensure_future(std::move(aw), "as_completed");
+    if (seen.insert(f.state_ptr()).second) children.push_back(std::move(f));
+  }
+  const std::size_t n = children.size();
+  auto s = std::make_shared<detail::as_completed_state<T>>(loop);
+  s->start(std::move(children), timeout);
+  return as_completed_range<T>(std::move(s), n);
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("as_completed") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  coroutine<int> after(std::chrono::milliseconds d, int v) {
+    co_await sleep(d);
+    co_return v;
+  }
+  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
+    co_await sleep(d);
+    throw std::runtime_error(what);
+  }
+  std::vector<coroutine<int>> countdown() {
+    std::vector<coroutine<int>> v;
+    for (int i = 0; i < 4; ++i) v.push_back(after(std::chrono::milliseconds(4 * (4 - i)), i));
+    return v;
+  }
+
+  TEST_CASE("results in completion order, each element awaited in a range-for") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<int> got;
+      for (auto next : as_completed(countdown())) got.push_back(co_await next);
+      CHECK(got == std::vector<int>{3, 2, 1, 0});
+      // Tasks from a loop, an lvalue vector: copied, left as they are; a duplicate counts once.
+      std::vector<task<int>> tasks;
+      for (int i = 0; i < 5; ++i) tasks.push_back(create_task(after(std::chrono::milliseconds(5 - i), i)));
+      tasks.push_back(tasks[0]);
+      auto range = as_completed(tasks);
+      CHECK(range.size() == 5);
+      got.clear();
+      for (auto next : range) got.push_back(co_await next);
+      CHECK(got == std::vector<int>{4, 3, 2, 1, 0});
+      CHECK(tasks.size() == 6);
+      CHECK(tasks[0].result() == 0);
+      // Empty input: nothing to iterate.
+      int count = 0;
+      for (auto next : as_completed(std::vector<task<int>>{})) {
+        (void)next;
+        ++count;
+      }
+      CHECK(count == 0);
+      // void results.
+      std::vector<coroutine<void>> nothing;
+      nothing.push_back([]() -> coroutine<void> { co_return; }());
+      for (auto next : as_completed(std::move(nothing))) co_await next;
+    }());
+  }
+
+  TEST_CASE("a child that throws: its element rethrows, the others go on") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<coroutine<int>> v;
+      v.push_back(after(6ms, 1));
+      v.push_back(fail_after(1ms, "boom"));
+      std::vector<std::string> seen;
+      for (auto next : as_completed(std::move(v))) {
+        try {
+          seen.push_back(std::to_string(co_await next));
+        } catch (const std::runtime_error& e) {
+          seen.push_back(e.what());
+        }
+      }
+      CHECK(seen == std::vector<std::string>{"boom", "1"});
+    }());
+  }
+
+  TEST_CASE("timeout: timeout_error for the remaining ones, which run on; zero and duration::max()") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto slow = create_task(after(1h, 0));
+      std::vector<task<int>> v{create_task(after(1ms, 1)), slow, create_task(after(1h, 2))};
+      std::vector<std::string> seen;
+      for (auto next : as_completed(v, 30ms)) {
+        try {
+          seen.push_back(std::to_string(co_await next));
+        } catch (const timeout_error&) {
+          seen.push_back("timeout");
+        }
+      }
+      CHECK(seen == std::vector<std::string>{"1", "timeout", "timeout"});
+      CHECK_FALSE(slow.done());  // not cancelled
+      // Zero: only what is done already (and what finishes before the timer's turn).
+      auto quick = create_task(after(0ms, 5));
+      co_await sleep(1ms);
+      std::vector<task<int>> w{slow, quick};
+      seen.clear();
+      for (auto next : as_completed(w, 0s)) {
+        try {
+          seen.push_back(std::to_string(co_await next));
+        } catch (const timeout_error&) {
+          seen.push_back("timeout");
+        }
+      }
+      CHECK(seen == std::vector<std::string>{"5", "timeout"});
+      std::vector<coroutine<int>> c;
+      c.push_back(after(2ms, 9));
+      for (auto next : as_completed(std::move(c), std::chrono::hours::max())) CHECK(co_await next == 9);
+      for (auto& t : v) t.cancel();
+    }());
+  }
+
+  TEST_CASE("a cancelled awaiter leaves the result to the next element; elements outlive the range") {
+    testing::run_bounded([]() -> coroutine<void> {
+      std::vector<coroutine<int>> c;
+      c.push_back(after(5ms, 1));
+      c.push_back(after(10ms, 2));
+      std::vector<coroutine<int>> elements;
+      {
+        auto range = as_completed(std::move(c));
+        for (auto next : range) elements.push_back(std::move(next));
+      }  // the range is gone; the elements hold what they need
+      auto first = create_task(std::move(elements[0]));
+      co_await sleep(1ms);
+      first.cancel();
+      CHECK_THROWS_AS(co_await first, cancelled_error);
+      CHECK(co_await elements[1] == 1);  // the first result was not lost
+      // Elements compose: awaited through wait_for.
+      auto hour = create_task(after(1h, 0));
+      auto never = *as_completed(std::vector<task<int>>(1, hour)).begin();
+      CHECK_THROWS_AS(co_await wait_for(std::move(never), 1ms), timeout_error);
+      CHECK_FALSE(hour.cancelled());  // wait_for cancelled the element, not the child
+      hour.cancel();
+    }());
+  }
+
+  TEST_CASE("range and elements destroyed while the children run; no loop; a cancelled caller") {
+    CHECK_THROWS_AS(as_completed(countdown()), std::runtime_error);  // no running loop
+    testing::run_bounded([]() -> coroutine<void> {
+      auto child = create_task(after(3ms, 3));
+      {
+        auto range = as_completed(std::vector<task<int>>(1, child), 1ms);
+        auto element = *range.begin();
+      }
+      // The timer and the child's callback are gone with them; the child runs on.
+      co_await sleep(2ms);
+      CHECK(co_await child == 3);
+      // A caller cancelled while awaiting an element: the child is not cancelled (asyncio).
+      auto lasting = create_task(after(5ms, 4));
+      auto caller = create_task([](task<int> t) -> coroutine<int> {
+        int sum = 0;
+        for (auto next : as_completed(std::vector<task<int>>(1, t))) sum += co_await next;
+        co_return sum;
+      }(lasting));
+      co_await sleep(1ms);
+      caller.cancel();
+      CHECK_THROWS_AS(co_await caller, cancelled_error);
+      CHECK(co_await lasting == 4);
+    }());
+  }
+}
+#endif
+// ---- end src/runtime/as_completed.hpp ----
 // ---- begin src/runtime/io.hpp ----
 // Awaitable I/O on non-blocking descriptors: wait_readable/writable and asyncio's sock_* calls.
 // Each operation is tried first and waits only on EAGAIN; retries run in the loop's dispatch,
@@ -12647,14 +13318,17 @@ inline bool is_cancellation(const std::exception_ptr& error) {
 }  // namespace detail
 
 /// asyncio.Timeout: what timeout() and timeout_at() return; enter it with async_with (or an
-/// async_exit_stack). Not to be moved once entered (the deadline's callback points at it).
+/// async_exit_stack). Movable until it is entered; moving an entered scope throws
+/// std::logic_error (the deadline's callback points at it).
 class timeout_scope {
  public:
   using time_point = detail::clock::time_point;
 
   /// std::nullopt: no deadline (reschedule() may set one later).
   explicit timeout_scope(std::optional<time_point> when) noexcept : when_(when) {}
-  timeout_scope(timeout_scope&& other) noexcept : when_(other.when_) {}
+  timeout_scope(timeout_scope&& other) : when_(other.when_) {
+    if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
+  }
   timeout_scope& operator=(timeout_scope&&) = delete;
   ~timeout_scope() { timer_.cancel(); }
 
@@ -12826,6 +13500,25 @@ TEST_SUITE("timeout") {
     CHECK_THROWS_AS(timeout(1s).aenter(), std::runtime_error);  // outside a task
   }
 
+  TEST_CASE("moving an entered scope throws std::logic_error; before entering it is fine") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto made = timeout(1h);
+      timeout_scope moved(std::move(made));  // not entered yet: allowed
+      std::string message;
+      auto body = [&](timeout_scope& t) -> coroutine<void> {
+        try {
+          timeout_scope stolen(std::move(t));
+        } catch (const std::logic_error& e) {
+          message = e.what();
+        }
+        co_await sleep(1ms);
+        CHECK_FALSE(t.expired());  // the scope still works
+      };
+      co_await async_with(moved, body);
+      CHECK(message == "timeout: cannot be moved once entered");
+    }());
+  }
+
   TEST_CASE("nested scopes: the one whose deadline passed reports it") {
     testing::run_bounded([]() -> coroutine<void> {
       // Outer deadline first: the inner scope lets the cancellation through, the outer converts it.
@@ -12878,12 +13571,15 @@ TEST_SUITE("timeout") {
 
 namespace codestare::async_utils {
 
-/// asyncio.TaskGroup. Enter it with async_with (or an async_exit_stack); not to be moved once
-/// entered (its tasks' done callbacks point at it).
+/// asyncio.TaskGroup. Enter it with async_with (or an async_exit_stack). Movable until it is
+/// entered (so that `async_with(task_group{}, ...)` can take it in); moving an entered group
+/// throws std::logic_error, since its tasks' done callbacks point at it.
 class task_group {
  public:
   task_group() = default;
-  task_group(task_group&& other) noexcept { (void)other; }
+  task_group(task_group&& other) {
+    if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
+  }
   task_group& operator=(task_group&&) = delete;
 
   /// A task of the group (create_task's rules for `aw`). std::runtime_error before the group is
@@ -12897,7 +13593,14 @@ class task_group {
     any_task child(t);
     tasks_.push_back(child);
     ++pending_;
-    child.add_done_callback([this](any_task done) { on_task_done(done); });
+    try {
+      child.add_done_callback([this](any_task done) { on_task_done(done); });
+    } catch (...) {  // out of memory: the task runs unwatched, so stop it
+      tasks_.pop_back();
+      --pending_;
+      child.cancel();
+      throw;
+    }
     return t;
   }
 
@@ -12950,6 +13653,7 @@ class task_group {
 
   void on_task_done(const any_task& done) {
     --pending_;
+    drop_finished();
     if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
     if (done.cancelled()) return;
     std::exception_ptr e = done.exception();
@@ -12966,8 +13670,19 @@ class task_group {
     }
   }
 
-  std::vector<any_task> tasks_;
+  /// Lets go of the finished children once they make up half of tasks_ (amortised O(1) per
+  /// child), so a long-lived group holds about as many handles as it has running children.
+  void drop_finished() {
+    // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
+    if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
+    finished_since_drop_ = 0;
+    std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
+    if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
+  }
+
+  std::vector<any_task> tasks_;  // the children, finished ones dropped in batches
   std::size_t pending_ = 0;
+  std::size_t finished_since_drop_ = 0;
   std::vector<std::exception_ptr> errors_;
   std::optional<future<void>> on_completed_;
   any_task parent_;
@@ -13111,6 +13826,52 @@ TEST_SUITE("task_group") {
       CHECK(current_task()->cancelling() == 0);
     }());
     CHECK_THROWS_AS(task_group().aenter(), std::runtime_error);
+  }
+
+  coroutine<void> nothing() { co_return; }
+
+  TEST_CASE("moving an entered group throws std::logic_error; before entering it is fine") {
+    testing::run_bounded([]() -> coroutine<void> {
+      task_group fresh;
+      task_group moved(std::move(fresh));  // not entered yet: allowed
+      bool threw = false;
+      auto body = [&](task_group& tg) -> coroutine<void> {
+        tg.create_task(nothing());
+        try {
+          task_group stolen(std::move(tg));
+        } catch (const std::logic_error& e) {
+          threw = std::string(e.what()) == "task_group: cannot be moved once entered";
+        }
+        co_return;
+      };
+      co_await async_with(moved, body);
+      CHECK(threw);
+    }());
+  }
+
+  TEST_CASE("a long-lived group lets go of its finished children (100,000 of them)") {
+    testing::run_bounded([]() -> coroutine<void> {
+      task<int> first;
+      task<void> middle;
+      std::size_t first_refs = 0, middle_refs = 0;
+      auto body = [&](task_group& tg) -> coroutine<void> {
+        first = tg.create_task(after(0ms, 1));
+        for (int i = 0; i < 100000; ++i) {
+          auto t = tg.create_task(nothing());
+          if (i == 50000) middle = t;
+          if (i % 1000 == 999) co_await sleep(0s);  // the batch runs, its done callbacks next
+        }
+        co_await sleep(0s);
+        co_await sleep(0s);
+        // Only our handle is left: the group dropped its own long before its exit.
+        first_refs = first.state_ptr()->use_count();
+        middle_refs = middle.state_ptr()->use_count();
+      };
+      co_await async_with(task_group{}, body);
+      CHECK(first_refs == 1);
+      CHECK(middle_refs == 1);
+      CHECK(first.result() == 1);
+    }(), std::chrono::milliseconds(60000));
   }
 }
 #endif

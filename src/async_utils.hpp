@@ -37,6 +37,8 @@
 #include "runtime/wait_for.hpp"
 #include "runtime/gather.hpp"
 #include "runtime/shield.hpp"
+#include "runtime/wait.hpp"
+#include "runtime/as_completed.hpp"
 #include "runtime/io.hpp"
 #include "runtime/run.hpp"
 #include "runtime/async_generator.hpp"

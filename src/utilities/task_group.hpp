@@ -14,12 +14,15 @@
 
 namespace codestare::async_utils {
 
-/// asyncio.TaskGroup. Enter it with async_with (or an async_exit_stack); not to be moved once
-/// entered (its tasks' done callbacks point at it).
+/// asyncio.TaskGroup. Enter it with async_with (or an async_exit_stack). Movable until it is
+/// entered (so that `async_with(task_group{}, ...)` can take it in); moving an entered group
+/// throws std::logic_error, since its tasks' done callbacks point at it.
 class task_group {
  public:
   task_group() = default;
-  task_group(task_group&& other) noexcept { (void)other; }
+  task_group(task_group&& other) {
+    if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
+  }
   task_group& operator=(task_group&&) = delete;
 
   /// A task of the group (create_task's rules for `aw`). std::runtime_error before the group is
@@ -33,7 +36,14 @@ class task_group {
     any_task child(t);
     tasks_.push_back(child);
     ++pending_;
-    child.add_done_callback([this](any_task done) { on_task_done(done); });
+    try {
+      child.add_done_callback([this](any_task done) { on_task_done(done); });
+    } catch (...) {  // out of memory: the task runs unwatched, so stop it
+      tasks_.pop_back();
+      --pending_;
+      child.cancel();
+      throw;
+    }
     return t;
   }
 
@@ -86,6 +96,7 @@ class task_group {
 
   void on_task_done(const any_task& done) {
     --pending_;
+    drop_finished();
     if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
     if (done.cancelled()) return;
     std::exception_ptr e = done.exception();
@@ -102,8 +113,19 @@ class task_group {
     }
   }
 
-  std::vector<any_task> tasks_;
+  /// Lets go of the finished children once they make up half of tasks_ (amortised O(1) per
+  /// child), so a long-lived group holds about as many handles as it has running children.
+  void drop_finished() {
+    // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
+    if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
+    finished_since_drop_ = 0;
+    std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
+    if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
+  }
+
+  std::vector<any_task> tasks_;  // the children, finished ones dropped in batches
   std::size_t pending_ = 0;
+  std::size_t finished_since_drop_ = 0;
   std::vector<std::exception_ptr> errors_;
   std::optional<future<void>> on_completed_;
   any_task parent_;
@@ -247,6 +269,52 @@ TEST_SUITE("task_group") {
       CHECK(current_task()->cancelling() == 0);
     }());
     CHECK_THROWS_AS(task_group().aenter(), std::runtime_error);
+  }
+
+  coroutine<void> nothing() { co_return; }
+
+  TEST_CASE("moving an entered group throws std::logic_error; before entering it is fine") {
+    testing::run_bounded([]() -> coroutine<void> {
+      task_group fresh;
+      task_group moved(std::move(fresh));  // not entered yet: allowed
+      bool threw = false;
+      auto body = [&](task_group& tg) -> coroutine<void> {
+        tg.create_task(nothing());
+        try {
+          task_group stolen(std::move(tg));
+        } catch (const std::logic_error& e) {
+          threw = std::string(e.what()) == "task_group: cannot be moved once entered";
+        }
+        co_return;
+      };
+      co_await async_with(moved, body);
+      CHECK(threw);
+    }());
+  }
+
+  TEST_CASE("a long-lived group lets go of its finished children (100,000 of them)") {
+    testing::run_bounded([]() -> coroutine<void> {
+      task<int> first;
+      task<void> middle;
+      std::size_t first_refs = 0, middle_refs = 0;
+      auto body = [&](task_group& tg) -> coroutine<void> {
+        first = tg.create_task(after(0ms, 1));
+        for (int i = 0; i < 100000; ++i) {
+          auto t = tg.create_task(nothing());
+          if (i == 50000) middle = t;
+          if (i % 1000 == 999) co_await sleep(0s);  // the batch runs, its done callbacks next
+        }
+        co_await sleep(0s);
+        co_await sleep(0s);
+        // Only our handle is left: the group dropped its own long before its exit.
+        first_refs = first.state_ptr()->use_count();
+        middle_refs = middle.state_ptr()->use_count();
+      };
+      co_await async_with(task_group{}, body);
+      CHECK(first_refs == 1);
+      CHECK(middle_refs == 1);
+      CHECK(first.result() == 1);
+    }(), std::chrono::milliseconds(60000));
   }
 }
 #endif

@@ -35,14 +35,17 @@ inline bool is_cancellation(const std::exception_ptr& error) {
 }  // namespace detail
 
 /// asyncio.Timeout: what timeout() and timeout_at() return; enter it with async_with (or an
-/// async_exit_stack). Not to be moved once entered (the deadline's callback points at it).
+/// async_exit_stack). Movable until it is entered; moving an entered scope throws
+/// std::logic_error (the deadline's callback points at it).
 class timeout_scope {
  public:
   using time_point = detail::clock::time_point;
 
   /// std::nullopt: no deadline (reschedule() may set one later).
   explicit timeout_scope(std::optional<time_point> when) noexcept : when_(when) {}
-  timeout_scope(timeout_scope&& other) noexcept : when_(other.when_) {}
+  timeout_scope(timeout_scope&& other) : when_(other.when_) {
+    if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
+  }
   timeout_scope& operator=(timeout_scope&&) = delete;
   ~timeout_scope() { timer_.cancel(); }
 
@@ -212,6 +215,25 @@ TEST_SUITE("timeout") {
       CHECK_THROWS_AS(co_await async_with(left, [] {}), std::runtime_error);  // entered twice
     }());
     CHECK_THROWS_AS(timeout(1s).aenter(), std::runtime_error);  // outside a task
+  }
+
+  TEST_CASE("moving an entered scope throws std::logic_error; before entering it is fine") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto made = timeout(1h);
+      timeout_scope moved(std::move(made));  // not entered yet: allowed
+      std::string message;
+      auto body = [&](timeout_scope& t) -> coroutine<void> {
+        try {
+          timeout_scope stolen(std::move(t));
+        } catch (const std::logic_error& e) {
+          message = e.what();
+        }
+        co_await sleep(1ms);
+        CHECK_FALSE(t.expired());  // the scope still works
+      };
+      co_await async_with(moved, body);
+      CHECK(message == "timeout: cannot be moved once entered");
+    }());
   }
 
   TEST_CASE("nested scopes: the one whose deadline passed reports it") {
