@@ -7,16 +7,20 @@
 #include "../runtime/future.hpp"
 #include "../runtime/io.hpp"
 #include "../runtime/sleep.hpp"
+#include "../runtime/task.hpp"
+#include "async_exit_stack.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <vector>
 
@@ -233,111 +237,140 @@ inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
 
 }  // namespace detail
 
+namespace detail {
+
+inline void stream_check_error(stream_state& s) {
+  if (s.read_error) {
+    int e = std::exchange(s.read_error, 0);
+    throw_errno(e, "stream_reader");
+  }
+}
+
+// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
+// state alive.
+inline coroutine<void> stream_fill(stream_state* s, std::size_t want) {
+  if (!s->fd || s->eof) {
+    s->eof = true;
+    co_return;
+  }
+  if (s->reading) throw std::runtime_error("stream_reader: another read is already waiting for data");
+  s->reserve(want);
+  reading_guard guard(s);
+  const std::size_t room = s->rbuf.size() - s->tail;
+  co_await io_awaiter<stream_fill_op>({{}, s, room}, s->fd.get(), io_read);
+}
+
+// The operations' frames hold the state: the handle may go while an operation runs.
+inline coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+  if (n == 0) co_return std::string();
+  if (n < 0) {
+    while (!s->eof) co_await stream_fill(s.get(), stream_default_limit);
+    stream_check_error(*s);
+    co_return s->take(s->available());
+  }
+  if (s->available() == 0 && !s->eof) co_await stream_fill(s.get(), std::min<std::size_t>(static_cast<std::size_t>(n), 256 * 1024));
+  if (s->available() == 0) stream_check_error(*s);
+  co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
+}
+
+inline coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+  if (n < 0) throw std::invalid_argument("readexactly: size can not be less than zero");
+  const auto want = static_cast<std::size_t>(n);
+  while (s->available() < want) {
+    if (s->eof) {
+      stream_check_error(*s);
+      throw incomplete_read_error(s->take(s->available()), want);
+    }
+    co_await stream_fill(s.get(), want - s->available());
+  }
+  co_return s->take(want);
+}
+
+inline coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator) {
+  if (separator.empty()) throw std::invalid_argument("readuntil: separator should be at least one-byte string");
+  const std::size_t seplen = separator.size();
+  std::size_t offset = 0, found = std::string::npos;
+  for (;;) {
+    const std::size_t len = s->available();
+    if (len - std::min(len, offset) >= seplen) {
+      std::string_view view(s->rbuf.data() + s->head, len);
+      found = view.find(separator, offset);
+      if (found != std::string::npos) break;
+      offset = len + 1 - seplen;
+      if (offset > s->limit) throw limit_overrun_error("Separator is not found, and chunk exceed the limit", offset);
+    }
+    if (s->eof) {
+      stream_check_error(*s);
+      throw incomplete_read_error(s->take(s->available()), std::nullopt);
+    }
+    co_await stream_fill(s.get(), stream_default_limit);
+  }
+  if (found > s->limit) throw limit_overrun_error("Separator is found, but chunk is longer than limit", found);
+  co_return s->take(found + seplen);
+}
+
+inline coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
+  std::string sep = "\n";
+  std::optional<limit_overrun_error> overrun;
+  try {
+    co_return co_await stream_readuntil(s, sep);
+  } catch (incomplete_read_error& e) {
+    co_return e.partial();
+  } catch (limit_overrun_error& e) {
+    overrun = e;
+  }
+  // As asyncio: the long line goes (up to its separator, or all that is buffered).
+  std::string_view rest(s->rbuf.data() + s->head, s->available());
+  if (rest.substr(std::min(rest.size(), overrun->consumed()), 1) == sep)
+    s->take(overrun->consumed() + 1);
+  else
+    s->take(s->available());
+  throw *overrun;
+}
+
+inline coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
+  if (s->write_error) throw_errno(s->write_error, "stream_writer.drain");
+  if (s->closing) {
+    co_await sleep(std::chrono::seconds(0));  // as asyncio: let the close go on
+    co_return;
+  }
+  while (s->buffered() > stream_high_water) {
+    auto f = s->loop->create_future<void>();
+    s->drainers.push_back(f);
+    co_await f;
+    if (s->write_error) throw_errno(s->write_error, "stream_writer.drain");
+  }
+}
+
+inline coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
+  if (!s->closed.done()) co_await s->closed;
+}
+
+}  // namespace detail
+
 /// asyncio.StreamReader over a connected socket. Copies share the connection.
 class stream_reader {
  public:
   explicit stream_reader(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
 
   /// Up to n bytes (n < 0: everything until EOF); empty at EOF.
-  coroutine<std::string> read(std::ptrdiff_t n = -1) { return read_impl(s_, n); }
-  // Each operation's frame holds the state: the handle may go while the operation runs.
-  static coroutine<std::string> read_impl(std::shared_ptr<detail::stream_state> s, std::ptrdiff_t n) {
-    if (n == 0) co_return std::string();
-    if (n < 0) {
-      while (!s->eof) co_await fill(s, detail::stream_default_limit);
-      check_error(*s);
-      co_return s->take(s->available());
-    }
-    if (s->available() == 0 && !s->eof) co_await fill(s, std::min<std::size_t>(static_cast<std::size_t>(n), 256 * 1024));
-    if (s->available() == 0) check_error(*s);
-    co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
-  }
+  coroutine<std::string> read(std::ptrdiff_t n = -1) { return detail::stream_read(s_, n); }
 
   /// Exactly n bytes; incomplete_read_error (with what came) if EOF comes first.
-  coroutine<std::string> readexactly(std::ptrdiff_t n) { return readexactly_impl(s_, n); }
-  static coroutine<std::string> readexactly_impl(std::shared_ptr<detail::stream_state> s, std::ptrdiff_t n) {
-    if (n < 0) throw std::invalid_argument("readexactly: size can not be less than zero");
-    const auto want = static_cast<std::size_t>(n);
-    while (s->available() < want) {
-      if (s->eof) {
-        check_error(*s);
-        throw incomplete_read_error(s->take(s->available()), want);
-      }
-      co_await fill(s, want - s->available());
-    }
-    co_return s->take(want);
-  }
+  coroutine<std::string> readexactly(std::ptrdiff_t n) { return detail::stream_readexactly(s_, n); }
 
   /// Data up to and including `separator`. At EOF without it: incomplete_read_error with the
   /// rest. Not found within limit bytes: limit_overrun_error, the data stays buffered.
-  coroutine<std::string> readuntil(std::string separator = "\n") { return readuntil_impl(s_, std::move(separator)); }
-  static coroutine<std::string> readuntil_impl(std::shared_ptr<detail::stream_state> s, std::string separator) {
-    if (separator.empty()) throw std::invalid_argument("readuntil: separator should be at least one-byte string");
-    const std::size_t seplen = separator.size();
-    std::size_t offset = 0, found = std::string::npos;
-    for (;;) {
-      const std::size_t len = s->available();
-      if (len - std::min(len, offset) >= seplen) {
-        std::string_view view(s->rbuf.data() + s->head, len);
-        found = view.find(separator, offset);
-        if (found != std::string::npos) break;
-        offset = len + 1 - seplen;
-        if (offset > s->limit) throw limit_overrun_error("Separator is not found, and chunk exceed the limit", offset);
-      }
-      if (s->eof) {
-        check_error(*s);
-        throw incomplete_read_error(s->take(s->available()), std::nullopt);
-      }
-      co_await fill(s, detail::stream_default_limit);
-    }
-    if (found > s->limit) throw limit_overrun_error("Separator is found, but chunk is longer than limit", found);
-    co_return s->take(found + seplen);
-  }
+  coroutine<std::string> readuntil(std::string separator = "\n") { return detail::stream_readuntil(s_, std::move(separator)); }
 
   /// A line ending in '\n', or what is left at EOF. A line longer than the limit is dropped
   /// and throws limit_overrun_error (asyncio: ValueError).
-  coroutine<std::string> readline() { return readline_impl(s_); }
-  static coroutine<std::string> readline_impl(std::shared_ptr<detail::stream_state> s) {
-    std::string sep = "\n";
-    std::optional<limit_overrun_error> overrun;
-    try {
-      co_return co_await readuntil_impl(s, sep);
-    } catch (incomplete_read_error& e) {
-      co_return e.partial();
-    } catch (limit_overrun_error& e) {
-      overrun = e;
-    }
-    std::string_view rest(s->rbuf.data() + s->head, s->available());
-    if (rest.substr(std::min(rest.size(), overrun->consumed()), 1) == sep)
-      s->take(overrun->consumed() + 1);
-    else
-      s->take(s->available());
-    throw *overrun;
-  }
+  coroutine<std::string> readline() { return detail::stream_readline(s_); }
 
   /// True once EOF was seen and the buffer is empty.
   bool at_eof() const noexcept { return s_->eof && s_->available() == 0; }
 
  private:
-  static void check_error(detail::stream_state& s) {
-    if (s.read_error) {
-      int e = std::exchange(s.read_error, 0);
-      detail::throw_errno(e, "stream_reader");
-    }
-  }
-  // One receive into the buffer (room for at least `want` bytes, or the whole 64 KiB chunk).
-  static coroutine<void> fill(std::shared_ptr<detail::stream_state> s, std::size_t want) {
-    if (!s->fd || s->eof) {
-      s->eof = true;
-      co_return;
-    }
-    if (s->reading) throw std::runtime_error("stream_reader: another read is already waiting for data");
-    s->reserve(want);
-    detail::reading_guard guard(s.get());
-    const std::size_t room = s->rbuf.size() - s->tail;
-    co_await detail::io_awaiter<detail::stream_fill_op>({{}, s.get(), room}, s->fd.get(), detail::io_read);
-  }
-
   std::shared_ptr<detail::stream_state> s_;
 };
 
@@ -380,20 +413,7 @@ class stream_writer {
 
   /// Waits while more than 64 KiB are buffered, until at most 16 KiB are; throws the error of a
   /// lost connection. Cancelling it keeps every buffered byte.
-  coroutine<void> drain() { return drain_impl(s_); }
-  static coroutine<void> drain_impl(std::shared_ptr<detail::stream_state> s) {
-    if (s->write_error) detail::throw_errno(s->write_error, "stream_writer.drain");
-    if (s->closing) {
-      co_await sleep(std::chrono::seconds(0));  // as asyncio: let the close go on
-      co_return;
-    }
-    while (s->buffered() > detail::stream_high_water) {
-      auto f = s->loop->create_future<void>();
-      s->drainers.push_back(f);
-      co_await f;
-      if (s->write_error) detail::throw_errno(s->write_error, "stream_writer.drain");
-    }
-  }
+  coroutine<void> drain() { return detail::stream_drain(s_); }
 
   /// Closes the connection once the buffer is flushed.
   void close() {
@@ -403,10 +423,7 @@ class stream_writer {
     if (s.buffered() == 0 && s.fd) s.finish_close();
   }
   bool is_closing() const noexcept { return s_->closing; }
-  coroutine<void> wait_closed() { return wait_closed_impl(s_); }
-  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::stream_state> s) {
-    if (!s->closed.done()) co_await s->closed;
-  }
+  coroutine<void> wait_closed() { return detail::stream_wait_closed(s_); }
   bool can_write_eof() const noexcept { return true; }
   /// Shuts the sending side down after the buffer is flushed.
   void write_eof() {
@@ -507,13 +524,28 @@ inline coroutine<std::vector<address_info>> getaddrinfo(std::string host, int po
 }
 
 namespace detail {
+inline address_info unix_address(const std::string& path, const char* what) {
+  address_info a;
+  auto& un = reinterpret_cast<sockaddr_un&>(a.address);
+  if (path.empty() || path.size() >= sizeof un.sun_path)
+    throw std::invalid_argument(std::string(what) + ": bad path (empty or longer than " + std::to_string(sizeof un.sun_path - 1) + " bytes)");
+  un.sun_family = AF_UNIX;
+  std::memcpy(un.sun_path, path.data(), path.size());
+  a.family = AF_UNIX;
+  a.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+  return a;
+}
+
+inline void set_nodelay(int fd, int family) {
+  if (family != AF_INET && family != AF_INET6) return;
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
 inline coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
   unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
   if (!fd) throw_errno(errno, "open_connection: socket");
-  if (a.family == AF_INET || a.family == AF_INET6) {
-    int one = 1;
-    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  }
+  set_nodelay(fd.get(), a.family);
   co_await sock_connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.address), a.length);
   co_return open_stream(fd.release(), limit);
 }
@@ -538,14 +570,298 @@ inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::s
 /// asyncio.open_unix_connection.
 inline coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
                                                                                std::size_t limit = detail::stream_default_limit) {
-  address_info a;
-  auto& un = reinterpret_cast<sockaddr_un&>(a.address);
-  if (path.empty() || path.size() >= sizeof un.sun_path) throw std::invalid_argument("open_unix_connection: bad path");
-  un.sun_family = AF_UNIX;
-  std::memcpy(un.sun_path, path.data(), path.size());
-  a.family = AF_UNIX;
-  a.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+  auto a = detail::unix_address(path, "open_unix_connection");
   co_return co_await detail::connect_to(a, limit);
+}
+
+
+/// How start_server and start_unix_server set up the listening sockets.
+struct server_options {
+  std::size_t limit = detail::stream_default_limit;  // the readers' limit
+  int backlog = 100;                                  // listen() backlog
+  bool start_serving = true;                          // accept at once (else: start_serving())
+};
+
+/// One listening socket of a server (asyncio: server.sockets[i]).
+struct listening_socket {
+  int fd = -1;
+  /// The bound address as "host:port" ("[v6]:port", or the Unix path).
+  std::string sockname() const {
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return {};
+    return detail::format_address(a, len);
+  }
+  /// The bound port (0 for a Unix socket).
+  int port() const {
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+    if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+    if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+    return 0;
+  }
+};
+
+namespace detail {
+
+/// A server's listeners and the count of its running handlers. Each handler's frame holds the
+/// state, so the callback lives as long as any connection it serves.
+struct server_state : std::enable_shared_from_this<server_state> {
+  using callback = std::function<coroutine<void>(stream_reader, stream_writer)>;
+  event_loop* loop;
+  callback cb;
+  server_options options;
+  std::vector<unique_fd> listeners;
+  std::string unix_path;  // removed on close
+  bool serving = false;
+  bool closed = false;
+  std::size_t active = 0;  // handlers not yet ended
+  std::optional<future<void>> forever;
+  std::vector<future<void>> closed_waiters;
+  handle retry;  // accepting paused after EMFILE and the like
+
+  server_state(callback c, server_options o) : loop(&event_loop::current()), cb(std::move(c)), options(o) {}
+  server_state(const server_state&) = delete;
+  server_state& operator=(const server_state&) = delete;
+  ~server_state() { close(); }
+
+  void start() {
+    if (serving || closed) return;
+    serving = true;
+    for (auto& l : listeners) loop->add_reader(l.get(), [this, fd = l.get()] { accept_ready(fd); });
+  }
+  void pause() {
+    if (!serving) return;
+    serving = false;
+    for (auto& l : listeners) loop->remove_reader(l.get());
+  }
+  void close() {
+    if (closed) return;
+    pause();
+    closed = true;
+    retry.cancel();
+    listeners.clear();  // stops accepting; connections already made go on
+    if (!unix_path.empty()) ::unlink(unix_path.c_str());
+    if (forever && !forever->done()) forever->cancel();
+    maybe_wake();
+  }
+  void maybe_wake() {
+    if (!closed || active > 0) return;
+    for (auto& f : closed_waiters)
+      if (!f.done()) f.set_result();
+    closed_waiters.clear();
+  }
+
+  // Accepts what is pending (at most a backlog's worth per wake-up, as asyncio).
+  void accept_ready(int fd);
+  static coroutine<void> serve(std::shared_ptr<server_state> self, unique_fd conn);
+};
+
+}  // namespace detail
+
+/// asyncio.Server: the listening sockets of start_server / start_unix_server. close() stops
+/// accepting; the connections already made go on, and wait_closed() waits for their handlers
+/// to end (asyncio 3.12). Destroying it closes it. Usable as an async context manager.
+class server {
+ public:
+  explicit server(std::shared_ptr<detail::server_state> s) : s_(std::move(s)) {}
+  server(server&&) noexcept = default;
+  server& operator=(server&& other) noexcept {
+    if (this != &other) {
+      if (s_) s_->close();
+      s_ = std::move(other.s_);
+    }
+    return *this;
+  }
+  ~server() {
+    if (s_) s_->close();
+  }
+
+  /// Stops listening and closes the listening sockets (a Unix socket's file is removed).
+  void close() { s_->close(); }
+  /// Waits until the server is closed and every handler it started has ended.
+  coroutine<void> wait_closed() { return wait_closed_impl(s_); }
+  bool is_serving() const noexcept { return s_->serving; }
+  /// Starts accepting (start_server does unless options.start_serving is false).
+  coroutine<void> start_serving() { return start_serving_impl(s_); }
+  /// Accepts until cancelled; then closes the server, waits for it, and ends cancelled.
+  coroutine<void> serve_forever() { return serve_forever_impl(s_); }
+  /// The listening sockets; none once closed.
+  std::vector<listening_socket> sockets() const {
+    std::vector<listening_socket> out;
+    for (auto& l : s_->listeners) out.push_back({l.get()});
+    return out;
+  }
+
+  detail::ready_ref<server> aenter() noexcept { return {*this}; }
+  /// Closes the server and waits for it (asyncio's __aexit__).
+  coroutine<bool> aexit(std::exception_ptr) { return aexit_impl(s_); }
+
+ private:
+  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s) {
+    if (s->closed && s->active == 0) co_return;
+    auto f = s->loop->create_future<void>();
+    s->closed_waiters.push_back(f);
+    co_await f;
+  }
+  static coroutine<void> start_serving_impl(std::shared_ptr<detail::server_state> s) {
+    if (s->closed) throw std::runtime_error("server is closed");
+    s->start();
+    co_await sleep(std::chrono::seconds(0));
+  }
+  static coroutine<void> serve_forever_impl(std::shared_ptr<detail::server_state> s) {
+    if (s->forever) throw std::runtime_error("server is already being awaited on serve_forever()");
+    if (s->closed) throw std::runtime_error("server is closed");
+    s->start();
+    s->forever = s->loop->create_future<void>();
+    std::exception_ptr stop;
+    try {
+      co_await *s->forever;  // only ever cancelled: by the caller, or by close()
+    } catch (const cancelled_error&) {
+      stop = std::current_exception();
+    }
+    s->forever.reset();
+    s->close();
+    co_await wait_closed_impl(s);
+    if (stop) std::rethrow_exception(stop);
+  }
+  static coroutine<bool> aexit_impl(std::shared_ptr<detail::server_state> s) {
+    s->close();
+    co_await wait_closed_impl(s);
+    co_return false;
+  }
+
+  std::shared_ptr<detail::server_state> s_;
+};
+
+namespace detail {
+
+/// Counts a running handler; its end (also a frame destroyed unfinished) may end wait_closed.
+struct handler_count {
+  server_state* s;
+  explicit handler_count(server_state* st) : s(st) { ++s->active; }
+  handler_count(const handler_count&) = delete;
+  handler_count& operator=(const handler_count&) = delete;
+  ~handler_count() {
+    --s->active;
+    s->maybe_wake();
+  }
+};
+
+inline coroutine<void> server_state::serve(std::shared_ptr<server_state> self, unique_fd conn) {
+  handler_count counted(self.get());
+  std::exception_ptr error;
+  try {
+    auto [r, w] = open_stream(conn.release(), self->options.limit);
+    co_await self->cb(std::move(r), std::move(w));
+  } catch (const cancelled_error&) {
+    throw;  // run() ending, or the user cancelled the handler's task: not a fault
+  } catch (...) {
+    error = std::current_exception();
+  }
+  if (error) {  // as asyncio: reported through the loop's exception handler
+    exception_context c;
+    c.message = "Unhandled exception in client_connected_cb";
+    c.exception = error;
+    self->loop->call_exception_handler(c);
+  }
+}
+
+inline void server_state::accept_ready(int fd) {
+  for (int i = 0; i < options.backlog && serving; ++i) {
+#if defined(__linux__) || defined(__FreeBSD__) || defined(__NetBSD__) || defined(__OpenBSD__)
+    int c = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+    int c = ::accept(fd, nullptr, nullptr);
+    if (c >= 0) {
+      try {
+        make_nonblocking_cloexec(c);
+      } catch (...) {
+        ::close(c);
+        continue;
+      }
+    }
+#endif
+    if (c < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (would_block(errno)) return;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // As asyncio: out of descriptors or memory; stop accepting for a second.
+        log(log_level::error, std::string("server: accept failed, pausing for 1 s: ") + std::strerror(errno));
+        pause();
+        retry = loop->call_later(std::chrono::seconds(1), [this] { start(); });
+        return;
+      }
+      log(log_level::error, std::string("server: accept failed: ") + std::strerror(errno));
+      return;
+    }
+    unique_fd conn(c);
+    sockaddr_storage a{};
+    socklen_t len = sizeof a;
+    if (::getsockname(c, reinterpret_cast<sockaddr*>(&a), &len) == 0) set_nodelay(c, a.ss_family);
+    loop->create_task(serve(shared_from_this(), std::move(conn)));
+  }
+}
+
+}  // namespace detail
+
+namespace detail {
+
+inline unique_fd listen_on(const address_info& a, int backlog, const char* what) {
+  unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
+  if (!fd) throw_errno(errno, std::string(what) + ": socket");
+  int one = 1;
+  if (a.family != AF_UNIX) ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+#ifdef IPV6_V6ONLY
+  if (a.family == AF_INET6) ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+#endif
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&a.address), a.length) != 0)
+    throw_errno(errno, std::string(what) + ": bind " + format_address(a.address, a.length));
+  if (::listen(fd.get(), backlog) != 0) throw_errno(errno, std::string(what) + ": listen");
+  return fd;
+}
+
+inline void check_server_options(const server_options& o, const char* what) {
+  if (o.limit == 0) throw std::invalid_argument(std::string(what) + ": limit must be positive");
+  if (o.backlog <= 0) throw std::invalid_argument(std::string(what) + ": backlog must be positive");
+}
+
+
+}  // namespace detail
+
+/// asyncio.start_server: listens on every address `host` resolves to ("" for all interfaces;
+/// port 0 picks a free one) and runs client_connected(reader, writer) in a task for each
+/// connection (TCP_NODELAY on). A handler's exception goes to the loop's exception handler.
+inline coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
+                                      server_options options = {}) {
+  detail::check_port(port, "start_server");
+  detail::check_server_options(options, "start_server");
+  if (!client_connected) throw std::invalid_argument("start_server: empty callback");
+  // Named, not a temporary inside the co_await (g++ 12, see getaddrinfo).
+  auto job = [host, port] { return detail::resolve(host, port, AI_PASSIVE); };
+  auto resolving = event_loop::current().run_in_executor(std::move(job));
+  auto addresses = co_await std::move(resolving);
+  auto s = std::make_shared<detail::server_state>(std::move(client_connected), options);
+  for (const auto& a : addresses) s->listeners.push_back(detail::listen_on(a, options.backlog, "start_server"));
+  if (options.start_serving) s->start();
+  co_return server(std::move(s));
+}
+
+/// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
+/// replaced; the file is removed when the server closes).
+inline coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
+                                           server_options options = {}) {
+  detail::check_server_options(options, "start_unix_server");
+  if (!client_connected) throw std::invalid_argument("start_unix_server: empty callback");
+  auto a = detail::unix_address(path, "start_unix_server");
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
+  auto s = std::make_shared<detail::server_state>(std::move(client_connected), options);
+  s->listeners.push_back(detail::listen_on(a, options.backlog, "start_unix_server"));
+  s->unix_path = path;
+  if (options.start_serving) s->start();
+  co_return server(std::move(s));
 }
 
 }  // namespace codestare::async_utils
@@ -556,14 +872,14 @@ TEST_SUITE("streams") {
   using namespace std::chrono_literals;
 
   // A connected pair of streams over a socketpair.
+  std::pair<int, int> make_socketpair() {
+    int fds[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+    return {fds[0], fds[1]};
+  }
   struct stream_pair {
     std::pair<stream_reader, stream_writer> a, b;
-    static int end(int i) {
-      static thread_local int fds[2];
-      if (i == 0) REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
-      return fds[i];
-    }
-    stream_pair() : a(open_stream(end(0))), b(open_stream(end(1))) {}
+    explicit stream_pair(std::pair<int, int> fds = make_socketpair()) : a(open_stream(fds.first)), b(open_stream(fds.second)) {}
   };
 
   coroutine<void> send_then_eof(stream_writer w, std::string data) {
@@ -742,6 +1058,223 @@ TEST_SUITE("streams") {
       REQUIRE(v6.size() >= 1);
       CHECK(v6[0].family == AF_INET6);
       CHECK_FALSE((co_await getaddrinfo("localhost", 0)).empty());
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  // Echoes lines until EOF; counts the handlers that ended.
+  struct echo_counts {
+    int started = 0, ended = 0;
+  };
+  detail::server_state::callback echo_handler(echo_counts& counts) {
+    return [&counts](stream_reader r, stream_writer w) -> coroutine<void> {
+      ++counts.started;
+      for (;;) {
+        std::string line = co_await r.readline();
+        if (line.empty()) break;
+        w.write(line);
+        co_await w.drain();
+      }
+      w.close();
+      co_await w.wait_closed();
+      ++counts.ended;
+    };
+  }
+
+  coroutine<std::string> ask(stream_reader& r, stream_writer& w, std::string line) {
+    w.write(line);
+    co_await w.drain();
+    co_return co_await r.readline();
+  }
+
+  TEST_CASE("start_server: echo; close stops accepting, connections go on; wait_closed waits for the handlers") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      echo_counts counts;
+      server srv = co_await start_server(echo_handler(counts), "127.0.0.1", 0);
+      CHECK(srv.is_serving());
+      REQUIRE(srv.sockets().size() == 1);
+      const int port = srv.sockets()[0].port();
+      CHECK(port > 0);
+      CHECK(srv.sockets()[0].sockname() == "127.0.0.1:" + std::to_string(port));
+      auto [r, w] = co_await open_connection("127.0.0.1", port);
+      CHECK(co_await ask(r, w, "hello\n") == "hello\n");
+      int nodelay = 0;
+      socklen_t len = sizeof nodelay;
+      REQUIRE(::getsockopt(w.fileno(), IPPROTO_TCP, TCP_NODELAY, &nodelay, &len) == 0);
+      CHECK(nodelay != 0);
+      CHECK(w.get_extra_info("peername") == "127.0.0.1:" + std::to_string(port));
+      srv.close();
+      CHECK_FALSE(srv.is_serving());
+      CHECK(srv.sockets().empty());
+      CHECK_THROWS_AS(co_await open_connection("127.0.0.1", port), std::system_error);  // refused
+      CHECK(co_await ask(r, w, "still here\n") == "still here\n");  // the old connection goes on
+      auto waiting = create_task(srv.wait_closed());
+      co_await sleep(2ms);
+      CHECK_FALSE(waiting.done());  // a handler still runs
+      w.write_eof();
+      CHECK(co_await r.read() == "");
+      co_await waiting;
+      CHECK(counts.started == 1);
+      CHECK(counts.ended == 1);
+      w.close();
+      co_await w.wait_closed();
+      CHECK_THROWS_AS(co_await srv.start_serving(), std::runtime_error);
+      CHECK_THROWS_AS(co_await srv.serve_forever(), std::runtime_error);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("start_server on IPv6 and all interfaces; open_connection to localhost") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      echo_counts counts;
+      {
+        server srv = co_await start_server(echo_handler(counts), "::1", 0);
+        REQUIRE(srv.sockets().size() == 1);
+        const int port = srv.sockets()[0].port();
+        CHECK(srv.sockets()[0].sockname() == "[::1]:" + std::to_string(port));
+        auto [r, w] = co_await open_connection("::1", port);
+        CHECK(co_await ask(r, w, "six\n") == "six\n");
+      }  // the server, then the client, go out of scope: the handler sees EOF
+      server any = co_await start_server(echo_handler(counts), "", 0);
+      REQUIRE_FALSE(any.sockets().empty());
+      auto [r, w] = co_await open_connection("localhost", any.sockets()[0].port());
+      CHECK(co_await ask(r, w, "local\n") == "local\n");
+      w.close();
+      any.close();
+      co_await any.wait_closed();
+      CHECK(counts.ended == 2);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("start_unix_server and open_unix_connection; closing removes the socket file") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      const std::string path = "/tmp/async_utils_streams_" + std::to_string(::getpid()) + ".sock";
+      echo_counts counts;
+      server srv = co_await start_unix_server(echo_handler(counts), path);
+      CHECK(srv.sockets()[0].sockname() == path);
+      CHECK(srv.sockets()[0].port() == 0);
+      auto [r, w] = co_await open_unix_connection(path);
+      CHECK(co_await ask(r, w, "unix\n") == "unix\n");
+      w.close();
+      srv.close();
+      co_await srv.wait_closed();
+      CHECK(::access(path.c_str(), F_OK) != 0);
+      CHECK_THROWS_AS(co_await open_unix_connection(path), std::system_error);
+      CHECK_THROWS_AS(co_await open_unix_connection(""), std::invalid_argument);
+      CHECK_THROWS_AS(co_await start_unix_server(echo_handler(counts), std::string(200, 'x')), std::invalid_argument);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("serve_forever until cancelled or closed; start_serving; async_with closes") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      echo_counts counts;
+      server_options opts;
+      opts.start_serving = false;
+      server srv = co_await start_server(echo_handler(counts), "127.0.0.1", 0, opts);
+      CHECK_FALSE(srv.is_serving());
+      const int port = srv.sockets()[0].port();
+      auto forever = create_task(srv.serve_forever());
+      co_await sleep(0ms);
+      CHECK(srv.is_serving());
+      CHECK_THROWS_AS(co_await srv.serve_forever(), std::runtime_error);
+      {
+        auto [r, w] = co_await open_connection("127.0.0.1", port);
+        CHECK(co_await ask(r, w, "x\n") == "x\n");
+      }
+      forever.cancel();
+      co_await wait_done(forever);
+      CHECK(forever.cancelled());
+      CHECK_FALSE(srv.is_serving());
+      CHECK(counts.ended == 1);
+
+      server other = co_await start_server(echo_handler(counts), "127.0.0.1", 0, opts);
+      co_await other.start_serving();
+      CHECK(other.is_serving());
+      auto forever2 = create_task(other.serve_forever());
+      co_await sleep(0ms);
+      other.close();  // as asyncio: serve_forever ends cancelled
+      co_await wait_done(forever2);
+      CHECK(forever2.cancelled());
+
+      server third = co_await start_server(echo_handler(counts), "127.0.0.1", 0);
+      const int port3 = third.sockets()[0].port();
+      co_await async_with(third, [&](server& s) -> coroutine<void> {
+        CHECK(s.is_serving());
+        auto [r, w] = co_await open_connection("127.0.0.1", port3);
+        CHECK(co_await ask(r, w, "y\n") == "y\n");
+      });
+      CHECK_FALSE(third.is_serving());
+      CHECK(counts.ended == 2);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("start_server: bad port, unknown host, address in use, empty callback; a handler's exception is reported") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      echo_counts counts;
+      CHECK_THROWS_AS(co_await start_server(echo_handler(counts), "127.0.0.1", 65536), std::invalid_argument);
+      CHECK_THROWS_AS(co_await start_server(echo_handler(counts), "no-such-host.invalid", 0), std::system_error);
+      CHECK_THROWS_AS(co_await start_server(nullptr, "127.0.0.1", 0), std::invalid_argument);
+      server srv = co_await start_server(echo_handler(counts), "127.0.0.1", 0);
+      const int port = srv.sockets()[0].port();
+      CHECK_THROWS_AS(co_await start_server(echo_handler(counts), "127.0.0.1", port), std::system_error);  // in use
+      std::vector<std::string> reports;
+      event_loop::current().set_exception_handler([&](event_loop&, const exception_context& c) {
+        reports.push_back(c.message + ": " + describe(c.exception));
+      });
+      server failing = co_await start_server(
+          [](stream_reader r, stream_writer) -> coroutine<void> {
+            co_await r.readline();
+            throw std::runtime_error("handler broke");
+          },
+          "127.0.0.1", 0);
+      auto [r, w] = co_await open_connection("127.0.0.1", failing.sockets()[0].port());
+      w.write("go\n");
+      CHECK(co_await r.read() == "");  // the handler's streams closed with it
+      failing.close();
+      co_await failing.wait_closed();
+      REQUIRE(reports.size() == 1);
+      CHECK(reports[0] == "Unhandled exception in client_connected_cb: handler broke");
+      event_loop::current().set_exception_handler({});
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("server closed while clients are connected and mid-message; handlers run to the end") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      int ended = 0;
+      server srv = co_await start_server(
+          [&ended](stream_reader r, stream_writer w) -> coroutine<void> {
+            try {
+              std::string msg = co_await r.readexactly(8);
+              w.write(msg);
+            } catch (const incomplete_read_error& e) {
+              w.write("partial:" + e.partial());
+            }
+            ++ended;
+          },
+          "127.0.0.1", 0);
+      const int port = srv.sockets()[0].port();
+      std::vector<std::pair<stream_reader, stream_writer>> clients;
+      for (int i = 0; i < 3; ++i) clients.push_back(co_await open_connection("127.0.0.1", port));
+      for (auto& c : clients) c.second.write("abc");
+      co_await sleep(2ms);
+      srv.close();
+      clients[0].second.write("defgh");  // completes its message
+      clients[1].second.close();          // the peer goes mid-message (its answer is lost)
+      CHECK(co_await clients[0].first.read() == "abcdefgh");
+      clients[2].second.write_eof();
+      CHECK(co_await clients[2].first.read() == "partial:abc");
+      co_await srv.wait_closed();
+      CHECK(ended == 3);
     }());
     CHECK(testing::open_fds() == fds_before);
   }

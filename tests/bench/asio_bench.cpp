@@ -181,6 +181,47 @@ awaitable<void> w4(long rounds) {
                 "{\"msgs_per_s\":" + std::to_string(msgs / ns * 1e9) + "}");
 }
 
+// ---- W4S: the same echo reading whole messages (async_read / async_write) -------------------
+awaitable<void> exact_echo(tcp::socket s) {
+  char buf[message];
+  for (;;) {
+    boost::system::error_code ec;
+    co_await asio::async_read(s, asio::buffer(buf), asio::redirect_error(use_awaitable, ec));
+    if (ec) break;  // eof
+    co_await asio::async_write(s, asio::buffer(buf), use_awaitable);
+  }
+}
+
+awaitable<void> exact_serve(tcp::acceptor& acceptor) {
+  for (int i = 0; i < clients; ++i) {
+    tcp::socket s = co_await acceptor.async_accept(use_awaitable);
+    s.set_option(tcp::no_delay(true));
+    asio::co_spawn(acceptor.get_executor(), exact_echo(std::move(s)), asio::detached);
+  }
+}
+
+awaitable<void> w4s(long rounds) {
+  auto ex = co_await asio::this_coro::executor;
+  tcp::acceptor acceptor(ex, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  const tcp::endpoint ep = acceptor.local_endpoint();
+  int remaining = clients;
+  asio::steady_timer done(ex, asio::steady_timer::time_point::max());
+  bench::alloc_scope allocs;
+  auto t0 = bench::clock::now();
+  asio::co_spawn(ex, exact_serve(acceptor), asio::detached);
+  for (int i = 0; i < clients; ++i)
+    asio::co_spawn(ex, client(ep, rounds), [&](std::exception_ptr e) {
+      if (e) std::rethrow_exception(e);
+      if (--remaining == 0) done.cancel();
+    });
+  co_await wait_cancelled(done);
+  auto t1 = bench::clock::now();
+  const double msgs = double(clients) * double(rounds);
+  const double ns = bench::ns_between(t0, t1);
+  bench::report("W4S", impl, rounds, ns / msgs, double(allocs.allocs()) / msgs,
+                "{\"msgs_per_s\":" + std::to_string(msgs / ns * 1e9) + "}", "async_read / async_write of whole messages");
+}
+
 // ---- W5: co_spawn the function onto a thread_pool, awaited from the io_context --------------
 int trivial(int x) { return x + 1; }
 
@@ -266,6 +307,7 @@ int main(int argc, char** argv) {
   else if (w == "W2") body.emplace(w2(n));
   else if (w == "W3") body.emplace(w3(n));
   else if (w == "W4") body.emplace(w4(n));
+  else if (w == "W4S") body.emplace(w4s(n));
   else if (w == "W5") body.emplace(w5(n, pool));
   else if (w == "W6") body.emplace(w6(n));
   else if (w == "M1") body.emplace(m1(n));

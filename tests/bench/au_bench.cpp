@@ -1,4 +1,4 @@
-// Our side of the benchmark suite: W1 spawn, W3 yield, W4 TCP echo, W6 timers, M1 idle-task
+// Our side of the benchmark suite: W1 spawn, W3 yield, W4 TCP echo (W4S: with streams), W6 timers, M1 idle-task
 // memory. W2 (condition) and W5 (executor) live in their own files so that this one builds
 // before those primitives land. Usage: au_bench WORKLOAD N
 #include "async_utils.hpp"
@@ -145,6 +145,52 @@ coroutine<void> w4(long rounds) {
                 "{\"msgs_per_s\":" + std::to_string(msgs / ns * 1e9) + "}");
 }
 
+// ---- W4S: W4 written with streams: start_server, open_connection, readexactly, write, drain ---
+coroutine<void> stream_echo(au::stream_reader r, au::stream_writer w) {
+  for (;;) {
+    std::string msg;
+    try {
+      msg = co_await r.readexactly(message);
+    } catch (const au::incomplete_read_error&) {
+      break;  // the client is done
+    }
+    w.write(msg);
+    co_await w.drain();
+  }
+  w.close();
+}
+
+coroutine<void> stream_client(int port, long rounds) {
+  auto [r, w] = co_await au::open_connection("127.0.0.1", port);
+  const std::string out(message, 'x');
+  for (long i = 0; i < rounds; ++i) {
+    w.write(out);
+    co_await w.drain();
+    std::string in = co_await r.readexactly(message);
+  }
+  w.close();
+  co_await w.wait_closed();
+}
+
+coroutine<void> w4s(long rounds) {
+  au::server srv = co_await au::start_server(stream_echo, "127.0.0.1", 0);
+  const int port = srv.sockets()[0].port();
+  (void)co_await au::getaddrinfo("127.0.0.1", port);  // warm the executor's thread (both sides resolve)
+  std::vector<au::task<void>> tasks;
+  tasks.reserve(clients);
+  bench::alloc_scope allocs;
+  auto t0 = bench::clock::now();
+  for (int i = 0; i < clients; ++i) tasks.push_back(au::create_task(stream_client(port, rounds)));
+  for (auto& t : tasks) co_await t;
+  srv.close();
+  co_await srv.wait_closed();
+  auto t1 = bench::clock::now();
+  const double msgs = double(clients) * double(rounds);
+  const double ns = bench::ns_between(t0, t1);
+  bench::report("W4S", impl, rounds, ns / msgs, double(allocs.allocs()) / msgs,
+                "{\"msgs_per_s\":" + std::to_string(msgs / ns * 1e9) + "}", "stream_reader / stream_writer");
+}
+
 // ---- W6: N tasks sleep pseudo-random 0..50 ms -----------------------------------------------
 coroutine<void> sleeper(long us) { co_await au::sleep(std::chrono::microseconds(us)); }
 
@@ -197,7 +243,7 @@ coroutine<void> m1(long n) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W6|M1|M1L N\n", argv[0]);
+    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|M1|M1L N\n", argv[0]);
     return 2;
   }
   const std::string w = argv[1];
@@ -205,6 +251,7 @@ int main(int argc, char** argv) {
   if (w == "W1") au::run(w1(n));
   else if (w == "W3") au::run(w3(n));
   else if (w == "W4") au::run(w4(n));
+  else if (w == "W4S") au::run(w4s(n));
   else if (w == "W6") au::run(w6(n));
   else if (w == "M1") au::run(m1(n));
   else if (w == "W1L") au::run(w1_lazy(n));

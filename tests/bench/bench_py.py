@@ -1,7 +1,7 @@
 """Python peers: asyncio and uvloop, written as their documentation shows.
 
 Run with the system interpreter (/usr/bin/python3, where python3-uvloop is installed):
-    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W5|W6|M1 N
+    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W4S|W5|W6|M1 N
 Prints one JSON line, like the C++ programs.
 """
 import asyncio
@@ -130,6 +130,40 @@ async def w4(rounds):
     return (t1 - t0) * 1e9 / msgs, {"msgs_per_s": msgs / (t1 - t0)}, "loop.sock_* on non-blocking sockets"
 
 
+async def w4s(rounds):
+    """W4 written with asyncio streams, as their documentation shows."""
+    async def echo(reader, writer):
+        while True:
+            try:
+                msg = await reader.readexactly(MESSAGE)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(msg)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def client():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        out = b"x" * MESSAGE
+        for _ in range(rounds):
+            writer.write(out)
+            await writer.drain()
+            await reader.readexactly(MESSAGE)
+        writer.close()
+        await writer.wait_closed()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    server.close()
+    await server.wait_closed()
+    t1 = time.perf_counter()
+    msgs = CLIENTS * rounds
+    return (t1 - t0) * 1e9 / msgs, {"msgs_per_s": msgs / (t1 - t0)}, "asyncio streams (start_server, open_connection)"
+
+
 def trivial(x):
     return x + 1
 
@@ -170,7 +204,7 @@ async def m1(n):
     return (after - before) / n, {}, "tasks blocked on asyncio.Event"
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "M1": m1}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4S": w4s, "W5": w5, "W6": w6, "M1": m1}
 
 
 def main():

@@ -1,7 +1,7 @@
 /* W4 floor: TCP echo over raw epoll, no library. One thread, one epoll set; a server and 32
  * clients on 127.0.0.1, each client N sequential 64-byte round trips. Level-triggered, every
  * socket registered once for EPOLLIN; writes of 64 bytes to an idle loopback socket complete
- * at once, so no write readiness is needed. Usage: echo_epoll W4 N */
+ * at once, so no write readiness is needed. Usage: echo_epoll W4|W4S N (the same program) */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -61,7 +61,7 @@ static void nodelay(int fd) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3 || strcmp(argv[1], "W4") != 0) {
+  if (argc != 3 || (strcmp(argv[1], "W4") != 0 && strcmp(argv[1], "W4S") != 0)) {
     fprintf(stderr, "usage: %s W4 N\n", argv[0]);
     return 2;
   }
@@ -138,9 +138,9 @@ int main(int argc, char** argv) {
   }
   double t1 = now_ns();
   double msgs = (double)CLIENTS * (double)rounds;
-  printf("{\"workload\":\"W4\",\"impl\":\"epoll-floor\",\"n\":%ld,\"per_op_ns\":%.3f,\"allocs_per_op\":null,"
+  printf("{\"workload\":\"%s\",\"impl\":\"epoll-floor\",\"n\":%ld,\"per_op_ns\":%.3f,\"allocs_per_op\":null,"
          "\"extra\":{\"msgs_per_s\":%.1f},\"note\":\"hand-written C, level-triggered epoll\"}\n",
-         rounds, (t1 - t0) / msgs, msgs / (t1 - t0) * 1e9);
+         argv[1], rounds, (t1 - t0) / msgs, msgs / (t1 - t0) * 1e9);
   close(listener.fd);
   close(ep);
   return 0;

@@ -28,13 +28,13 @@ CXX = os.environ.get("CXX", "g++")
 CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
+FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
           "W1L": 1_000_000, "M1L": 1_000_000}
-QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
+QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
            "W1L": 100_000, "M1L": 100_000}
 N = QUICK_N if QUICK else FULL_N
 REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
-WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W5", "W6", "M1", "M1L"]
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "M1", "M1L"]
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
 OURS = "async_utils"
 
@@ -44,6 +44,7 @@ WHAT = {
     "W2": "condition ping-pong between two tasks (per round trip)",
     "W3": "sleep(0) yield in one task (per yield)",
     "W4": "TCP echo, 32 clients x N x 64 B on 127.0.0.1, one loop (per message)",
+    "W4S": "W4 with streams: start_server, open_connection, readexactly, write, drain (per message)",
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
     "M1": "resident bytes per idle task blocked on an event (RSS delta)",
@@ -142,9 +143,9 @@ def implementations(built):
     impls.append((OURS, WORKLOADS, ours, "n/a (pending)", REPEATS))
     impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
                   "n/a (build failed)", REPEATS))
-    impls.append(("libuv", ["W4", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
+    impls.append(("libuv", ["W4", "W4S", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
-    impls.append(("epoll-floor", ["W4"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
+    impls.append(("epoll-floor", ["W4", "W4S"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
                   "n/a (build failed)", REPEATS))
     native_only = [w for w in WORKLOADS if w not in LAZY]
     impls.append(("asyncio", native_only, lambda w, n: [SYS_PYTHON, py, "asyncio", w, str(n)], "n/a", 1))

@@ -1,6 +1,6 @@
 /* libuv peer: W4 TCP echo (uv_tcp_t, uv_read_start, uv_write), W5 executor round trips
  * (uv_queue_work), W6 timers (uv_timer_t, millisecond resolution: delays rounded up to whole
- * milliseconds). One loop, one thread (plus libuv's own pool for W5). Usage: uv_bench W4|W5|W6 N */
+ * milliseconds). One loop, one thread (plus libuv's own pool for W5). Usage: uv_bench W4|W4S|W5|W6 N */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,7 +119,7 @@ static void on_connect(uv_connect_t* req, int status) {
   client_send(c);
 }
 
-static void w4(long rounds) {
+static void w4(const char* name, long rounds) {
   uv_loop_t* loop = uv_default_loop();
   memset(out_msg, 'x', sizeof out_msg);
   uv_tcp_init(loop, &listener);
@@ -146,7 +146,7 @@ static void w4(long rounds) {
   double msgs = (double)CLIENTS * (double)rounds;
   char extra[64];
   snprintf(extra, sizeof extra, "{\"msgs_per_s\":%.1f}", msgs / (double)(t1 - t0) * 1e9);
-  report("W4", rounds, (double)(t1 - t0) / msgs, extra, "");
+  report(name, rounds, (double)(t1 - t0) / msgs, extra, strcmp(name, "W4S") ? "" : "the W4 program: uv streams already");
 }
 
 /* ---- W5: sequential uv_queue_work round trips -------------------------------------------- */
@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   long n = atol(argv[2]);
-  if (!strcmp(argv[1], "W4")) w4(n);
+  if (!strcmp(argv[1], "W4") || !strcmp(argv[1], "W4S")) w4(argv[1], n);
   else if (!strcmp(argv[1], "W5")) w5(n);
   else if (!strcmp(argv[1], "W6")) w6(n);
   else return 2;
