@@ -83,7 +83,7 @@ demo:
 # Our workloads against asyncio, uvloop, Boost.Asio, libuv and a raw epoll floor, in one run.
 # QUICK=1 scales N down (under a minute); CSV=file also writes the table as CSV.
 bench:
-	@QUICK="$(QUICK)" CSV="$(CSV)" sh tests/bench/run.sh
+	@QUICK="$(QUICK)" CSV="$(CSV)" ONLY="$(ONLY)" sh tests/bench/run.sh
 
 # Static checks: the header is fresh, the includes point down the layering, every src/ header
 # compiles alone (g++ and clang++), cppcheck (if installed) finds nothing, kqueue compiles.

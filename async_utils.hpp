@@ -186,15 +186,8 @@
 //     src/utilities/task_nursery.hpp         task_nursery: codestare's TaskNursery, an
 //                                            async_exit_stack that also owns tasks and closes when
 //                                            its sentinel task is cancelled; and the free
-//                                            stop_task(t). Nursery or task_group? A task_nursery is
-//                                            a long-lived owner of background tasks (services that
-//                                            run until shutdown): a failing child is logged and
-//                                            shuts the loop down, and closing the nursery cancels
-//                                            the children. A task_group (task_group.hpp,
-//                                            asyncio.TaskGroup) is a scope around one piece of
-//                                            work: leaving it waits for the children, the first
-//                                            failure cancels the rest, and the failures come back
-//                                            to the caller as one exception_group.
+//                                            stop_task(t). (Nursery or task_group: see the class
+//                                            comment.)
 //     src/utilities/shutdown.hpp             Shutdown handling (codestare.async_utils.nursery):
 //                                            setup_shutdown_handling, handle_exception and
 //                                            shutdown. Ctrl+C (SIGINT), SIGTERM, SIGHUP or a
@@ -8018,9 +8011,9 @@ class [[nodiscard]] async_generator {
   };
 
   /// `anext(gen)`: the next value, std::nullopt at the end.
-  next_awaiter next() noexcept { return next_awaiter(frame_); }
+  [[nodiscard]] next_awaiter next() noexcept { return next_awaiter(frame_); }
   /// `gen.aclose()`: ends the generator, running its cleanup (see the class comment).
-  aclose_awaiter aclose() noexcept { return aclose_awaiter(frame_); }
+  [[nodiscard]] aclose_awaiter aclose() noexcept { return aclose_awaiter(frame_); }
 
  private:
   void release() noexcept {
@@ -14168,19 +14161,13 @@ class coroutine_wrapper {
 #ifdef ASYNC_UTILS_TESTS
 #include <numeric>
 
-// The reference documentation's CoroutineWrapper example. C++ has no async generators: an async
-// source hands each value to an async sink and awaits it before producing the next, so
-// `yield v` becomes `co_await yield(v)` and `async for v in source` becomes `co_await
-// source(sink)`. The types live in a named namespace: task.hpp's frames would otherwise hold
+// The reference documentation's CoroutineWrapper example, function for function: an `async def`
+// with `yield` is an async_generator, `async for v in gen` is `while (auto v = co_await
+// gen.next())`. The types live in a named namespace: task.hpp's frames would otherwise hold
 // types of an anonymous namespace, which g++ flags in a header.
 namespace coroutine_wrapper_tests {
 using namespace codestare::async_utils;
 using namespace std::chrono_literals;
-
-template <class T>
-using async_sink = std::function<coroutine<void>(T)>;
-template <class T>
-using async_source = std::function<coroutine<void>(async_sink<T>)>;
 
 inline std::vector<int> range(int n) {
   std::vector<int> r(static_cast<std::size_t>(n));
@@ -14188,61 +14175,49 @@ inline std::vector<int> range(int n) {
   return r;
 }
 
-inline coroutine<void> generate_ranges_body(int up_to, async_sink<std::vector<int>> yield) {
-  for (int n = 0; n < up_to; ++n) co_await yield(range(n));
-}
 /// async def generate_ranges(up_to): for n in range(up_to): yield range(n)
-inline async_source<std::vector<int>> generate_ranges(int up_to) {
-  return [up_to](async_sink<std::vector<int>> yield) { return generate_ranges_body(up_to, std::move(yield)); };
+inline async_generator<std::vector<int>> generate_ranges(int up_to) {
+  for (int n = 0; n < up_to; ++n) co_yield range(n);
 }
 
 /// The first, concise version: async def coro(process, filter_, ranges).
-inline coroutine<void> process_each(std::vector<int> r, std::function<void(int)>& process, std::function<bool(int)>& filter) {
-  for (int n : r) {
-    if (!filter(n)) continue;
-    process(n);
+inline coroutine<void> coro_function(std::function<void(int)> process, std::function<bool(int)> filter,
+                                     async_generator<std::vector<int>> ranges) {
+  while (auto r = co_await ranges.next()) {
+    for (int n : *r) {
+      if (!filter(n)) continue;
+      process(n);
+    }
   }
-  co_return;
-}
-inline coroutine<void> coro_function(std::function<void(int)> process, std::function<bool(int)> filter, async_source<std::vector<int>> ranges) {
-  async_sink<std::vector<int>> each = [&](std::vector<int> r) { return process_each(std::move(r), process, filter); };
-  co_await ranges(std::move(each));
 }
 
 /// class coro(CoroutineWrapper), with the same three member coroutines.
 struct coro : coroutine_wrapper<void> {
-  std::function<void(int)> process;
   std::function<bool(int)> filter;
-  async_source<std::vector<int>> ranges;
+  std::function<void(int)> process;
+  async_generator<std::vector<int>> ranges;
 
-  coro(std::function<void(int)> process_, std::function<bool(int)> filter_, async_source<std::vector<int>> ranges_)
-      : process(std::move(process_)), filter(std::move(filter_)), ranges(std::move(ranges_)) {
+  coro(std::function<void(int)> process_, std::function<bool(int)> filter_, async_generator<std::vector<int>> ranges_)
+      : filter(std::move(filter_)), process(std::move(process_)), ranges(std::move(ranges_)) {
     set_coroutine(work());
   }
   // async def make_flat_values(self): async for r in self.ranges: for n in r: yield n
-  coroutine<void> make_flat_values(async_sink<int> yield) {
-    async_sink<std::vector<int>> each_range = [&yield](std::vector<int> r) { return flatten(std::move(r), yield); };
-    co_await ranges(std::move(each_range));
-  }
-  static coroutine<void> flatten(std::vector<int> r, async_sink<int> yield) {
-    for (int n : r) co_await yield(n);
+  async_generator<int> make_flat_values() {
+    while (auto r = co_await ranges.next()) {
+      for (int n : *r) co_yield n;
+    }
   }
   // async def filter_values(self): async for value in self.make_flat_values(): if self.filter(value): yield value
-  coroutine<void> filter_values(async_sink<int> yield) {
-    async_sink<int> each_value = [this, &yield](int value) { return pass_if(value, yield); };
-    co_await make_flat_values(std::move(each_value));
-  }
-  coroutine<void> pass_if(int value, async_sink<int>& yield) {
-    if (filter(value)) co_await yield(value);
+  async_generator<int> filter_values() {
+    auto values = make_flat_values();
+    while (auto value = co_await values.next()) {
+      if (filter(*value)) co_yield *value;
+    }
   }
   // async def work(self): async for value in self.filter_values(): self.process(value)
   coroutine<void> work() {
-    async_sink<int> each_value = [this](int value) { return run_process(value); };
-    co_await filter_values(std::move(each_value));
-  }
-  coroutine<void> run_process(int value) {
-    process(value);
-    co_return;
+    auto values = filter_values();
+    while (auto value = co_await values.next()) process(*value);
   }
 };
 
@@ -14303,6 +14278,17 @@ TEST_SUITE("coroutine_wrapper") {
     testing::run_bounded([]() -> coroutine<void> {
       const std::string expected = "0\n0\n0\n2\n0\n2\n";
       std::ostringstream out;
+      // [list(r) async for r in generate_ranges(5)]
+      out << '[';
+      auto ranges = generate_ranges(5);
+      for (bool first = true; auto r = co_await ranges.next(); first = false) {
+        out << (first ? "[" : ", [");
+        for (std::size_t i = 0; i < r->size(); ++i) out << (i ? ", " : "") << (*r)[i];
+        out << ']';
+      }
+      out << ']';
+      CHECK(out.str() == "[[], [0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]");
+      out.str("");
       std::function<void(int)> print = [&out](int n) { out << n << '\n'; };
       std::function<bool(int)> even = [](int n) { return n % 2 == 0; };
       co_await coro_function(print, even, generate_ranges(5));
@@ -14611,13 +14597,8 @@ TEST_SUITE("make_async") {
 // ---- end src/utilities/make_async.hpp ----
 // ---- begin src/utilities/task_nursery.hpp ----
 // task_nursery: codestare's TaskNursery, an async_exit_stack that also owns tasks and closes
-// when its sentinel task is cancelled; and the free stop_task(t).
-//
-// Nursery or task_group? A task_nursery is a long-lived owner of background tasks (services
-// that run until shutdown): a failing child is logged and shuts the loop down, and closing the
-// nursery cancels the children. A task_group (task_group.hpp, asyncio.TaskGroup) is a scope
-// around one piece of work: leaving it waits for the children, the first failure cancels the
-// rest, and the failures come back to the caller as one exception_group.
+// when its sentinel task is cancelled; and the free stop_task(t). (Nursery or task_group: see
+// the class comment.)
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
@@ -14726,6 +14707,15 @@ class nursery_name {
 
 /// codestare's TaskNursery: an async_exit_stack whose shutdown also stops the tasks it created,
 /// and a registry<task_nursery> keyed by name() (unique among live nurseries).
+///
+/// Nursery or task_group? Use a task_nursery for background tasks that live as long as a service
+/// (started from anywhere, callbacks included, running until shutdown): nobody awaits them, so a
+/// failing child is reported to the loop's exception handler and shuts the loop down gracefully,
+/// and closing the nursery cancels the children and exits its contexts. Use a task_group
+/// (task_group.hpp, asyncio.TaskGroup) for one piece of work inside a coroutine: leaving the
+/// async_with block waits for every child, the first failure cancels the others and the body,
+/// and the failures come back to the caller as one exception_group. A nursery owns its tasks for
+/// the program; a group owns them for its caller, who waits for them and handles their errors.
 ///
 /// - Construction installs shutdown handling on the loop once (add_shutdown_handling: SIGINT,
 ///   SIGTERM and SIGHUP and, when the loop has no exception handler, handle_exception) and

@@ -319,9 +319,9 @@ class [[nodiscard]] async_generator {
   };
 
   /// `anext(gen)`: the next value, std::nullopt at the end.
-  next_awaiter next() noexcept { return next_awaiter(frame_); }
+  [[nodiscard]] next_awaiter next() noexcept { return next_awaiter(frame_); }
   /// `gen.aclose()`: ends the generator, running its cleanup (see the class comment).
-  aclose_awaiter aclose() noexcept { return aclose_awaiter(frame_); }
+  [[nodiscard]] aclose_awaiter aclose() noexcept { return aclose_awaiter(frame_); }
 
  private:
   void release() noexcept {

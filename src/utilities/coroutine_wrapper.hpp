@@ -12,6 +12,7 @@
 #include "../runtime/completion.hpp"
 #include "../runtime/task.hpp"
 #include "../runtime/run.hpp"
+#include "../runtime/async_generator.hpp"
 
 #include <coroutine>
 #include <cstdint>
@@ -148,22 +149,18 @@ class coroutine_wrapper {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <functional>
 #include <numeric>
 #include <sstream>
+#include <vector>
 
-// The reference documentation's CoroutineWrapper example. C++ has no async generators: an async
-// source hands each value to an async sink and awaits it before producing the next, so
-// `yield v` becomes `co_await yield(v)` and `async for v in source` becomes `co_await
-// source(sink)`. The types live in a named namespace: task.hpp's frames would otherwise hold
+// The reference documentation's CoroutineWrapper example, function for function: an `async def`
+// with `yield` is an async_generator, `async for v in gen` is `while (auto v = co_await
+// gen.next())`. The types live in a named namespace: task.hpp's frames would otherwise hold
 // types of an anonymous namespace, which g++ flags in a header.
 namespace coroutine_wrapper_tests {
 using namespace codestare::async_utils;
 using namespace std::chrono_literals;
-
-template <class T>
-using async_sink = std::function<coroutine<void>(T)>;
-template <class T>
-using async_source = std::function<coroutine<void>(async_sink<T>)>;
 
 inline std::vector<int> range(int n) {
   std::vector<int> r(static_cast<std::size_t>(n));
@@ -171,61 +168,49 @@ inline std::vector<int> range(int n) {
   return r;
 }
 
-inline coroutine<void> generate_ranges_body(int up_to, async_sink<std::vector<int>> yield) {
-  for (int n = 0; n < up_to; ++n) co_await yield(range(n));
-}
 /// async def generate_ranges(up_to): for n in range(up_to): yield range(n)
-inline async_source<std::vector<int>> generate_ranges(int up_to) {
-  return [up_to](async_sink<std::vector<int>> yield) { return generate_ranges_body(up_to, std::move(yield)); };
+inline async_generator<std::vector<int>> generate_ranges(int up_to) {
+  for (int n = 0; n < up_to; ++n) co_yield range(n);
 }
 
 /// The first, concise version: async def coro(process, filter_, ranges).
-inline coroutine<void> process_each(std::vector<int> r, std::function<void(int)>& process, std::function<bool(int)>& filter) {
-  for (int n : r) {
-    if (!filter(n)) continue;
-    process(n);
+inline coroutine<void> coro_function(std::function<void(int)> process, std::function<bool(int)> filter,
+                                     async_generator<std::vector<int>> ranges) {
+  while (auto r = co_await ranges.next()) {
+    for (int n : *r) {
+      if (!filter(n)) continue;
+      process(n);
+    }
   }
-  co_return;
-}
-inline coroutine<void> coro_function(std::function<void(int)> process, std::function<bool(int)> filter, async_source<std::vector<int>> ranges) {
-  async_sink<std::vector<int>> each = [&](std::vector<int> r) { return process_each(std::move(r), process, filter); };
-  co_await ranges(std::move(each));
 }
 
 /// class coro(CoroutineWrapper), with the same three member coroutines.
 struct coro : coroutine_wrapper<void> {
-  std::function<void(int)> process;
   std::function<bool(int)> filter;
-  async_source<std::vector<int>> ranges;
+  std::function<void(int)> process;
+  async_generator<std::vector<int>> ranges;
 
-  coro(std::function<void(int)> process_, std::function<bool(int)> filter_, async_source<std::vector<int>> ranges_)
-      : process(std::move(process_)), filter(std::move(filter_)), ranges(std::move(ranges_)) {
+  coro(std::function<void(int)> process_, std::function<bool(int)> filter_, async_generator<std::vector<int>> ranges_)
+      : filter(std::move(filter_)), process(std::move(process_)), ranges(std::move(ranges_)) {
     set_coroutine(work());
   }
   // async def make_flat_values(self): async for r in self.ranges: for n in r: yield n
-  coroutine<void> make_flat_values(async_sink<int> yield) {
-    async_sink<std::vector<int>> each_range = [&yield](std::vector<int> r) { return flatten(std::move(r), yield); };
-    co_await ranges(std::move(each_range));
-  }
-  static coroutine<void> flatten(std::vector<int> r, async_sink<int> yield) {
-    for (int n : r) co_await yield(n);
+  async_generator<int> make_flat_values() {
+    while (auto r = co_await ranges.next()) {
+      for (int n : *r) co_yield n;
+    }
   }
   // async def filter_values(self): async for value in self.make_flat_values(): if self.filter(value): yield value
-  coroutine<void> filter_values(async_sink<int> yield) {
-    async_sink<int> each_value = [this, &yield](int value) { return pass_if(value, yield); };
-    co_await make_flat_values(std::move(each_value));
-  }
-  coroutine<void> pass_if(int value, async_sink<int>& yield) {
-    if (filter(value)) co_await yield(value);
+  async_generator<int> filter_values() {
+    auto values = make_flat_values();
+    while (auto value = co_await values.next()) {
+      if (filter(*value)) co_yield *value;
+    }
   }
   // async def work(self): async for value in self.filter_values(): self.process(value)
   coroutine<void> work() {
-    async_sink<int> each_value = [this](int value) { return run_process(value); };
-    co_await filter_values(std::move(each_value));
-  }
-  coroutine<void> run_process(int value) {
-    process(value);
-    co_return;
+    auto values = filter_values();
+    while (auto value = co_await values.next()) process(*value);
   }
 };
 
@@ -286,6 +271,17 @@ TEST_SUITE("coroutine_wrapper") {
     testing::run_bounded([]() -> coroutine<void> {
       const std::string expected = "0\n0\n0\n2\n0\n2\n";
       std::ostringstream out;
+      // [list(r) async for r in generate_ranges(5)]
+      out << '[';
+      auto ranges = generate_ranges(5);
+      for (bool first = true; auto r = co_await ranges.next(); first = false) {
+        out << (first ? "[" : ", [");
+        for (std::size_t i = 0; i < r->size(); ++i) out << (i ? ", " : "") << (*r)[i];
+        out << ']';
+      }
+      out << ']';
+      CHECK(out.str() == "[[], [0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]");
+      out.str("");
       std::function<void(int)> print = [&out](int n) { out << n << '\n'; };
       std::function<bool(int)> even = [](int n) { return n % 2 == 0; };
       co_await coro_function(print, even, generate_ranges(5));

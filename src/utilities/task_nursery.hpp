@@ -1,11 +1,6 @@
 // task_nursery: codestare's TaskNursery, an async_exit_stack that also owns tasks and closes
-// when its sentinel task is cancelled; and the free stop_task(t).
-//
-// Nursery or task_group? A task_nursery is a long-lived owner of background tasks (services
-// that run until shutdown): a failing child is logged and shuts the loop down, and closing the
-// nursery cancels the children. A task_group (task_group.hpp, asyncio.TaskGroup) is a scope
-// around one piece of work: leaving it waits for the children, the first failure cancels the
-// rest, and the failures come back to the caller as one exception_group.
+// when its sentinel task is cancelled; and the free stop_task(t). (Nursery or task_group: see
+// the class comment.)
 #pragma once
 
 #include "../platform/config.hpp"
@@ -147,6 +142,15 @@ class nursery_name {
 
 /// codestare's TaskNursery: an async_exit_stack whose shutdown also stops the tasks it created,
 /// and a registry<task_nursery> keyed by name() (unique among live nurseries).
+///
+/// Nursery or task_group? Use a task_nursery for background tasks that live as long as a service
+/// (started from anywhere, callbacks included, running until shutdown): nobody awaits them, so a
+/// failing child is reported to the loop's exception handler and shuts the loop down gracefully,
+/// and closing the nursery cancels the children and exits its contexts. Use a task_group
+/// (task_group.hpp, asyncio.TaskGroup) for one piece of work inside a coroutine: leaving the
+/// async_with block waits for every child, the first failure cancels the others and the body,
+/// and the failures come back to the caller as one exception_group. A nursery owns its tasks for
+/// the program; a group owns them for its caller, who waits for them and handles their errors.
 ///
 /// - Construction installs shutdown handling on the loop once (add_shutdown_handling: SIGINT,
 ///   SIGTERM and SIGHUP and, when the loop has no exception handler, handle_exception) and

@@ -1,5 +1,5 @@
-// Our side of the benchmark suite: W1 spawn, W3 yield, W4 TCP echo (W4S: with streams), W6 timers, M1 idle-task
-// memory. W2 (condition) and W5 (executor) live in their own files so that this one builds
+// Our side of the benchmark suite: W1 spawn, W3 yield, W4 TCP echo (W4S: with streams), W6 timers,
+// W8 async generator, M1 idle-task memory. W2 (condition) and W5 (executor) live in their own files so that this one builds
 // before those primitives land. Usage: au_bench WORKLOAD N
 #include "async_utils.hpp"
 #include "bench_common.hpp"
@@ -69,6 +69,23 @@ coroutine<void> w3(long n) {
   for (long i = 0; i < n; ++i) co_await au::sleep(0s);
   auto t1 = bench::clock::now();
   bench::report("W3", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n));
+}
+
+// ---- W8: an async generator of N values, consumed with next() ---------------------------------
+au::async_generator<long> count_up(long n) {
+  for (long i = 0; i < n; ++i) co_yield i;
+}
+
+coroutine<void> w8(long n) {
+  bench::alloc_scope allocs;  // the generator's frame is the one allocation of the run
+  auto t0 = bench::clock::now();
+  auto gen = count_up(n);
+  long sum = 0;
+  while (auto v = co_await gen.next()) sum += *v;
+  auto t1 = bench::clock::now();
+  if (sum != n * (n - 1) / 2) throw std::runtime_error("W8: wrong sum");
+  bench::report("W8", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n), "{}",
+                "co_await gen.next() until std::nullopt");
 }
 
 // ---- W4: TCP echo, 32 clients x N sequential 64-byte round trips, one loop ------------------
@@ -243,7 +260,7 @@ coroutine<void> m1(long n) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|M1|M1L N\n", argv[0]);
+    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|W8|M1|M1L N\n", argv[0]);
     return 2;
   }
   const std::string w = argv[1];
@@ -253,6 +270,7 @@ int main(int argc, char** argv) {
   else if (w == "W4") au::run(w4(n));
   else if (w == "W4S") au::run(w4s(n));
   else if (w == "W6") au::run(w6(n));
+  else if (w == "W8") au::run(w8(n));
   else if (w == "M1") au::run(m1(n));
   else if (w == "W1L") au::run(w1_lazy(n));
   else if (w == "M1L") au::run(m1_lazy(n));

@@ -1,7 +1,7 @@
 """Python peers: asyncio and uvloop, written as their documentation shows.
 
 Run with the system interpreter (/usr/bin/python3, where python3-uvloop is installed):
-    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W4S|W5|W6|M1 N
+    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W4S|W5|W6|W8|M1 N
 Prints one JSON line, like the C++ programs.
 """
 import asyncio
@@ -191,6 +191,21 @@ async def w6(n):
     return (t1 - t0) * 1e9 / n, {"overshoot_ms": ((t1 - t0) - last / 1e6) * 1e3}, ""
 
 
+async def count_up(n):
+    for i in range(n):
+        yield i
+
+
+async def w8(n):
+    t0 = time.perf_counter()
+    total = 0
+    async for v in count_up(n):
+        total += v
+    t1 = time.perf_counter()
+    assert total == n * (n - 1) // 2
+    return (t1 - t0) * 1e9 / n, {}, "async for over an async generator"
+
+
 async def m1(n):
     gate = asyncio.Event()
     await asyncio.sleep(0)
@@ -204,7 +219,7 @@ async def m1(n):
     return (after - before) / n, {}, "tasks blocked on asyncio.Event"
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4S": w4s, "W5": w5, "W6": w6, "M1": m1}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4S": w4s, "W5": w5, "W6": w6, "W8": w8, "M1": m1}
 
 
 def main():

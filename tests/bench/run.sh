@@ -3,6 +3,7 @@
 # runs every workload for every implementation and prints the table.
 #   QUICK=1  scaled-down N, under a minute
 #   CSV=file also write the table as CSV (workload,impl,per_op_ns,allocs_per_op)
+#   ONLY=W8,W3 run only these workloads (C1 only when named)
 # Draw the chart afterwards with: python3 tests/bench/plot_ratios.py FILE tests/bench/ratios.png
 set -e
 case "${CSV:-}" in

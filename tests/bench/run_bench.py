@@ -5,6 +5,7 @@ the table (and writes it as CSV when CSV=file is set).
     python3 tests/bench/run_bench.py            # full run (about 3-4 minutes on 2 cores)
     QUICK=1 python3 tests/bench/run_bench.py    # scaled-down N, under a minute
     CSV=out.csv python3 tests/bench/run_bench.py
+    ONLY=W8 QUICK=1 python3 tests/bench/run_bench.py   # some workloads only (C1 when named)
 
 Python's standard library only. Peers that cannot be built or imported are shown as n/a;
 our W2 (condition) and W5 (executor) show "n/a (pending)" until those primitives are merged.
@@ -29,13 +30,18 @@ CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
-          "W1L": 1_000_000, "M1L": 1_000_000}
+          "W1L": 1_000_000, "M1L": 1_000_000, "W8": 1_000_000}
 QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
-           "W1L": 100_000, "M1L": 100_000}
+           "W1L": 100_000, "M1L": 100_000, "W8": 100_000}
 N = QUICK_N if QUICK else FULL_N
 REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
-WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "M1", "M1L"]
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "W8", "M1", "M1L"]
+# ONLY=W8,W3: run just these workloads (C1 only when named too).
+ONLY = [w.strip() for w in os.environ.get("ONLY", "").split(",") if w.strip()]
+if ONLY:
+    WORKLOADS = [w for w in WORKLOADS if w in ONLY]
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
+NO_ASIO = ["W8"]  # Boost 1.74's Asio has no coroutine generator (experimental::coro came later)
 OURS = "async_utils"
 
 UNITS = {"M1": "B/task", "M1L": "B/coroutine", "C1": "s"}
@@ -47,6 +53,7 @@ WHAT = {
     "W4S": "W4 with streams: start_server, open_connection, readexactly, write, drain (per message)",
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
+    "W8": "async generator of N values consumed with next() / async for (per value)",
     "M1": "resident bytes per idle task blocked on an event (RSS delta)",
     "W1L": "W1': create N lazy coroutine<long>, await each, no tasks (per coroutine)",
     "M1L": "M1': resident bytes per created, never started coroutine<long> (RSS delta)",
@@ -141,7 +148,7 @@ def implementations(built):
         return [b("au_bench"), w, str(n)] if built["au_bench"] else None
 
     impls.append((OURS, WORKLOADS, ours, "n/a (pending)", REPEATS))
-    impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
+    impls.append(("asio", [w for w in WORKLOADS if w not in NO_ASIO], lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
                   "n/a (build failed)", REPEATS))
     impls.append(("libuv", ["W4", "W4S", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
@@ -297,8 +304,9 @@ def main():
             else:
                 note = unavailable if cmd is None else "n/a (failed)"
                 rows.append({"workload": w, "impl": impl, "per_op_ns": None, "allocs_per_op": None, "note": note})
-    log("C1 compile cost ...")
-    rows += measure_compile(BUILD)
+    if not ONLY or any(w.startswith("C1") for w in ONLY):
+        log("C1 compile cost ...")
+        rows += measure_compile(BUILD)
     print(f"async_utils benchmarks ({'QUICK' if QUICK else 'full'} run, {os.cpu_count()} CPUs, "
           f"load {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after); N = " + ", ".join(f"{w} {N[w]:,}" for w in WORKLOADS))
     print(table(rows))
