@@ -28,13 +28,17 @@ CXX = os.environ.get("CXX", "g++")
 CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
+FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W5": 50_000, "W6": 100_000, "W7": 100_000, "M1": 100_000,
           "W1L": 1_000_000, "M1L": 1_000_000}
-QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
+QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W5": 5_000, "W6": 20_000, "W7": 20_000, "M1": 20_000,
            "W1L": 100_000, "M1L": 100_000}
 N = QUICK_N if QUICK else FULL_N
 REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
-WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W5", "W6", "M1", "M1L"]
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W5", "W6", "W7", "M1", "M1L"]
+# ONLY=W7,W1 runs just those workloads (and skips C1).
+ONLY = [w for w in os.environ.get("ONLY", "").split(",") if w]
+if ONLY:
+    WORKLOADS = [w for w in WORKLOADS if w in ONLY]
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
 OURS = "async_utils"
 
@@ -46,6 +50,7 @@ WHAT = {
     "W4": "TCP echo, 32 clients x N x 64 B on 127.0.0.1, one loop (per message)",
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
+    "W7": "a task_group / asyncio.TaskGroup with N children, each sleep(0) once (per child)",
     "M1": "resident bytes per idle task blocked on an event (RSS delta)",
     "W1L": "W1': create N lazy coroutine<long>, await each, no tasks (per coroutine)",
     "M1L": "M1': resident bytes per created, never started coroutine<long> (RSS delta)",
@@ -140,8 +145,9 @@ def implementations(built):
         return [b("au_bench"), w, str(n)] if built["au_bench"] else None
 
     impls.append((OURS, WORKLOADS, ours, "n/a (pending)", REPEATS))
-    impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
-                  "n/a (build failed)", REPEATS))
+    # Boost 1.74 has no experimental::parallel_group (Asio's nearest to a task group, Boost 1.78+).
+    impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] and w != "W7" else None,
+                  lambda w: "n/a (Boost 1.74: no parallel_group)" if w == "W7" else "n/a (build failed)", REPEATS))
     impls.append(("libuv", ["W4", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
     impls.append(("epoll-floor", ["W4"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
@@ -294,10 +300,12 @@ def main():
                 row["spread"] = (runs[0]["per_op_ns"], runs[-1]["per_op_ns"], len(runs))
                 rows.append(row)
             else:
-                note = unavailable if cmd is None else "n/a (failed)"
+                reason = unavailable(w) if callable(unavailable) else unavailable
+                note = reason if cmd is None else "n/a (failed)"
                 rows.append({"workload": w, "impl": impl, "per_op_ns": None, "allocs_per_op": None, "note": note})
-    log("C1 compile cost ...")
-    rows += measure_compile(BUILD)
+    if not ONLY:
+        log("C1 compile cost ...")
+        rows += measure_compile(BUILD)
     print(f"async_utils benchmarks ({'QUICK' if QUICK else 'full'} run, {os.cpu_count()} CPUs, "
           f"load {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after); N = " + ", ".join(f"{w} {N[w]:,}" for w in WORKLOADS))
     print(table(rows))
