@@ -303,10 +303,10 @@ TEST_SUITE("wait") {
 
   TEST_CASE("bad input: empty, empty handle, bad return_when, another loop, no loop") {
     std::vector<task<int>> none;
-    CHECK_THROWS_AS(wait(none), std::invalid_argument);  // asyncio: ValueError
-    CHECK_THROWS_AS(wait(std::vector<task<int>>(1)), std::invalid_argument);
+    CHECK_THROWS_AS((void)wait(none), std::invalid_argument);  // asyncio: ValueError
+    CHECK_THROWS_AS((void)wait(std::vector<task<int>>(1)), std::invalid_argument);
     std::vector<any_task> empty_any(1);
-    CHECK_THROWS_AS(wait(empty_any), std::invalid_argument);
+    CHECK_THROWS_AS((void)wait(empty_any), std::invalid_argument);
     event_loop other;
     auto foreign = other.create_future<int>();
     { auto lazy = wait(std::vector<future<int>>(1, foreign)); }  // no loop needed until awaited, as asyncio.wait

@@ -1,5 +1,5 @@
 // Our side of the benchmark suite: W1 spawn, W3 yield, W4 TCP echo (W4S: with streams), W6 timers,
-// W8 async generator, M1 idle-task memory. W2 (condition) and W5 (executor) live in their own files so that this one builds
+// W7 task_group, W8 async generator, M1 idle-task memory. W2 (condition) and W5 (executor) live in their own files so that this one builds
 // before those primitives land. Usage: au_bench WORKLOAD N
 #include "async_utils.hpp"
 #include "bench_common.hpp"
@@ -256,11 +256,26 @@ coroutine<void> m1(long n) {
                 "idle tasks block on a future<void> (no event yet)");
 }
 
+// ---- W7: a task_group with N children, each yielding once ----------------------------------
+coroutine<void> yield_once() { co_await au::sleep(0s); }
+
+coroutine<void> w7(long n) {
+  co_await au::sleep(0s);
+  bench::alloc_scope allocs;
+  auto t0 = bench::clock::now();
+  auto body = [n](au::task_group& tg) {
+    for (long i = 0; i < n; ++i) tg.create_task(yield_once());
+  };
+  co_await au::async_with(au::task_group{}, body);
+  auto t1 = bench::clock::now();
+  bench::report("W7", impl, n, bench::ns_between(t0, t1) / double(n), double(allocs.allocs()) / double(n));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|W8|M1|M1L N\n", argv[0]);
+    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|W7|W8|M1|M1L N\n", argv[0]);
     return 2;
   }
   const std::string w = argv[1];
@@ -270,6 +285,7 @@ int main(int argc, char** argv) {
   else if (w == "W4") au::run(w4(n));
   else if (w == "W4S") au::run(w4s(n));
   else if (w == "W6") au::run(w6(n));
+  else if (w == "W7") au::run(w7(n));
   else if (w == "W8") au::run(w8(n));
   else if (w == "M1") au::run(m1(n));
   else if (w == "W1L") au::run(w1_lazy(n));

@@ -1,7 +1,7 @@
 """Python peers: asyncio and uvloop, written as their documentation shows.
 
 Run with the system interpreter (/usr/bin/python3, where python3-uvloop is installed):
-    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W4S|W5|W6|W8|M1 N
+    /usr/bin/python3 bench_py.py asyncio|uvloop W1|W2|W3|W4|W4S|W5|W6|W7|W8|M1 N
 Prints one JSON line, like the C++ programs.
 """
 import asyncio
@@ -219,7 +219,21 @@ async def m1(n):
     return (after - before) / n, {}, "tasks blocked on asyncio.Event"
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4S": w4s, "W5": w5, "W6": w6, "W8": w8, "M1": m1}
+async def yield_once():
+    await asyncio.sleep(0)
+
+
+async def w7(n):
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(n):
+            tg.create_task(yield_once())
+    t1 = time.perf_counter()
+    return (t1 - t0) * 1e9 / n, {}, ""
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4S": w4s, "W5": w5, "W6": w6, "W7": w7, "W8": w8, "M1": m1}
 
 
 def main():

@@ -29,19 +29,19 @@ CXX = os.environ.get("CXX", "g++")
 CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W5": 50_000, "W6": 100_000, "M1": 100_000,
+FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W5": 50_000, "W6": 100_000, "W7": 100_000, "M1": 100_000,
           "W1L": 1_000_000, "M1L": 1_000_000, "W8": 1_000_000}
-QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W5": 5_000, "W6": 20_000, "M1": 20_000,
+QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W5": 5_000, "W6": 20_000, "W7": 20_000, "M1": 20_000,
            "W1L": 100_000, "M1L": 100_000, "W8": 100_000}
 N = QUICK_N if QUICK else FULL_N
 REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
-WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "W8", "M1", "M1L"]
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "W7", "W8", "M1", "M1L"]
 # ONLY=W8,W3: run just these workloads (C1 only when named too).
 ONLY = [w.strip() for w in os.environ.get("ONLY", "").split(",") if w.strip()]
 if ONLY:
     WORKLOADS = [w for w in WORKLOADS if w in ONLY]
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
-NO_ASIO = ["W8"]  # Boost 1.74's Asio has no coroutine generator (experimental::coro came later)
+NO_ASIO = {"W7": "n/a (Boost 1.74: no parallel_group)", "W8": "n/a (Boost 1.74: no coroutine generator)"}
 OURS = "async_utils"
 
 UNITS = {"M1": "B/task", "M1L": "B/coroutine", "C1": "s"}
@@ -53,6 +53,7 @@ WHAT = {
     "W4S": "W4 with streams: start_server, open_connection, readexactly, write, drain (per message)",
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
+    "W7": "a task_group / asyncio.TaskGroup with N children, each sleep(0) once (per child)",
     "W8": "async generator of N values consumed with next() / async for (per value)",
     "M1": "resident bytes per idle task blocked on an event (RSS delta)",
     "W1L": "W1': create N lazy coroutine<long>, await each, no tasks (per coroutine)",
@@ -148,8 +149,10 @@ def implementations(built):
         return [b("au_bench"), w, str(n)] if built["au_bench"] else None
 
     impls.append((OURS, WORKLOADS, ours, "n/a (pending)", REPEATS))
-    impls.append(("asio", [w for w in WORKLOADS if w not in NO_ASIO], lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
-                  "n/a (build failed)", REPEATS))
+    # Boost 1.74 has neither experimental::parallel_group (Asio's nearest to a task group) nor a
+    # coroutine generator (experimental::coro): both came in later Boost releases.
+    impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] and w not in NO_ASIO else None,
+                  lambda w: NO_ASIO[w] if w in NO_ASIO else "n/a (build failed)", REPEATS))
     impls.append(("libuv", ["W4", "W4S", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
     impls.append(("epoll-floor", ["W4", "W4S"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
@@ -302,7 +305,8 @@ def main():
                 row["spread"] = (runs[0]["per_op_ns"], runs[-1]["per_op_ns"], len(runs))
                 rows.append(row)
             else:
-                note = unavailable if cmd is None else "n/a (failed)"
+                reason = unavailable(w) if callable(unavailable) else unavailable
+                note = reason if cmd is None else "n/a (failed)"
                 rows.append({"workload": w, "impl": impl, "per_op_ns": None, "allocs_per_op": None, "note": note})
     if not ONLY or any(w.startswith("C1") for w in ONLY):
         log("C1 compile cost ...")
