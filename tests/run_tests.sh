@@ -239,10 +239,15 @@ run_doctest() {  # run_doctest NAME COMMAND...: runs it; sets rc, dt_cases, dt_f
 }
 
 count_doctest() {  # count_doctest NAME COMMAND...: each test case counts; a bad exit alone counts as one
+  # The backend the run actually used, as the event_loop suite prints it (io_uring may fall back).
+  local backend
   if run_doctest "$@"; then
-    pass "run $1 ($dt_cases test cases)" "$dt_cases"
+    backend=$(sed -n 's/^\[async_utils\] backend: //p' "$BUILD/$1.run.log" | head -n 1)
+    pass "run $1 ($dt_cases test cases${backend:+, backend $backend})" "$dt_cases"
     return
   fi
+  backend=$(sed -n 's/^\[async_utils\] backend: //p' "$BUILD/$1.run.log" | head -n 1)
+  [ -n "$backend" ] && echo "        (backend $backend)"
   local bad=${dt_failed:-0}
   passed=$((passed + ${dt_cases:-0} - bad))
   ((bad > 0)) || bad=1  # a crash, a timeout or no summary at all

@@ -109,6 +109,12 @@ class event_loop {
   bool is_closed() const noexcept { return closed_; }
   /// The loop's monotonic clock.
   time_point time() const noexcept { return clock::now(); }
+  /// The I/O backend this loop runs on: "epoll", "poll", "kqueue" or "io_uring" ("epoll" when
+  /// io_uring was selected but the kernel refused it).
+  const char* backend_name() const noexcept {
+    if constexpr (requires { backend_.active_name(); }) return backend_.active_name();
+    else return detail::io_backend::name;
+  }
 
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
@@ -625,6 +631,7 @@ inline void event_loop::close() {
 
 #ifdef ASYNC_UTILS_TESTS
 #include <climits>
+#include <cstdio>
 #include <sys/resource.h>
 #include <thread>
 namespace codestare::async_utils::testing {
@@ -766,6 +773,30 @@ TEST_SUITE("event_loop") {
     CHECK(nevers[0].cancelled());
     loop.close();
     CHECK(never_fired == 0);
+  }
+
+  TEST_CASE("backend_name() names the backend the loop runs on (printed for the test runner)") {
+    event_loop loop;
+    const std::string name = loop.backend_name();
+#if defined(ASYNC_UTILS_BACKEND_IO_URING)
+    CHECK((name == "io_uring" || name == "epoll"));  // epoll: the kernel refused io_uring
+    {
+      detail::io_uring_forced_errno = EPERM;  // a refused io_uring: this loop falls back
+      testing::log_capture quiet;
+      event_loop fallback;
+      detail::io_uring_forced_errno = 0;
+      CHECK(std::string(fallback.backend_name()) == "epoll");
+    }
+#elif defined(ASYNC_UTILS_BACKEND_EPOLL)
+    CHECK(name == "epoll");
+#elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
+    CHECK(name == "kqueue");
+#else
+    CHECK(name == "poll");
+#endif
+    // tests/run_tests.sh reads this line to say which backend each run used.
+    std::printf("[async_utils] backend: %s\n", name.c_str());
+    std::fflush(stdout);
   }
 
   TEST_CASE("stop() before run_forever runs one iteration; close() is final") {
