@@ -188,6 +188,10 @@ class event_loop {
   void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  /// The io_uring backend when it runs as such (completion-based I/O), null after a fallback.
+  detail::io_uring_backend* uring() noexcept { return backend_.completions() ? &backend_ : nullptr; }
+#endif
   void unwatch_internal(int fd) noexcept;
   std::uint64_t next_task_number() noexcept { return ++task_counter_; }
   void register_core(detail::future_core& core) { (core.is_task() ? tasks_ : others_).push_back(core); }
@@ -212,6 +216,10 @@ class event_loop {
   void mark_dirty(int fd, detail::fd_watch& w);
   void forget_arming(detail::fd_watch& w) noexcept;
   void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
+  bool backend_busy() const noexcept {
+    if constexpr (requires { backend_.busy(); }) return backend_.busy();
+    else return false;
+  }
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
@@ -297,8 +305,8 @@ inline void event_loop::run_once() {
     // Only timers that never fire left: wait without a timeout, as with no timer at all.
     timeout = detail::time_until(timers_.top_when(), clock::now());
   }
-  // A busy loop with no descriptor to watch skips the syscall entirely.
-  if (timeout.count() != 0 || polled_ > 0) {
+  // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
+  if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
     if (timeout.count() != 0) {
       sleeping_.store(true);
       if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
