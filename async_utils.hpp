@@ -3137,8 +3137,11 @@ class event_loop {
   /// The I/O backend this loop runs on: "epoll", "poll", "kqueue" or "io_uring" ("epoll" when
   /// io_uring was selected but the kernel refused it).
   const char* backend_name() const noexcept {
-    if constexpr (requires { backend_.active_name(); }) return backend_.active_name();
-    else return detail::io_backend::name;
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+    return backend_.active_name();
+#else
+    return detail::io_backend::name;
+#endif
   }
 
   handle call_soon(std::function<void()> fn);
@@ -3242,8 +3245,11 @@ class event_loop {
   void forget_arming(detail::fd_watch& w) noexcept;
   void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
   bool backend_busy() const noexcept {
-    if constexpr (requires { backend_.busy(); }) return backend_.busy();
-    else return false;
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+    return backend_.busy();
+#else
+    return false;
+#endif
   }
 
   detail::io_backend backend_;
