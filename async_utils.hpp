@@ -7446,6 +7446,34 @@ TEST_SUITE("io") {
     CHECK(testing::open_fds() == fds_before);
   }
 
+  TEST_CASE("io_uring: a loop that fell back to epoll runs the sock_* calls on readiness") {
+    listener l;
+    detail::io_uring_forced_errno = EPERM;
+    std::optional<event_loop> loop;
+    {
+      testing::log_capture quiet;
+      loop.emplace();
+    }
+    detail::io_uring_forced_errno = 0;
+    CHECK(std::string(loop->backend_name()) == "epoll");
+    auto body = [&]() -> coroutine<void> {
+      CHECK(event_loop::current().uring() == nullptr);
+      auto server = create_task([](int fd) -> coroutine<void> {
+        accepted_socket conn = co_await sock_accept(fd);
+        co_await echo_server(conn.fd);
+        ::close(conn.fd);
+      }(l.fd));
+      int client = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      co_await sock_connect(client, reinterpret_cast<const sockaddr*>(&l.addr), sizeof l.addr);
+      co_await echo_client(client, 20, 64);
+      co_await echo_client(client, 1, 1 << 20);
+      ::close(client);
+      co_await wait_for(server, 10s);
+    };
+    loop->run_until_complete(body());
+    loop->close();
+  }
+
   TEST_CASE("io_uring: a loop closed with requests in flight releases them and leaks nothing") {
     const int fds_before = testing::open_fds();
     {
