@@ -6,6 +6,7 @@
 # Steps: freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme
 #        signals nursery demo parity
 #        cppcheck self_contained sanitize valgrind stress fuzz
+# (stress: NAME_uring programs run NAME on the io_uring backend, NAME_tsan under TSan)
 # Default: all of them but cppcheck and self_contained (`make check`), sanitize and valgrind
 # (`make test-sanitize`), stress (`make stress`, STRESS_QUICK=1 for the short version) and fuzz
 # (`make fuzz`, FUZZ_TIME).
@@ -45,6 +46,8 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1}
 # Stress programs (tests/stress/); those of parts merged later are built once their source exists.
 STRESS_PROGRAMS="tasks waits threadsafe reset"
+# NAME_uring: the same program on the io_uring backend (the ones that do I/O).
+STRESS_PROGRAMS+=" waits_uring reset_uring"
 [ -f src/primitives/condition.hpp ] && STRESS_PROGRAMS+=" primitives"
 [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor"
 STRESS_QUICK=${STRESS_QUICK:-}
@@ -123,13 +126,14 @@ compile_san() {  # compile_san VARIANT: the embedded tests under sanitizers (gcc
 }
 
 compile_stress() {  # compile_stress NAME: optimised; the quick (CI) version under ASan+UBSan instead
-  local flags=(-O2 -g) source=${1%_tsan}
+  local flags=(-O2 -g) source=${1%_tsan} backend=()
+  [[ $1 == *_uring ]] && source=${1%_uring} backend=(-DASYNC_UTILS_BACKEND_IO_URING)
   # shellcheck disable=SC2054  # the comma belongs to the flag
   [ "$STRESS_QUICK" = 1 ] && flags=(-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
   [[ $1 == *_tsan ]] && flags=(-O1 -g -fsanitize=thread)
   mkdir -p "$BUILD/stress"
   # shellcheck disable=SC2086
-  "$CXX_GCC" $WARN -pthread "${flags[@]}" "tests/stress/${source}_stress.cpp" -o "$BUILD/stress/$1"
+  "$CXX_GCC" $WARN -pthread "${flags[@]}" "${backend[@]}" "tests/stress/${source}_stress.cpp" -o "$BUILD/stress/$1"
 }
 
 compile_fuzz() {  # the libFuzzer target (clang only), with ASan and UBSan
@@ -239,10 +243,15 @@ run_doctest() {  # run_doctest NAME COMMAND...: runs it; sets rc, dt_cases, dt_f
 }
 
 count_doctest() {  # count_doctest NAME COMMAND...: each test case counts; a bad exit alone counts as one
+  # The backend the run actually used, as the event_loop suite prints it (io_uring may fall back).
+  local backend
   if run_doctest "$@"; then
-    pass "run $1 ($dt_cases test cases)" "$dt_cases"
+    backend=$(sed -n 's/^\[async_utils\] backend: //p' "$BUILD/$1.run.log" | head -n 1)
+    pass "run $1 ($dt_cases test cases${backend:+, backend $backend})" "$dt_cases"
     return
   fi
+  backend=$(sed -n 's/^\[async_utils\] backend: //p' "$BUILD/$1.run.log" | head -n 1)
+  [ -n "$backend" ] && echo "        (backend $backend)"
   local bad=${dt_failed:-0}
   passed=$((passed + ${dt_cases:-0} - bad))
   ((bad > 0)) || bad=1  # a crash, a timeout or no summary at all

@@ -4,6 +4,7 @@
 #include "config.hpp"
 #include "posix.hpp"
 #include "backend_epoll.hpp"
+#include "backend_io_uring.hpp"
 #include "backend_kqueue.hpp"
 #include "backend_poll.hpp"
 

@@ -9,13 +9,16 @@
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <linux/io_uring.h>
 #include <optional>
 #include <poll.h>
+#include <string>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unordered_map>
 #include <vector>
@@ -24,6 +27,20 @@ namespace codestare::async_utils::detail {
 
 /// Tests set an errno here to make the next io_uring_setup "fail" with it (the fallback path).
 inline std::atomic<int> io_uring_forced_errno{0};
+
+/// A completion-based request (recv, send, accept, connect submitted as such): lives in its
+/// awaiter, which must keep it (and the memory the request names) until the backend is done
+/// with it: forget() before the awaiter goes guarantees that.
+struct uring_op {
+  enum class state : unsigned char { idle, in_flight, completed };
+  /// Runs on the loop thread, from wait(), once the completion is there (res set, op idle).
+  void (*complete)(uring_op*) noexcept = nullptr;
+  uring_op* prev = nullptr;  // in-flight list
+  uring_op* next = nullptr;
+  int res = 0;
+  state st = state::idle;
+  bool cancel_sent = false;  // an IORING_OP_ASYNC_CANCEL for this request went out
+};
 
 /// Same contract as the epoll backend: arm(fd, mask) submits one one-shot poll request, a
 /// report disarms it. Permanent watches are multishot polls (re-submitted if the kernel ends
@@ -42,12 +59,115 @@ class io_uring_backend {
       fallback_.emplace();
     }
   }
-  ~io_uring_backend() { unmap(); }
+  ~io_uring_backend() {
+    // Awaiters forget their requests before they go; whatever is still in flight is cancelled
+    // and awaited, so that the kernel writes into no freed memory.
+    while (in_flight_) forget(*in_flight_);
+    unmap();
+  }
   io_uring_backend(const io_uring_backend&) = delete;
   io_uring_backend& operator=(const io_uring_backend&) = delete;
 
   /// "io_uring", or "epoll" when this loop fell back.
   const char* active_name() const noexcept { return fallback_ ? epoll_backend::name : name; }
+  /// Whether operations may be submitted as such (false after a fallback to epoll).
+  bool completions() const noexcept { return !fallback_; }
+  /// Whether wait() must run even when the loop has nothing to poll: requests in flight, queued
+  /// or completed but not yet dispatched.
+  bool busy() const noexcept { return !fallback_ && (in_flight_ != nullptr || unsubmitted() != 0 || !completed_.empty()); }
+
+  /// Queues `op` as a request that fill(sqe) describes; submitted with the next wait().
+  template <class F>
+  void submit(uring_op& op, F&& fill) {
+    io_uring_sqe& sqe = next_sqe();
+    fill(sqe);
+    sqe.user_data = reinterpret_cast<std::uintptr_t>(&op) | 1u;  // odd: a request, not a poll
+    publish();
+    op.st = uring_op::state::in_flight;
+    op.cancel_sent = false;
+    op.prev = nullptr;
+    op.next = in_flight_;
+    if (in_flight_) in_flight_->prev = &op;
+    in_flight_ = &op;
+  }
+  /// Asks the kernel to cancel `op` (IORING_OP_ASYNC_CANCEL); its completion still comes
+  /// (-ECANCELED, or the result if it won the race) and is dispatched as usual.
+  void cancel(uring_op& op) {
+    if (op.st != uring_op::state::in_flight || op.cancel_sent) return;
+    io_uring_sqe& sqe = next_sqe();
+    sqe.opcode = IORING_OP_ASYNC_CANCEL;
+    sqe.fd = -1;
+    sqe.addr = reinterpret_cast<std::uintptr_t>(&op) | 1u;
+    sqe.user_data = cancel_tag;
+    publish();
+    op.cancel_sent = true;
+  }
+  /// The awaiter of `op` is going away: afterwards the kernel holds nothing of it. A request in
+  /// flight is cancelled and its completion awaited here (socket requests cancel at once; the
+  /// wait is bounded). True when a completion was taken that op.complete never saw (`res`).
+  bool forget(uring_op& op) noexcept {
+    if (op.st == uring_op::state::completed) {
+      auto it = std::find(completed_.begin(), completed_.end(), &op);
+      if (it != completed_.end()) completed_.erase(it);
+      op.st = uring_op::state::idle;  // a dispatch list that still holds it skips idle ops
+      return true;
+    }
+    if (op.st != uring_op::state::in_flight) return false;
+    try {
+      cancel(op);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (op.st == uring_op::state::in_flight) {
+        if (std::chrono::steady_clock::now() > deadline) {
+          log(log_level::error, "io_uring: a cancelled request did not complete; its memory is released anyway");
+          unlink(op);
+          op.st = uring_op::state::idle;
+          return false;
+        }
+        enter(std::chrono::milliseconds(100), true);
+        reap();
+      }
+    } catch (...) {
+      unlink(op);
+      op.st = uring_op::state::idle;
+      return false;
+    }
+    return forget(op);  // completed now: taken out of the queue
+  }
+
+  /// Bytes a recv received for a waiter that was cancelled or destroyed: the next recv on the
+  /// same socket gets them first. Keyed by descriptor and checked against the socket's identity,
+  /// so a closed descriptor whose number was reused does not see them.
+  void stash(int fd, const char* data, std::size_t n) noexcept {
+    try {
+      struct stat st{};
+      if (::fstat(fd, &st) != 0) return;
+      stashed& entry = stash_[fd];
+      if (entry.bytes.empty() || entry.dev != st.st_dev || entry.ino != st.st_ino) {
+        entry.bytes.clear();
+        entry.dev = st.st_dev;
+        entry.ino = st.st_ino;
+      }
+      entry.bytes.append(data, n);
+    } catch (...) {  // out of memory: the bytes are lost, as with asyncio's cancelled reads
+    }
+  }
+  /// Moves up to `size` stashed bytes of fd into data; -1 when there are none.
+  long take_stash(int fd, char* data, std::size_t size) noexcept {
+    if (stash_.empty()) return -1;
+    auto it = stash_.find(fd);
+    if (it == stash_.end()) return -1;
+    struct stat st{};
+    if (::fstat(fd, &st) != 0 || st.st_dev != it->second.dev || st.st_ino != it->second.ino) {
+      stash_.erase(it);  // another file under the same number now
+      return -1;
+    }
+    std::string& bytes = it->second.bytes;
+    const std::size_t n = std::min(size, bytes.size());
+    if (n) std::memcpy(data, bytes.data(), n);
+    bytes.erase(0, n);
+    if (bytes.empty()) stash_.erase(it);
+    return static_cast<long>(n);
+  }
 
   void add(int fd) {
     if (fallback_) return fallback_->add(fd);
@@ -75,11 +195,21 @@ class io_uring_backend {
   template <class F>
   void wait(std::chrono::nanoseconds timeout, F&& on_event) {
     if (fallback_) return fallback_->wait(timeout, std::forward<F>(on_event));
-    enter(reported_.empty() ? timeout : std::chrono::nanoseconds{0});
+    enter(reported_.empty() && completed_.empty() ? timeout : std::chrono::nanoseconds{0});
     reap();
     dispatching_.swap(reported_);
     reported_.clear();
     for (const auto& r : dispatching_) on_event(r.fd, r.bits);
+    if (!completed_.empty()) {
+      dispatching_ops_.swap(completed_);
+      completed_.clear();
+      for (uring_op* op : dispatching_ops_) {
+        if (op->st != uring_op::state::completed) continue;  // forgotten meanwhile
+        op->st = uring_op::state::idle;
+        op->complete(op);  // may submit it again, or destroy other awaiters (forget)
+      }
+      dispatching_ops_.clear();
+    }
     // Permanent watches the kernel ended (no IORING_CQE_F_MORE) go back on the ring.
     for (int fd : resubmit_) {
       auto it = slots_.find(fd);
@@ -99,9 +229,27 @@ class io_uring_backend {
     int fd;
     unsigned bits;
   };
-  static constexpr std::uint64_t cancel_tag = ~std::uint64_t{0};
+  struct stashed {
+    std::string bytes;
+    dev_t dev = 0;
+    ino_t ino = 0;
+  };
+  // user_data: a request's address with the low bit set (requests are aligned); a poll's
+  // (generation << 33) | (fd << 1); 0 for the cancellations, whose completions say nothing.
+  static constexpr std::uint64_t cancel_tag = 0;
   static std::uint64_t user_data(int fd, std::uint32_t gen) noexcept {
-    return (std::uint64_t{gen} << 32) | static_cast<std::uint32_t>(fd);
+    return (std::uint64_t{gen} << 33) | (std::uint64_t{static_cast<std::uint32_t>(fd)} << 1);
+  }
+  std::uint32_t next_generation() noexcept {
+    generation_ = (generation_ + 1) & 0x7fffffffu;  // 31 bits; 0 is never used
+    if (generation_ == 0) generation_ = 1;
+    return generation_;
+  }
+  void unlink(uring_op& op) noexcept {
+    if (op.prev) op.prev->next = op.next;
+    else if (in_flight_ == &op) in_flight_ = op.next;
+    if (op.next) op.next->prev = op.prev;
+    op.prev = op.next = nullptr;
   }
 
   static int sys_setup(unsigned entries, io_uring_params* p) noexcept {
@@ -199,7 +347,7 @@ class io_uring_backend {
     unsigned events = ((mask & io_read) ? POLLIN | POLLRDHUP : 0u) | ((mask & io_write) ? POLLOUT : 0u);
     sqe.poll32_events = events;  // little-endian hosts; the kernel swaps on big-endian ones
     if (permanent && multishot_) sqe.len = IORING_POLL_ADD_MULTI;
-    s.gen = ++generation_;
+    s.gen = next_generation();
     s.mask = mask;
     s.permanent = permanent;
     sqe.user_data = user_data(fd, s.gen);
@@ -213,14 +361,16 @@ class io_uring_backend {
     sqe.user_data = cancel_tag;
     publish();
     s.mask = 0;
-    s.gen = ++generation_;  // whatever the old request still reports is stale now
+    s.gen = next_generation();  // whatever the old request still reports is stale now
   }
 
-  void enter(std::chrono::nanoseconds timeout) {
+  /// Submits what is queued and waits up to `timeout` for a completion (0: none, negative:
+  /// forever); `must_wait` waits even when completions are already there (forget's loop).
+  void enter(std::chrono::nanoseconds timeout, bool must_wait = false) {
     const unsigned to_submit = unsubmitted();
     const bool overflow = (std::atomic_ref<std::uint32_t>(*sq_flags_).load(std::memory_order_relaxed) & IORING_SQ_CQ_OVERFLOW) != 0;
     const bool have_cqes = std::atomic_ref<std::uint32_t>(*cq_tail_).load(std::memory_order_acquire) != *cq_head_;
-    if (have_cqes) timeout = std::chrono::nanoseconds{0};
+    if (have_cqes && !must_wait) timeout = std::chrono::nanoseconds{0};
     if (timeout.count() == 0 && to_submit == 0 && !overflow) return;  // nothing the kernel must hear
     unsigned flags = 0, min_complete = 0;
     io_uring_getevents_arg arg{};
@@ -248,8 +398,16 @@ class io_uring_backend {
     for (; head != tail; ++head) {
       const io_uring_cqe& cqe = cqes_[head & cq_mask_];
       if (cqe.user_data == cancel_tag) continue;
-      const int fd = static_cast<int>(static_cast<std::uint32_t>(cqe.user_data));
-      const auto gen = static_cast<std::uint32_t>(cqe.user_data >> 32);
+      if (cqe.user_data & 1u) {
+        auto* op = reinterpret_cast<uring_op*>(static_cast<std::uintptr_t>(cqe.user_data & ~std::uint64_t{1}));
+        unlink(*op);
+        op->res = cqe.res;
+        op->st = uring_op::state::completed;
+        completed_.push_back(op);
+        continue;
+      }
+      const int fd = static_cast<int>(static_cast<std::uint32_t>(cqe.user_data >> 1));
+      const auto gen = static_cast<std::uint32_t>(cqe.user_data >> 33);
       auto it = slots_.find(fd);
       if (it == slots_.end() || it->second.gen != gen) continue;  // replaced or removed since
       slot& s = it->second;
@@ -292,6 +450,9 @@ class io_uring_backend {
   std::unordered_map<int, slot> slots_;
   std::vector<report> reported_, dispatching_;
   std::vector<int> resubmit_;
+  uring_op* in_flight_ = nullptr;
+  std::vector<uring_op*> completed_, dispatching_ops_;
+  std::unordered_map<int, stashed> stash_;
 };
 
 }  // namespace codestare::async_utils::detail

@@ -109,6 +109,15 @@ class event_loop {
   bool is_closed() const noexcept { return closed_; }
   /// The loop's monotonic clock.
   time_point time() const noexcept { return clock::now(); }
+  /// The I/O backend this loop runs on: "epoll", "poll", "kqueue" or "io_uring" ("epoll" when
+  /// io_uring was selected but the kernel refused it).
+  const char* backend_name() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+    return backend_.active_name();
+#else
+    return detail::io_backend::name;
+#endif
+  }
 
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
@@ -182,6 +191,10 @@ class event_loop {
   void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  /// The io_uring backend when it runs as such (completion-based I/O), null after a fallback.
+  detail::io_uring_backend* uring() noexcept { return backend_.completions() ? &backend_ : nullptr; }
+#endif
   void unwatch_internal(int fd) noexcept;
   std::uint64_t next_task_number() noexcept { return ++task_counter_; }
   void register_core(detail::future_core& core) { (core.is_task() ? tasks_ : others_).push_back(core); }
@@ -206,6 +219,13 @@ class event_loop {
   void mark_dirty(int fd, detail::fd_watch& w);
   void forget_arming(detail::fd_watch& w) noexcept;
   void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
+  bool backend_busy() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+    return backend_.busy();
+#else
+    return false;
+#endif
+  }
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
@@ -291,8 +311,8 @@ inline void event_loop::run_once() {
     // Only timers that never fire left: wait without a timeout, as with no timer at all.
     timeout = detail::time_until(timers_.top_when(), clock::now());
   }
-  // A busy loop with no descriptor to watch skips the syscall entirely.
-  if (timeout.count() != 0 || polled_ > 0) {
+  // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
+  if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
     if (timeout.count() != 0) {
       sleeping_.store(true);
       if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
@@ -625,6 +645,7 @@ inline void event_loop::close() {
 
 #ifdef ASYNC_UTILS_TESTS
 #include <climits>
+#include <cstdio>
 #include <sys/resource.h>
 #include <thread>
 namespace codestare::async_utils::testing {
@@ -766,6 +787,30 @@ TEST_SUITE("event_loop") {
     CHECK(nevers[0].cancelled());
     loop.close();
     CHECK(never_fired == 0);
+  }
+
+  TEST_CASE("backend_name() names the backend the loop runs on (printed for the test runner)") {
+    event_loop loop;
+    const std::string name = loop.backend_name();
+#if defined(ASYNC_UTILS_BACKEND_IO_URING)
+    CHECK((name == "io_uring" || name == "epoll"));  // epoll: the kernel refused io_uring
+    {
+      detail::io_uring_forced_errno = EPERM;  // a refused io_uring: this loop falls back
+      testing::log_capture quiet;
+      event_loop fallback;
+      detail::io_uring_forced_errno = 0;
+      CHECK(std::string(fallback.backend_name()) == "epoll");
+    }
+#elif defined(ASYNC_UTILS_BACKEND_EPOLL)
+    CHECK(name == "epoll");
+#elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
+    CHECK(name == "kqueue");
+#else
+    CHECK(name == "poll");
+#endif
+    // tests/run_tests.sh reads this line to say which backend each run used.
+    std::printf("[async_utils] backend: %s\n", name.c_str());
+    std::fflush(stdout);
   }
 
   TEST_CASE("stop() before run_forever runs one iteration; close() is final") {

@@ -15,7 +15,12 @@ using namespace std::chrono_literals;
 
 namespace {
 
+// The io_uring build (-DASYNC_UTILS_BACKEND_IO_URING) reports as its own implementation.
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+const char* const impl = "async_utils-uring";
+#else
 const char* const impl = "async_utils";
+#endif
 
 // ---- W1: spawn N tasks returning their index, await all in order ------------------------------
 coroutine<long> index_of(long i) { co_return i; }
@@ -89,6 +94,8 @@ coroutine<void> w8(long n) {
 }
 
 // ---- W4: TCP echo, 32 clients x N sequential 64-byte round trips, one loop ------------------
+// W4idle: the same with 1,000 more connections open, each with a server task waiting in
+// sock_recv_into and a client that never writes (set up before, torn down after the timing).
 constexpr int clients = 32;
 constexpr std::size_t message = 64;
 
@@ -138,7 +145,7 @@ coroutine<void> client(const sockaddr_in& addr, long rounds) {
   ::close(fd);
 }
 
-coroutine<void> w4(long rounds) {
+coroutine<void> w4(long rounds, int idle = 0) {
   int listener = tcp_socket();
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -147,6 +154,19 @@ coroutine<void> w4(long rounds) {
   if (::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listener, 128) != 0 ||
       ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
     throw std::system_error(errno, std::generic_category(), "listen");
+  std::vector<au::task<void>> idlers;
+  std::vector<int> idle_clients;
+  for (int i = 0; i < idle; ++i) {
+    int c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  // blocking connect: loopback
+    if (c < 0 || ::connect(c, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0)
+      throw std::system_error(errno, std::generic_category(), "idle connect");
+    int s = -1;
+    while ((s = ::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC)) < 0)
+      if (errno != EAGAIN && errno != EINTR) throw std::system_error(errno, std::generic_category(), "idle accept");
+    idle_clients.push_back(c);
+    idlers.push_back(au::create_task(echo(s)));
+  }
+  co_await au::sleep(0s);  // the idle reads are waiting now
   std::vector<au::task<void>> tasks;
   tasks.reserve(clients + 1);
   bench::alloc_scope allocs;
@@ -155,10 +175,12 @@ coroutine<void> w4(long rounds) {
   for (int i = 0; i < clients; ++i) tasks.push_back(au::create_task(client(addr, rounds)));
   for (auto& t : tasks) co_await t;
   auto t1 = bench::clock::now();
+  for (int c : idle_clients) ::close(c);  // EOF: the idle echo tasks end
+  for (auto& t : idlers) co_await t;
   ::close(listener);
   const double msgs = double(clients) * double(rounds);
   const double ns = bench::ns_between(t0, t1);
-  bench::report("W4", impl, rounds, ns / msgs, double(allocs.allocs()) / msgs,
+  bench::report(idle ? "W4idle" : "W4", impl, rounds, ns / msgs, double(allocs.allocs()) / msgs,
                 "{\"msgs_per_s\":" + std::to_string(msgs / ns * 1e9) + "}");
 }
 
@@ -275,7 +297,7 @@ coroutine<void> w7(long n) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W6|W7|W8|M1|M1L N\n", argv[0]);
+    std::fprintf(stderr, "usage: %s W1|W1L|W3|W4|W4S|W4idle|W6|W7|W8|M1|M1L N\n", argv[0]);
     return 2;
   }
   const std::string w = argv[1];
@@ -284,6 +306,7 @@ int main(int argc, char** argv) {
   else if (w == "W3") au::run(w3(n));
   else if (w == "W4") au::run(w4(n));
   else if (w == "W4S") au::run(w4s(n));
+  else if (w == "W4idle") au::run(w4(n, 1000));
   else if (w == "W6") au::run(w6(n));
   else if (w == "W7") au::run(w7(n));
   else if (w == "W8") au::run(w8(n));

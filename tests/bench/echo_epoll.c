@@ -1,7 +1,9 @@
 /* W4 floor: TCP echo over raw epoll, no library. One thread, one epoll set; a server and 32
  * clients on 127.0.0.1, each client N sequential 64-byte round trips. Level-triggered, every
  * socket registered once for EPOLLIN; writes of 64 bytes to an idle loopback socket complete
- * at once, so no write readiness is needed. Usage: echo_epoll W4|W4S N (the same program) */
+ * at once, so no write readiness is needed. W4S is the same program (the floor of the streams
+ * variant). W4idle: 1,000 more connections whose server side is registered for EPOLLIN too and
+ * never written to (set up before the timing). Usage: echo_epoll W4|W4S|W4idle N */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -17,6 +19,7 @@
 
 #define CLIENTS 32
 #define MESSAGE 64
+#define IDLE 1000
 
 enum kind { LISTENER, SERVER_CONN, CLIENT };
 struct conn {
@@ -61,10 +64,12 @@ static void nodelay(int fd) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3 || (strcmp(argv[1], "W4") != 0 && strcmp(argv[1], "W4S") != 0)) {
-    fprintf(stderr, "usage: %s W4 N\n", argv[0]);
+  if (argc != 3 || (strcmp(argv[1], "W4") != 0 && strcmp(argv[1], "W4S") != 0 &&
+                    strcmp(argv[1], "W4idle") != 0)) {
+    fprintf(stderr, "usage: %s W4|W4S|W4idle N\n", argv[0]);
     return 2;
   }
+  const int idle = strcmp(argv[1], "W4idle") == 0 ? IDLE : 0;
   const long rounds = atol(argv[2]);
   char out[MESSAGE];
   memset(out, 'x', sizeof out);
@@ -77,6 +82,17 @@ int main(int argc, char** argv) {
   if (bind(listener.fd, (struct sockaddr*)&addr, sizeof addr) || listen(listener.fd, 128) ||
       getsockname(listener.fd, (struct sockaddr*)&addr, &len))
     die("listen");
+
+  static struct conn idlers[IDLE];
+  static int idle_clients[IDLE];
+  for (int i = 0; i < idle; ++i) {
+    idle_clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(idle_clients[i], (struct sockaddr*)&addr, sizeof addr) != 0) die("idle connect");
+    idlers[i].kind = SERVER_CONN;
+    while ((idlers[i].fd = accept4(listener.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) < 0)
+      if (errno != EAGAIN && errno != EINTR) die("idle accept");
+    watch(ep, &idlers[i]);
+  }
 
   double t0 = now_ns();
   watch(ep, &listener);
@@ -138,6 +154,10 @@ int main(int argc, char** argv) {
   }
   double t1 = now_ns();
   double msgs = (double)CLIENTS * (double)rounds;
+  for (int i = 0; i < idle; ++i) {
+    close(idle_clients[i]);
+    close(idlers[i].fd);
+  }
   printf("{\"workload\":\"%s\",\"impl\":\"epoll-floor\",\"n\":%ld,\"per_op_ns\":%.3f,\"allocs_per_op\":null,"
          "\"extra\":{\"msgs_per_s\":%.1f},\"note\":\"hand-written C, level-triggered epoll\"}\n",
          argv[1], rounds, (t1 - t0) / msgs, msgs / (t1 - t0) * 1e9);

@@ -29,17 +29,18 @@ CXX = os.environ.get("CXX", "g++")
 CC = os.environ.get("CC", "gcc")
 SYS_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W5": 50_000, "W6": 100_000, "W7": 100_000, "M1": 100_000,
+FULL_N = {"W1": 1_000_000, "W2": 200_000, "W3": 1_000_000, "W4": 5_000, "W4S": 5_000, "W4idle": 5_000, "W5": 50_000, "W6": 100_000, "W7": 100_000, "M1": 100_000,
           "W1L": 1_000_000, "M1L": 1_000_000, "W8": 1_000_000}
-QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W5": 5_000, "W6": 20_000, "W7": 20_000, "M1": 20_000,
+QUICK_N = {"W1": 100_000, "W2": 20_000, "W3": 100_000, "W4": 500, "W4S": 500, "W4idle": 500, "W5": 5_000, "W6": 20_000, "W7": 20_000, "M1": 20_000,
            "W1L": 100_000, "M1L": 100_000, "W8": 100_000}
 N = QUICK_N if QUICK else FULL_N
 REPEATS = 1 if QUICK else 5  # native programs: median of REPEATS (min/max in the notes); Python: one run
-WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W5", "W6", "W7", "W8", "M1", "M1L"]
+WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W4idle", "W5", "W6", "W7", "W8", "M1", "M1L"]
 # ONLY=W8,W3: run just these workloads (C1 only when named too).
 ONLY = [w.strip() for w in os.environ.get("ONLY", "").split(",") if w.strip()]
 if ONLY:
     WORKLOADS = [w for w in WORKLOADS if w in ONLY]
+OURS_ONLY = ["W4idle"]  # our backends and the epoll floor only
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
 NO_ASIO = {"W7": "n/a (Boost 1.74: no parallel_group)", "W8": "n/a (Boost 1.74: no coroutine generator)"}
 OURS = "async_utils"
@@ -51,6 +52,7 @@ WHAT = {
     "W3": "sleep(0) yield in one task (per yield)",
     "W4": "TCP echo, 32 clients x N x 64 B on 127.0.0.1, one loop (per message)",
     "W4S": "W4 with streams: start_server, open_connection, readexactly, write, drain (per message)",
+    "W4idle": "W4 with 1,000 more connections open and idle, each with a pending read (per message)",
     "W5": "sequential run_in_executor round trips (per call)",
     "W6": "N tasks sleeping 0-50 ms, seeded (wall time per timer)",
     "W7": "a task_group / asyncio.TaskGroup with N children, each sleep(0) once (per child)",
@@ -105,6 +107,8 @@ def build_all():
          hdrs + [os.path.join(HERE, "au_bench_condition.cpp")]),
         ("au_bench_executor", [CXX, *CXXFLAGS, "-I" + src, "au_bench_executor.cpp"],
          hdrs + [os.path.join(HERE, "au_bench_executor.cpp")]),
+        ("au_bench_uring", [CXX, *CXXFLAGS, "-DASYNC_UTILS_BACKEND_IO_URING", "-I" + src, "au_bench.cpp"],
+         hdrs + [os.path.join(HERE, "au_bench.cpp")]),
         ("asio_bench", [CXX, *CXXFLAGS, "asio_bench.cpp"],
          [os.path.join(HERE, "asio_bench.cpp"), os.path.join(HERE, "bench_common.hpp")]),
         ("uv_bench", [CC, "-O2", "-DNDEBUG", "uv_bench.c", "-luv"], [os.path.join(HERE, "uv_bench.c")]),
@@ -149,15 +153,20 @@ def implementations(built):
         return [b("au_bench"), w, str(n)] if built["au_bench"] else None
 
     impls.append((OURS, WORKLOADS, ours, "n/a (pending)", REPEATS))
+    # The same program built for the io_uring backend (completion-based sock_* calls).
+    impls.append((OURS + "-uring", ["W4", "W4idle"],
+                  lambda w, n: [b("au_bench_uring"), w, str(n)] if built["au_bench_uring"] else None,
+                  "n/a (build failed)", REPEATS))
+    peers = [w for w in WORKLOADS if w not in OURS_ONLY]
     # Boost 1.74 has neither experimental::parallel_group (Asio's nearest to a task group) nor a
     # coroutine generator (experimental::coro): both came in later Boost releases.
-    impls.append(("asio", WORKLOADS, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] and w not in NO_ASIO else None,
+    impls.append(("asio", peers, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] and w not in NO_ASIO else None,
                   lambda w: NO_ASIO[w] if w in NO_ASIO else "n/a (build failed)", REPEATS))
     impls.append(("libuv", ["W4", "W4S", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
-    impls.append(("epoll-floor", ["W4", "W4S"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
+    impls.append(("epoll-floor", ["W4", "W4S", "W4idle"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
                   "n/a (build failed)", REPEATS))
-    native_only = [w for w in WORKLOADS if w not in LAZY]
+    native_only = [w for w in WORKLOADS if w not in LAZY and w not in OURS_ONLY]
     impls.append(("asyncio", native_only, lambda w, n: [SYS_PYTHON, py, "asyncio", w, str(n)], "n/a", 1))
     uv_ok = python_has_uvloop()
     impls.append(("uvloop", native_only, lambda w, n: [SYS_PYTHON, py, "uvloop", w, str(n)] if uv_ok else None,
