@@ -5,6 +5,7 @@ the table (and writes it as CSV when CSV=file is set).
     python3 tests/bench/run_bench.py            # full run (about 3-4 minutes on 2 cores)
     QUICK=1 python3 tests/bench/run_bench.py    # scaled-down N, under a minute
     CSV=out.csv python3 tests/bench/run_bench.py
+    ONLY=W7,W1 python3 tests/bench/run_bench.py  # just those workloads (no C1)
 
 Python's standard library only. Peers that cannot be built or imported are shown as n/a;
 our W2 (condition) and W5 (executor) show "n/a (pending)" until those primitives are merged.
