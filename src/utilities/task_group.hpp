@@ -37,7 +37,8 @@ class task_group {
     tasks_.push_back(child);
     ++pending_;
     try {
-      child.add_done_callback([this](any_task done) { on_task_done(done); });
+      // On the state itself: any_task's wrapper would cost one more allocation per child.
+      t.state_ptr()->add_done_callback([this](detail::future_core& done) { on_task_done(any_task(&done)); });
     } catch (...) {  // out of memory: the task runs unwatched, so stop it
       tasks_.pop_back();
       --pending_;
