@@ -47,6 +47,7 @@ export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1}
 STRESS_PROGRAMS="tasks waits threadsafe reset"
 [ -f src/primitives/condition.hpp ] && STRESS_PROGRAMS+=" primitives"
 [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor"
+[ -f src/utilities/streams.hpp ] && STRESS_PROGRAMS+=" streams"
 STRESS_QUICK=${STRESS_QUICK:-}
 # The quick version also runs the cross-thread programs under TSan (NAME_tsan).
 if [ "$STRESS_QUICK" = 1 ]; then
