@@ -50,6 +50,7 @@ STRESS_PROGRAMS="tasks waits threadsafe reset"
 STRESS_PROGRAMS+=" waits_uring reset_uring"
 [ -f src/primitives/condition.hpp ] && STRESS_PROGRAMS+=" primitives"
 [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor"
+[ -f src/utilities/streams.hpp ] && STRESS_PROGRAMS+=" streams"
 STRESS_QUICK=${STRESS_QUICK:-}
 # The quick version also runs the cross-thread programs under TSan (NAME_tsan).
 if [ "$STRESS_QUICK" = 1 ]; then

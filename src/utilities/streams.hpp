@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -524,6 +525,39 @@ inline coroutine<std::vector<address_info>> getaddrinfo(std::string host, int po
 }
 
 namespace detail {
+/// A numeric IPv4 or IPv6 host needs no resolver (asyncio skips getaddrinfo for them too).
+inline std::optional<address_info> numeric_address(const std::string& host, int port) {
+  address_info a;
+  a.socktype = SOCK_STREAM;
+  a.protocol = IPPROTO_TCP;
+  auto& in = reinterpret_cast<sockaddr_in&>(a.address);
+  if (::inet_pton(AF_INET, host.c_str(), &in.sin_addr) == 1) {
+    in.sin_family = AF_INET;
+    in.sin_port = htons(static_cast<std::uint16_t>(port));
+    a.family = AF_INET;
+    a.length = sizeof(sockaddr_in);
+    return a;
+  }
+  auto& in6 = reinterpret_cast<sockaddr_in6&>(a.address);
+  if (::inet_pton(AF_INET6, host.c_str(), &in6.sin6_addr) == 1) {
+    in6.sin6_family = AF_INET6;
+    in6.sin6_port = htons(static_cast<std::uint16_t>(port));
+    a.family = AF_INET6;
+    a.length = sizeof(sockaddr_in6);
+    return a;
+  }
+  return std::nullopt;
+}
+
+/// The addresses to connect to or bind: numeric hosts at once, names through getaddrinfo.
+inline coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags) {
+  if (auto a = numeric_address(host, port)) co_return std::vector<address_info>{*a};
+  // Named, not a temporary inside the co_await (g++ 12, see getaddrinfo).
+  auto job = [host, port, flags] { return resolve(host, port, flags); };
+  auto resolved = event_loop::current().run_in_executor(std::move(job));
+  co_return co_await std::move(resolved);
+}
+
 inline address_info unix_address(const std::string& path, const char* what) {
   address_info a;
   auto& un = reinterpret_cast<sockaddr_un&>(a.address);
@@ -555,7 +589,7 @@ inline coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_inf
 inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
                                                                           std::size_t limit = detail::stream_default_limit) {
   detail::check_port(port, "open_connection");
-  auto addresses = co_await getaddrinfo(host, port);
+  auto addresses = co_await detail::resolve_host(host, port, 0);
   std::exception_ptr last;
   for (const auto& a : addresses) {
     try {
@@ -838,10 +872,7 @@ inline coroutine<server> start_server(detail::server_state::callback client_conn
   detail::check_port(port, "start_server");
   detail::check_server_options(options, "start_server");
   if (!client_connected) throw std::invalid_argument("start_server: empty callback");
-  // Named, not a temporary inside the co_await (g++ 12, see getaddrinfo).
-  auto job = [host, port] { return detail::resolve(host, port, AI_PASSIVE); };
-  auto resolving = event_loop::current().run_in_executor(std::move(job));
-  auto addresses = co_await std::move(resolving);
+  auto addresses = co_await detail::resolve_host(host, port, AI_PASSIVE);
   auto s = std::make_shared<detail::server_state>(std::move(client_connected), options);
   for (const auto& a : addresses) s->listeners.push_back(detail::listen_on(a, options.backlog, "start_server"));
   if (options.start_serving) s->start();

@@ -1,17 +1,13 @@
-// The demo behind `make demo`: a TCP echo service on 127.0.0.1 in one task_nursery, a few dozen
-// clients driving it from a second one, live statistics in an accessor read by a reporter task,
-// a checksum offloaded with make_async, and a graceful shutdown after --seconds or on Ctrl+C.
+// The demo behind `make demo`: a TCP echo service on 127.0.0.1 (start_server, streams) in one
+// task_nursery, a few dozen clients (open_connection) driving it from a second one, live
+// statistics in an accessor read by a reporter task, a checksum offloaded with make_async, and a
+// graceful shutdown after --seconds or on Ctrl+C.
 //
 //   demo [--seconds S] [--clients N] [--fault]
 //
 // --fault makes one client throw: its nursery reports the error with the task's name, and every
 // nursery shuts down gracefully, as the shutdown handling of task_nursery promises.
 #include "async_utils.hpp"
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -48,66 +44,44 @@ std::uint32_t crc32(std::string data) {
   return ~crc;
 }
 
-int check(int rc, const char* what) {
-  if (rc < 0) throw std::system_error(errno, std::generic_category(), what);
-  return rc;
-}
-
 // Shared by every task of the demo; the accessor publishes snapshots of it.
 struct demo_state {
   statistics totals;
   au::accessor<statistics> stats{{.condition = nullptr, .name = "stats"}};
-  sockaddr_in address{};
+  int port = 0;
 };
 
 au::coroutine<void> publish(demo_state& s) { co_await s.stats.set(s.totals); }
 
-au::coroutine<void> serve_connection(int fd, demo_state& s) {
+// One connection of the echo service (start_server runs it in a task of its own).
+au::coroutine<void> serve_connection(au::stream_reader reader, au::stream_writer writer, demo_state& s) {
   ++s.totals.connections;
-  char buffer[4096];
   try {
     for (;;) {
-      std::size_t n = co_await au::sock_recv_into(fd, std::span<char>(buffer));
-      if (n == 0) break;
-      co_await au::sock_sendall(fd, std::string_view(buffer, n));
+      std::string data = co_await reader.read(4096);
+      if (data.empty()) break;  // the client is done
+      writer.write(data);
+      co_await writer.drain();
     }
   } catch (const std::system_error& e) {
     // A client that goes away mid-exchange resets its connection: the end of it, not a failure.
-    if (e.code().value() != ECONNRESET && e.code().value() != EPIPE) {
-      ::close(fd);
-      throw;
-    }
-  } catch (...) {
-    ::close(fd);
-    throw;
+    if (e.code().value() != ECONNRESET && e.code().value() != EPIPE) throw;
   }
-  ::close(fd);
-}
-
-au::coroutine<void> accept_loop(int listener, demo_state& s, au::task_nursery& server) {
-  for (;;) {
-    au::accepted_socket conn = co_await au::sock_accept(listener);
-    server.create_task(serve_connection(conn.fd, s), "connection-" + std::to_string(conn.fd));
-  }
+  writer.close();
 }
 
 au::coroutine<void> client(int id, demo_state& s, bool faulty) {
-  int fd = check(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), "socket");
   ++s.totals.clients_running;
   auto checksum = au::make_async(&crc32);
   try {
-    co_await au::sock_connect(fd, reinterpret_cast<const sockaddr*>(&s.address), sizeof s.address);
+    auto [reader, writer] = co_await au::open_connection("127.0.0.1", s.port);
     std::string batch;
     for (std::uint64_t round = 1;; ++round) {
       std::string message = "client " + std::to_string(id) + " message " + std::to_string(round);
       message.resize(64, '.');
-      co_await au::sock_sendall(fd, message);
-      std::string echo;
-      while (echo.size() < message.size()) {
-        std::string part = co_await au::sock_recv(fd, message.size() - echo.size());
-        if (part.empty()) throw std::runtime_error("server closed the connection");
-        echo += part;
-      }
+      writer.write(message);
+      co_await writer.drain();
+      std::string echo = co_await reader.readexactly(static_cast<std::ptrdiff_t>(message.size()));
       if (echo != message) throw std::runtime_error("echo mismatch");
       ++s.totals.messages;
       s.totals.bytes += echo.size();
@@ -119,9 +93,11 @@ au::coroutine<void> client(int id, demo_state& s, bool faulty) {
       }
       if (faulty && round == 300) throw std::runtime_error("injected fault in client " + std::to_string(id));
     }
-  } catch (...) {
-    ::close(fd);
+  } catch (const au::incomplete_read_error&) {
     --s.totals.clients_running;
+    throw std::runtime_error("server closed the connection");
+  } catch (...) {
+    --s.totals.clients_running;  // the streams close with the frame
     throw;
   }
 }
@@ -141,22 +117,20 @@ au::coroutine<void> reporter(demo_state& s, std::chrono::steady_clock::time_poin
 au::coroutine<int> demo(options opt) {
   demo_state s;
   const auto start = std::chrono::steady_clock::now();
-  int listener = check(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), "socket");
-  s.address.sin_family = AF_INET;
-  s.address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  check(::bind(listener, reinterpret_cast<sockaddr*>(&s.address), sizeof s.address), "bind");
-  check(::listen(listener, 128), "listen");
-  socklen_t length = sizeof s.address;
-  check(::getsockname(listener, reinterpret_cast<sockaddr*>(&s.address), &length), "getsockname");
-  std::printf("echo service on 127.0.0.1:%d, %d clients, %.1f s%s (Ctrl+C stops it early)\n", ntohs(s.address.sin_port),
-              opt.clients, opt.seconds, opt.fault ? ", one faulty client" : "");
+  auto handler = [&s](au::stream_reader reader, au::stream_writer writer) {
+    return serve_connection(std::move(reader), std::move(writer), s);
+  };
+  au::server service = co_await au::start_server(handler, "127.0.0.1", 0);
+  s.port = service.sockets()[0].port();
+  std::printf("echo service on 127.0.0.1:%d, %d clients, %.1f s%s (Ctrl+C stops it early)\n", s.port, opt.clients,
+              opt.seconds, opt.fault ? ", one faulty client" : "");
 
   au::task_nursery server("server");
   au::task_nursery clients("clients");
   // Contexts entered in the nurseries are exited exactly once, whatever ends the run.
-  co_await server.enter_async_context(au::async_context([listener] { return listener; },
-                                                        [listener](std::exception_ptr) {
-                                                          ::close(listener);
+  co_await server.enter_async_context(au::async_context([] { return 0; },
+                                                        [&service](std::exception_ptr) {
+                                                          service.close();
                                                           std::printf("closed: the listening socket\n");
                                                           std::fflush(stdout);
                                                           return false;
@@ -167,7 +141,8 @@ au::coroutine<int> demo(options opt) {
                                                                        static_cast<unsigned long long>(s.totals.messages));
                                                            return false;
                                                          }));
-  server.create_task(accept_loop(listener, s, server), "acceptor");
+  // Accepts until the nursery shuts down; then closes and waits for the connections' handlers.
+  server.create_task(service.serve_forever(), "acceptor");
   server.create_task(reporter(s, start), "reporter");
   for (int i = 0; i < opt.clients; ++i) clients.create_task(client(i, s, opt.fault && i == 3), "client-" + std::to_string(i));
 
