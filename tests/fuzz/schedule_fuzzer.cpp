@@ -61,6 +61,16 @@ int open_fds() {
   return n;
 }
 
+int threads() {
+  DIR* dir = ::opendir("/proc/self/task");
+  if (!dir) return -1;
+  int n = 0;
+  while (dirent* e = ::readdir(dir))
+    if (e->d_name[0] != '.') ++n;
+  ::closedir(dir);
+  return n;
+}
+
 /// The schedule, read byte by byte.
 struct reader {
   const std::uint8_t* data;
@@ -1212,6 +1222,7 @@ coroutine<void> schedule(state& s, reader& in) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const int fds_before = open_fds();
+  const int threads_before = threads();
   state s;
   auto previous = set_log_handler([&s](log_level level, std::string_view message) {
     s.log += std::string(message) + "\n";
@@ -1232,5 +1243,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   s = state{};  // drop every handle now, so that late reports still reach our log handler
   set_log_handler(std::move(previous));
   FUZZ_CHECK(open_fds() == fds_before);
+  // A joined thread may stay listed for a moment: wait up to a second before calling it leaked.
+  for (int i = 0; i < 1000 && threads() != threads_before; ++i) ::usleep(1000);
+  FUZZ_CHECK(threads() == threads_before);
   return 0;
 }
