@@ -67,8 +67,8 @@ QUICK ?=
 stress: deps-reliability
 	@STRESS_QUICK=$(filter 1,$(QUICK)) tests/run_tests.sh stress
 
-# The libFuzzer target tests/fuzz/schedule_fuzzer.cpp for FUZZ_TIME seconds, starting from the
-# seeds in tests/fuzz/corpus/ (new inputs go to tests/build/fuzz/corpus/).
+# The libFuzzer targets tests/fuzz/{schedule,stream}_fuzzer.cpp for FUZZ_TIME seconds each, from the
+# corpus tests/fuzz/corpus/TARGET/ (new inputs go to tests/build/fuzz/corpus_TARGET/).
 FUZZ_TIME ?= 60
 fuzz: deps-reliability
 	@FUZZ_TIME=$(FUZZ_TIME) tests/run_tests.sh fuzz

@@ -58,7 +58,9 @@ if [ "$STRESS_QUICK" = 1 ]; then
   [ -f src/runtime/executor.hpp ] && STRESS_PROGRAMS+=" executor_tsan"
 fi
 STRESS_TIMEOUT=${STRESS_TIMEOUT:-900}
-FUZZ_TIME=${FUZZ_TIME:-60}
+FUZZ_TIME=${FUZZ_TIME:-60}  # per target
+# libFuzzer targets tests/fuzz/NAME.cpp, each run FUZZ_TIME seconds from tests/fuzz/corpus/NAME/.
+FUZZ_TARGETS="schedule_fuzzer stream_fuzzer"
 REPORT_PATTERN='ERROR: (Address|Leak|Memory|Thread|UndefinedBehavior)Sanitizer|WARNING: ThreadSanitizer|runtime error:|ERROR SUMMARY: [1-9]|(definitely|indirectly) lost: [1-9]'
 
 passed=0
@@ -137,19 +139,20 @@ compile_stress() {  # compile_stress NAME: optimised; the quick (CI) version und
   "$CXX_GCC" $WARN -pthread "${flags[@]}" "${backend[@]}" "tests/stress/${source}_stress.cpp" -o "$BUILD/stress/$1"
 }
 
-compile_fuzz() {  # the libFuzzer target (clang only), with ASan and UBSan
+compile_fuzz() {  # compile_fuzz TARGET: a libFuzzer target (clang only), with ASan and UBSan
   mkdir -p "$BUILD/fuzz"
   # shellcheck disable=SC2086
   "$CXX_CLANG" $WARN -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize=function \
-    -fno-sanitize-recover=all tests/fuzz/schedule_fuzzer.cpp -o "$BUILD/fuzz/schedule_fuzzer"
+    -fno-sanitize-recover=all "tests/fuzz/$1.cpp" -o "$BUILD/fuzz/$1"
 }
 
-run_fuzz() {  # runs the fuzzer FUZZ_TIME seconds from the committed seeds; prints its figures
-  local log=$BUILD/fuzz/fuzz.log runs rate corpus
-  mkdir -p "$BUILD/fuzz/corpus"  # new inputs go here; the committed seeds stay as they are
-  timeout -k 10 $((FUZZ_TIME + 120)) "$BUILD/fuzz/schedule_fuzzer" -max_total_time="$FUZZ_TIME" -timeout=10 \
-    -max_len=512 -print_final_stats=1 -artifact_prefix="$BUILD/fuzz/" \
-    "$BUILD/fuzz/corpus" tests/fuzz/corpus >"$log" 2>&1
+run_fuzz() {  # run_fuzz TARGET: FUZZ_TIME seconds from the committed corpus; prints its figures
+  local target=$1 log=$BUILD/fuzz/$1.log runs rate corpus
+  # New inputs go to $BUILD/fuzz/corpus_TARGET; tests/fuzz/corpus/TARGET stays as committed.
+  mkdir -p "$BUILD/fuzz/corpus_$target"
+  timeout -k 10 $((FUZZ_TIME + 120)) "$BUILD/fuzz/$target" -max_total_time="$FUZZ_TIME" -timeout=10 \
+    -max_len=512 -print_final_stats=1 -artifact_prefix="$BUILD/fuzz/$target-" \
+    "$BUILD/fuzz/corpus_$target" "tests/fuzz/corpus/$target" >"$log" 2>&1
   rc=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
@@ -159,7 +162,7 @@ run_fuzz() {  # runs the fuzzer FUZZ_TIME seconds from the committed seeds; prin
   {
     echo "exit status $rc"
     grep -E "invariant broken|ERROR|SUMMARY|Test unit written|^ *#[0-9] " "$log" | head -n 20
-  } >"$BUILD/fuzz.failure"
+  } >"$BUILD/fuzz_$target.failure"
   return 1
 }
 
@@ -329,7 +332,9 @@ want valgrind && start valgrind-gcc-epoll valgrind_build
 if want stress; then
   for p in $STRESS_PROGRAMS; do start "stress_$p" compile_stress "$p"; done
 fi
-want fuzz && start fuzz_build compile_fuzz
+if want fuzz; then
+  for t in $FUZZ_TARGETS; do start "fuzz_build_$t" compile_fuzz "$t"; done
+fi
 want oneliner && start oneliner oneliner
 if want tests_off; then
   start tests_off_gcc tests_off "$CXX_GCC" tests_off_gcc
@@ -409,14 +414,16 @@ if want stress; then
 fi
 
 if want fuzz; then
-  echo "== fuzz: tests/fuzz/schedule_fuzzer for ${FUZZ_TIME} s"
-  if ! job_ok fuzz_build; then
-    fail "build schedule_fuzzer" 1 "$BUILD/fuzz_build.log"
-  elif run_fuzz; then
-    pass "schedule_fuzzer: $fuzz_summary"
-  else
-    fail "schedule_fuzzer: $fuzz_summary" 1 "$BUILD/fuzz.failure"
-  fi
+  echo "== fuzz: tests/fuzz/{${FUZZ_TARGETS// /,}} for ${FUZZ_TIME} s each"
+  for t in $FUZZ_TARGETS; do
+    if ! job_ok "fuzz_build_$t"; then
+      fail "build $t" 1 "$BUILD/fuzz_build_$t.log"
+    elif run_fuzz "$t"; then
+      pass "$t: $fuzz_summary"
+    else
+      fail "$t: $fuzz_summary" 1 "$BUILD/fuzz_$t.failure"
+    fi
+  done
 fi
 
 if want multi_tu; then
