@@ -50,7 +50,8 @@ class wakeup_fd {
   }
   void drain() const noexcept {
     char buf[64];
-    while (::read(read_.get(), buf, sizeof buf) > 0) {
+    // An eventfd hands its whole count to one read; a pipe is read until empty.
+    while (::read(read_.get(), buf, sizeof buf) > 0 && write_) {
     }
   }
 

@@ -1,4 +1,4 @@
-// The Linux backend: epoll with one-shot arming, so a closed and reused descriptor cannot hang.
+// The Linux backend: epoll, each descriptor registered once, edge-triggered, for both directions.
 #pragma once
 
 #include "config.hpp"
@@ -9,30 +9,33 @@
 
 namespace codestare::async_utils::detail {
 
-/// One-shot registrations: arm(fd, mask) asks for the next readiness in `mask`, and a report
-/// disarms the fd until it is armed again. Arming modifies first and adds when the kernel has
-/// forgotten the fd (it drops registrations of closed descriptors), so reuse of a number is safe.
+/// Edge-triggered registrations that stay: add(fd) registers fd once for input and output
+/// (EPOLLET), and the kernel reports each new readiness without any further epoll_ctl. The loop
+/// tries an operation first and waits only after EAGAIN, so an edge is never missed. arm(fd)
+/// asks the kernel to look again (EPOLL_CTL_MOD re-evaluates readiness and reports it if present):
+/// the level check a readiness wait or an add_reader callback needs, and the repair of a
+/// registration the kernel dropped because the descriptor was closed (ENOENT: added anew).
 class epoll_backend {
  public:
   static constexpr const char* name = "epoll";
+  /// The loop keeps registrations across waits and re-arms only for level checks (event_loop.hpp).
+  static constexpr bool edge_triggered = true;
 
   epoll_backend() : epfd_(::epoll_create1(EPOLL_CLOEXEC)) {
     if (!epfd_) throw_errno("epoll_create1");
   }
 
-  /// First sight of fd: registers it disarmed, so a bad descriptor fails here, at the caller.
+  /// First sight of fd: registers it, so a bad descriptor fails here, at the caller. EEXIST is
+  /// the same open descriptor registered before (a closed one leaves the epoll set by itself).
   void add(int fd) {
-    epoll_event ev{};
-    ev.events = EPOLLONESHOT;
-    ev.data.fd = fd;
+    epoll_event ev = event_for(fd);
     if (::epoll_ctl(epfd_.get(), EPOLL_CTL_ADD, fd, &ev) == -1 && errno != EEXIST)
       throw_errno("epoll_ctl(ADD, fd " + std::to_string(fd) + ")");
   }
-  /// Arms fd for one report of `mask` (io_read | io_write); 0 disarms.
-  void arm(int fd, unsigned mask) {
-    epoll_event ev{};
-    ev.events = EPOLLONESHOT | ((mask & io_read) ? EPOLLIN | EPOLLRDHUP : 0u) | ((mask & io_write) ? EPOLLOUT : 0u);
-    ev.data.fd = fd;
+  /// Re-evaluates fd's readiness now (a report follows if it is ready); the mask is ignored:
+  /// the registration always covers both directions.
+  void arm(int fd, unsigned /*mask*/) {
+    epoll_event ev = event_for(fd);
     if (::epoll_ctl(epfd_.get(), EPOLL_CTL_MOD, fd, &ev) == -1) {
       if (errno != ENOENT || ::epoll_ctl(epfd_.get(), EPOLL_CTL_ADD, fd, &ev) == -1)
         throw_errno("epoll_ctl(fd " + std::to_string(fd) + ")");
@@ -66,6 +69,12 @@ class epoll_backend {
   }
 
  private:
+  static epoll_event event_for(int fd) noexcept {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.fd = fd;
+    return ev;
+  }
   int wait_for_events(std::chrono::nanoseconds timeout) {
     const int max = static_cast<int>(sizeof(events_) / sizeof(events_[0]));
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))

@@ -4,8 +4,10 @@
 #include <cerrno>
 #include <chrono>
 #include <fcntl.h>
+#include <sched.h>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <unistd.h>
 #include <utility>
 
@@ -21,6 +23,69 @@ inline constexpr unsigned io_error = 4;
   throw std::system_error(err, std::generic_category(), what);
 }
 [[noreturn]] inline void throw_errno(const std::string& what) { throw_errno(errno, what); }
+
+/// Whether waiting by spinning can pay off: the process may run on more than one CPU. Under
+/// `taskset -c 0` a spinning thread only keeps the thread it waits for off the CPU.
+inline bool may_spin() noexcept {
+  static const bool many = [] {
+#if defined(ASYNC_UTILS_NO_SPIN)
+    return false;
+#endif
+#if defined(__linux__) && defined(CPU_COUNT)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set) > 1;
+#endif
+    return std::thread::hardware_concurrency() > 1;
+  }();
+  return many;
+}
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+/// Spins until done() or until `limit` has passed; returns done()'s last answer.
+template <class Done>
+bool spin_until(Done done, std::chrono::nanoseconds limit) noexcept {
+  const auto start = std::chrono::steady_clock::now();
+  for (unsigned i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % 32 == 0 && std::chrono::steady_clock::now() - start > limit) return done();
+  }
+}
+
+/// Spin-then-park that learns: a spin that ends without done() makes the next ones be skipped
+/// (1, 2, 4, ... up to 64 of them), a spin that succeeds resets that. On a machine where the
+/// thread waited for cannot run meanwhile (other load on every CPU), waits go straight to
+/// sleeping after a few failures instead of burning a time slice each.
+class adaptive_spin {
+ public:
+  template <class Done>
+  bool wait(Done done, std::chrono::nanoseconds limit) noexcept {
+    if (!may_spin()) return done();
+    if (skip_ > 0) {
+      --skip_;
+      return done();
+    }
+    if (spin_until(done, limit)) {
+      penalty_ = 1;
+      return true;
+    }
+    skip_ = penalty_;
+    if (penalty_ < 64) penalty_ *= 2;
+    return false;
+  }
+
+ private:
+  unsigned skip_ = 0;
+  unsigned penalty_ = 1;
+};
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
 inline void require_open_fd(int fd, const char* what) {

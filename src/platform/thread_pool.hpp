@@ -4,9 +4,12 @@
 
 #include "config.hpp"
 #include "log.hpp"
+#include "posix.hpp"
 #include "signal_source.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -53,20 +56,28 @@ class thread_pool_executor final : public executor {
 
   void submit(std::function<void()> job) override {
     if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
-    std::lock_guard guard(mutex_);
-    if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
-    jobs_.push_back(std::move(job));
-    if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
-      try {
-        workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
-      } catch (...) {
-        if (workers_.empty()) {  // nobody could ever run it: undo and report
-          jobs_.pop_back();
-          throw;
+    bool wake = false;
+    {
+      std::lock_guard guard(mutex_);
+      if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
+      jobs_.push_back(std::move(job));
+      if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
+        try {
+          workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
+        } catch (...) {
+          if (workers_.empty()) {  // nobody could ever run it: undo and report
+            jobs_.pop_back();
+            throw;
+          }
         }
       }
+      queued_.store(jobs_.size(), std::memory_order_release);
+      // A spinning worker takes a job by itself: wake a sleeper only for the jobs spinners cannot
+      // take (a worker stops spinning only under the lock, and then looks at the queue).
+      wake = jobs_.size() > spinning_;
     }
-    wake_.notify_one();
+    // After the unlock: a woken worker does not run into the lock we still hold.
+    if (wake) wake_.notify_one();
   }
 
   void shutdown(bool wait) override {
@@ -98,13 +109,24 @@ class thread_pool_executor final : public executor {
  private:
   void work() noexcept {
     std::unique_lock lock(mutex_);
+    detail::adaptive_spin spin;
     for (;;) {
       ++idle_;
+      if (jobs_.empty() && !stopping_ && detail::may_spin()) {
+        // Spin a moment before sleeping: a caller that submits one job after another (an
+        // awaited run_in_executor in a loop) then never pays a condition-variable wake-up.
+        ++spinning_;
+        lock.unlock();
+        spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
+        lock.lock();
+        --spinning_;
+      }
       wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
       --idle_;
       if (jobs_.empty()) return;  // stopping, and nothing left to do
       std::function<void()> job = std::move(jobs_.front());
       jobs_.pop_front();
+      queued_.store(jobs_.size(), std::memory_order_relaxed);
       lock.unlock();
       try {
         job();
@@ -125,12 +147,15 @@ class thread_pool_executor final : public executor {
     }
   }
 
+  static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
-  std::size_t idle_ = 0;
+  std::size_t idle_ = 0;      // workers spinning or waiting for a job
+  std::size_t spinning_ = 0;  // of which spinning (changed under the lock only)
+  std::atomic<std::size_t> queued_{0};  // jobs_.size(), for spinners, who read it without the lock
   bool stopping_ = false;
   std::mutex join_mutex_;
 };
@@ -158,6 +183,28 @@ TEST_SUITE("thread_pool") {
     CHECK(thread_pool_executor::default_max_workers() >= 4);
     CHECK(thread_pool_executor::default_max_workers() <= 32);
     CHECK_THROWS_AS(thread_pool_executor(0), std::invalid_argument);
+  }
+
+  TEST_CASE("one job after another (a worker spins between them), from several threads, then shutdown") {
+    std::atomic<int> ran{0};
+    thread_pool_executor pool(2);
+    for (int i = 0; i < 300; ++i) {
+      std::atomic<bool> done{false};
+      pool.submit([&] {
+        ++ran;
+        done = true;
+      });
+      while (!done) std::this_thread::yield();
+    }
+    std::vector<std::thread> submitters;
+    for (int t = 0; t < 3; ++t)
+      submitters.emplace_back([&] {
+        for (int i = 0; i < 200; ++i) pool.submit([&] { ++ran; });
+      });
+    for (auto& t : submitters) t.join();
+    pool.shutdown(true);  // workers spinning or asleep both leave
+    CHECK(ran == 900);
+    CHECK(pool.worker_count() == 0);
   }
 
   TEST_CASE("workers block every signal") {

@@ -48,6 +48,9 @@ namespace detail {
 /// waiting after EAGAIN); it runs on the loop thread and only schedules.
 struct io_waiter : list_node {
   bool (*ready)(io_waiter*, unsigned bits) noexcept = nullptr;
+  /// The wait did not come from an operation that hit EAGAIN (wait_readable/writable): on an
+  /// edge-triggered backend the loop must look at the current readiness before waiting.
+  bool level = false;
 };
 
 /// Everything the loop knows about one descriptor.
@@ -60,6 +63,10 @@ struct fd_watch {
   unsigned armed = 0;  // bits the backend is armed for
   bool known = false;  // added to the backend
   bool dirty = false;  // listed for re-arming before the next wait
+  bool level_check = false;  // edge-triggered backend: look at the readiness again when re-arming
+  bool unconfirmed = false;  // edge-triggered backend: waited on without a syscall and no report since
+  bool listed = false;       // in the loop's list of descriptors to confirm
+  std::uint32_t round = 0;   // the confirmation round in which that wait began
   unsigned wanted() const noexcept {
     return ((reader || !readers.empty()) ? io_read : 0u) | ((writer || !writers.empty()) ? io_write : 0u);
   }
@@ -71,6 +78,10 @@ template <class T>
 using erased_ptr = std::unique_ptr<T, void (*)(T*)>;
 
 inline thread_local event_loop* running_loop = nullptr;
+
+/// Backends whose registrations stay and report edges (epoll): waits after EAGAIN cost no syscall.
+template <class B>
+inline constexpr bool edge_triggered_backend = requires { requires B::edge_triggered; };
 
 }  // namespace detail
 
@@ -181,6 +192,16 @@ class event_loop {
   void schedule(detail::job j) { ready_.push(j); }
   /// Queues a job from any thread and wakes the loop; false if the loop is closed.
   bool post(detail::job j);
+  /// post() for a caller that keeps the loop alive across the call by other means (loop_link
+  /// holds the lock that the loop's close() takes): the wake-up is sent after the unlock.
+  bool post_held(detail::job j);
+  /// Loop thread: a post is on its way (an executor job was submitted); until it arrives the
+  /// loop spins briefly before it sleeps, when spinning can pay (detail::may_spin).
+  void expect_post() noexcept {
+    ++expected_posts_;
+    expected_since_ = clock::now();
+  }
+  void expected_post_arrived() noexcept { expected_posts_ -= (expected_posts_ != 0); }
   detail::future_core* running_task() const noexcept { return current_; }
   void add_timer(detail::timer_node& node, time_point when) {
     node.when = when;
@@ -189,6 +210,10 @@ class event_loop {
   void remove_timer(detail::timer_node& node) noexcept { timers_.remove(node); }
   /// Waits for readiness of fd; wake-ups go through waiter.ready.
   void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
+  /// A waiter left fd's lists without a report (cancelled): the loop looks at fd again.
+  void io_waiter_withdrawn(int fd) noexcept;
+  /// fd is a descriptor opened just now (sock_accept): a record kept under its number is stale.
+  void descriptor_opened(int fd) noexcept;
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
@@ -226,6 +251,10 @@ class event_loop {
     return false;
 #endif
   }
+  void confirm_registrations();
+  static constexpr bool edge_ = detail::edge_triggered_backend<detail::io_backend>;
+  /// How long a wait taken on trust (no syscall) may go before the loop checks the registration.
+  static constexpr std::chrono::milliseconds confirm_after_{50};
 
   detail::io_backend backend_;
   detail::wakeup_fd wakeup_;
@@ -235,6 +264,12 @@ class event_loop {
   // table indexed by descriptor grew to 785 MB for add_reader(100000000)). Nodes never move.
   std::unordered_map<int, detail::fd_watch> fds_;
   std::vector<int> dirty_;
+  // Edge-triggered backend: descriptors waited on without a syscall, trusting the registration
+  // made before. If the descriptor was closed and its number reused in between, the kernel
+  // dropped that registration; the loop re-arms at confirm_at_ those with no report since.
+  std::vector<int> unconfirmed_;
+  time_point confirm_at_{};
+  std::uint32_t confirm_round_ = 0;
   std::size_t polled_ = 0;  // armed descriptors plus internal watches other than the wake-up
 
   std::mutex posted_mutex_;
@@ -242,6 +277,11 @@ class event_loop {
   std::atomic<bool> posted_pending_{false};
   std::atomic<bool> sleeping_{false};
   std::atomic<bool> accepting_posts_{true};
+  std::size_t expected_posts_ = 0;
+  time_point expected_since_{};
+  /// How long after the last expect_post() the loop spins for a post before it sleeps.
+  static constexpr std::chrono::microseconds expect_spin_{30};
+  detail::adaptive_spin post_spin_;
 
   detail::intrusive_list<detail::future_core> tasks_;   // pending tasks, for all_tasks()
   detail::intrusive_list<detail::future_core> others_;  // futures and finished tasks with handles
@@ -303,6 +343,7 @@ inline void event_loop::run_forever() {
 // timers to the ready queue, then run exactly the jobs that were ready at that point.
 inline void event_loop::run_once() {
   take_posted();
+  if (edge_ && !unconfirmed_.empty() && clock::now() >= confirm_at_) confirm_registrations();
   rearm();
   std::chrono::nanoseconds timeout{-1};
   if (!ready_.empty() || stopping_) {
@@ -310,6 +351,19 @@ inline void event_loop::run_once() {
   } else if (!timers_.empty() && timers_.top_when() != detail::never) {
     // Only timers that never fire left: wait without a timeout, as with no timer at all.
     timeout = detail::time_until(timers_.top_when(), clock::now());
+  }
+  if (edge_ && !unconfirmed_.empty() && timeout.count() != 0) {
+    const auto until_check = detail::time_until(confirm_at_, clock::now());
+    if (timeout.count() < 0 || until_check < timeout) timeout = until_check;
+  }
+  if (timeout.count() != 0 && expected_posts_ != 0 && detail::may_spin()) {
+    // An executor job submitted a moment ago is likely done within microseconds: wait for its
+    // post by spinning rather than sleeping (no wake-up to send, none to take). Only for a while
+    // after the submission, so that a long job does not make every iteration spin.
+    auto window = detail::time_until(expected_since_ + expect_spin_, clock::now());
+    if (timeout.count() > 0 && timeout < window) window = timeout;
+    if (window.count() > 0 && post_spin_.wait([this] { return posted_pending_.load(std::memory_order_relaxed); }, window))
+      timeout = std::chrono::nanoseconds{0};
   }
   // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
   if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
@@ -354,6 +408,42 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
+inline void event_loop::confirm_registrations() {
+  // Only waits that began before the previous round and saw no report since are checked: a
+  // descriptor in steady use is never re-armed, a forgotten registration is found within two
+  // rounds. Re-arming re-registers a descriptor the kernel dropped (epoll_backend::arm).
+  std::size_t keep = 0;
+  for (int fd : unconfirmed_) {
+    auto it = fds_.find(fd);
+    if (it == fds_.end() || !it->second.listed) continue;
+    detail::fd_watch& w = it->second;
+    if (w.unconfirmed && w.wanted() && w.round == confirm_round_) {
+      unconfirmed_[keep++] = fd;  // began in this round: looked at in the next one
+      continue;
+    }
+    w.listed = false;
+    if (std::exchange(w.unconfirmed, false) && w.wanted()) {
+      w.level_check = true;
+      mark_dirty(fd, w);
+    }
+  }
+  unconfirmed_.resize(keep);
+  ++confirm_round_;
+  if (keep) confirm_at_ = clock::now() + confirm_after_;
+}
+
+inline bool event_loop::post_held(detail::job j) {
+  bool wake = false;
+  {
+    std::lock_guard guard(posted_mutex_);
+    if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
+    posted_.push(j);
+    wake = !posted_pending_.exchange(true) && sleeping_.load();  // as in post()
+  }
+  if (wake) wakeup_.notify();
+  return true;
+}
+
 inline detail::fd_watch& event_loop::watch_of(int fd) {
   if (auto it = fds_.find(fd); it != fds_.end()) {
     detail::fd_watch& w = it->second;
@@ -381,6 +471,27 @@ inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
 
 inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
+  if constexpr (edge_) {
+    // The registration stays: after EAGAIN the next edge is reported without any syscall. A wait
+    // that needs the current level (wait_readable/writable) re-arms. A registration known from
+    // before is trusted now and checked within confirm_after_ (its number may have been reused).
+    auto it = fds_.find(fd);
+    const bool known = it != fds_.end();
+    detail::fd_watch& w = known && it->second.known ? it->second : watch_of(fd);
+    if (known && !waiter.level && !w.unconfirmed) {
+      if (!w.listed) {
+        if (unconfirmed_.empty()) confirm_at_ = clock::now() + confirm_after_;
+        unconfirmed_.push_back(fd);
+        w.listed = true;
+      }
+      w.unconfirmed = true;
+      w.round = confirm_round_;
+    }
+    (bit == detail::io_read ? w.readers : w.writers).push_back(waiter);
+    if (waiter.level) w.level_check = true;
+    if (waiter.level || !(w.armed & bit)) mark_dirty(fd, w);
+    return;
+  }
   detail::fd_watch& w = watch_of(fd);
   auto& list = bit == detail::io_read ? w.readers : w.writers;
   const bool wanted_before = (w.wanted() & bit) != 0;
@@ -389,6 +500,34 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   // and its number reused, and the kernel then forgot the arming. Arm it anew.
   if (!wanted_before) forget_arming(w);
   if (!(w.armed & bit)) mark_dirty(fd, w);
+}
+
+inline void event_loop::io_waiter_withdrawn(int fd) noexcept {
+  if constexpr (edge_) {
+    // Without this the record would stay (and count as polled) until the descriptor is used again.
+    auto it = fds_.find(fd);
+    if (it == fds_.end()) return;
+    try {
+      mark_dirty(fd, it->second);
+    } catch (const std::bad_alloc&) {  // only a late clean-up is lost
+    }
+  } else {
+    (void)fd;
+  }
+}
+
+inline void event_loop::descriptor_opened(int fd) noexcept {
+  if constexpr (edge_) {
+    auto it = fds_.find(fd);
+    if (it == fds_.end()) return;
+    it->second.level_check = true;  // re-arming registers the new descriptor
+    try {
+      mark_dirty(fd, it->second);
+    } catch (const std::bad_alloc&) {  // the confirmation sweep catches it later
+    }
+  } else {
+    (void)fd;
+  }
 }
 
 inline void event_loop::forget_arming(detail::fd_watch& w) noexcept {
@@ -406,12 +545,14 @@ inline void event_loop::rearm() {
     detail::fd_watch& w = it->second;
     w.dirty = false;
     const unsigned want = w.wanted();
-    if (want == w.armed) {
+    const bool check = std::exchange(w.level_check, false) && want != 0;
+    if (want == w.armed && !check) {
       forget_if_idle(it);
       continue;
     }
     try {
-      backend_.arm(fd, want);
+      // Edge-triggered: registered already (watch_of); a syscall only for a level check.
+      if (!edge_ || check) backend_.arm(fd, want);
     } catch (const std::system_error&) {
       polled_ -= (w.armed != 0);
       w.armed = 0;
@@ -445,22 +586,35 @@ inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
     w.internal(w.internal_context);
     return;
   }
-  polled_ -= (w.armed != 0);
-  w.armed = 0;  // a report disarms (one-shot)
+  if constexpr (!edge_) {
+    polled_ -= (w.armed != 0);
+    w.armed = 0;  // a report disarms (one-shot)
+  } else {
+    w.unconfirmed = false;  // a report: the registration is alive
+  }
   auto wake = [bits](detail::intrusive_list<detail::io_waiter>& list) {
     list.for_each([bits](detail::io_waiter& x) {
       if (x.ready(&x, bits)) x.unlink();
     });
   };
+  bool callback = false;
   if (bits & (detail::io_read | detail::io_error)) {
     wake(w.readers);
     if (w.reader) schedule(w.reader->as_job());
+    callback = callback || w.reader;
   }
   if (bits & (detail::io_write | detail::io_error)) {
     wake(w.writers);
     if (w.writer) schedule(w.writer->as_job());
+    callback = callback || w.writer;
   }
-  if (w.wanted()) mark_dirty(fd, w);
+  if constexpr (edge_) {
+    // Callbacks are level-triggered (asyncio's add_reader): told again while the level lasts.
+    if (callback) w.level_check = true;
+    if (callback || w.wanted() != w.armed) mark_dirty(fd, w);
+  } else {
+    if (w.wanted()) mark_dirty(fd, w);
+  }
 }
 
 inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
@@ -485,6 +639,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   detail::fd_watch& w = watch_of(fd);
   backend_.add(fd);  // validates even a number seen before: it may have been closed since
   forget_arming(w);  // and if it was, the kernel forgot how it was armed
+  w.level_check = true;
   detail::handle_state*& slot = reader ? w.reader : w.writer;
   auto* state = new detail::handle_state(this, std::move(fn));
   if (slot) {
@@ -636,6 +791,7 @@ inline void event_loop::close() {
   }
   fds_.clear();
   dirty_.clear();
+  unconfirmed_.clear();
   // Handles that outlive the loop must not reach back into it.
   while (detail::future_core* core = others_.pop_front()) core->loop_ = nullptr;
   detail::frame_cache_trim();  // the frames this thread recycled go back to the system

@@ -38,8 +38,8 @@ namespace detail {
 struct loop_link {
   explicit loop_link(event_loop* l) noexcept : loop(l) {}
   bool post(job j) {
-    std::lock_guard guard(mutex);
-    return loop && loop->post(j);
+    std::lock_guard guard(mutex);  // held: cut(), which the loop's close() calls, waits for us
+    return loop && loop->post_held(j);
   }
   void cut() noexcept {
     std::lock_guard guard(mutex);
@@ -85,6 +85,7 @@ class executor_call {
  private:
   static void complete(void* self, bool run) noexcept {
     auto* call = static_cast<executor_call*>(self);
+    call->loop->expected_post_arrived();
     if (run) {
       call->done = true;
       call->awaiter = nullptr;
@@ -174,6 +175,7 @@ struct executor_slot {
   void submit(executor_call& call) {
     executor& e = get();
     e.submit([ref = call_ref<executor_call>(&call, false), l = link] { ref->execute(*l); });
+    call.loop->expect_post();
   }
 
   /// Blocks until every job has run and every thread is joined.
@@ -300,6 +302,7 @@ auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
   check_open();
   auto submit = [this, &where](auto* call) {
     where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
+    expect_post();
   };
   return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
 }
