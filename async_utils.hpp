@@ -7781,24 +7781,26 @@ struct uring_recv_into_op : op_status {
   auto readiness() const { return io_awaiter<recv_into_op>({{}, fd, data, size, 0}, fd, io_read); }
 };
 
+/// The kernel writes into an uninitialised buffer and the result copies what arrived: a large
+/// max_bytes with a small arrival (the usual case: a recv completes with what is there) costs
+/// neither a zero-fill nor the pages of the whole buffer.
 struct uring_recv_op {
-  std::string buffer;
+  std::unique_ptr<char[]> buffer;
   uring_recv_into_op inner;
-  uring_recv_op(int fd, std::size_t n) : buffer(n, '\0'), inner{{}, fd, nullptr, n, 0} {}
-  uring_recv_op(uring_recv_op&& other) noexcept : buffer(std::move(other.buffer)), inner(other.inner) {}
+  uring_recv_op(int fd, std::size_t n) : buffer(new char[n ? n : 1]), inner{{}, fd, nullptr, n, 0} {}
   bool ready(io_uring_backend& ring) noexcept {
-    inner.data = buffer.data();  // the op may have moved since it was made
+    inner.data = buffer.get();
     return inner.ready(ring);
   }
   void prepare(io_uring_sqe& sqe) noexcept {
-    inner.data = buffer.data();
+    inner.data = buffer.get();
     inner.prepare(sqe);
   }
   bool finish(int res) noexcept { return inner.finish(res); }
   void leftover(io_uring_backend& ring) noexcept { inner.leftover(ring); }
   std::string result() {
-    buffer.resize(inner.result());
-    return std::move(buffer);
+    const std::size_t n = inner.result();
+    return std::string(buffer.get(), n);
   }
   auto readiness() { return io_awaiter<recv_op>(recv_op(inner.fd, inner.size), inner.fd, io_read); }
 };
