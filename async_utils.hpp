@@ -2926,6 +2926,11 @@ class future_core : public list_node {
     if (cancel_requests_ > 0 && --cancel_requests_ == 0) must_cancel_ = false;
     return cancel_requests_;
   }
+  /// A cancellation taken by an awaitable that had to return a value first: delivered again at
+  /// the task's next suspension (the request count is unchanged).
+  void keep_cancel_pending() noexcept {
+    if (cancel_requests_ > 0) must_cancel_ = true;
+  }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
   /// A task created to wait on `hook` from the start (gather's): a cancel() even before its
@@ -6009,7 +6014,17 @@ coroutine<R> wait_for_impl(H aw, clock::duration timeout) {
     waiting.timeout = timeout;
     try {
       co_await waiting;
-    } catch (const cancelled_error&) {  // the deadline came after the awaited one had finished
+    } catch (const cancelled_error&) {  // a cancellation came after the awaited one had finished
+      // A coroutine argument runs in a task of ours, so its outcome reaches nobody else: as
+      // asyncio 3.12 (which awaits a coroutine inline) it is returned, and the cancellation waits
+      // for the caller's next suspension. A handle's owner still has its outcome.
+      if constexpr (!is_future_handle<H>::value) {
+        if (state->done() && !state->cancelled()) {
+          if (waiting.expired) me.uncancel();  // the deadline's request, handled by the value
+          me.keep_cancel_pending();
+          co_return take_result(*state);
+        }
+      }
       if (waiting.expired && me.uncancel() <= cancelling_before) throw timeout_error("wait_for: timed out");
       throw;
     }
@@ -6191,6 +6206,53 @@ TEST_SUITE("wait_for") {
       CHECK_FALSE(endless.done());  // no immediate timeout
       endless.cancel();
       CHECK_THROWS_AS(co_await endless, cancelled_error);
+    }());
+  }
+
+  // A cancel() that comes after the inner coroutine finished, before the waiter resumed: the
+  // value it produced (bytes a read consumed, say) is not lost; the caller's next await is
+  // cancelled instead. A handle argument keeps its outcome in the handle.
+  TEST_CASE("a cancellation after the inner coroutine finished keeps its value") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto gate = event_loop::current().create_future<void>();
+      int got = 0;
+      bool next_await_cancelled = false;
+      auto producer = [](future<void> g) -> coroutine<int> {
+        co_await g;
+        co_return 42;
+      };
+      auto waiter = [&](coroutine<int> inner) -> coroutine<void> {
+        got = co_await wait_for(std::move(inner), 1h);
+        try {
+          co_await sleep(0s);
+        } catch (const cancelled_error&) {
+          next_await_cancelled = true;
+          throw;
+        }
+      };
+      auto outer = create_task(waiter(producer(gate)));
+      co_await sleep(0s);
+      co_await sleep(0s);  // outer waits in wait_for, the producer on the gate
+      gate.set_result();
+      co_await sleep(0s);  // the producer finishes and wakes outer, which has not run yet
+      outer.cancel();
+      co_await wait_done(outer);
+      CHECK(got == 42);
+      CHECK(next_await_cancelled);
+      CHECK(outer.cancelled());
+      CHECK(outer.cancelling() == 1);
+
+      auto gate2 = event_loop::current().create_future<void>();
+      auto handle = create_task(producer(gate2));
+      auto by_handle = create_task(wait_for(handle, 1h));
+      co_await sleep(0s);
+      co_await sleep(0s);
+      gate2.set_result();
+      co_await sleep(0s);
+      by_handle.cancel();
+      co_await wait_done(by_handle);
+      CHECK(by_handle.cancelled());
+      CHECK(handle.result() == 42);  // still there for the handle's owner
     }());
   }
 

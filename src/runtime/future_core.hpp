@@ -90,6 +90,11 @@ class future_core : public list_node {
     if (cancel_requests_ > 0 && --cancel_requests_ == 0) must_cancel_ = false;
     return cancel_requests_;
   }
+  /// A cancellation taken by an awaitable that had to return a value first: delivered again at
+  /// the task's next suspension (the request count is unchanged).
+  void keep_cancel_pending() noexcept {
+    if (cancel_requests_ > 0) must_cancel_ = true;
+  }
   /// Called by an awaitable about to suspend the running task at `where`.
   void suspend_on(cancel_hook* hook, std::coroutine_handle<> where);
   /// A task created to wait on `hook` from the start (gather's): a cancel() even before its
