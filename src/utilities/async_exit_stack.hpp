@@ -6,6 +6,7 @@
 #include "../platform/errors.hpp"
 #include "../platform/log.hpp"
 #include "../runtime/test_support.hpp"
+#include "../runtime/exception_group.hpp"
 #include "../runtime/any_task.hpp"
 #include "../runtime/awaitable.hpp"
 #include "../runtime/coroutine.hpp"
