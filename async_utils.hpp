@@ -41,7 +41,9 @@
 //     src/platform/posix.hpp                 Small POSIX helpers shared by the backends: errno to
 //                                            exceptions, an owning fd, readiness bits.
 //     src/platform/backend_epoll.hpp         The Linux backend: epoll, each descriptor registered
-//                                            once, edge-triggered, for both directions.
+//                                            once, edge-triggered, for both directions (the loop's
+//                                            backend); and the one-shot variant the io_uring
+//                                            backend falls back to.
 //     src/platform/backend_io_uring.hpp      The io_uring backend: readiness through poll requests
 //                                            on a ring driven by raw system calls, with one
 //                                            io_uring_enter per loop iteration that both submits
@@ -625,40 +627,45 @@ inline int timeout_ms(std::chrono::nanoseconds timeout) noexcept {
 }  // namespace codestare::async_utils::detail
 // ---- end src/platform/posix.hpp ----
 // ---- begin src/platform/backend_epoll.hpp ----
-// The Linux backend: epoll, each descriptor registered once, edge-triggered, for both directions.
+// The Linux backend: epoll, each descriptor registered once, edge-triggered, for both directions
+// (the loop's backend); and the one-shot variant the io_uring backend falls back to.
 
 #ifdef ASYNC_UTILS_BACKEND_EPOLL
 #include <sys/epoll.h>
 
 namespace codestare::async_utils::detail {
 
-/// Edge-triggered registrations that stay: add(fd) registers fd once for input and output
+/// Edge = true: registrations that stay. add(fd) registers fd once for input and output
 /// (EPOLLET), and the kernel reports each new readiness without any further epoll_ctl. The loop
 /// tries an operation first and waits only after EAGAIN, so an edge is never missed. arm(fd)
 /// asks the kernel to look again (EPOLL_CTL_MOD re-evaluates readiness and reports it if present):
 /// the level check a readiness wait or an add_reader callback needs, and the repair of a
 /// registration the kernel dropped because the descriptor was closed (ENOENT: added anew).
-class epoll_backend {
+/// Edge = false: one-shot registrations (EPOLLONESHOT); add(fd) registers fd disarmed, arm(fd,
+/// mask) asks for the next readiness in mask, a report disarms; the io_uring backend's fallback.
+template <bool Edge>
+class basic_epoll_backend {
  public:
   static constexpr const char* name = "epoll";
   /// The loop keeps registrations across waits and re-arms only for level checks (event_loop.hpp).
-  static constexpr bool edge_triggered = true;
+  static constexpr bool edge_triggered = Edge;
 
-  epoll_backend() : epfd_(::epoll_create1(EPOLL_CLOEXEC)) {
+  basic_epoll_backend() : epfd_(::epoll_create1(EPOLL_CLOEXEC)) {
     if (!epfd_) throw_errno("epoll_create1");
   }
 
   /// First sight of fd: registers it, so a bad descriptor fails here, at the caller. EEXIST is
   /// the same open descriptor registered before (a closed one leaves the epoll set by itself).
   void add(int fd) {
-    epoll_event ev = event_for(fd);
+    epoll_event ev = event_for(fd, 0);
     if (::epoll_ctl(epfd_.get(), EPOLL_CTL_ADD, fd, &ev) == -1 && errno != EEXIST)
       throw_errno("epoll_ctl(ADD, fd " + std::to_string(fd) + ")");
   }
-  /// Re-evaluates fd's readiness now (a report follows if it is ready); the mask is ignored:
-  /// the registration always covers both directions.
-  void arm(int fd, unsigned /*mask*/) {
-    epoll_event ev = event_for(fd);
+  /// Edge: re-evaluates fd's readiness now (a report follows if it is ready); the mask is
+  /// ignored, the registration always covers both directions. One-shot: arms fd for one report
+  /// of mask (io_read | io_write); 0 disarms.
+  void arm(int fd, unsigned mask) {
+    epoll_event ev = event_for(fd, mask);
     if (::epoll_ctl(epfd_.get(), EPOLL_CTL_MOD, fd, &ev) == -1) {
       if (errno != ENOENT || ::epoll_ctl(epfd_.get(), EPOLL_CTL_ADD, fd, &ev) == -1)
         throw_errno("epoll_ctl(fd " + std::to_string(fd) + ")");
@@ -692,9 +699,14 @@ class epoll_backend {
   }
 
  private:
-  static epoll_event event_for(int fd) noexcept {
+  static epoll_event event_for(int fd, unsigned mask) noexcept {
     epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    if constexpr (Edge) {
+      (void)mask;
+      ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    } else {
+      ev.events = EPOLLONESHOT | ((mask & io_read) ? EPOLLIN | EPOLLRDHUP : 0u) | ((mask & io_write) ? EPOLLOUT : 0u);
+    }
     ev.data.fd = fd;
     return ev;
   }
@@ -716,6 +728,11 @@ class epoll_backend {
   bool have_pwait2_ = true;
   epoll_event events_[256];
 };
+
+/// The loop's epoll backend (event_loop.hpp keeps its registrations).
+using epoll_edge_backend = basic_epoll_backend<true>;
+/// One-shot epoll, what the io_uring backend falls back to.
+using epoll_backend = basic_epoll_backend<false>;
 
 }  // namespace codestare::async_utils::detail
 #endif  // ASYNC_UTILS_BACKEND_EPOLL
@@ -1487,7 +1504,7 @@ namespace codestare::async_utils::detail {
 #if defined(ASYNC_UTILS_BACKEND_IO_URING)
 using io_backend = io_uring_backend;
 #elif defined(ASYNC_UTILS_BACKEND_EPOLL)
-using io_backend = epoll_backend;
+using io_backend = epoll_edge_backend;
 #elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
 using io_backend = kqueue_backend;
 #else

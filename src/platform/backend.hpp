@@ -17,7 +17,7 @@ namespace codestare::async_utils::detail {
 #if defined(ASYNC_UTILS_BACKEND_IO_URING)
 using io_backend = io_uring_backend;
 #elif defined(ASYNC_UTILS_BACKEND_EPOLL)
-using io_backend = epoll_backend;
+using io_backend = epoll_edge_backend;
 #elif defined(ASYNC_UTILS_BACKEND_KQUEUE)
 using io_backend = kqueue_backend;
 #else
