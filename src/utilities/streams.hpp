@@ -347,6 +347,14 @@ inline coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
   if (!s->closed.done()) co_await s->closed;
 }
 
+/// The shared state of a stream or server handle; a moved-from handle may only be destroyed or
+/// assigned to, anything else throws instead of reaching through a null pointer.
+template <class S>
+const std::shared_ptr<S>& live(const std::shared_ptr<S>& s, const char* who) {
+  if (!s) throw invalid_state_error(std::string(who) + ": used after being moved from");
+  return s;
+}
+
 }  // namespace detail
 
 /// asyncio.StreamReader over a connected socket. Copies share the connection.
@@ -355,23 +363,24 @@ class stream_reader {
   explicit stream_reader(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
 
   /// Up to n bytes (n < 0: everything until EOF); empty at EOF.
-  coroutine<std::string> read(std::ptrdiff_t n = -1) { return detail::stream_read(s_, n); }
+  coroutine<std::string> read(std::ptrdiff_t n = -1) { return detail::stream_read(st(), n); }
 
   /// Exactly n bytes; incomplete_read_error (with what came) if EOF comes first.
-  coroutine<std::string> readexactly(std::ptrdiff_t n) { return detail::stream_readexactly(s_, n); }
+  coroutine<std::string> readexactly(std::ptrdiff_t n) { return detail::stream_readexactly(st(), n); }
 
   /// Data up to and including `separator`. At EOF without it: incomplete_read_error with the
   /// rest. Not found within limit bytes: limit_overrun_error, the data stays buffered.
-  coroutine<std::string> readuntil(std::string separator = "\n") { return detail::stream_readuntil(s_, std::move(separator)); }
+  coroutine<std::string> readuntil(std::string separator = "\n") { return detail::stream_readuntil(st(), std::move(separator)); }
 
   /// A line ending in '\n', or what is left at EOF. A line longer than the limit is dropped
   /// and throws limit_overrun_error (asyncio: ValueError).
-  coroutine<std::string> readline() { return detail::stream_readline(s_); }
+  coroutine<std::string> readline() { return detail::stream_readline(st()); }
 
   /// True once EOF was seen and the buffer is empty.
-  bool at_eof() const noexcept { return s_->eof && s_->available() == 0; }
+  bool at_eof() const { return st()->eof && st()->available() == 0; }
 
  private:
+  const std::shared_ptr<detail::stream_state>& st() const { return detail::live(s_, "stream_reader"); }
   std::shared_ptr<detail::stream_state> s_;
 };
 
@@ -382,7 +391,7 @@ class stream_writer {
 
   /// Sends what the socket takes now and buffers the rest; drain() waits for the buffer.
   void write(std::string_view data) {
-    auto& s = *s_;
+    auto& s = *st();
     if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
     if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
     if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
@@ -403,7 +412,7 @@ class stream_writer {
     }
     s.wbuf.append(data.data() + sent, data.size() - sent);
     if (!s.writer_armed) {
-      s.loop->add_writer(s.fd.get(), [p = s_.get()] { p->flush(); });
+      s.loop->add_writer(s.fd.get(), [p = &s] { p->flush(); });
       s.writer_armed = true;
     }
   }
@@ -414,21 +423,21 @@ class stream_writer {
 
   /// Waits while more than 64 KiB are buffered, until at most 16 KiB are; throws the error of a
   /// lost connection. Cancelling it keeps every buffered byte.
-  coroutine<void> drain() { return detail::stream_drain(s_); }
+  coroutine<void> drain() { return detail::stream_drain(st()); }
 
   /// Closes the connection once the buffer is flushed.
   void close() {
-    auto& s = *s_;
+    auto& s = *st();
     if (s.closing) return;
     s.closing = true;
     if (s.buffered() == 0 && s.fd) s.finish_close();
   }
-  bool is_closing() const noexcept { return s_->closing; }
-  coroutine<void> wait_closed() { return detail::stream_wait_closed(s_); }
+  bool is_closing() const { return st()->closing; }
+  coroutine<void> wait_closed() { return detail::stream_wait_closed(st()); }
   bool can_write_eof() const noexcept { return true; }
   /// Shuts the sending side down after the buffer is flushed.
   void write_eof() {
-    auto& s = *s_;
+    auto& s = *st();
     if (s.closing || s.eof_written || s.eof_pending) return;
     if (s.buffered() == 0) {
       s.eof_written = true;
@@ -439,7 +448,7 @@ class stream_writer {
   }
   /// "peername" or "sockname" as "host:port" ("[v6]:port", or a Unix path); none for others.
   std::optional<std::string> get_extra_info(std::string_view name) const {
-    if (!s_->fd) return std::nullopt;
+    if (!st()->fd) return std::nullopt;
     sockaddr_storage a{};
     socklen_t len = sizeof a;
     int r;
@@ -453,9 +462,10 @@ class stream_writer {
     return detail::format_address(a, len);
   }
   /// The descriptor (owned by the stream; -1 once closed).
-  int fileno() const noexcept { return s_->fd.get(); }
+  int fileno() const { return st()->fd.get(); }
 
  private:
+  const std::shared_ptr<detail::stream_state>& st() const { return detail::live(s_, "stream_writer"); }
   std::shared_ptr<detail::stream_state> s_;
 };
 
@@ -713,26 +723,27 @@ class server {
   }
 
   /// Stops listening and closes the listening sockets (a Unix socket's file is removed).
-  void close() { s_->close(); }
+  void close() { live()->close(); }
   /// Waits until the server is closed and every handler it started has ended.
-  coroutine<void> wait_closed() { return wait_closed_impl(s_); }
-  bool is_serving() const noexcept { return s_->serving; }
+  coroutine<void> wait_closed() { return wait_closed_impl(live()); }
+  bool is_serving() const { return live()->serving; }
   /// Starts accepting (start_server does unless options.start_serving is false).
-  coroutine<void> start_serving() { return start_serving_impl(s_); }
+  coroutine<void> start_serving() { return start_serving_impl(live()); }
   /// Accepts until cancelled; then closes the server, waits for it, and ends cancelled.
-  coroutine<void> serve_forever() { return serve_forever_impl(s_); }
+  coroutine<void> serve_forever() { return serve_forever_impl(live()); }
   /// The listening sockets; none once closed.
   std::vector<listening_socket> sockets() const {
     std::vector<listening_socket> out;
-    for (auto& l : s_->listeners) out.push_back({l.get()});
+    for (auto& l : live()->listeners) out.push_back({l.get()});
     return out;
   }
 
   detail::ready_ref<server> aenter() noexcept { return {*this}; }
   /// Closes the server and waits for it (asyncio's __aexit__).
-  coroutine<bool> aexit(std::exception_ptr) { return aexit_impl(s_); }
+  coroutine<bool> aexit(std::exception_ptr) { return aexit_impl(live()); }
 
  private:
+  const std::shared_ptr<detail::server_state>& live() const { return detail::live(s_, "server"); }
   static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s) {
     if (s->closed && s->active == 0) co_return;
     auto f = s->loop->create_future<void>();
@@ -1152,6 +1163,32 @@ TEST_SUITE("streams") {
       co_await w.wait_closed();
       CHECK_THROWS_AS(co_await srv.start_serving(), std::runtime_error);
       CHECK_THROWS_AS(co_await srv.serve_forever(), std::runtime_error);
+    }());
+    CHECK(testing::open_fds() == fds_before);
+  }
+
+  TEST_CASE("moved-from readers, writers and servers throw invalid_state_error") {
+    const int fds_before = testing::open_fds();
+    testing::run_bounded([]() -> coroutine<void> {
+      stream_pair p;
+      stream_reader r = std::move(p.b.first);
+      stream_writer w = std::move(p.a.second);
+      CHECK_THROWS_AS(p.b.first.at_eof(), invalid_state_error);
+      CHECK_THROWS_AS(co_await p.b.first.readline(), invalid_state_error);
+      CHECK_THROWS_AS(p.a.second.write("x"), invalid_state_error);
+      CHECK_THROWS_AS(p.a.second.close(), invalid_state_error);
+      CHECK_THROWS_AS(co_await p.a.second.drain(), invalid_state_error);
+      w.write("still here\n");  // the moved-to handles work
+      CHECK(co_await r.readline() == "still here\n");
+      echo_counts counts;
+      server srv = co_await start_server(echo_handler(counts), "127.0.0.1", 0);
+      server moved = std::move(srv);
+      CHECK_THROWS_AS(srv.close(), invalid_state_error);
+      CHECK_THROWS_AS(srv.sockets(), invalid_state_error);
+      CHECK_THROWS_AS(co_await srv.wait_closed(), invalid_state_error);
+      srv = std::move(moved);  // assigning to a moved-from server is fine
+      srv.close();
+      co_await srv.wait_closed();
     }());
     CHECK(testing::open_fds() == fds_before);
   }
