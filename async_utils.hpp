@@ -799,6 +799,14 @@ class io_uring_backend {
   /// Whether wait() must run even when the loop has nothing to poll: requests in flight, queued
   /// or completed but not yet dispatched.
   bool busy() const noexcept { return !fallback_ && (in_flight_ != nullptr || unsubmitted() != 0 || !completed_.empty()); }
+  /// Hands what is queued to the kernel now, without waiting for anything: a disarm that must
+  /// land before the caller closes the descriptor. Whatever the kernel does not take now goes
+  /// with the next iteration's enter.
+  void submit_queued() noexcept {
+    if (fallback_ || unsubmitted() == 0) return;
+    (void)sys_enter(unsubmitted(), 0, 0, nullptr, 0);
+  }
+
 
   /// Queues `op` as a request that fill(sqe) describes; submitted with the next wait().
   template <class F>
@@ -3833,6 +3841,15 @@ inline bool event_loop::clear_callback(int fd, bool reader) {
   slot->release();
   slot = nullptr;
   mark_dirty(fd, w);
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  // An io_uring poll request holds a reference to the file: without a disarm in the kernel now,
+  // a caller that closes the descriptor next would not close it (a listener went on accepting).
+  if (w.armed && !w.wanted()) {
+    backend_.arm(fd, 0);
+    backend_.submit_queued();
+    forget_arming(w);
+  }
+#endif
   return true;
 }
 
@@ -4262,6 +4279,31 @@ TEST_SUITE("event_loop") {
     for (auto& th : threads) th.join();
     CHECK(total == 4 * per_thread);
     for (int c : counts) CHECK(c == per_thread);
+  }
+
+  // A listener watched by a reader callback, removed and closed: it must refuse connections at
+  // once (io_uring's poll request held the file open until the next iteration, and it accepted).
+  TEST_CASE("remove_reader then close: the descriptor is really closed") {
+    event_loop loop;
+    const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(listener, 8) == 0);
+    REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    loop.add_reader(listener, [] {});
+    loop.call_soon([&] { loop.call_soon([&] { loop.stop(); }); });
+    loop.run_forever();  // two iterations: the reader is armed in the kernel
+    CHECK(loop.remove_reader(listener));
+    ::close(listener);
+    const int client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(client >= 0);
+    CHECK(::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == -1);
+    CHECK(errno == ECONNREFUSED);
+    ::close(client);
   }
 
   TEST_CASE("add_reader / add_writer callbacks, removal, and bad descriptors") {
@@ -6642,8 +6684,14 @@ TEST_SUITE("gather") {
     testing::run_bounded([]() -> coroutine<void> {
       std::vector<std::string> reports;
       event_loop::current().set_exception_handler([&](event_loop&, const exception_context& c) { reports.push_back(c.message); });
-      // CPython: the second argument fails first, so gather raises its exception.
-      auto late = create_task(fail_with(20ms, "first argument"));
+      // CPython: the second argument fails first, so gather raises its exception. The first
+      // one fails only once the gather is over (a gate, not a longer sleep: a loaded machine
+      // may start a timer late).
+      auto gate = event_loop::current().create_future<void>();
+      auto late = create_task([](future<void> g) -> coroutine<int> {
+        co_await g;
+        throw std::runtime_error("first argument");
+      }(gate));
       auto early = create_task(fail_with(5ms, "second argument"));
       try {
         co_await gather(late, early);
@@ -6652,6 +6700,7 @@ TEST_SUITE("gather") {
         CHECK(std::string(e.what()) == "second argument");
       }
       CHECK_FALSE(late.done());  // not cancelled: it runs on, as in asyncio
+      gate.set_result();
       co_await wait_done(late);
       CHECK(late.exception() != nullptr);
       // Children that fail in the same step: the first in argument order, as in CPython.
@@ -9341,9 +9390,13 @@ TEST_SUITE("async_generator") {
       CHECK(slow.done());  // the cancellation ended the generator and unwound its locals
       CHECK(alive == 0);
       CHECK_FALSE(co_await slow.next());
-      // wait_for around next(): the deadline cancels the generator's await.
+      // wait_for around a running next(): the deadline cancels the generator's await. (Started
+      // first: a deadline that passes before a new task's first step cancels it unstarted.)
       auto late = counting(3, std::chrono::milliseconds(3600000));
-      CHECK_THROWS_AS(co_await wait_for(late.next(), 2ms), timeout_error);
+      auto pending = create_task(late.next());
+      co_await sleep(0s);
+      CHECK(late.running());
+      CHECK_THROWS_AS(co_await wait_for(pending, 2ms), timeout_error);
       CHECK(late.done());
       CHECK_FALSE(co_await late.next());
     }());
@@ -9987,13 +10040,15 @@ TEST_SUITE("executor") {
     testing::run_bounded([]() -> coroutine<void> {
       event_loop& loop = event_loop::current();
       std::atomic<int> finished{0};
+      std::atomic<int> ticks{0};
       std::vector<executor_future<void>> jobs;
-      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished] {
-        std::this_thread::sleep_for(40ms);
+      // The jobs end once the loop has ticked three times (or after 5 s, when the check below
+      // fails): a blocked loop shows, however slow the machine.
+      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished, &ticks] {
+        for (int waited = 0; ticks.load() < 3 && waited < 5000; ++waited) std::this_thread::sleep_for(1ms);
         ++finished;
       }));
-      int ticks = 0;
-      auto ticker = create_task([](int& count) -> coroutine<void> {
+      auto ticker = create_task([](std::atomic<int>& count) -> coroutine<void> {
         for (;;) {
           co_await sleep(2ms);
           ++count;

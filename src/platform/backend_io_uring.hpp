@@ -75,6 +75,14 @@ class io_uring_backend {
   /// Whether wait() must run even when the loop has nothing to poll: requests in flight, queued
   /// or completed but not yet dispatched.
   bool busy() const noexcept { return !fallback_ && (in_flight_ != nullptr || unsubmitted() != 0 || !completed_.empty()); }
+  /// Hands what is queued to the kernel now, without waiting for anything: a disarm that must
+  /// land before the caller closes the descriptor. Whatever the kernel does not take now goes
+  /// with the next iteration's enter.
+  void submit_queued() noexcept {
+    if (fallback_ || unsubmitted() == 0) return;
+    (void)sys_enter(unsubmitted(), 0, 0, nullptr, 0);
+  }
+
 
   /// Queues `op` as a request that fill(sqe) describes; submitted with the next wait().
   template <class F>

@@ -584,9 +584,13 @@ TEST_SUITE("async_generator") {
       CHECK(slow.done());  // the cancellation ended the generator and unwound its locals
       CHECK(alive == 0);
       CHECK_FALSE(co_await slow.next());
-      // wait_for around next(): the deadline cancels the generator's await.
+      // wait_for around a running next(): the deadline cancels the generator's await. (Started
+      // first: a deadline that passes before a new task's first step cancels it unstarted.)
       auto late = counting(3, std::chrono::milliseconds(3600000));
-      CHECK_THROWS_AS(co_await wait_for(late.next(), 2ms), timeout_error);
+      auto pending = create_task(late.next());
+      co_await sleep(0s);
+      CHECK(late.running());
+      CHECK_THROWS_AS(co_await wait_for(pending, 2ms), timeout_error);
       CHECK(late.done());
       CHECK_FALSE(co_await late.next());
     }());

@@ -660,6 +660,15 @@ inline bool event_loop::clear_callback(int fd, bool reader) {
   slot->release();
   slot = nullptr;
   mark_dirty(fd, w);
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  // An io_uring poll request holds a reference to the file: without a disarm in the kernel now,
+  // a caller that closes the descriptor next would not close it (a listener went on accepting).
+  if (w.armed && !w.wanted()) {
+    backend_.arm(fd, 0);
+    backend_.submit_queued();
+    forget_arming(w);
+  }
+#endif
   return true;
 }
 
@@ -800,8 +809,10 @@ inline void event_loop::close() {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <netinet/in.h>
 #include <sys/resource.h>
 #include <thread>
 namespace codestare::async_utils::testing {
@@ -1091,6 +1102,31 @@ TEST_SUITE("event_loop") {
     for (auto& th : threads) th.join();
     CHECK(total == 4 * per_thread);
     for (int c : counts) CHECK(c == per_thread);
+  }
+
+  // A listener watched by a reader callback, removed and closed: it must refuse connections at
+  // once (io_uring's poll request held the file open until the next iteration, and it accepted).
+  TEST_CASE("remove_reader then close: the descriptor is really closed") {
+    event_loop loop;
+    const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(listener, 8) == 0);
+    REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    loop.add_reader(listener, [] {});
+    loop.call_soon([&] { loop.call_soon([&] { loop.stop(); }); });
+    loop.run_forever();  // two iterations: the reader is armed in the kernel
+    CHECK(loop.remove_reader(listener));
+    ::close(listener);
+    const int client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(client >= 0);
+    CHECK(::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == -1);
+    CHECK(errno == ECONNREFUSED);
+    ::close(client);
   }
 
   TEST_CASE("add_reader / add_writer callbacks, removal, and bad descriptors") {

@@ -521,13 +521,15 @@ TEST_SUITE("executor") {
     testing::run_bounded([]() -> coroutine<void> {
       event_loop& loop = event_loop::current();
       std::atomic<int> finished{0};
+      std::atomic<int> ticks{0};
       std::vector<executor_future<void>> jobs;
-      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished] {
-        std::this_thread::sleep_for(40ms);
+      // The jobs end once the loop has ticked three times (or after 5 s, when the check below
+      // fails): a blocked loop shows, however slow the machine.
+      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished, &ticks] {
+        for (int waited = 0; ticks.load() < 3 && waited < 5000; ++waited) std::this_thread::sleep_for(1ms);
         ++finished;
       }));
-      int ticks = 0;
-      auto ticker = create_task([](int& count) -> coroutine<void> {
+      auto ticker = create_task([](std::atomic<int>& count) -> coroutine<void> {
         for (;;) {
           co_await sleep(2ms);
           ++count;
