@@ -19,7 +19,12 @@
 // cancel them. At the end, after every task ended: no waiter left in any primitive (their
 // private lists are read), no lock or unit held, the semaphore's count back, the queue lost and
 // duplicated no item, the stream carried the peer's bytes in order, every nursery closed, no
-// descriptor or thread left. op_async_gen is reserved: "EXTENSION POINT (async generators)".
+// descriptor or thread left. op_async_gen runs an async generator (sleeps, futures and the event
+// between its yields, a throw at a random point) under a consumer task that takes some values,
+// then abandons it, aclose()s it, or runs a second next() beside one in flight (which must
+// throw invalid_state_error); consumers are cancelled at random. Checked: the generator's RAII
+// guard destroyed exactly once, values in order without duplicate or gap, an exception of the
+// generator delivered through next() exactly once and nullopt afterwards.
 // FUZZ_TRACE=1 in the environment prints the opcodes and the stream reads.
 #include "../../async_utils.hpp"
 
@@ -113,7 +118,8 @@ enum task_kind : std::uint8_t {
   k_timeout,         // a timeout scope (maybe rescheduled) around sleeps
   k_stream_read,     // one read of the stream_reader (read(n), readexactly, readline, readuntil)
   k_stream_drain,    // stream_writer::drain()
-  // EXTENSION POINT (async generators): add their task kinds here.
+  k_gen_consumer,    // drives an async_generator (op_async_gen): takes values, then abandons,
+                     // aclose()s or races a second next(); returns its value unless cancelled
   k_all_kinds
 };
 /// Waits (on a primitive) in the kinds from k_lock on may run plain, under wait_for or under a
@@ -209,8 +215,21 @@ struct prim_state {
   std::string stream_sent, peer_got;  // writer -> peer
 };
 
+/// One async generator of op_async_gen: what its frame and its consumers saw.
+struct gen_rec {
+  int constructed = 0, destroyed = 0;  // of the RAII guard in the generator's frame
+  int length = 0, throw_at = -1;       // yields 0..length-1; throws before yielding throw_at
+  int received = 0;                    // values delivered through next(): 0..received-1, in order
+  int body_errors = 0, delivered_errors = 0;  // thrown by the body; come out of a next()
+  std::string body_error, delivered_error;
+  bool ended = false;        // a next() returned nullopt or threw: only nullopt from now on
+  bool pull_started = false; // the concurrent next() task began (it holds an awaiter of the frame)
+  std::vector<task<int>> pulls;
+};
+
 struct state {
   std::unique_ptr<prim_state> p;
+  std::vector<std::unique_ptr<gen_rec>> gens;
   std::vector<future<int>> futures;
   std::vector<task_rec> tasks;
   std::vector<handle_rec> handles;
@@ -538,6 +557,186 @@ coroutine<int> stream_drain_body(prim_state* p, int value) {
   co_return value;
 }
 
+// ---- Async generators (op_async_gen) ----------------------------------------------------------
+
+/// Lives in the generator's frame: constructed once when it starts, destroyed once however it
+/// ends (finished, closed, or its frame destroyed with the generator).
+struct gen_guard {
+  gen_rec* g;
+  explicit gen_guard(gen_rec* r) : g(r) { ++g->constructed; }
+  gen_guard(const gen_guard&) = delete;
+  gen_guard& operator=(const gen_guard&) = delete;
+  ~gen_guard() { ++g->destroyed; }
+};
+
+/// Yields 0..n-1; before each yield it awaits (by two bits of `pattern`) nothing, sleep(0),
+/// sleep(d), or the future / the event; throws before yielding throw_at.
+async_generator<int> gen_body(gen_rec* g, prim_state* p, int n, int throw_at, std::uint8_t pattern, future<int> f,
+                              std::chrono::microseconds d) {
+  gen_guard guard(g);
+  try {
+    for (int i = 0; i < n; ++i) {
+      switch ((pattern >> (2 * (i % 4))) & 3) {
+        case 0: break;
+        case 1: co_await sleep(0s); break;
+        case 2: co_await sleep(d); break;
+        default:
+          if (i % 2) (void)co_await f;
+          else (void)co_await p->ev.wait();
+          break;
+      }
+      if (i == throw_at) throw std::runtime_error("generator boom");
+      co_yield i;
+    }
+  } catch (const generator_exit&) {
+    throw;  // aclose(): not an error of the generator
+  } catch (...) {
+    ++g->body_errors;
+    g->body_error = describe(std::current_exception());
+    throw;
+  }
+}
+
+/// One next() came back with `v`: the values come in order, none after the end.
+void gen_got_value(gen_rec* g, const std::optional<int>& v) {
+  if (!v) {
+    g->ended = true;
+    return;
+  }
+  FUZZ_CHECK(!g->ended);
+  FUZZ_CHECK(*v == g->received);  // no duplicate, no gap
+  ++g->received;
+}
+/// One next() threw the generator's exception: once, and only nullopt afterwards.
+void gen_got_error(gen_rec* g, const std::exception_ptr& e) {
+  FUZZ_CHECK(!g->ended);
+  ++g->delivered_errors;
+  g->delivered_error = describe(e);
+  g->ended = true;
+}
+bool is_cancellation(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const cancelled_error&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+/// A next() in a task of its own, beside the consumer's (its awaiter holds the frame, not the
+/// generator: the consumer may drop the generator while this next() runs).
+coroutine<int> gen_pull(gen_rec* g, async_generator<int>::next_awaiter next, int value) {
+  g->pull_started = true;
+  std::exception_ptr err;
+  std::optional<int> v;
+  try {
+    v = co_await std::move(next);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  if (!err) {
+    gen_got_value(g, v);
+    co_return value;
+  }
+  gen_got_error(g, err);
+  if (is_cancellation(err)) std::rethrow_exception(err);
+  co_return value;
+}
+
+/// Takes up to `take` values (a cancellation of this task reaches the generator's await), then
+/// ends by `ending`: 0 abandons the generator (destroys it), 1 aclose()s it, 2 starts a second
+/// next() in a task halfway and awaits next() (and maybe aclose()) beside it, which must throw
+/// invalid_state_error while it runs; then waits for that task or abandons the generator under
+/// it; 3 takes every value, then abandons.
+coroutine<int> gen_consumer(gen_rec* g, prim_state* p, std::uint8_t pattern, future<int> f, std::chrono::microseconds d,
+                            int take, int ending, bool wait_pull, bool consumer_sleeps, int value) {
+  auto gen = gen_body(g, p, g->length, g->throw_at, pattern, f, d);
+  task<int> pull;
+  bool has_pull = false;
+  // Declared after gen, so it runs first: a pull task that has not started yet would await a
+  // destroyed frame, so it is cancelled (its body then never runs).
+  struct unstarted_pull {
+    gen_rec* g;
+    task<int>* t;
+    bool* has;
+    ~unstarted_pull() {
+      if (*has && !g->pull_started) t->cancel("consumer gone");
+    }
+  } pull_guard{g, &pull, &has_pull};
+  if (ending == 3) take = 8;
+  const int race_at = ending == 2 ? take / 2 : -1;
+  for (int i = 0; i <= take; ++i) {
+    if (i == race_at) {
+      has_pull = true;
+      pull = create_task(gen_pull(g, gen.next(), value));
+      g->pulls.push_back(pull);
+      co_await sleep(0s);  // the pull task runs first
+      FUZZ_CHECK(g->pull_started);
+      if (gen.running()) {
+        bool threw = false;
+        try {
+          (void)co_await gen.next();
+        } catch (const invalid_state_error&) {
+          threw = true;
+        }
+        FUZZ_CHECK(threw);
+        if (consumer_sleeps) {
+          threw = false;
+          try {
+            co_await gen.aclose();
+          } catch (const invalid_state_error&) {
+            threw = true;
+          }
+          FUZZ_CHECK(threw);
+        }
+      }
+      if (!wait_pull) co_return value;  // abandoned, maybe while the pull task runs it
+      co_await wait_done(pull);
+    }
+    if (i == take) break;
+    std::exception_ptr err;
+    std::optional<int> v;
+    try {
+      v = co_await gen.next();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    if (err) gen_got_error(g, err);
+    else gen_got_value(g, v);
+    if (err || !v) {
+      const std::optional<int> again = co_await gen.next();  // finished: nullopt, at once
+      FUZZ_CHECK(!again);
+      FUZZ_CHECK(gen.done());
+      if (err && is_cancellation(err)) std::rethrow_exception(err);
+      break;
+    }
+    if (consumer_sleeps && i % 2) co_await sleep(0s);
+  }
+  if (ending == 1) {
+    co_await gen.aclose();  // its cleanup has no await: ends at once
+    FUZZ_CHECK(gen.done());
+    const std::optional<int> again = co_await gen.next();
+    FUZZ_CHECK(!again);
+    g->ended = true;
+  }
+  co_return value;
+}
+
+/// After every consumer and pull task ended: each guard destroyed once, each error delivered once.
+void check_generators(const state& s) {
+  for (const auto& g : s.gens) {
+    FUZZ_CHECK(g->constructed <= 1);
+    FUZZ_CHECK(g->destroyed == g->constructed);
+    FUZZ_CHECK(g->received <= g->length);
+    FUZZ_CHECK(g->body_errors <= 1);
+    FUZZ_CHECK(g->delivered_errors == g->body_errors);
+    if (g->delivered_errors) FUZZ_CHECK(g->delivered_error == g->body_error);
+    if (g->body_error == describe(std::make_exception_ptr(std::runtime_error("generator boom")))) FUZZ_CHECK(g->received == g->throw_at);
+    for (const auto& t : g->pulls) FUZZ_CHECK(t.done());
+  }
+}
+
 // ---- Outcomes --------------------------------------------------------------------------------
 
 struct outcome {
@@ -642,6 +841,7 @@ void check_consistency(state& s) {
       case k_timeout:
       case k_stream_read:
       case k_stream_drain:
+      case k_gen_consumer:
         FUZZ_CHECK(mine.how != outcome::error);
         if (mine.how == outcome::value) FUZZ_CHECK(mine.v == r.value || mine.v == timed_out);
         break;
@@ -776,7 +976,7 @@ enum op : std::uint8_t {
   op_stream_write,  // stream_writer write() (+ a drain task) or close()
   op_stream_peer,   // the raw peer: send, recv, shutdown(SHUT_WR), close (clean or with a reset)
   op_cancel_recent, // cancels the newest pending task (most likely waiting on a primitive)
-  op_async_gen,     // EXTENSION POINT (async generators): reserved, only yields until written
+  op_async_gen,     // a k_gen_consumer task driving a new async_generator
   op_count
 };
 static_assert(op_count == 32);
@@ -1170,10 +1370,19 @@ coroutine<void> schedule(state& s, reader& in) {
         }
         break;
       case op_async_gen:
-        // EXTENSION POINT (async generators): an async generator driven by a task (anext,
-        // asend, athrow, aclose, cancelled mid-iteration), a k_* kind for it and its check in
-        // check_consistency() and at the end of the schedule. Until then it only yields.
-        co_await sleep(0s);
+        if (s.tasks.size() < max_tasks) {
+          s.gens.push_back(std::make_unique<gen_rec>());
+          gen_rec* g = s.gens.back().get();
+          g->length = in.byte() % 6;
+          const int throw_byte = in.byte() % 8;
+          g->throw_at = throw_byte < g->length ? throw_byte : -1;
+          const std::uint8_t pattern = in.byte();
+          future<int> f = s.futures[in.byte() % s.futures.size()];
+          const auto d = in.duration();
+          if (trace) std::fprintf(stderr, "  async_gen length %d throw_at %d pattern %d ending %d take %d\n", g->length, g->throw_at, pattern, arg & 3, (arg >> 2) % 5);
+          add_task(s, k_gen_consumer,
+                   create_task(gen_consumer(g, s.p.get(), pattern, f, d, (arg >> 2) % 5, arg & 3, (arg >> 5) & 1, (arg >> 6) & 1, next_value(s))));
+        }
         break;
       default:
         if (s.tasks.size() < max_tasks) co_await primitive_op(s, code, arg, in);
@@ -1186,10 +1395,15 @@ coroutine<void> schedule(state& s, reader& in) {
   co_await sleep(0s);
   for (auto& r : s.tasks) r.t.cancel("drain");
   for (auto& r : s.tasks) co_await wait_done(r.t);
+  for (auto& g : s.gens) {  // second next() tasks of consumers that abandoned their generator
+    for (auto& t : g->pulls) t.cancel("drain");
+    for (auto& t : g->pulls) co_await wait_done(t);
+  }
   for (auto& f : s.futures) f.cancel("drain");
   co_await sleep(0s);  // done callbacks of the futures just cancelled
   co_await sleep(0s);
 
+  check_generators(s);
   co_await check_primitives(s);
   check_consistency(s);
   for (std::size_t i = 0; i < s.handles.size(); ++i) {
