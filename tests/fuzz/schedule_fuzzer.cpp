@@ -24,7 +24,14 @@
 // then abandons it, aclose()s it, or runs a second next() beside one in flight (which must
 // throw invalid_state_error); consumers are cancelled at random. Checked: the generator's RAII
 // guard destroyed exactly once, values in order without duplicate or gap, an exception of the
-// generator delivered through next() exactly once and nullopt afterwards.
+// generator delivered through next() exactly once and nullopt afterwards. op_wait runs wait()
+// (first_completed, first_exception or all_completed) or as_completed() in a task, over 1-4
+// earlier tasks or futures (repeats allowed), with no timeout, a zero one or a short one.
+// Checked for wait: done and pending split the distinct inputs, every done one is done and
+// every pending one is not (wait cancelled none), and pending is non-empty only as return_when
+// allows it (or after the timeout). For as_completed: one element per distinct input, the k-th
+// passing on the value or exception of the k-th child to complete (those done at the call
+// first, in the given order), timeout_error for all the rest only once the timeout passed.
 // FUZZ_TRACE=1 in the environment prints the opcodes and the stream reads.
 #include "../../async_utils.hpp"
 
@@ -120,6 +127,8 @@ enum task_kind : std::uint8_t {
   k_stream_drain,    // stream_writer::drain()
   k_gen_consumer,    // drives an async_generator (op_async_gen): takes values, then abandons,
                      // aclose()s or races a second next(); returns its value unless cancelled
+  k_wait,            // wait() over earlier tasks or futures (op_wait); returns its value
+  k_as_completed,    // as_completed() over earlier tasks or futures (op_wait); returns its value
   k_all_kinds
 };
 /// Waits (on a primitive) in the kinds from k_lock on may run plain, under wait_for or under a
@@ -737,6 +746,124 @@ void check_generators(const state& s) {
   }
 }
 
+// ---- wait() and as_completed() (op_wait) ----------------------------------------------------
+
+/// op_wait's timeouts: none, zero or a short one.
+optional_timeout wait_timeout(int mode, std::chrono::microseconds d) {
+  if (mode == 0) return std::nullopt;
+  if (mode == 1) return 0s;
+  return d;
+}
+bool timeout_passed(int mode, std::chrono::microseconds d, event_loop::time_point start) {
+  return mode != 0 && event_loop::current().time() - start >= (mode == 1 ? std::chrono::microseconds(0) : d);
+}
+/// The handles of `in` without duplicates (by shared state), in their order.
+template <class H>
+std::vector<H> distinct_handles(const std::vector<H>& in) {
+  std::vector<H> out;
+  for (const H& h : in) {
+    const bool seen = std::any_of(out.begin(), out.end(), [&](const H& o) { return detail::core_of(o) == detail::core_of(h); });
+    if (!seen) out.push_back(h);
+  }
+  return out;
+}
+template <class H>
+bool has_error(const H& h) {
+  return h.done() && !h.cancelled() && h.exception() != nullptr;
+}
+
+/// wait(in, {timeout, when}) over earlier tasks or futures (duplicates among them): done and
+/// pending split the distinct inputs, done ones are done and pending ones are not (so wait
+/// cancelled none), and wait returned only when its return_when (or the timeout) allowed it.
+template <class H>
+coroutine<int> wait_body(std::vector<H> in, return_when_t when, int tmode, std::chrono::microseconds d, int value) {
+  const std::vector<H> distinct = distinct_handles(in);
+  const auto start = event_loop::current().time();
+  const wait_options options{wait_timeout(tmode, d), when};
+  auto result = co_await wait(in, options);
+  const bool passed = timeout_passed(tmode, d, start);
+  FUZZ_CHECK(result.done.size() + result.pending.size() == distinct.size());
+  for (const H& h : distinct) {
+    const auto core = detail::core_of(h);
+    const auto same = [core](const H& x) { return detail::core_of(x) == core; };
+    const auto in_done = std::count_if(result.done.begin(), result.done.end(), same);
+    const auto in_pending = std::count_if(result.pending.begin(), result.pending.end(), same);
+    FUZZ_CHECK(in_done + in_pending == 1);
+  }
+  for (const H& h : result.done) FUZZ_CHECK(h.done());
+  for (const H& h : result.pending) FUZZ_CHECK(!h.done());
+  if (!passed) {
+    if (when == first_completed) FUZZ_CHECK(!result.done.empty());
+    if (when == all_completed) FUZZ_CHECK(result.pending.empty());
+    if (when == first_exception && !result.pending.empty())
+      FUZZ_CHECK(std::any_of(result.done.begin(), result.done.end(), [](const H& h) { return has_error(h); }));
+  }
+  if (std::getenv("FUZZ_TRACE")) std::fprintf(stderr, "  wait %d: %zu done, %zu pending\n", value, result.done.size(), result.pending.size());
+  co_return value;
+}
+
+/// as_completed(in, timeout) over earlier tasks or futures: one element per distinct input, the
+/// k-th passing on the outcome of the k-th child to complete (those done at the call first, in
+/// the given order), timeout_error for all the rest once the timeout has passed.
+template <class H>
+coroutine<int> as_completed_body(std::vector<H> in, int tmode, std::chrono::microseconds d, int value) {
+  std::vector<H> distinct = distinct_handles(in);
+  std::vector<std::size_t> order;  // indices into distinct, in completion order
+  auto later = std::make_shared<std::vector<std::size_t>>();
+  for (std::size_t i = 0; i < distinct.size(); ++i)
+    if (distinct[i].done()) order.push_back(i);
+  for (std::size_t i = 0; i < distinct.size(); ++i) {
+    // Registered before as_completed's own callbacks: they run in the same order.
+    if (!distinct[i].done()) distinct[i].add_done_callback([later, i](const auto&) { later->push_back(i); });
+  }
+  const std::size_t done_at_call = order.size();
+  const auto start = event_loop::current().time();
+  auto range = as_completed(in, wait_timeout(tmode, d));
+  FUZZ_CHECK(range.size() == distinct.size());
+  std::size_t k = 0;
+  bool timed_out_seen = false;
+  std::size_t timeouts = 0;
+  for (auto next : range) {
+    std::exception_ptr err;
+    int v = 0;
+    try {
+      v = co_await next;
+    } catch (...) {
+      err = std::current_exception();
+    }
+    order.resize(done_at_call);
+    order.insert(order.end(), later->begin(), later->end());
+    const H* child = k < order.size() ? &distinct[order[k]] : nullptr;
+    if (err && is_cancellation(err) && current_task()->cancelling() > 0) std::rethrow_exception(err);  // this task's
+    bool is_timeout = false;
+    if (err) {
+      try {
+        std::rethrow_exception(err);
+      } catch (const timeout_error&) {
+        is_timeout = !(child && child->done() && has_error(*child) && describe(child->exception()) == describe(err));
+      } catch (...) {
+      }
+    }
+    if (is_timeout) {
+      if (!timed_out_seen) FUZZ_CHECK(timeout_passed(tmode, d, start));
+      timed_out_seen = true;
+      ++timeouts;
+      ++k;
+      continue;
+    }
+    FUZZ_CHECK(!timed_out_seen);
+    FUZZ_CHECK(child != nullptr);
+    FUZZ_CHECK(child->done());
+    if (!err) FUZZ_CHECK(!child->cancelled() && !child->exception() && child->result() == v);
+    else if (is_cancellation(err)) FUZZ_CHECK(child->cancelled());
+    else FUZZ_CHECK(has_error(*child) && describe(child->exception()) == describe(err));
+    ++k;
+  }
+  FUZZ_CHECK(k == distinct.size());
+  if (std::getenv("FUZZ_TRACE")) std::fprintf(stderr, "  as_completed %d: %zu elements, %zu timed out\n", value, k, timeouts);
+  co_return value;
+}
+
 // ---- Outcomes --------------------------------------------------------------------------------
 
 struct outcome {
@@ -842,6 +969,8 @@ void check_consistency(state& s) {
       case k_stream_read:
       case k_stream_drain:
       case k_gen_consumer:
+      case k_wait:
+      case k_as_completed:
         FUZZ_CHECK(mine.how != outcome::error);
         if (mine.how == outcome::value) FUZZ_CHECK(mine.v == r.value || mine.v == timed_out);
         break;
@@ -977,9 +1106,10 @@ enum op : std::uint8_t {
   op_stream_peer,   // the raw peer: send, recv, shutdown(SHUT_WR), close (clean or with a reset)
   op_cancel_recent, // cancels the newest pending task (most likely waiting on a primitive)
   op_async_gen,     // a k_gen_consumer task driving a new async_generator
+  op_wait,          // a k_wait or k_as_completed task over earlier tasks or futures
   op_count
 };
-static_assert(op_count == 32);
+static_assert(op_count == 33);
 
 void spawn(state& s, reader& in) {
   const auto index = static_cast<int>(s.tasks.size());
@@ -1382,6 +1512,34 @@ coroutine<void> schedule(state& s, reader& in) {
           if (trace) std::fprintf(stderr, "  async_gen length %d throw_at %d pattern %d ending %d take %d\n", g->length, g->throw_at, pattern, arg & 3, (arg >> 2) % 5);
           add_task(s, k_gen_consumer,
                    create_task(gen_consumer(g, s.p.get(), pattern, f, d, (arg >> 2) % 5, arg & 3, (arg >> 5) & 1, (arg >> 6) & 1, next_value(s))));
+        }
+        break;
+      case op_wait:
+        // arg: bit 0 as_completed, bit 1 futures, bits 2-3 return_when, bits 4-5 timeout mode
+        // (none, zero, short); then a count byte and one index byte per input (repeats allowed).
+        if (s.tasks.size() < max_tasks) {
+          const bool use_futures = (arg >> 1) & 1;
+          if (!use_futures && s.tasks.empty()) break;
+          const auto when = static_cast<return_when_t>(((arg >> 2) & 3) % 3);
+          const int tmode = ((arg >> 4) & 3) % 3;
+          const auto d = in.duration();
+          const int count = 1 + in.byte() % 4;
+          std::vector<task<int>> ts;
+          std::vector<future<int>> fs;
+          for (int i = 0; i < count; ++i) {
+            const std::uint8_t b = in.byte();
+            if (use_futures) fs.push_back(s.futures[b % s.futures.size()]);
+            else ts.push_back(s.tasks[b % s.tasks.size()].t);
+          }
+          if (trace) std::fprintf(stderr, "  %s over %d %s, when %d, timeout mode %d\n", (arg & 1) ? "as_completed" : "wait", count, use_futures ? "futures" : "tasks", static_cast<int>(when), tmode);
+          const int value = next_value(s);
+          if (arg & 1) {
+            add_task(s, k_as_completed,
+                     use_futures ? create_task(as_completed_body(std::move(fs), tmode, d, value)) : create_task(as_completed_body(std::move(ts), tmode, d, value)));
+          } else {
+            add_task(s, k_wait,
+                     use_futures ? create_task(wait_body(std::move(fs), when, tmode, d, value)) : create_task(wait_body(std::move(ts), when, tmode, d, value)));
+          }
         }
         break;
       default:
