@@ -2142,6 +2142,9 @@ inline int threads_after_join(int at_most) {
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
 /// check_leaks=false for runs that overlap another thread's loop (the counts are per process).
 void run_bounded(coroutine<void> body, std::chrono::milliseconds limit = std::chrono::milliseconds(10000), bool check_leaks = true);
+/// The children of the combinator tests: `v` after `d`, or runtime_error(what) after `d`.
+coroutine<int> after(std::chrono::milliseconds d, int v);
+coroutine<int> fail_after(std::chrono::milliseconds d, std::string what);
 
 /// Captures the library log for the lifetime of the object.
 class log_capture {
@@ -7045,14 +7048,8 @@ TEST_SUITE("wait") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
   std::vector<task<int>> three_tasks() {  // a helper returning handles, as users write it
     std::vector<task<int>> v;
     v.push_back(create_task(after(1ms, 1)));
@@ -7396,14 +7393,8 @@ TEST_SUITE("as_completed") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
   std::vector<coroutine<int>> countdown() {
     std::vector<coroutine<int>> v;
     for (int i = 0; i < 4; ++i) v.push_back(after(std::chrono::milliseconds(4 * (4 - i)), i));
@@ -8738,6 +8729,14 @@ inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit, b
   // (Fewer is fine: a body may close a descriptor its test opened before.)
   CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
   CHECK_MESSAGE(threads_after_join(threads_before) <= threads_before, "run() left a thread running");
+}
+inline coroutine<int> after(std::chrono::milliseconds d, int v) {
+  co_await sleep(d);
+  co_return v;
+}
+inline coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
+  co_await sleep(d);
+  throw std::runtime_error(what);
 }
 }  // namespace codestare::async_utils::testing
 
@@ -14831,14 +14830,8 @@ TEST_SUITE("task_group") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
 
   TEST_CASE("waits for every task at exit; results through the handles") {
     testing::run_bounded([]() -> coroutine<void> {

@@ -196,14 +196,8 @@ TEST_SUITE("as_completed") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
   std::vector<coroutine<int>> countdown() {
     std::vector<coroutine<int>> v;
     for (int i = 0; i < 4; ++i) v.push_back(after(std::chrono::milliseconds(4 * (4 - i)), i));

@@ -93,6 +93,14 @@ inline void run_bounded(coroutine<void> body, std::chrono::milliseconds limit, b
   CHECK_MESSAGE(open_fds() <= fds_before, "run() left a descriptor open");
   CHECK_MESSAGE(threads_after_join(threads_before) <= threads_before, "run() left a thread running");
 }
+inline coroutine<int> after(std::chrono::milliseconds d, int v) {
+  co_await sleep(d);
+  co_return v;
+}
+inline coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
+  co_await sleep(d);
+  throw std::runtime_error(what);
+}
 }  // namespace codestare::async_utils::testing
 
 TEST_SUITE("run") {

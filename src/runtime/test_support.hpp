@@ -8,6 +8,7 @@
 #include <dirent.h>
 #include <chrono>
 #include <sstream>
+#include <string>
 #include <thread>
 
 namespace codestare::async_utils {
@@ -44,6 +45,9 @@ inline int threads_after_join(int at_most) {
 /// Declared here for the tests of every later part; defined in run.hpp, after run().
 /// check_leaks=false for runs that overlap another thread's loop (the counts are per process).
 void run_bounded(coroutine<void> body, std::chrono::milliseconds limit = std::chrono::milliseconds(10000), bool check_leaks = true);
+/// The children of the combinator tests: `v` after `d`, or runtime_error(what) after `d`.
+coroutine<int> after(std::chrono::milliseconds d, int v);
+coroutine<int> fail_after(std::chrono::milliseconds d, std::string what);
 
 /// Captures the library log for the lifetime of the object.
 class log_capture {

@@ -199,14 +199,8 @@ TEST_SUITE("wait") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
   std::vector<task<int>> three_tasks() {  // a helper returning handles, as users write it
     std::vector<task<int>> v;
     v.push_back(create_task(after(1ms, 1)));

@@ -143,14 +143,8 @@ TEST_SUITE("task_group") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
 
-  coroutine<int> after(std::chrono::milliseconds d, int v) {
-    co_await sleep(d);
-    co_return v;
-  }
-  coroutine<int> fail_after(std::chrono::milliseconds d, std::string what) {
-    co_await sleep(d);
-    throw std::runtime_error(what);
-  }
+  using testing::after;
+  using testing::fail_after;
 
   TEST_CASE("waits for every task at exit; results through the handles") {
     testing::run_bounded([]() -> coroutine<void> {
