@@ -2,6 +2,9 @@
 // subgroup<E>() and split<E>() do what `except* E` does; nested groups keep their shape.
 #pragma once
 
+#include "../platform/config.hpp"
+#include "../platform/errors.hpp"
+
 #include <exception>
 #include <optional>
 #include <ostream>

@@ -2,6 +2,8 @@
 // so a spawn loop in steady state asks the system for no memory at all.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <cstddef>
 #include <new>
 

@@ -3,6 +3,8 @@
 // Nothing but tests lives here; the awaiters are movable until they park (waiter.hpp).
 #pragma once
 
+#include "../runtime/gather.hpp"
+#include "../runtime/shield.hpp"
 #include "../primitives/condition.hpp"
 #include "../primitives/event.hpp"
 #include "../primitives/lock.hpp"
