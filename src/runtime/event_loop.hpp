@@ -375,16 +375,20 @@ inline void event_loop::run_once() {
     sleeping_.store(false, std::memory_order_relaxed);
     take_posted();
   }
-  if (!timers_.empty()) {
-    const auto now = clock::now();
+  // asyncio appends the due timers' callbacks behind the jobs already ready: those jobs run
+  // first, so a deadline that passed meanwhile cannot overtake a step queued before it (a new
+  // task's first step, say). Due means due when the poll returned.
+  const bool timers = !timers_.empty();
+  const auto now = timers ? clock::now() : clock::time_point{};
+  for (std::size_t n = ready_.size(); n > 0; --n) {
+    detail::job j = ready_.pop();
+    j.fn(j.arg, true);
+  }
+  if (timers) {
     while (!timers_.empty() && timers_.top_when() <= now) {
       detail::timer_node& node = timers_.pop();
       node.fire(&node, true);
     }
-  }
-  for (std::size_t n = ready_.size(); n > 0; --n) {
-    detail::job j = ready_.pop();
-    j.fn(j.arg, true);
   }
 }
 
@@ -705,8 +709,9 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   state->fire = [](detail::timer_node* node, bool run) {
     auto* s = static_cast<detail::handle_state*>(node);
     s->in_heap = false;
-    if (run) s->loop->schedule({&detail::handle_state::run_job, s});  // heap's reference moves on
-    else s->release();
+    // The callback runs now, in the iteration its deadline came due (the heap's reference goes
+    // with the job, which drops it).
+    detail::handle_state::run_job(s, run);
   };
   state->in_heap = true;
   add_timer(*state, when);  // the heap takes the creation reference
@@ -917,6 +922,30 @@ TEST_SUITE("event_loop") {
     loop.run_forever();
     CHECK(order == std::vector<int>{1, 2, 3});
     CHECK(loop.time() >= now + 40ms);
+  }
+
+  TEST_CASE("an iteration runs the jobs ready before it, then the timers that came due (asyncio)") {
+    // A callback blocks until two deadlines have passed, then queues two jobs: the next
+    // iteration runs those jobs first, then the due timers in deadline order; what a timer
+    // schedules runs on the iteration after, behind what the ready jobs scheduled.
+    event_loop loop;
+    std::string seen;
+    loop.call_soon([&] {
+      loop.call_later(1ms, [&] {
+        seen += "T1 ";
+        loop.call_soon([&] { seen += "from-T1 "; });
+      });
+      loop.call_later(2ms, [&] { seen += "T2 "; });
+      std::this_thread::sleep_for(20ms);  // both deadlines pass while this job blocks
+      loop.call_soon([&] {
+        seen += "a ";
+        loop.call_soon([&] { seen += "from-a "; });
+      });
+      loop.call_soon([&] { seen += "b "; });
+    });
+    loop.call_later(100ms, [&] { loop.stop(); });
+    loop.run_forever();
+    CHECK(seen == "a b T1 T2 from-a from-T1 ");
   }
 
   TEST_CASE("call_later with a huge delay never fires, freezes nothing, and other timers run") {
