@@ -202,18 +202,18 @@ TEST_SUITE("coroutine") {
   }
 
   TEST_CASE("a lazy coroutine's frame takes its own size and a 16-byte header, no room for a task") {
-    using namespace codestare::async_utils::detail;
+    namespace detail = codestare::async_utils::detail;
     auto make = [](long v) -> coroutine<long> { co_return v; };
-    frame_cache_trim();  // the next blocks of the class are carved one after another from a new chunk
-    last_frame_size = 0;
+    detail::frame_cache_trim();  // the next blocks of the class are carved one after another from a new chunk
+    detail::last_frame_size = 0;
     auto a = make(1);
-    const std::size_t frame = last_frame_size;
+    const std::size_t frame = detail::last_frame_size;
     auto b = make(2);
     REQUIRE(frame > 0);
-    CHECK(cached_block_size(frame) < frame + 2 * frame_granule);
+    CHECK(detail::cached_block_size(frame) < frame + 2 * detail::frame_granule);
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
     const auto distance = static_cast<std::byte*>(b.handle().address()) - static_cast<std::byte*>(a.handle().address());
-    CHECK(distance == static_cast<std::ptrdiff_t>(cached_block_size(frame)));
+    CHECK(distance == static_cast<std::ptrdiff_t>(detail::cached_block_size(frame)));
 #endif
     testing::run_bounded([](coroutine<long> x, coroutine<long> y) -> coroutine<void> {
       CHECK(co_await std::move(x) + co_await std::move(y) == 3);

@@ -567,9 +567,9 @@ TEST_SUITE("task") {
   }
 
   TEST_CASE("a task costs at most one allocation; its blocks go back to the system when the loop closes") {
-    using namespace codestare::async_utils::detail;
-    frame_cache_trim();
-    const long chunks_before = frame_chunks_alive.load();
+    namespace detail = codestare::async_utils::detail;
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
     const bool counted = testing::allocations_are_counted();
     std::size_t allocated = 0;
     {
@@ -588,18 +588,18 @@ TEST_SUITE("task") {
         CHECK(sum == 999L * 1000L / 2);
       }(&allocated));
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
-      CHECK(frame_chunks_alive.load() > chunks_before);  // the blocks of finished tasks, kept for reuse
+      CHECK(detail::frame_chunks_alive.load() > chunks_before);  // the blocks of finished tasks, kept for reuse
 #endif
     }
     if (counted) {
       CHECK(allocated <= 1000);
       CHECK(allocated < 100);  // chunks of frames and of task states, and the ready queue's growth
     }
-    CHECK(frame_chunks_alive.load() == chunks_before);
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);
   }
 
   TEST_CASE("coroutines made on one thread, destroyed or awaited on another: every block goes home") {
-    using namespace codestare::async_utils::detail;
+    namespace detail = codestare::async_utils::detail;
     static int alive = 0;
     struct tracked {
       tracked() { ++alive; }
@@ -607,8 +607,8 @@ TEST_SUITE("task") {
       ~tracked() { --alive; }
     };
     auto make = [](tracked, long v) -> coroutine<long> { co_return v; };
-    frame_cache_trim();
-    const long chunks_before = frame_chunks_alive.load();
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
     std::vector<coroutine<long>> coros;
     std::thread maker([&] {
       for (long i = 0; i < 2000; ++i) coros.push_back(make(tracked{}, i));
@@ -630,8 +630,8 @@ TEST_SUITE("task") {
     CHECK(alive == 0);
     CHECK(sum == 1000L * 1000L);  // 1 + 3 + ... + 1999
     coros.clear();
-    frame_cache_trim();
-    CHECK(frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
+    detail::frame_cache_trim();
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
   }
 }
 #endif
