@@ -73,10 +73,11 @@
 //                                            awaiting coroutine frame, never on the heap.
 //     src/runtime/job_queue.hpp              The loop's ready queue: a ring buffer of two-word
 //                                            jobs, so scheduling never allocates once warm.
-//     src/runtime/frame_cache.hpp            Recycles coroutine frames and task states: a
-//                                            per-thread free list per 16-byte size class, so a
-//                                            spawn loop in steady state asks the system for no
-//                                            memory at all.
+//     src/runtime/frame_cache.hpp            Where coroutine frames and task states live:
+//                                            per-thread chunks carved into blocks of one 16-byte
+//                                            size class, and a bounded per-thread free list per
+//                                            class, so that a spawn loop asks the system for memory
+//                                            once per chunk, and in steady state not at all.
 //     src/runtime/timer_heap.hpp             Timers in a binary min-heap whose nodes know their
 //                                            position, so cancelling removes at once.
 //     src/runtime/future_core.hpp            The untyped state behind future<T> and task<T>:
@@ -2163,6 +2164,23 @@ class log_capture {
   log_handler previous_;
 };
 
+/// Allocations made by this thread while counting_allocations is set; counted by the global
+/// operator new that the ASYNC_UTILS_TESTS_MAIN translation unit defines (async_generator.hpp;
+/// weakly, so a program's own replacement wins; not under the sanitizers, which bring their own).
+inline thread_local bool counting_allocations = false;
+inline thread_local std::size_t allocations_counted = 0;
+/// Whether allocations are counted in this build (a probe: one direct operator new).
+inline bool allocations_are_counted() {
+  const std::size_t before = allocations_counted;
+  const bool was = counting_allocations;
+  counting_allocations = true;
+  ::operator delete(::operator new(8));  // a direct call: the compiler may not elide it
+  counting_allocations = was;
+  const bool counts = allocations_counted != before;
+  allocations_counted = before;
+  return counts;
+}
+
 }  // namespace codestare::async_utils::testing
 #endif
 // ---- end src/runtime/test_support.hpp ----
@@ -2533,8 +2551,13 @@ TEST_SUITE("job_queue") {
 #endif
 // ---- end src/runtime/job_queue.hpp ----
 // ---- begin src/runtime/frame_cache.hpp ----
-// Recycles coroutine frames and task states: a per-thread free list per 16-byte size class,
-// so a spawn loop in steady state asks the system for no memory at all.
+// Where coroutine frames and task states live: per-thread chunks carved into blocks of one
+// 16-byte size class, and a bounded per-thread free list per class, so that a spawn loop asks
+// the system for memory once per chunk, and in steady state not at all.
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // Under AddressSanitizer every frame goes to and from the system, so that a use of a freed
 // frame is reported instead of landing in a recycled block.
@@ -2550,38 +2573,104 @@ TEST_SUITE("job_queue") {
 
 namespace codestare::async_utils::detail {
 
-/// Blocks up to max_cached_size bytes, in classes of frame_granule; each class keeps at most
-/// max_cached_per_class blocks (about 1 MiB in all per thread at worst). Larger blocks and the
-/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (AddressSanitizer
-/// builds turn it off by themselves).
+/// Blocks up to max_cached_size bytes, in classes of frame_granule. A block is a 16-byte header
+/// (its chunk and class) and the bytes asked for, rounded up to the class: nothing else, so a
+/// lazy coroutine costs its frame and 16 bytes. Chunks hold about chunk_target_bytes of blocks
+/// of one class; a chunk goes back to the system when its last block is given back to it.
+/// A freed block first goes to the free list of its class on the freeing thread (at most
+/// max_cached_per_class blocks), and to its chunk after that, or when the thread exits or an
+/// event loop closes (frame_cache_trim). Larger blocks go to and from the system.
+/// ASYNC_UTILS_NO_FRAME_CACHE turns all of it off (AddressSanitizer builds turn it off by themselves).
 inline constexpr std::size_t frame_granule = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
 inline constexpr std::size_t max_cached_size = 1024;
 inline constexpr std::size_t frame_classes = max_cached_size / frame_granule;
 inline constexpr unsigned max_cached_per_class = 256;
+inline constexpr std::size_t chunk_target_bytes = 8192;
+inline constexpr std::size_t min_blocks_per_chunk = 8;
+/// Each new chunk of a class is twice the size of the one before, up to 32 times the first
+/// (256 KiB); frame_cache_trim starts over. Big chunks are paged in with one system call.
+inline constexpr unsigned max_chunk_growth = 5;
+inline constexpr std::size_t prefault_from_bytes = 64 * 1024;
+
+/// A chunk counts the blocks not given back to it: carved and in use, in some thread's free
+/// list, or not carved yet by the thread that owns the chunk. Any thread may give a block back.
+struct frame_chunk {
+  std::atomic<std::size_t> live;
+};
+inline constexpr std::size_t chunk_header_size = (sizeof(frame_chunk) + frame_granule - 1) / frame_granule * frame_granule;
+
+struct alignas(frame_granule) block_header {
+  frame_chunk* chunk;  // null: the block came from the system on its own
+  std::size_t size_class;
+};
+static_assert(sizeof(block_header) == frame_granule);
 
 struct free_block {
   free_block* next;
 };
 
 /// Trivially destructible, so it stays usable after the thread's reaper ran: blocks freed by
-/// later thread_local or static destructors then go straight to the system.
+/// later thread_local or static destructors then go straight back to their chunks.
 struct frame_cache_state {
   free_block* heads[frame_classes];
   unsigned counts[frame_classes];
+  std::byte* carve[frame_classes];        // the next uncarved block of the class's current chunk
+  std::size_t uncarved[frame_classes];    // blocks left in it
+  frame_chunk* current[frame_classes];
+  std::uint8_t growth[frame_classes];     // chunks made for the class so far, up to max_chunk_growth
   bool reaper_armed;
   bool closed;
 };
 inline constinit thread_local frame_cache_state frame_cache_tls{};
 
-/// Returns every cached block of this thread to the system (the cache stays usable).
+#ifdef ASYNC_UTILS_TESTS
+/// Chunks allocated and not yet returned to the system, all threads (tests read it).
+inline std::atomic<long> frame_chunks_alive{0};
+#endif
+
+inline std::size_t frame_class_of(std::size_t n) noexcept { return (n + frame_granule - 1) / frame_granule - 1; }
+/// What a block for `n` bytes takes out of its chunk, header included.
+inline constexpr std::size_t cached_block_size(std::size_t n) noexcept {
+  return frame_granule + (n + frame_granule - 1) / frame_granule * frame_granule;
+}
+/// Blocks in the first chunk of a class (later ones hold up to 2^max_chunk_growth times more).
+inline constexpr std::size_t blocks_per_chunk(std::size_t size_class, unsigned growth = 0) noexcept {
+  const std::size_t block = frame_granule * (size_class + 2);
+  const std::size_t first = chunk_target_bytes / block > min_blocks_per_chunk ? chunk_target_bytes / block : min_blocks_per_chunk;
+  return first << growth;
+}
+
+/// Gives `count` blocks back to `chunk`; the last one frees it.
+inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
+  if (chunk->live.fetch_sub(count, std::memory_order_acq_rel) == count) {
+    chunk->~frame_chunk();
+    ::operator delete(static_cast<void*>(chunk));
+#ifdef ASYNC_UTILS_TESTS
+    frame_chunks_alive.fetch_sub(1, std::memory_order_relaxed);
+#endif
+  }
+}
+
+/// Returns every block cached by this thread to its chunk, and the uncarved rest of this
+/// thread's current chunks: chunks with nothing in use go back to the system (the cache stays
+/// usable).
 inline void frame_cache_trim() noexcept {
   frame_cache_state& c = frame_cache_tls;
-  for (std::size_t i = 0; i < frame_classes; ++i) {
-    while (free_block* b = c.heads[i]) {
-      c.heads[i] = b->next;
-      ::operator delete(static_cast<void*>(b));
+  for (std::size_t k = 0; k < frame_classes; ++k) {
+    while (free_block* b = c.heads[k]) {
+      c.heads[k] = b->next;
+      auto* header = reinterpret_cast<block_header*>(reinterpret_cast<std::byte*>(b) - frame_granule);
+      release_to_chunk(header->chunk, 1);
     }
-    c.counts[i] = 0;
+    c.counts[k] = 0;
+    c.growth[k] = 0;
+    if (frame_chunk* chunk = c.current[k]) {
+      const std::size_t left = c.uncarved[k];
+      c.current[k] = nullptr;
+      c.carve[k] = nullptr;
+      c.uncarved[k] = 0;
+      if (left) release_to_chunk(chunk, left);
+    }
   }
 }
 
@@ -2592,45 +2681,95 @@ struct frame_cache_reaper {
   }
 };
 
-inline std::size_t frame_class_of(std::size_t n) noexcept { return (n + frame_granule - 1) / frame_granule - 1; }
+[[gnu::noinline, gnu::cold]] inline void arm_frame_cache_reaper_now(frame_cache_state& c) {
+  c.reaper_armed = true;
+  thread_local frame_cache_reaper reaper;  // first use registers the thread-exit drain
+  (void)reaper;
+}
+inline void arm_frame_cache_reaper(frame_cache_state& c) {
+  if (!c.reaper_armed) arm_frame_cache_reaper_now(c);
+}
+
+[[gnu::noinline]] inline void* allocate_uncached_block(std::size_t n) {
+  auto* header = ::new (::operator new(frame_granule + n)) block_header{nullptr, 0};
+  return reinterpret_cast<std::byte*>(header) + frame_granule;
+}
+
+/// A new chunk for class k; the class's previous chunk is fully carved by now.
+[[gnu::noinline]] inline void* carve_from_new_chunk(frame_cache_state& c, std::size_t k) {
+  if (c.closed) return allocate_uncached_block((k + 1) * frame_granule);  // no reaper left to retire a chunk
+  arm_frame_cache_reaper(c);
+  const std::size_t count = blocks_per_chunk(k, c.growth[k]);
+  if (c.growth[k] < max_chunk_growth) ++c.growth[k];
+  const std::size_t block = frame_granule * (k + 2);
+  const std::size_t bytes = chunk_header_size + count * block;
+  void* raw = ::operator new(bytes);
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  // A burst of spawns: page the chunk in at once rather than one fault per page (which is most
+  // of the cost of a million new tasks, and more so in a virtual machine). Best effort.
+  if (bytes >= prefault_from_bytes) {
+    const auto page = static_cast<std::uintptr_t>(4096);
+    const auto begin = (reinterpret_cast<std::uintptr_t>(raw) + page - 1) & ~(page - 1);
+    const auto end = (reinterpret_cast<std::uintptr_t>(raw) + bytes) & ~(page - 1);
+    if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  }
+#endif
+  auto* chunk = ::new (raw) frame_chunk{count};
+#ifdef ASYNC_UTILS_TESTS
+  frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
+#endif
+  std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
+  c.current[k] = chunk;
+  c.carve[k] = first + block;
+  c.uncarved[k] = count - 1;
+  ::new (static_cast<void*>(first)) block_header{chunk, k};
+  return first + frame_granule;
+}
 
 inline void* cached_allocate(std::size_t n) {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
   if (n - 1 < max_cached_size) {
     frame_cache_state& c = frame_cache_tls;
-    std::size_t k = frame_class_of(n);
+    const std::size_t k = frame_class_of(n);
     if (free_block* b = c.heads[k]) {
       c.heads[k] = b->next;
       --c.counts[k];
       return b;
     }
-    return ::operator new((k + 1) * frame_granule);
+    if (c.uncarved[k] == 0) return carve_from_new_chunk(c, k);
+    std::byte* at = c.carve[k];
+    c.carve[k] = at + frame_granule * (k + 2);
+    --c.uncarved[k];
+    ::new (static_cast<void*>(at)) block_header{c.current[k], k};
+    return at + frame_granule;
   }
-#endif
+  return allocate_uncached_block(n);
+#else
   return ::operator new(n);
+#endif
 }
 
-inline void cached_free(void* p, std::size_t n) noexcept {
+/// Takes back a block of cached_allocate, from any thread. `n` is the size it was asked for.
+inline void cached_free(void* p, [[maybe_unused]] std::size_t n) noexcept {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
-  if (n - 1 < max_cached_size) {
-    frame_cache_state& c = frame_cache_tls;
-    std::size_t k = frame_class_of(n);
-    if (!c.closed && c.counts[k] < max_cached_per_class) {
-      if (!c.reaper_armed) {
-        c.reaper_armed = true;
-        thread_local frame_cache_reaper reaper;  // first use registers the thread-exit drain
-        (void)reaper;
-      }
-      auto* b = ::new (p) free_block{c.heads[k]};
-      c.heads[k] = b;
-      ++c.counts[k];
-      return;
-    }
+  auto* header = reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule);
+  frame_chunk* chunk = header->chunk;
+  if (!chunk) {
+    ::operator delete(static_cast<void*>(header));
+    return;
   }
+  frame_cache_state& c = frame_cache_tls;
+  const std::size_t k = header->size_class;
+  if (!c.closed && c.counts[k] < max_cached_per_class) {
+    arm_frame_cache_reaper(c);  // the block may come from another thread's chunk
+    c.heads[k] = ::new (p) free_block{c.heads[k]};
+    ++c.counts[k];
+    return;
+  }
+  release_to_chunk(chunk, 1);
 #else
-  (void)n;
-#endif
   ::operator delete(p);
+#endif
 }
 
 }  // namespace codestare::async_utils::detail
@@ -2655,12 +2794,68 @@ TEST_SUITE("frame_cache") {
     frame_cache_trim();
     CHECK(frame_cache_tls.counts[frame_class_of(64)] == 0);
   }
+
+  TEST_CASE("blocks are carved from chunks with nothing but a 16-byte header each; a chunk goes back when empty") {
+    using namespace codestare::async_utils::detail;
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    const long chunks_before = frame_chunks_alive.load();
+    std::vector<std::byte*> blocks;
+    const std::size_t count = blocks_per_chunk(frame_class_of(72)) + 1;  // spills into a second chunk
+    for (std::size_t i = 0; i < count; ++i) blocks.push_back(static_cast<std::byte*>(cached_allocate(72)));
+    CHECK(cached_block_size(72) == 16 + 80);
+    CHECK(blocks[1] - blocks[0] == static_cast<std::ptrdiff_t>(cached_block_size(72)));
+    CHECK(frame_chunks_alive.load() == chunks_before + 2);
+    for (std::byte* b : blocks) cached_free(b, 72);
+    CHECK(frame_chunks_alive.load() == chunks_before + 2);  // held by the free list and the uncarved rest
+    frame_cache_trim();
+    CHECK(frame_chunks_alive.load() == chunks_before);
+    // Past the bound of the free list a block goes straight back to its chunk.
+    blocks.clear();
+    for (unsigned i = 0; i < max_cached_per_class + 100; ++i) blocks.push_back(static_cast<std::byte*>(cached_allocate(40)));
+    for (std::byte* b : blocks) cached_free(b, 40);
+    CHECK(frame_cache_tls.counts[frame_class_of(40)] == max_cached_per_class);
+    frame_cache_trim();
+    CHECK(frame_chunks_alive.load() == chunks_before);
+#endif
+  }
+
   TEST_CASE("blocks freed on a thread are drained when it exits") {
     using namespace codestare::async_utils::detail;
     std::thread([] {
       for (int i = 0; i < 10; ++i) cached_free(cached_allocate(48), 48);
     }).join();  // LeakSanitizer/valgrind would report the block if the exit drain failed
     CHECK(true);
+  }
+
+  TEST_CASE("blocks allocated on one thread and freed on another, both orders of thread exit") {
+    using namespace codestare::async_utils::detail;
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    const long chunks_before = frame_chunks_alive.load();
+#endif
+    for (int round = 0; round < 2; ++round) {
+      std::vector<void*> blocks;
+      std::thread maker([&] {
+        for (int i = 0; i < 1000; ++i) blocks.push_back(cached_allocate(200));
+        for (std::size_t i = 0; i < blocks.size(); i += 2) cached_free(blocks[i], 200);  // half freed at home
+      });
+      maker.join();  // its chunks outlive it: the other half is still in use
+      std::thread freer([&] {
+        for (std::size_t i = 1; i < blocks.size(); i += 2) cached_free(blocks[i], 200);
+        // The freer reuses them for its own blocks of the class, then gives those back too.
+        for (int i = 0; i < 300; ++i) cached_free(cached_allocate(200), 200);
+      });
+      freer.join();
+      // This thread takes and frees blocks of the same class meanwhile: its own list is untouched.
+      void* mine = cached_allocate(200);
+      static_cast<char*>(mine)[0] = 1;
+      cached_free(mine, 200);
+    }
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    CHECK(frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
+#endif
   }
 }
 #endif
@@ -5029,42 +5224,19 @@ TEST_SUITE("future") {
 namespace codestare::async_utils {
 namespace detail {
 
-/// Every coroutine frame is allocated with room behind it for the state of a task, so that
-/// create_task costs no second allocation: [header][frame][room]. While a task state lives in
-/// the room, destroying the frame leaves the block to the state, which frees it last.
-/// (Out of line: g++ 12 misreads the offset pointer as a mismatched new/delete pair when inlined.)
-struct frame_header {
-  std::size_t frame_size;
-  bool holds_task;
-  bool frame_gone;
-};
-inline constexpr std::size_t frame_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
-/// Enough for the state of a task whose result is up to 16 bytes (task.hpp checks that).
-inline constexpr std::size_t task_room = 160;
-inline std::size_t round_to_frame_align(std::size_t n) noexcept { return (n + frame_align - 1) / frame_align * frame_align; }
-inline frame_header* header_of(void* frame) noexcept {
-  return std::launder(reinterpret_cast<frame_header*>(static_cast<std::byte*>(frame) - frame_align));
-}
-inline void* task_room_of(void* frame) noexcept {
-  return static_cast<std::byte*>(frame) + round_to_frame_align(header_of(frame)->frame_size);
-}
-/// The whole block's size, as allocated (blocks are recycled through the per-thread frame cache).
-inline std::size_t frame_block_size(const frame_header* header) noexcept {
-  return frame_align + round_to_frame_align(header->frame_size) + task_room;
-}
+/// A coroutine frame is a block of the frame cache: the frame and a 16-byte header, nothing
+/// more (a task keeps its state in a block of its own). Out of line, so that each coroutine
+/// type does not inline the cache.
+#ifdef ASYNC_UTILS_TESTS
+inline thread_local std::size_t last_frame_size = 0;  // the tests read what a frame asked for
+#endif
 [[gnu::noinline]] inline void* allocate_frame(std::size_t n) {
-  auto* block = static_cast<std::byte*>(cached_allocate(frame_align + round_to_frame_align(n) + task_room));
-  ::new (static_cast<void*>(block)) frame_header{n, false, false};
-  return block + frame_align;
+#ifdef ASYNC_UTILS_TESTS
+  last_frame_size = n;
+#endif
+  return cached_allocate(n);
 }
-[[gnu::noinline]] inline void free_frame(void* frame) noexcept {
-  frame_header* header = header_of(frame);
-  if (header->holds_task) {
-    header->frame_gone = true;  // the task state in the room frees the block
-    return;
-  }
-  cached_free(static_cast<void*>(header), frame_block_size(header));
-}
+[[gnu::noinline]] inline void free_frame(void* frame, std::size_t n) noexcept { cached_free(frame, n); }
 
 /// Shared by every coroutine promise. Awaiting a child starts it inline and, if it finishes
 /// without suspending, continues the parent by returning from await_suspend: no new stack frame
@@ -5076,7 +5248,7 @@ struct promise_base {
   std::exception_ptr error;
 
   static void* operator new(std::size_t n) { return allocate_frame(n); }
-  static void operator delete(void* frame) noexcept { free_frame(frame); }
+  static void operator delete(void* frame, std::size_t n) noexcept { free_frame(frame, n); }
 
   std::suspend_always initial_suspend() noexcept { return {}; }
   struct final_awaiter {
@@ -5232,6 +5404,25 @@ TEST_SUITE("coroutine") {
     c.reset();
     CHECK(alive == 0);
     CHECK_FALSE(c.valid());
+  }
+
+  TEST_CASE("a lazy coroutine's frame takes its own size and a 16-byte header, no room for a task") {
+    namespace detail = codestare::async_utils::detail;
+    auto make = [](long v) -> coroutine<long> { co_return v; };
+    detail::frame_cache_trim();  // the next blocks of the class are carved one after another from a new chunk
+    detail::last_frame_size = 0;
+    auto a = make(1);
+    const std::size_t frame = detail::last_frame_size;
+    auto b = make(2);
+    REQUIRE(frame > 0);
+    CHECK(detail::cached_block_size(frame) < frame + 2 * detail::frame_granule);
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    const auto distance = static_cast<std::byte*>(b.handle().address()) - static_cast<std::byte*>(a.handle().address());
+    CHECK(distance == static_cast<std::ptrdiff_t>(detail::cached_block_size(frame)));
+#endif
+    testing::run_bounded([](coroutine<long> x, coroutine<long> y) -> coroutine<void> {
+      CHECK(co_await std::move(x) + co_await std::move(y) == 3);
+    }(std::move(a), std::move(b)));
   }
 }
 #endif
@@ -5492,45 +5683,24 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
-      : future_state<T>(loop, true), block_(block) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name) : future_state<T>(loop, true) {
     this->frame_ = frame;
     this->start(frame, std::move(name));
   }
   ~task_state() override { this->destroy_frame(); }
 
-  /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
-  /// task), else on its own. Takes the frame only when it succeeds.
+  /// A block of the frame cache of its own: one allocation per chunk of task states, none when
+  /// the block of a finished task is reused. Takes the frame only when it succeeds.
+  static void* operator new(std::size_t n) { return cached_allocate(n); }
+  static void operator delete(void* p, std::size_t n) noexcept { cached_free(p, n); }
   static task_state* create(event_loop* loop, coroutine<T>& coro, std::string&& name) {
-    auto frame = coro.handle();
-    task_state* state;
-    if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
-      frame_header* header = header_of(frame.address());
-      header->holds_task = true;
-      try {
-        state = ::new (task_room_of(frame.address())) task_state(loop, frame, std::move(name), header);
-      } catch (...) {
-        header->holds_task = false;
-        throw;
-      }
-    } else {
-      state = new task_state(loop, frame, std::move(name));
-    }
+    auto* state = new task_state(loop, coro.handle(), std::move(name));
     coro.release();
     return state;
   }
 
  protected:
-  void dispose() noexcept override {
-    if (!block_) {
-      delete this;
-      return;
-    }
-    frame_header* block = block_;
-    std::size_t size = frame_block_size(block);
-    this->~task_state();  // destroys the frame first, which leaves the block to us
-    cached_free(static_cast<void*>(block), size);
-  }
+  void dispose() noexcept override { delete this; }
   void harvest() noexcept override {
     auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
     if (p.error) {
@@ -5545,14 +5715,7 @@ class task_state final : public future_state<T> {
       }
     }
   }
-
- private:
-  frame_header* block_;  // the frame block this state lives in, or null
 };
-
-// One allocation per task for small results (future_core keeps its rarely used parts aside).
-static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) <= task_room &&
-              sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class H>
@@ -6055,6 +6218,74 @@ TEST_SUITE("task") {
     }
     CHECK(t.cancelled());  // the handle outlives the loop safely
     CHECK(log.text().find("pending") != std::string::npos);
+  }
+
+  TEST_CASE("a task costs at most one allocation; its blocks go back to the system when the loop closes") {
+    namespace detail = codestare::async_utils::detail;
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
+    const bool counted = testing::allocations_are_counted();
+    std::size_t allocated = 0;
+    {
+      event_loop loop;
+      loop.run_until_complete([](std::size_t* out) -> coroutine<void> {
+        auto index = [](int i) -> coroutine<int> { co_return i; };
+        std::vector<task<int>> tasks;
+        tasks.reserve(1000);
+        const std::size_t before = testing::allocations_counted;
+        testing::counting_allocations = true;
+        for (int i = 0; i < 1000; ++i) tasks.push_back(create_task(index(i)));
+        testing::counting_allocations = false;
+        *out = testing::allocations_counted - before;
+        long sum = 0;
+        for (auto& t : tasks) sum += co_await t;
+        CHECK(sum == 999L * 1000L / 2);
+      }(&allocated));
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+      CHECK(detail::frame_chunks_alive.load() > chunks_before);  // the blocks of finished tasks, kept for reuse
+#endif
+    }
+    if (counted) {
+      CHECK(allocated <= 1000);
+      CHECK(allocated < 100);  // chunks of frames and of task states, and the ready queue's growth
+    }
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);
+  }
+
+  TEST_CASE("coroutines made on one thread, destroyed or awaited on another: every block goes home") {
+    namespace detail = codestare::async_utils::detail;
+    static int alive = 0;
+    struct tracked {
+      tracked() { ++alive; }
+      tracked(const tracked&) { ++alive; }
+      ~tracked() { --alive; }
+    };
+    auto make = [](tracked, long v) -> coroutine<long> { co_return v; };
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
+    std::vector<coroutine<long>> coros;
+    std::thread maker([&] {
+      for (long i = 0; i < 2000; ++i) coros.push_back(make(tracked{}, i));
+    });
+    maker.join();  // its chunks outlive it: the frames are still in use
+    CHECK(alive == 2000);
+    long sum = 0;
+    std::thread runner([&] {
+      for (std::size_t i = 0; i < coros.size(); i += 2) coros[i].reset();  // destroyed unstarted
+      event_loop loop;
+      sum = loop.run_until_complete([](std::vector<coroutine<long>>* cs) -> coroutine<long> {
+        long s = 0;
+        for (std::size_t i = 1; i < cs->size(); i += 2) s += co_await std::move((*cs)[i]);
+        co_return s;
+      }(&coros));
+      for (int i = 0; i < 500; ++i) make(tracked{}, 0).reset();  // reuses the blocks freed here
+    });
+    runner.join();
+    CHECK(alive == 0);
+    CHECK(sum == 1000L * 1000L);  // 1 + 3 + ... + 1999
+    coros.clear();
+    detail::frame_cache_trim();
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
   }
 }
 #endif
@@ -9195,14 +9426,7 @@ async_generator<T> detail::generator_promise<T>::get_return_object() noexcept {
 
 #ifdef ASYNC_UTILS_TESTS
 
-namespace codestare::async_utils::testing {
-/// Allocations made by this thread while counting_allocations is set; counted by the global
-/// operator new that the ASYNC_UTILS_TESTS_MAIN translation unit defines (weakly, so a
-/// program's own replacement wins; not under the sanitizers, which bring their own).
-inline thread_local bool counting_allocations = false;
-inline thread_local std::size_t allocations_counted = 0;
-}  // namespace codestare::async_utils::testing
-
+// The counting operator new of the tests (testing::counting_allocations, test_support.hpp).
 #if defined(ASYNC_UTILS_TESTS_MAIN) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #if !defined(__has_feature)
 #define ASYNC_UTILS_COUNT_ALLOCATIONS

@@ -350,14 +350,7 @@ async_generator<T> detail::generator_promise<T>::get_return_object() noexcept {
 #include <string>
 #include <vector>
 
-namespace codestare::async_utils::testing {
-/// Allocations made by this thread while counting_allocations is set; counted by the global
-/// operator new that the ASYNC_UTILS_TESTS_MAIN translation unit defines (weakly, so a
-/// program's own replacement wins; not under the sanitizers, which bring their own).
-inline thread_local bool counting_allocations = false;
-inline thread_local std::size_t allocations_counted = 0;
-}  // namespace codestare::async_utils::testing
-
+// The counting operator new of the tests (testing::counting_allocations, test_support.hpp).
 #if defined(ASYNC_UTILS_TESTS_MAIN) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #if !defined(__has_feature)
 #define ASYNC_UTILS_COUNT_ALLOCATIONS

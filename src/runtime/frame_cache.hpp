@@ -1,11 +1,17 @@
-// Recycles coroutine frames and task states: a per-thread free list per 16-byte size class,
-// so a spawn loop in steady state asks the system for no memory at all.
+// Where coroutine frames and task states live: per-thread chunks carved into blocks of one
+// 16-byte size class, and a bounded per-thread free list per class, so that a spawn loop asks
+// the system for memory once per chunk, and in steady state not at all.
 #pragma once
 
 #include "../platform/config.hpp"
 
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <new>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // Under AddressSanitizer every frame goes to and from the system, so that a use of a freed
 // frame is reported instead of landing in a recycled block.
@@ -21,38 +27,104 @@
 
 namespace codestare::async_utils::detail {
 
-/// Blocks up to max_cached_size bytes, in classes of frame_granule; each class keeps at most
-/// max_cached_per_class blocks (about 1 MiB in all per thread at worst). Larger blocks and the
-/// overflow go to the system. ASYNC_UTILS_NO_FRAME_CACHE turns recycling off (AddressSanitizer
-/// builds turn it off by themselves).
+/// Blocks up to max_cached_size bytes, in classes of frame_granule. A block is a 16-byte header
+/// (its chunk and class) and the bytes asked for, rounded up to the class: nothing else, so a
+/// lazy coroutine costs its frame and 16 bytes. Chunks hold about chunk_target_bytes of blocks
+/// of one class; a chunk goes back to the system when its last block is given back to it.
+/// A freed block first goes to the free list of its class on the freeing thread (at most
+/// max_cached_per_class blocks), and to its chunk after that, or when the thread exits or an
+/// event loop closes (frame_cache_trim). Larger blocks go to and from the system.
+/// ASYNC_UTILS_NO_FRAME_CACHE turns all of it off (AddressSanitizer builds turn it off by themselves).
 inline constexpr std::size_t frame_granule = __STDCPP_DEFAULT_NEW_ALIGNMENT__;
 inline constexpr std::size_t max_cached_size = 1024;
 inline constexpr std::size_t frame_classes = max_cached_size / frame_granule;
 inline constexpr unsigned max_cached_per_class = 256;
+inline constexpr std::size_t chunk_target_bytes = 8192;
+inline constexpr std::size_t min_blocks_per_chunk = 8;
+/// Each new chunk of a class is twice the size of the one before, up to 32 times the first
+/// (256 KiB); frame_cache_trim starts over. Big chunks are paged in with one system call.
+inline constexpr unsigned max_chunk_growth = 5;
+inline constexpr std::size_t prefault_from_bytes = 64 * 1024;
+
+/// A chunk counts the blocks not given back to it: carved and in use, in some thread's free
+/// list, or not carved yet by the thread that owns the chunk. Any thread may give a block back.
+struct frame_chunk {
+  std::atomic<std::size_t> live;
+};
+inline constexpr std::size_t chunk_header_size = (sizeof(frame_chunk) + frame_granule - 1) / frame_granule * frame_granule;
+
+struct alignas(frame_granule) block_header {
+  frame_chunk* chunk;  // null: the block came from the system on its own
+  std::size_t size_class;
+};
+static_assert(sizeof(block_header) == frame_granule);
 
 struct free_block {
   free_block* next;
 };
 
 /// Trivially destructible, so it stays usable after the thread's reaper ran: blocks freed by
-/// later thread_local or static destructors then go straight to the system.
+/// later thread_local or static destructors then go straight back to their chunks.
 struct frame_cache_state {
   free_block* heads[frame_classes];
   unsigned counts[frame_classes];
+  std::byte* carve[frame_classes];        // the next uncarved block of the class's current chunk
+  std::size_t uncarved[frame_classes];    // blocks left in it
+  frame_chunk* current[frame_classes];
+  std::uint8_t growth[frame_classes];     // chunks made for the class so far, up to max_chunk_growth
   bool reaper_armed;
   bool closed;
 };
 inline constinit thread_local frame_cache_state frame_cache_tls{};
 
-/// Returns every cached block of this thread to the system (the cache stays usable).
+#ifdef ASYNC_UTILS_TESTS
+/// Chunks allocated and not yet returned to the system, all threads (tests read it).
+inline std::atomic<long> frame_chunks_alive{0};
+#endif
+
+inline std::size_t frame_class_of(std::size_t n) noexcept { return (n + frame_granule - 1) / frame_granule - 1; }
+/// What a block for `n` bytes takes out of its chunk, header included.
+inline constexpr std::size_t cached_block_size(std::size_t n) noexcept {
+  return frame_granule + (n + frame_granule - 1) / frame_granule * frame_granule;
+}
+/// Blocks in the first chunk of a class (later ones hold up to 2^max_chunk_growth times more).
+inline constexpr std::size_t blocks_per_chunk(std::size_t size_class, unsigned growth = 0) noexcept {
+  const std::size_t block = frame_granule * (size_class + 2);
+  const std::size_t first = chunk_target_bytes / block > min_blocks_per_chunk ? chunk_target_bytes / block : min_blocks_per_chunk;
+  return first << growth;
+}
+
+/// Gives `count` blocks back to `chunk`; the last one frees it.
+inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
+  if (chunk->live.fetch_sub(count, std::memory_order_acq_rel) == count) {
+    chunk->~frame_chunk();
+    ::operator delete(static_cast<void*>(chunk));
+#ifdef ASYNC_UTILS_TESTS
+    frame_chunks_alive.fetch_sub(1, std::memory_order_relaxed);
+#endif
+  }
+}
+
+/// Returns every block cached by this thread to its chunk, and the uncarved rest of this
+/// thread's current chunks: chunks with nothing in use go back to the system (the cache stays
+/// usable).
 inline void frame_cache_trim() noexcept {
   frame_cache_state& c = frame_cache_tls;
-  for (std::size_t i = 0; i < frame_classes; ++i) {
-    while (free_block* b = c.heads[i]) {
-      c.heads[i] = b->next;
-      ::operator delete(static_cast<void*>(b));
+  for (std::size_t k = 0; k < frame_classes; ++k) {
+    while (free_block* b = c.heads[k]) {
+      c.heads[k] = b->next;
+      auto* header = reinterpret_cast<block_header*>(reinterpret_cast<std::byte*>(b) - frame_granule);
+      release_to_chunk(header->chunk, 1);
     }
-    c.counts[i] = 0;
+    c.counts[k] = 0;
+    c.growth[k] = 0;
+    if (frame_chunk* chunk = c.current[k]) {
+      const std::size_t left = c.uncarved[k];
+      c.current[k] = nullptr;
+      c.carve[k] = nullptr;
+      c.uncarved[k] = 0;
+      if (left) release_to_chunk(chunk, left);
+    }
   }
 }
 
@@ -63,45 +135,95 @@ struct frame_cache_reaper {
   }
 };
 
-inline std::size_t frame_class_of(std::size_t n) noexcept { return (n + frame_granule - 1) / frame_granule - 1; }
+[[gnu::noinline, gnu::cold]] inline void arm_frame_cache_reaper_now(frame_cache_state& c) {
+  c.reaper_armed = true;
+  thread_local frame_cache_reaper reaper;  // first use registers the thread-exit drain
+  (void)reaper;
+}
+inline void arm_frame_cache_reaper(frame_cache_state& c) {
+  if (!c.reaper_armed) arm_frame_cache_reaper_now(c);
+}
+
+[[gnu::noinline]] inline void* allocate_uncached_block(std::size_t n) {
+  auto* header = ::new (::operator new(frame_granule + n)) block_header{nullptr, 0};
+  return reinterpret_cast<std::byte*>(header) + frame_granule;
+}
+
+/// A new chunk for class k; the class's previous chunk is fully carved by now.
+[[gnu::noinline]] inline void* carve_from_new_chunk(frame_cache_state& c, std::size_t k) {
+  if (c.closed) return allocate_uncached_block((k + 1) * frame_granule);  // no reaper left to retire a chunk
+  arm_frame_cache_reaper(c);
+  const std::size_t count = blocks_per_chunk(k, c.growth[k]);
+  if (c.growth[k] < max_chunk_growth) ++c.growth[k];
+  const std::size_t block = frame_granule * (k + 2);
+  const std::size_t bytes = chunk_header_size + count * block;
+  void* raw = ::operator new(bytes);
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  // A burst of spawns: page the chunk in at once rather than one fault per page (which is most
+  // of the cost of a million new tasks, and more so in a virtual machine). Best effort.
+  if (bytes >= prefault_from_bytes) {
+    const auto page = static_cast<std::uintptr_t>(4096);
+    const auto begin = (reinterpret_cast<std::uintptr_t>(raw) + page - 1) & ~(page - 1);
+    const auto end = (reinterpret_cast<std::uintptr_t>(raw) + bytes) & ~(page - 1);
+    if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  }
+#endif
+  auto* chunk = ::new (raw) frame_chunk{count};
+#ifdef ASYNC_UTILS_TESTS
+  frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
+#endif
+  std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
+  c.current[k] = chunk;
+  c.carve[k] = first + block;
+  c.uncarved[k] = count - 1;
+  ::new (static_cast<void*>(first)) block_header{chunk, k};
+  return first + frame_granule;
+}
 
 inline void* cached_allocate(std::size_t n) {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
   if (n - 1 < max_cached_size) {
     frame_cache_state& c = frame_cache_tls;
-    std::size_t k = frame_class_of(n);
+    const std::size_t k = frame_class_of(n);
     if (free_block* b = c.heads[k]) {
       c.heads[k] = b->next;
       --c.counts[k];
       return b;
     }
-    return ::operator new((k + 1) * frame_granule);
+    if (c.uncarved[k] == 0) return carve_from_new_chunk(c, k);
+    std::byte* at = c.carve[k];
+    c.carve[k] = at + frame_granule * (k + 2);
+    --c.uncarved[k];
+    ::new (static_cast<void*>(at)) block_header{c.current[k], k};
+    return at + frame_granule;
   }
-#endif
+  return allocate_uncached_block(n);
+#else
   return ::operator new(n);
+#endif
 }
 
-inline void cached_free(void* p, std::size_t n) noexcept {
+/// Takes back a block of cached_allocate, from any thread. `n` is the size it was asked for.
+inline void cached_free(void* p, [[maybe_unused]] std::size_t n) noexcept {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
-  if (n - 1 < max_cached_size) {
-    frame_cache_state& c = frame_cache_tls;
-    std::size_t k = frame_class_of(n);
-    if (!c.closed && c.counts[k] < max_cached_per_class) {
-      if (!c.reaper_armed) {
-        c.reaper_armed = true;
-        thread_local frame_cache_reaper reaper;  // first use registers the thread-exit drain
-        (void)reaper;
-      }
-      auto* b = ::new (p) free_block{c.heads[k]};
-      c.heads[k] = b;
-      ++c.counts[k];
-      return;
-    }
+  auto* header = reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule);
+  frame_chunk* chunk = header->chunk;
+  if (!chunk) {
+    ::operator delete(static_cast<void*>(header));
+    return;
   }
+  frame_cache_state& c = frame_cache_tls;
+  const std::size_t k = header->size_class;
+  if (!c.closed && c.counts[k] < max_cached_per_class) {
+    arm_frame_cache_reaper(c);  // the block may come from another thread's chunk
+    c.heads[k] = ::new (p) free_block{c.heads[k]};
+    ++c.counts[k];
+    return;
+  }
+  release_to_chunk(chunk, 1);
 #else
-  (void)n;
-#endif
   ::operator delete(p);
+#endif
 }
 
 }  // namespace codestare::async_utils::detail
@@ -128,12 +250,68 @@ TEST_SUITE("frame_cache") {
     frame_cache_trim();
     CHECK(frame_cache_tls.counts[frame_class_of(64)] == 0);
   }
+
+  TEST_CASE("blocks are carved from chunks with nothing but a 16-byte header each; a chunk goes back when empty") {
+    using namespace codestare::async_utils::detail;
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    const long chunks_before = frame_chunks_alive.load();
+    std::vector<std::byte*> blocks;
+    const std::size_t count = blocks_per_chunk(frame_class_of(72)) + 1;  // spills into a second chunk
+    for (std::size_t i = 0; i < count; ++i) blocks.push_back(static_cast<std::byte*>(cached_allocate(72)));
+    CHECK(cached_block_size(72) == 16 + 80);
+    CHECK(blocks[1] - blocks[0] == static_cast<std::ptrdiff_t>(cached_block_size(72)));
+    CHECK(frame_chunks_alive.load() == chunks_before + 2);
+    for (std::byte* b : blocks) cached_free(b, 72);
+    CHECK(frame_chunks_alive.load() == chunks_before + 2);  // held by the free list and the uncarved rest
+    frame_cache_trim();
+    CHECK(frame_chunks_alive.load() == chunks_before);
+    // Past the bound of the free list a block goes straight back to its chunk.
+    blocks.clear();
+    for (unsigned i = 0; i < max_cached_per_class + 100; ++i) blocks.push_back(static_cast<std::byte*>(cached_allocate(40)));
+    for (std::byte* b : blocks) cached_free(b, 40);
+    CHECK(frame_cache_tls.counts[frame_class_of(40)] == max_cached_per_class);
+    frame_cache_trim();
+    CHECK(frame_chunks_alive.load() == chunks_before);
+#endif
+  }
+
   TEST_CASE("blocks freed on a thread are drained when it exits") {
     using namespace codestare::async_utils::detail;
     std::thread([] {
       for (int i = 0; i < 10; ++i) cached_free(cached_allocate(48), 48);
     }).join();  // LeakSanitizer/valgrind would report the block if the exit drain failed
     CHECK(true);
+  }
+
+  TEST_CASE("blocks allocated on one thread and freed on another, both orders of thread exit") {
+    using namespace codestare::async_utils::detail;
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    const long chunks_before = frame_chunks_alive.load();
+#endif
+    for (int round = 0; round < 2; ++round) {
+      std::vector<void*> blocks;
+      std::thread maker([&] {
+        for (int i = 0; i < 1000; ++i) blocks.push_back(cached_allocate(200));
+        for (std::size_t i = 0; i < blocks.size(); i += 2) cached_free(blocks[i], 200);  // half freed at home
+      });
+      maker.join();  // its chunks outlive it: the other half is still in use
+      std::thread freer([&] {
+        for (std::size_t i = 1; i < blocks.size(); i += 2) cached_free(blocks[i], 200);
+        // The freer reuses them for its own blocks of the class, then gives those back too.
+        for (int i = 0; i < 300; ++i) cached_free(cached_allocate(200), 200);
+      });
+      freer.join();
+      // This thread takes and frees blocks of the same class meanwhile: its own list is untouched.
+      void* mine = cached_allocate(200);
+      static_cast<char*>(mine)[0] = 1;
+      cached_free(mine, 200);
+    }
+    frame_cache_trim();
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+    CHECK(frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
+#endif
   }
 }
 #endif

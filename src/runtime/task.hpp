@@ -12,6 +12,7 @@
 #include "awaitable.hpp"
 #include "future.hpp"
 #include "coroutine.hpp"
+#include "frame_cache.hpp"
 #include "sleep.hpp"
 #include "completion.hpp"
 
@@ -27,45 +28,24 @@ namespace detail {
 template <class T>
 class task_state final : public future_state<T> {
  public:
-  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name, frame_header* block = nullptr)
-      : future_state<T>(loop, true), block_(block) {
+  task_state(event_loop* loop, typename coroutine<T>::handle_type frame, std::string&& name) : future_state<T>(loop, true) {
     this->frame_ = frame;
     this->start(frame, std::move(name));
   }
   ~task_state() override { this->destroy_frame(); }
 
-  /// The state for `coro`, built in the room behind its frame when it fits (one allocation per
-  /// task), else on its own. Takes the frame only when it succeeds.
+  /// A block of the frame cache of its own: one allocation per chunk of task states, none when
+  /// the block of a finished task is reused. Takes the frame only when it succeeds.
+  static void* operator new(std::size_t n) { return cached_allocate(n); }
+  static void operator delete(void* p, std::size_t n) noexcept { cached_free(p, n); }
   static task_state* create(event_loop* loop, coroutine<T>& coro, std::string&& name) {
-    auto frame = coro.handle();
-    task_state* state;
-    if constexpr (sizeof(task_state) <= task_room && alignof(task_state) <= frame_align) {
-      frame_header* header = header_of(frame.address());
-      header->holds_task = true;
-      try {
-        state = ::new (task_room_of(frame.address())) task_state(loop, frame, std::move(name), header);
-      } catch (...) {
-        header->holds_task = false;
-        throw;
-      }
-    } else {
-      state = new task_state(loop, frame, std::move(name));
-    }
+    auto* state = new task_state(loop, coro.handle(), std::move(name));
     coro.release();
     return state;
   }
 
  protected:
-  void dispose() noexcept override {
-    if (!block_) {
-      delete this;
-      return;
-    }
-    frame_header* block = block_;
-    std::size_t size = frame_block_size(block);
-    this->~task_state();  // destroys the frame first, which leaves the block to us
-    cached_free(static_cast<void*>(block), size);
-  }
+  void dispose() noexcept override { delete this; }
   void harvest() noexcept override {
     auto& p = coroutine<T>::handle_type::from_address(this->frame_.address()).promise();
     if (p.error) {
@@ -80,14 +60,7 @@ class task_state final : public future_state<T> {
       }
     }
   }
-
- private:
-  frame_header* block_;  // the frame block this state lives in, or null
 };
-
-// One allocation per task for small results (future_core keeps its rarely used parts aside).
-static_assert(sizeof(task_state<void>) <= task_room && sizeof(task_state<long>) <= task_room &&
-              sizeof(task_state<std::pair<void*, void*>>) <= task_room);
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 template <class R, class H>
@@ -211,6 +184,7 @@ inline std::vector<any_task> all_tasks() {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <thread>
 TEST_SUITE("task") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
@@ -590,6 +564,74 @@ TEST_SUITE("task") {
     }
     CHECK(t.cancelled());  // the handle outlives the loop safely
     CHECK(log.text().find("pending") != std::string::npos);
+  }
+
+  TEST_CASE("a task costs at most one allocation; its blocks go back to the system when the loop closes") {
+    namespace detail = codestare::async_utils::detail;
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
+    const bool counted = testing::allocations_are_counted();
+    std::size_t allocated = 0;
+    {
+      event_loop loop;
+      loop.run_until_complete([](std::size_t* out) -> coroutine<void> {
+        auto index = [](int i) -> coroutine<int> { co_return i; };
+        std::vector<task<int>> tasks;
+        tasks.reserve(1000);
+        const std::size_t before = testing::allocations_counted;
+        testing::counting_allocations = true;
+        for (int i = 0; i < 1000; ++i) tasks.push_back(create_task(index(i)));
+        testing::counting_allocations = false;
+        *out = testing::allocations_counted - before;
+        long sum = 0;
+        for (auto& t : tasks) sum += co_await t;
+        CHECK(sum == 999L * 1000L / 2);
+      }(&allocated));
+#ifndef ASYNC_UTILS_NO_FRAME_CACHE
+      CHECK(detail::frame_chunks_alive.load() > chunks_before);  // the blocks of finished tasks, kept for reuse
+#endif
+    }
+    if (counted) {
+      CHECK(allocated <= 1000);
+      CHECK(allocated < 100);  // chunks of frames and of task states, and the ready queue's growth
+    }
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);
+  }
+
+  TEST_CASE("coroutines made on one thread, destroyed or awaited on another: every block goes home") {
+    namespace detail = codestare::async_utils::detail;
+    static int alive = 0;
+    struct tracked {
+      tracked() { ++alive; }
+      tracked(const tracked&) { ++alive; }
+      ~tracked() { --alive; }
+    };
+    auto make = [](tracked, long v) -> coroutine<long> { co_return v; };
+    detail::frame_cache_trim();
+    const long chunks_before = detail::frame_chunks_alive.load();
+    std::vector<coroutine<long>> coros;
+    std::thread maker([&] {
+      for (long i = 0; i < 2000; ++i) coros.push_back(make(tracked{}, i));
+    });
+    maker.join();  // its chunks outlive it: the frames are still in use
+    CHECK(alive == 2000);
+    long sum = 0;
+    std::thread runner([&] {
+      for (std::size_t i = 0; i < coros.size(); i += 2) coros[i].reset();  // destroyed unstarted
+      event_loop loop;
+      sum = loop.run_until_complete([](std::vector<coroutine<long>>* cs) -> coroutine<long> {
+        long s = 0;
+        for (std::size_t i = 1; i < cs->size(); i += 2) s += co_await std::move((*cs)[i]);
+        co_return s;
+      }(&coros));
+      for (int i = 0; i < 500; ++i) make(tracked{}, 0).reset();  // reuses the blocks freed here
+    });
+    runner.join();
+    CHECK(alive == 0);
+    CHECK(sum == 1000L * 1000L);  // 1 + 3 + ... + 1999
+    coros.clear();
+    detail::frame_cache_trim();
+    CHECK(detail::frame_chunks_alive.load() == chunks_before);  // every chunk went back to the system
   }
 }
 #endif

@@ -7,6 +7,8 @@
 #ifdef ASYNC_UTILS_TESTS
 #include <dirent.h>
 #include <chrono>
+#include <cstddef>
+#include <new>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -65,6 +67,23 @@ class log_capture {
   std::string text_;
   log_handler previous_;
 };
+
+/// Allocations made by this thread while counting_allocations is set; counted by the global
+/// operator new that the ASYNC_UTILS_TESTS_MAIN translation unit defines (async_generator.hpp;
+/// weakly, so a program's own replacement wins; not under the sanitizers, which bring their own).
+inline thread_local bool counting_allocations = false;
+inline thread_local std::size_t allocations_counted = 0;
+/// Whether allocations are counted in this build (a probe: one direct operator new).
+inline bool allocations_are_counted() {
+  const std::size_t before = allocations_counted;
+  const bool was = counting_allocations;
+  counting_allocations = true;
+  ::operator delete(::operator new(8));  // a direct call: the compiler may not elide it
+  counting_allocations = was;
+  const bool counts = allocations_counted != before;
+  allocations_counted = before;
+  return counts;
+}
 
 }  // namespace codestare::async_utils::testing
 #endif
