@@ -7425,12 +7425,23 @@ TEST_SUITE("wait") {
 
   TEST_CASE("a cancelled caller: wait ends cancelled, the children run on") {
     testing::run_bounded([]() -> coroutine<void> {
-      auto tasks = three_tasks();
+      // The second child waits on a gate opened after the cancel (a timer could come due first
+      // on a loaded machine).
+      auto gate = event_loop::current().create_future<void>();
+      auto behind = [](future<void> g, int v) -> coroutine<int> {
+        co_await g;
+        co_return v;
+      };
+      std::vector<task<int>> tasks;
+      tasks.push_back(create_task(after(1ms, 1)));
+      tasks.push_back(create_task(behind(gate, 2)));
+      tasks.push_back(create_task(after(1h, 3)));
       auto waiting = create_task(wait(tasks));
-      co_await sleep(5ms);
+      co_await tasks[0];
       waiting.cancel();
       CHECK_THROWS_AS(co_await waiting, cancelled_error);
       CHECK_FALSE(tasks[1].done());
+      gate.set_result();
       CHECK_FALSE(tasks[1].cancelled());
       CHECK(co_await tasks[1] == 2);  // its callback was removed: it completes without a wait around
       tasks[2].cancel();
