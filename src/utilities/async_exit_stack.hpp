@@ -325,38 +325,13 @@ class async_exit_stack {
   }
 
   /// Unwinds the stack (aexit without an exception).
-  coroutine<void> aclose() { co_await aexit(nullptr); }
+  coroutine<void> aclose();
 
   /// `async with stack as s` binds the stack itself.
   detail::ready_ref<async_exit_stack> aenter() noexcept { return {*this}; }
 
   /// Runs every callback, LIFO, as described on the class.
-  coroutine<bool> aexit(std::exception_ptr error) {
-    const bool received = error != nullptr;
-    bool suppressed = false;
-    bool pending_raise = false;
-    std::exception_ptr pending = std::move(error);
-    while (!exits_.empty()) {  // callbacks registered while unwinding run too
-      exit_callback cb = std::move(exits_.back());
-      exits_.pop_back();
-      std::exception_ptr raised;
-      try {
-        if (co_await cb(pending)) {
-          suppressed = true;
-          pending_raise = false;
-          pending = nullptr;
-        }
-      } catch (...) {
-        raised = std::current_exception();
-      }
-      if (raised) {
-        pending = detail::chain_exceptions(raised, pending);
-        pending_raise = true;
-      }
-    }
-    if (pending_raise) std::rethrow_exception(pending);
-    co_return received && suppressed;
-  }
+  coroutine<bool> aexit(std::exception_ptr error);
 
   /// Number of callbacks waiting to run.
   std::size_t size() const noexcept { return exits_.size(); }
@@ -389,6 +364,37 @@ class async_exit_stack {
 
   std::vector<exit_callback> exits_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> async_exit_stack::aclose() { co_await aexit(nullptr); }
+
+ASYNC_UTILS_LINK coroutine<bool> async_exit_stack::aexit(std::exception_ptr error) {
+  const bool received = error != nullptr;
+  bool suppressed = false;
+  bool pending_raise = false;
+  std::exception_ptr pending = std::move(error);
+  while (!exits_.empty()) {  // callbacks registered while unwinding run too
+    exit_callback cb = std::move(exits_.back());
+    exits_.pop_back();
+    std::exception_ptr raised;
+    try {
+      if (co_await cb(pending)) {
+        suppressed = true;
+        pending_raise = false;
+        pending = nullptr;
+      }
+    } catch (...) {
+      raised = std::current_exception();
+    }
+    if (raised) {
+      pending = detail::chain_exceptions(raised, pending);
+      pending_raise = true;
+    }
+  }
+  if (pending_raise) std::rethrow_exception(pending);
+  co_return received && suppressed;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// An async context manager made of two callables: `enter()` (its result, awaited when it is an
 /// awaitable, is what async_with binds) and `exit(std::exception_ptr)` (or `exit()`) returning
