@@ -548,6 +548,7 @@ ASYNC_UTILS_LINK std::vector<address_info> resolve(const std::string& host, int 
   return out;
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio's loop.getaddrinfo for stream sockets, run on the default executor. An unknown host
@@ -631,6 +632,7 @@ ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(a
   co_return open_stream(fd.release(), limit);
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio.open_connection: resolves host, connects to the first address that accepts (TCP_NODELAY on).
@@ -833,7 +835,6 @@ ASYNC_UTILS_LINK coroutine<bool> server::aexit_impl(std::shared_ptr<detail::serv
 #endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
-
 
 #if ASYNC_UTILS_DEFINITIONS
 /// Counts a running handler; its end (also a frame destroyed unfinished) may end wait_closed.

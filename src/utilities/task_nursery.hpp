@@ -59,6 +59,7 @@ ASYNC_UTILS_LINK coroutine<void> wait_through_cancel(any_task t, bool& cancelled
   }
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
+
 template <class T>
 coroutine<void> wait_through_cancel(future<T> f, bool& cancelled) {
   for (;;) {
