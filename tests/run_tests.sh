@@ -3,7 +3,7 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme
+# Steps: freshness amalgamator layering unit multi_tu split oneliner tests_off kqueue compile_fail readme
 #        signals nursery demo parity
 #        cppcheck self_contained sanitize valgrind stress fuzz
 # (stress: NAME_uring programs run NAME on the io_uring backend, NAME_tsan under TSan)
@@ -20,7 +20,7 @@ CXX_CLANG19=${CXX_CLANG19:-clang++-19}  # the newest clang Debian 12 ships (make
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
+STEPS=" ${*:-freshness amalgamator layering unit multi_tu split oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
 # Each compiler (g++, clang++, clang++-19) once and each backend at least once; the sanitizer
 # builds below cover the other pairs (UNIT_FULL=1: every compiler on every backend). A build of the whole suite takes a minute or
 # two, and CI's budget counts them.
@@ -443,6 +443,12 @@ if want multi_tu; then
     cat "$BUILD"/multi_tu_{a,b}.log "$BUILD/multi_tu_link.log" >"$BUILD/multi_tu.log" 2>/dev/null
     fail "build multi_tu" 1 "$BUILD/multi_tu.log"
   fi
+fi
+
+if want split; then
+  echo "== split: ASYNC_UTILS_SPLIT in two TUs, ASYNC_UTILS_IMPLEMENTATION in a third; link errors without it or with two"
+  BUILD=$BUILD CXX_GCC=$CXX_GCC CXX_CLANG=$CXX_CLANG WARN=$WARN tests/split/run.sh >"$BUILD/split.log" 2>&1
+  count_lines "$BUILD/split.log"
 fi
 
 if want oneliner; then
