@@ -127,7 +127,10 @@ void throw_nested_if(const std::exception_ptr& raised) {
 /// std::throw_with_nested would have made it inside a `catch` of `context`. Exceptions of the
 /// standard and library types are chained; another type is returned unchanged and the context
 /// is logged, since C++ cannot add a base class to an exception that already exists.
-inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
   if (!raised || !context || raised == context) return raised;
   try {
     std::rethrow_exception(context);
@@ -161,6 +164,7 @@ inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::excep
   }
   return raised;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 template <class F>
 coroutine<bool> held_exit(std::shared_ptr<F> fn, std::exception_ptr error) {
