@@ -12568,7 +12568,7 @@ class awaitable_predicate {
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
-                                 std::optional<duration> timeout) {
+                                                                std::optional<duration> timeout) {
   auto guard = co_await cond->scoped();
   if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
   else co_await cond->wait_for(predicate);
@@ -17651,14 +17651,14 @@ ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(a
 
 /// asyncio.open_connection: resolves host, connects to the first address that accepts (TCP_NODELAY on).
 ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
-                                                                          std::size_t limit = detail::stream_default_limit);
+                                                                                    std::size_t limit = detail::stream_default_limit);
 /// asyncio.open_unix_connection.
 ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
-                                                                               std::size_t limit = detail::stream_default_limit);
+                                                                                         std::size_t limit = detail::stream_default_limit);
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
-                                                                          std::size_t limit) {
+                                                                                    std::size_t limit) {
   detail::check_port(port, "open_connection");
   auto addresses = co_await detail::resolve_host(host, port, 0);
   std::exception_ptr last;
@@ -17673,7 +17673,7 @@ ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connect
 }
 
 ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
-                                                                               std::size_t limit) {
+                                                                                         std::size_t limit) {
   auto a = detail::unix_address(path, "open_unix_connection");
   co_return co_await detail::connect_to(a, limit);
 }
@@ -17954,15 +17954,15 @@ ASYNC_UTILS_LINK void check_server_options(const server_options& o, const char* 
 /// port 0 picks a free one) and runs client_connected(reader, writer) in a task for each
 /// connection (TCP_NODELAY on). A handler's exception goes to the loop's exception handler.
 ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
-                                      server_options options = {});
+                                                server_options options = {});
 /// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
 /// replaced; the file is removed when the server closes).
 ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
-                                           server_options options = {});
+                                                     server_options options = {});
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
-                                      server_options options) {
+                                                server_options options) {
   detail::check_port(port, "start_server");
   detail::check_server_options(options, "start_server");
   if (!client_connected) throw std::invalid_argument("start_server: empty callback");
@@ -17974,7 +17974,7 @@ ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback c
 }
 
 ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
-                                           server_options options) {
+                                                     server_options options) {
   detail::check_server_options(options, "start_unix_server");
   if (!client_connected) throw std::invalid_argument("start_unix_server: empty callback");
   auto a = detail::unix_address(path, "start_unix_server");

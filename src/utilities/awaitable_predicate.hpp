@@ -60,7 +60,7 @@ class awaitable_predicate {
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
-                                 std::optional<duration> timeout) {
+                                                                std::optional<duration> timeout) {
   auto guard = co_await cond->scoped();
   if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
   else co_await cond->wait_for(predicate);
