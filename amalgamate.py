@@ -27,6 +27,8 @@ TOC_WIDTH = 100
 CONFIG_MACROS = [
     ("ASYNC_UTILS_TESTS", "compile the embedded doctest TEST_CASEs (needs <doctest/doctest.h>)"),
     ("ASYNC_UTILS_TESTS_MAIN", "as ASYNC_UTILS_TESTS, plus doctest's main(); in one TU only"),
+    ("ASYNC_UTILS_SPLIT", "every TU: non-template definitions only in the implementation TU"),
+    ("ASYNC_UTILS_IMPLEMENTATION", "in one TU only: compile those definitions there (implies SPLIT)"),
     ("ASYNC_UTILS_BACKEND_EPOLL", "force the epoll backend (the default on Linux)"),
     ("ASYNC_UTILS_BACKEND_IO_URING", "io_uring on Linux (raw system calls), epoll if the kernel refuses"),
     ("ASYNC_UTILS_BACKEND_KQUEUE", "force the kqueue backend (the default on macOS and the BSDs)"),

@@ -25,6 +25,8 @@
 // Configuration macros (define them before including this header):
 //   ASYNC_UTILS_TESTS             compile the embedded doctest TEST_CASEs (needs <doctest/doctest.h>)
 //   ASYNC_UTILS_TESTS_MAIN        as ASYNC_UTILS_TESTS, plus doctest's main(); in one TU only
+//   ASYNC_UTILS_SPLIT             every TU: non-template definitions only in the implementation TU
+//   ASYNC_UTILS_IMPLEMENTATION    in one TU only: compile those definitions there (implies SPLIT)
 //   ASYNC_UTILS_BACKEND_EPOLL     force the epoll backend (the default on Linux)
 //   ASYNC_UTILS_BACKEND_IO_URING  io_uring on Linux (raw system calls), epoll if the kernel refuses
 //   ASYNC_UTILS_BACKEND_KQUEUE    force the kqueue backend (the default on macOS and the BSDs)
@@ -352,6 +354,29 @@
 #else
 #define ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 #define ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
+#endif
+
+// Separate compilation (opt-in, README "Faster builds"): with ASYNC_UTILS_SPLIT defined in every
+// TU, the non-template functions marked ASYNC_UTILS_LINK are only declared; the one TU that also
+// defines ASYNC_UTILS_IMPLEMENTATION compiles their definitions, as ordinary (non-inline)
+// functions: a program without that TU fails to link, one with two such TUs too. Without either
+// macro everything stays inline, as before. ASYNC_UTILS_DEFINITIONS is 1 where the definitions are
+// compiled (the default drop-in mode and the implementation TU).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) || defined(ASYNC_UTILS_SPLIT)
+#define ASYNC_UTILS_LINK
+#else
+#define ASYNC_UTILS_LINK inline
+#endif
+#if defined(ASYNC_UTILS_IMPLEMENTATION) || !defined(ASYNC_UTILS_SPLIT)
+#define ASYNC_UTILS_DEFINITIONS 1
+#else
+#define ASYNC_UTILS_DEFINITIONS 0
+#endif
+// g++ warns (-Wsubobject-linkage) about coroutine frames of non-inline functions that hold a
+// lambda; the implementation TU is their only home, so the warning is off there (that TU is meant
+// to hold just the #include).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
 #endif
 
 // Embedded tests: ASYNC_UTILS_TESTS compiles the doctest TEST_CASEs that sit beside the code,
@@ -3677,16 +3702,18 @@ class event_loop {
 
 // ---- event_loop ------------------------------------------------------------------------------
 
-inline event_loop::event_loop() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK event_loop::event_loop() {
   watch_internal(wakeup_.fd(), [](void* self) { static_cast<event_loop*>(self)->wakeup_.drain(); }, this);
   --polled_;  // cross-thread posts are seen through posted_pending_ without polling
 }
 
-inline event_loop::~event_loop() {
+ASYNC_UTILS_LINK event_loop::~event_loop() {
   // Destroying a running loop (from one of its own callbacks) cannot be made safe.
   if (running_) std::terminate();
   close();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline event_loop& event_loop::current() {
   if (!detail::running_loop) throw std::runtime_error("no running event loop");
@@ -3697,7 +3724,8 @@ inline void event_loop::check_open() const {
   if (closed_) throw std::runtime_error("event loop is closed");
 }
 
-inline void event_loop::run_forever() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::run_forever() {
   check_open();
   if (running_) throw std::runtime_error("this event loop is already running");
   if (detail::running_loop) throw std::runtime_error("another event loop is running on this thread");
@@ -3720,7 +3748,7 @@ inline void event_loop::run_forever() {
 
 // One iteration, as asyncio's _run_once: poll (without blocking when work is ready), move due
 // timers to the ready queue, then run exactly the jobs that were ready at that point.
-inline void event_loop::run_once() {
+ASYNC_UTILS_LINK void event_loop::run_once() {
   take_posted();
   if (edge_ && !unconfirmed_.empty() && clock::now() >= confirm_at_) confirm_registrations();
   rearm();
@@ -3771,12 +3799,13 @@ inline void event_loop::run_once() {
   }
 }
 
-inline void event_loop::take_posted() {
+ASYNC_UTILS_LINK void event_loop::take_posted() {
   if (!posted_pending_.load(std::memory_order_acquire)) return;
   std::lock_guard guard(posted_mutex_);
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
@@ -3791,7 +3820,8 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::confirm_registrations() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
   // rounds. Re-arming re-registers a descriptor the kernel dropped (epoll_backend::arm).
@@ -3814,6 +3844,7 @@ inline void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post_held(detail::job j) {
   bool wake = false;
@@ -3885,7 +3916,8 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   if (!(w.armed & bit)) mark_dirty(fd, w);
 }
 
-inline void event_loop::io_waiter_withdrawn(int fd) noexcept {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::io_waiter_withdrawn(int fd) noexcept {
   if constexpr (edge_) {
     // Without this the record would stay (and count as polled) until the descriptor is used again.
     auto it = fds_.find(fd);
@@ -3899,7 +3931,7 @@ inline void event_loop::io_waiter_withdrawn(int fd) noexcept {
   }
 }
 
-inline void event_loop::descriptor_opened(int fd) noexcept {
+ASYNC_UTILS_LINK void event_loop::descriptor_opened(int fd) noexcept {
   if constexpr (edge_) {
     auto it = fds_.find(fd);
     if (it == fds_.end()) return;
@@ -3913,12 +3945,14 @@ inline void event_loop::descriptor_opened(int fd) noexcept {
   }
 }
 
-inline void event_loop::forget_arming(detail::fd_watch& w) noexcept {
+ASYNC_UTILS_LINK void event_loop::forget_arming(detail::fd_watch& w) noexcept {
   polled_ -= (w.armed != 0);
   w.armed = 0;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline void event_loop::rearm() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
   std::vector<int> failed;
   for (std::size_t i = 0; i < dirty_.size(); ++i) {
@@ -3954,14 +3988,14 @@ inline void event_loop::rearm() {
   for (int fd : failed) dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
 }
 
-inline void event_loop::forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept {
+ASYNC_UTILS_LINK void event_loop::forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept {
   // Nothing wants the descriptor and nothing is armed: its record goes (the epoll registration
   // left behind is disarmed; adding the descriptor again tolerates it).
   const detail::fd_watch& w = it->second;
   if (!w.internal && !w.armed && !w.dirty && !w.wanted()) fds_.erase(it);
 }
 
-inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
+ASYNC_UTILS_LINK void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
   auto it = fds_.find(fd);
   if (it == fds_.end()) return;
   detail::fd_watch& w = it->second;
@@ -4000,7 +4034,7 @@ inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
   }
 }
 
-inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
+ASYNC_UTILS_LINK void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
   backend_.watch(fd);
   detail::fd_watch& w = fds_.try_emplace(fd).first->second;
   w.internal = fn;
@@ -4008,7 +4042,7 @@ inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context)
   ++polled_;
 }
 
-inline void event_loop::unwatch_internal(int fd) noexcept {
+ASYNC_UTILS_LINK void event_loop::unwatch_internal(int fd) noexcept {
   auto it = fds_.find(fd);
   if (it == fds_.end() || !it->second.internal) return;
   backend_.remove(fd);
@@ -4016,7 +4050,7 @@ inline void event_loop::unwatch_internal(int fd) noexcept {
   --polled_;
 }
 
-inline void event_loop::set_callback(int fd, bool reader, std::function<void()> fn) {
+ASYNC_UTILS_LINK void event_loop::set_callback(int fd, bool reader, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
   detail::fd_watch& w = watch_of(fd);
@@ -4033,7 +4067,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   mark_dirty(fd, w);
 }
 
-inline bool event_loop::clear_callback(int fd, bool reader) {
+ASYNC_UTILS_LINK bool event_loop::clear_callback(int fd, bool reader) {
   auto it = fds_.find(fd);
   if (it == fds_.end()) return false;
   detail::fd_watch& w = it->second;
@@ -4055,10 +4089,11 @@ inline bool event_loop::clear_callback(int fd, bool reader) {
   return true;
 }
 
-inline void event_loop::add_reader(int fd, std::function<void()> fn) { set_callback(fd, true, std::move(fn)); }
-inline bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
-inline void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
-inline bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
+ASYNC_UTILS_LINK void event_loop::add_reader(int fd, std::function<void()> fn) { set_callback(fd, true, std::move(fn)); }
+ASYNC_UTILS_LINK bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
+ASYNC_UTILS_LINK void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
+ASYNC_UTILS_LINK bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline handle event_loop::call_soon(std::function<void()> fn) {
   check_open();
@@ -4069,7 +4104,8 @@ inline handle event_loop::call_soon(std::function<void()> fn) {
   return h;
 }
 
-inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("call_soon_threadsafe: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
   handle h(state);
@@ -4079,6 +4115,7 @@ inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   }
   return h;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
@@ -4123,14 +4160,15 @@ inline void detail::handle_state::run_job(void* self, bool run) noexcept {
   state->release();
 }
 
-inline void event_loop::default_exception_handler(const exception_context& context) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::default_exception_handler(const exception_context& context) {
   std::string text = context.message.empty() ? "Unhandled exception in event loop" : context.message;
   if (context.task && *context.task) text += " (task " + context.task->name() + ")";
   if (context.exception) text += ": " + describe(context.exception);
   log(log_level::error, text);
 }
 
-inline void event_loop::call_exception_handler(const exception_context& context) noexcept {
+ASYNC_UTILS_LINK void event_loop::call_exception_handler(const exception_context& context) noexcept {
   try {
     if (handler_) {
       handler_(*this, context);
@@ -4148,7 +4186,7 @@ inline void event_loop::call_exception_handler(const exception_context& context)
   }
 }
 
-inline void event_loop::close() {
+ASYNC_UTILS_LINK void event_loop::close() {
   if (running_) throw std::runtime_error("cannot close a running event loop");
   if (closed_) return;
   closed_ = true;
@@ -4189,6 +4227,7 @@ inline void event_loop::close() {
   while (detail::future_core* core = others_.pop_front()) core->loop_ = nullptr;
   detail::frame_cache_trim();  // the frames this thread recycled go back to the system
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -8933,7 +8972,12 @@ namespace detail {
 
 /// Cancels every pending task and runs the loop until all are done (rounds repeat for tasks
 /// started by cleanup code); failures other than cancellation go to the exception handler.
-inline void cancel_all_tasks(event_loop& loop) {
+ASYNC_UTILS_LINK void cancel_all_tasks(event_loop& loop);
+/// Everything run() does after the main coroutine, in asyncio's order.
+ASYNC_UTILS_LINK void finish_run(event_loop& loop) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void cancel_all_tasks(event_loop& loop) {
   for (;;) {
     std::vector<any_task> pending;
     loop.for_each_task([&](future_core& core) { pending.emplace_back(&core); });
@@ -8950,8 +8994,7 @@ inline void cancel_all_tasks(event_loop& loop) {
   }
 }
 
-/// Everything run() does after the main coroutine, in asyncio's order.
-inline void finish_run(event_loop& loop) noexcept {
+ASYNC_UTILS_LINK void finish_run(event_loop& loop) noexcept {
   try {
     cancel_all_tasks(loop);
     loop.shutdown_default_executor_now();
@@ -8963,6 +9006,7 @@ inline void finish_run(event_loop& loop) noexcept {
   } catch (...) {
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -10104,7 +10148,9 @@ auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
 /// caller) or a worker count for a new thread_pool_executor (std::invalid_argument for 0). A
 /// replaced executor is not stopped at once: its jobs finish and the loop's shutdown (run(),
 /// close(), shutdown_default_executor) shuts it down and joins it, as it does the current one.
-inline void event_loop::set_default_executor(std::shared_ptr<executor> e) {
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::shared_ptr<executor> e) {
   if (!e) throw std::invalid_argument("set_default_executor: null executor");
   check_open();
   detail::executor_slot& slot = detail::slot_of(*this);
@@ -10112,14 +10158,14 @@ inline void event_loop::set_default_executor(std::shared_ptr<executor> e) {
   if (slot.current) slot.retired.push_back(std::move(slot.current));
   slot.current = std::move(e);
 }
-inline void event_loop::set_default_executor(std::size_t max_workers) {
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::size_t max_workers) {
   set_default_executor(std::make_shared<thread_pool_executor>(max_workers));
 }
 
 /// asyncio's loop.shutdown_default_executor: a helper thread waits for the running and queued
 /// jobs and joins the workers while the loop keeps running; later run_in_executor calls throw
 /// std::runtime_error. Cancelling the await leaves the helper to be joined at close().
-inline coroutine<void> event_loop::shutdown_default_executor() {
+ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
   check_open();
   detail::executor_slot& slot = detail::slot_of(*this);
   slot.shutdown_called = true;
@@ -10150,9 +10196,10 @@ inline coroutine<void> event_loop::shutdown_default_executor() {
 }
 
 /// Blocking form, used by run() and close(): waits for every job and joins every thread.
-inline void event_loop::shutdown_default_executor_now() {
+ASYNC_UTILS_LINK void event_loop::shutdown_default_executor_now() {
   if (executor_) executor_->shutdown_now();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// loop.run_in_executor(None, fn, *args) on the running loop.
 template <class F, class... Args>
@@ -12777,16 +12824,21 @@ class awaitable_predicate {
  private:
   // Takes copies: the coroutine may outlive the object it was started from.
   static coroutine<void> wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
-                                   std::optional<duration> timeout) {
-    auto guard = co_await cond->scoped();
-    if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
-    else co_await cond->wait_for(predicate);
-  }
+                                   std::optional<duration> timeout);
 
   predicate_type predicate_;
   std::shared_ptr<async_utils::condition> condition_;
   std::optional<duration> timeout_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
+                                                                std::optional<duration> timeout) {
+  auto guard = co_await cond->scoped();
+  if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
+  else co_await cond->wait_for(predicate);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -13959,7 +14011,10 @@ void throw_nested_if(const std::exception_ptr& raised) {
 /// std::throw_with_nested would have made it inside a `catch` of `context`. Exceptions of the
 /// standard and library types are chained; another type is returned unchanged and the context
 /// is logged, since C++ cannot add a base class to an exception that already exists.
-inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
   if (!raised || !context || raised == context) return raised;
   try {
     std::rethrow_exception(context);
@@ -13993,6 +14048,7 @@ inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::excep
   }
   return raised;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 template <class F>
 coroutine<bool> held_exit(std::shared_ptr<F> fn, std::exception_ptr error) {
@@ -14157,38 +14213,13 @@ class async_exit_stack {
   }
 
   /// Unwinds the stack (aexit without an exception).
-  coroutine<void> aclose() { co_await aexit(nullptr); }
+  coroutine<void> aclose();
 
   /// `async with stack as s` binds the stack itself.
   detail::ready_ref<async_exit_stack> aenter() noexcept { return {*this}; }
 
   /// Runs every callback, LIFO, as described on the class.
-  coroutine<bool> aexit(std::exception_ptr error) {
-    const bool received = error != nullptr;
-    bool suppressed = false;
-    bool pending_raise = false;
-    std::exception_ptr pending = std::move(error);
-    while (!exits_.empty()) {  // callbacks registered while unwinding run too
-      exit_callback cb = std::move(exits_.back());
-      exits_.pop_back();
-      std::exception_ptr raised;
-      try {
-        if (co_await cb(pending)) {
-          suppressed = true;
-          pending_raise = false;
-          pending = nullptr;
-        }
-      } catch (...) {
-        raised = std::current_exception();
-      }
-      if (raised) {
-        pending = detail::chain_exceptions(raised, pending);
-        pending_raise = true;
-      }
-    }
-    if (pending_raise) std::rethrow_exception(pending);
-    co_return received && suppressed;
-  }
+  coroutine<bool> aexit(std::exception_ptr error);
 
   /// Number of callbacks waiting to run.
   std::size_t size() const noexcept { return exits_.size(); }
@@ -14221,6 +14252,37 @@ class async_exit_stack {
 
   std::vector<exit_callback> exits_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> async_exit_stack::aclose() { co_await aexit(nullptr); }
+
+ASYNC_UTILS_LINK coroutine<bool> async_exit_stack::aexit(std::exception_ptr error) {
+  const bool received = error != nullptr;
+  bool suppressed = false;
+  bool pending_raise = false;
+  std::exception_ptr pending = std::move(error);
+  while (!exits_.empty()) {  // callbacks registered while unwinding run too
+    exit_callback cb = std::move(exits_.back());
+    exits_.pop_back();
+    std::exception_ptr raised;
+    try {
+      if (co_await cb(pending)) {
+        suppressed = true;
+        pending_raise = false;
+        pending = nullptr;
+      }
+    } catch (...) {
+      raised = std::current_exception();
+    }
+    if (raised) {
+      pending = detail::chain_exceptions(raised, pending);
+      pending_raise = true;
+    }
+  }
+  if (pending_raise) std::rethrow_exception(pending);
+  co_return received && suppressed;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// An async context manager made of two callables: `enter()` (its result, awaited when it is an
 /// awaitable, is what async_with binds) and `exit(std::exception_ptr)` (or `exit()`) returning
@@ -15014,31 +15076,7 @@ class task_group {
   /// Waits for every task; then rethrows as asyncio does: an outside cancellation as
   /// cancelled_error when nothing failed, else every failure (the body's last) in one
   /// exception_group.
-  coroutine<bool> aexit(std::exception_ptr error) {
-    exiting_ = true;
-    const bool body_cancelled = detail::is_cancellation(error);
-    std::exception_ptr propagate_cancel = body_cancelled ? error : nullptr;
-    // The group's own cancel() of the parent is handled here; only an outside one propagates.
-    if (parent_cancel_requested_ && parent_.uncancel() == 0) propagate_cancel = nullptr;
-    if (error && !aborting_) abort();
-    while (pending_ > 0) {
-      on_completed_ = event_loop::current().create_future<void>();
-      try {
-        co_await *on_completed_;
-      } catch (const cancelled_error&) {
-        if (!aborting_) {
-          propagate_cancel = std::current_exception();
-          abort();
-        }
-      }
-      on_completed_.reset();
-    }
-    tasks_.clear();
-    if (propagate_cancel && errors_.empty()) std::rethrow_exception(propagate_cancel);
-    if (error && !body_cancelled) errors_.push_back(error);
-    if (!errors_.empty()) throw exception_group("unhandled errors in a task_group", std::exchange(errors_, {}));
-    co_return false;
-  }
+  coroutine<bool> aexit(std::exception_ptr error);
 
  private:
   void abort() {
@@ -15087,6 +15125,34 @@ class task_group {
   bool aborting_ = false;
   bool parent_cancel_requested_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<bool> task_group::aexit(std::exception_ptr error) {
+  exiting_ = true;
+  const bool body_cancelled = detail::is_cancellation(error);
+  std::exception_ptr propagate_cancel = body_cancelled ? error : nullptr;
+  // The group's own cancel() of the parent is handled here; only an outside one propagates.
+  if (parent_cancel_requested_ && parent_.uncancel() == 0) propagate_cancel = nullptr;
+  if (error && !aborting_) abort();
+  while (pending_ > 0) {
+    on_completed_ = event_loop::current().create_future<void>();
+    try {
+      co_await *on_completed_;
+    } catch (const cancelled_error&) {
+      if (!aborting_) {
+        propagate_cancel = std::current_exception();
+        abort();
+      }
+    }
+    on_completed_.reset();
+  }
+  tasks_.clear();
+  if (propagate_cancel && errors_.empty()) std::rethrow_exception(propagate_cancel);
+  if (error && !body_cancelled) errors_.push_back(error);
+  if (!errors_.empty()) throw exception_group("unhandled errors in a task_group", std::exchange(errors_, {}));
+  co_return false;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -16006,7 +16072,10 @@ namespace detail {
 
 /// Waits until `t` is done; cancellation requests to the waiting task are noted in `cancelled`
 /// and otherwise ignored, so that a shutdown in progress always finishes.
-inline coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
+ASYNC_UTILS_LINK coroutine<void> wait_through_cancel(any_task t, bool& cancelled);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
   for (;;) {
     try {
       co_await wait_done(t);
@@ -16016,6 +16085,8 @@ inline coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
     }
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 template <class T>
 coroutine<void> wait_through_cancel(future<T> f, bool& cancelled) {
   for (;;) {
@@ -16071,7 +16142,10 @@ void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& stat
 /// is done and returns how it ended: null when it returned, its exception when it failed,
 /// cancelled_error when it was cancelled. Awaiting it from `t` itself throws
 /// std::invalid_argument.
-inline coroutine<std::exception_ptr> stop_task(any_task t) {
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> stop_task(any_task t);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> stop_task(any_task t) {
   if (!t) throw std::invalid_argument("stop_task: empty task handle");
   if (auto me = current_task(); me && *me == t) throw std::invalid_argument("stop_task: a task cannot stop itself");
   t.cancel();
@@ -16082,6 +16156,7 @@ inline coroutine<std::exception_ptr> stop_task(any_task t) {
     co_return std::current_exception();  // cancelled_error
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The name of a task_nursery: a string, a function computing it each time it is read (the
 /// original's callable name), or nothing for the automatic `TaskNursery-<n>`.
@@ -16267,7 +16342,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
   /// Shuts the nursery down (see the class).
-  coroutine<void> aclose() { co_await shut_down(nullptr, false); }
+  coroutine<void> aclose();
   /// `async with nursery as n` binds the nursery itself.
   detail::ready_ref<task_nursery> aenter() noexcept { return {*this}; }
   /// Shuts the nursery down; true when a context suppressed `error`.
@@ -16287,17 +16362,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
  private:
-  static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st) {
-    try {
-      co_await st->loop->create_future<void>();  // never completed: waits for cancellation
-    } catch (const cancelled_error&) {
-    }
-    st->sentinel_woke = true;
-    // A shutdown run by someone else cancelled us and waits for us: end at once (whoever
-    // stopped us to shut the nursery down waits for close_done, see finish_close).
-    if (!st->owner || st->closing) co_return;
-    co_await st->owner->shut_down(nullptr, true);
-  }
+  static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st);
 
   static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
     auto st = weak.lock();
@@ -16320,98 +16385,122 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
   /// The shutdown. `sentinel_ending`: the sentinel runs it or is done already (do not wait for it).
-  coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending) {
-    std::shared_ptr<detail::nursery_state> st = state_;
-    if (st->closing) {  // another shutdown runs or ran: wait for it, then exit what came since
-      bool ignored = false;
-      co_await detail::wait_through_cancel(*st->close_done, ignored);
-      if (!st->owner || empty()) co_return false;  // (destroyed meanwhile: nothing of ours is left)
-      co_return co_await async_exit_stack::aexit(std::move(error));
-    }
-    if (!st->responsible && !sentinel_ending) co_return co_await async_exit_stack::aexit(std::move(error));  // popped: nothing else
-    st->closing = true;
-    st->close_done = st->loop->create_future<void>();
-    // From here on the shutdown touches only `st`, never the nursery object, which may be
-    // destroyed while the shutdown runs: the exit callbacks move into the state first.
-    st->unwinding.emplace(async_exit_stack::pop_all());
-    bool cancelled = false;
-    // 1. The tasks: cancelled together, awaited (the task running this is spared).
-    if (st->responsible) {
-      const auto me = current_task();
-      for (;;) {
-        auto victims = st->pending_children(me);
-        if (victims.empty()) break;
-        for (auto& t : victims) t.cancel();
-        for (auto& t : victims) co_await detail::wait_through_cancel(t, cancelled);
-      }
-    }
-    // 2. The entered contexts and callbacks, LIFO (those entered while the tasks stopped first).
-    bool suppressed = false;
-    std::exception_ptr exit_error;
-    try {
-      if (st->owner && !empty()) st->unwinding->push_async_exit(async_exit_stack::pop_all());
-      suppressed = co_await st->unwinding->aexit(std::move(error));
-    } catch (...) {
-      exit_error = std::current_exception();
-    }
-    // 3. The nurseries we adopted end, then our own sentinel.
-    if (st->responsible) {
-      auto adopted = std::move(st->adopted);
-      st->adopted.clear();
-      for (auto& a : adopted) co_await end_adopted(a, cancelled);
-    }
-    if (!sentinel_ending && st->sentinel && !st->sentinel_woke) {
-      st->sentinel.cancel();
-      co_await detail::wait_through_cancel(st->sentinel, cancelled);
-    }
-    st->sentinel = any_task();
-    st->closed = true;
-    st->close_done->set_result();
-    if (exit_error) std::rethrow_exception(exit_error);
-    if (cancelled) throw cancelled_error("cancelled while task_nursery " + detail::python_repr(st->name) + " shut down");
-    co_return suppressed;
-  }
+  coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending);
 
-  static coroutine<void> close_later(std::shared_ptr<detail::nursery_state> st) {
-    bool cancelled = false;
-    co_await finish_close(std::move(st), cancelled);
-  }
+  static coroutine<void> close_later(std::shared_ptr<detail::nursery_state> st);
 
   /// Shuts down a nursery we adopted: its sentinel is cancelled and it closes (its own tasks
   /// were stopped by us already).
-  static coroutine<void> end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled) {
-    if (a->sentinel && !a->sentinel_woke && !a->sentinel.done()) a->sentinel.cancel();
-    if (a->sentinel) co_await detail::wait_through_cancel(a->sentinel, cancelled);
-    co_await finish_close(a, cancelled);
-  }
+  static coroutine<void> end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled);
 
  public:
   /// Internal (shutdown handling): makes sure the nursery of `st` has finished shutting down,
   /// once its sentinel is done, running the shutdown here if nobody else does.
-  static coroutine<void> finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled) {
-    if (st->closed) co_return;
-    if (st->closing) {
-      co_await detail::wait_through_cancel(*st->close_done, cancelled);
-      co_return;
-    }
-    if (st->owner) {
-      try {
-        co_await st->owner->shut_down(nullptr, true);
-      } catch (const cancelled_error&) {
-        cancelled = true;
-      } catch (...) {
-        log(log_level::error, "task_nursery " + detail::python_repr(st->name) + ": error while shutting down: " + describe(std::current_exception()));
-      }
-      co_return;
-    }
-    st->sentinel = any_task();  // destroyed before it could shut down
-    st->closed = true;
-  }
+  static coroutine<void> finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled);
 
  private:
   std::variant<std::monostate, std::string, std::function<std::string()>> name_;
   std::shared_ptr<detail::nursery_state> state_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> task_nursery::aclose() { co_await shut_down(nullptr, false); }
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::sentinel_body(std::shared_ptr<detail::nursery_state> st) {
+  try {
+    co_await st->loop->create_future<void>();  // never completed: waits for cancellation
+  } catch (const cancelled_error&) {
+  }
+  st->sentinel_woke = true;
+  // A shutdown run by someone else cancelled us and waits for us: end at once (whoever
+  // stopped us to shut the nursery down waits for close_done, see finish_close).
+  if (!st->owner || st->closing) co_return;
+  co_await st->owner->shut_down(nullptr, true);
+}
+
+ASYNC_UTILS_LINK coroutine<bool> task_nursery::shut_down(std::exception_ptr error, bool sentinel_ending) {
+  std::shared_ptr<detail::nursery_state> st = state_;
+  if (st->closing) {  // another shutdown runs or ran: wait for it, then exit what came since
+    bool ignored = false;
+    co_await detail::wait_through_cancel(*st->close_done, ignored);
+    if (!st->owner || empty()) co_return false;  // (destroyed meanwhile: nothing of ours is left)
+    co_return co_await async_exit_stack::aexit(std::move(error));
+  }
+  if (!st->responsible && !sentinel_ending) co_return co_await async_exit_stack::aexit(std::move(error));  // popped: nothing else
+  st->closing = true;
+  st->close_done = st->loop->create_future<void>();
+  // From here on the shutdown touches only `st`, never the nursery object, which may be
+  // destroyed while the shutdown runs: the exit callbacks move into the state first.
+  st->unwinding.emplace(async_exit_stack::pop_all());
+  bool cancelled = false;
+  // 1. The tasks: cancelled together, awaited (the task running this is spared).
+  if (st->responsible) {
+    const auto me = current_task();
+    for (;;) {
+      auto victims = st->pending_children(me);
+      if (victims.empty()) break;
+      for (auto& t : victims) t.cancel();
+      for (auto& t : victims) co_await detail::wait_through_cancel(t, cancelled);
+    }
+  }
+  // 2. The entered contexts and callbacks, LIFO (those entered while the tasks stopped first).
+  bool suppressed = false;
+  std::exception_ptr exit_error;
+  try {
+    if (st->owner && !empty()) st->unwinding->push_async_exit(async_exit_stack::pop_all());
+    suppressed = co_await st->unwinding->aexit(std::move(error));
+  } catch (...) {
+    exit_error = std::current_exception();
+  }
+  // 3. The nurseries we adopted end, then our own sentinel.
+  if (st->responsible) {
+    auto adopted = std::move(st->adopted);
+    st->adopted.clear();
+    for (auto& a : adopted) co_await end_adopted(a, cancelled);
+  }
+  if (!sentinel_ending && st->sentinel && !st->sentinel_woke) {
+    st->sentinel.cancel();
+    co_await detail::wait_through_cancel(st->sentinel, cancelled);
+  }
+  st->sentinel = any_task();
+  st->closed = true;
+  st->close_done->set_result();
+  if (exit_error) std::rethrow_exception(exit_error);
+  if (cancelled) throw cancelled_error("cancelled while task_nursery " + detail::python_repr(st->name) + " shut down");
+  co_return suppressed;
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::close_later(std::shared_ptr<detail::nursery_state> st) {
+  bool cancelled = false;
+  co_await finish_close(std::move(st), cancelled);
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled) {
+  if (a->sentinel && !a->sentinel_woke && !a->sentinel.done()) a->sentinel.cancel();
+  if (a->sentinel) co_await detail::wait_through_cancel(a->sentinel, cancelled);
+  co_await finish_close(a, cancelled);
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled) {
+  if (st->closed) co_return;
+  if (st->closing) {
+    co_await detail::wait_through_cancel(*st->close_done, cancelled);
+    co_return;
+  }
+  if (st->owner) {
+    try {
+      co_await st->owner->shut_down(nullptr, true);
+    } catch (const cancelled_error&) {
+      cancelled = true;
+    } catch (...) {
+      log(log_level::error, "task_nursery " + detail::python_repr(st->name) + ": error while shutting down: " + describe(std::current_exception()));
+    }
+    co_return;
+  }
+  st->sentinel = any_task();  // destroyed before it could shut down
+  st->closed = true;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -16799,10 +16888,14 @@ struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
   std::map<event_loop*, std::shared_ptr<loop_shutdown>> entries;
 };
-inline loop_shutdown_table& shutdown_table() {
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table() {
   static loop_shutdown_table table;
   return table;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Removes the table entry when the last holder goes. The holders are the signal handlers and
 /// the exception handler we install (gone when the loop closes or is destroyed) and the nurseries
@@ -16821,7 +16914,13 @@ struct loop_shutdown_guard {
 };
 
 /// The entry of `loop` and the guard that keeps it listed (created when missing).
-inline std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) {
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop);
+/// The entry of `loop`, or null when it has no shutdown handling.
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop);
+ASYNC_UTILS_LINK std::string signal_name(int sig);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) {
   auto& table = shutdown_table();
   std::lock_guard lock(table.mutex);
   static std::map<loop_shutdown*, std::weak_ptr<loop_shutdown_guard>> guards_by_entry;  // under table.mutex
@@ -16838,15 +16937,14 @@ inline std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) 
   return guard;
 }
 
-/// The entry of `loop`, or null when it has no shutdown handling.
-inline std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop) {
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop) {
   auto& table = shutdown_table();
   std::lock_guard lock(table.mutex);
   auto it = table.entries.find(&loop);
   return it == table.entries.end() ? nullptr : it->second;
 }
 
-inline std::string signal_name(int sig) {
+ASYNC_UTILS_LINK std::string signal_name(int sig) {
   switch (sig) {
     case SIGINT: return "SIGINT";
     case SIGTERM: return "SIGTERM";
@@ -16854,11 +16952,17 @@ inline std::string signal_name(int sig) {
     default: return "signal " + std::to_string(sig);
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
-coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard);
 
 /// Creates the shutdown task unless a shutdown is pending, running or done.
-inline void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel) {
+ASYNC_UTILS_LINK void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel);
+/// Stops the sentinels of `nurseries` together, then waits until each has shut down.
+ASYNC_UTILS_LINK coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries);
+ASYNC_UTILS_LINK coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel) {
   if (loop.is_closed()) return;
   auto guard = shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -16873,8 +16977,7 @@ inline void start_shutdown(event_loop& loop, std::string reason, std::optional<a
   }
 }
 
-/// Stops the sentinels of `nurseries` together, then waits until each has shut down.
-inline coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries) {
+ASYNC_UTILS_LINK coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries) {
   for (auto& n : nurseries)
     if (n->sentinel && !n->sentinel.done() && !n->sentinel_woke) n->sentinel.cancel();
   for (auto& n : nurseries) {
@@ -16885,7 +16988,7 @@ inline coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>
   }
 }
 
-inline coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard) {
+ASYNC_UTILS_LINK coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard) {
   if (!guard) guard = shutdown_guard_of(loop);  // keeps the entry listed while we run
   loop_shutdown* entry = guard->entry.get();
   entry->start_pending = false;
@@ -16928,35 +17031,42 @@ inline coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::o
   entry->state = loop_shutdown::phase::done;
   loop.stop();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 /// codestare's handle_exception: the default handler logs the context, then a shutdown starts
 /// (as a task named "shutdown(<message>)"; once per loop). Installed by setup_shutdown_handling
 /// on loops that have no exception handler.
-inline void handle_exception(event_loop& loop, const exception_context& context) {
+ASYNC_UTILS_LINK void handle_exception(event_loop& loop, const exception_context& context);
+/// codestare's shutdown(loop, signal=...): stops every nursery of the loop (their sentinels),
+/// then every other task but the current one, then the loop. Does nothing when a shutdown of
+/// the loop already runs or ran.
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, int signal);
+/// codestare's shutdown(loop, context=...): stops the nursery whose sentinel is
+/// context.sentinel (every nursery when there is none), then the other nurseries and every
+/// other task, then the loop.
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, exception_context context);
+/// codestare's setup_shutdown_handling: SIGHUP, SIGTERM and SIGINT start shutdown(loop, signal);
+/// handle_exception becomes the exception handler if the loop has none. A signal that another
+/// loop of the process already handles is skipped with a warning.
+ASYNC_UTILS_LINK void setup_shutdown_handling(event_loop& loop);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void handle_exception(event_loop& loop, const exception_context& context) {
   loop.default_exception_handler(context);
   if (loop.is_closed()) return;
   detail::start_shutdown(loop, context.message.empty() ? std::string("exception") : context.message, context.sentinel);
 }
 
-/// codestare's shutdown(loop, signal=...): stops every nursery of the loop (their sentinels),
-/// then every other task but the current one, then the loop. Does nothing when a shutdown of
-/// the loop already runs or ran.
-inline coroutine<void> shutdown(event_loop& loop, int signal) {
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, int signal) {
   return detail::run_shutdown(loop, detail::signal_name(signal), std::nullopt, nullptr);
 }
-/// codestare's shutdown(loop, context=...): stops the nursery whose sentinel is
-/// context.sentinel (every nursery when there is none), then the other nurseries and every
-/// other task, then the loop.
-inline coroutine<void> shutdown(event_loop& loop, exception_context context) {
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, exception_context context) {
   return detail::run_shutdown(loop, context.message.empty() ? std::string("exception") : context.message, context.sentinel, nullptr);
 }
 
-/// codestare's setup_shutdown_handling: SIGHUP, SIGTERM and SIGINT start shutdown(loop, signal);
-/// handle_exception becomes the exception handler if the loop has none. A signal that another
-/// loop of the process already handles is skipped with a warning.
-inline void setup_shutdown_handling(event_loop& loop) {
+ASYNC_UTILS_LINK void setup_shutdown_handling(event_loop& loop) {
   loop.check_open();
   auto guard = detail::shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -16973,13 +17083,13 @@ inline void setup_shutdown_handling(event_loop& loop) {
   entry.installed = true;
 }
 
-inline void task_nursery::add_shutdown_handling(event_loop& loop) {
+ASYNC_UTILS_LINK void task_nursery::add_shutdown_handling(event_loop& loop) {
   auto entry = detail::find_shutdown(loop);
   if (entry && entry->installed) return;
   setup_shutdown_handling(loop);
 }
 
-inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state) {
+ASYNC_UTILS_LINK void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state) {
   task_nursery::add_shutdown_handling(loop);
   auto guard = shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -16988,6 +17098,7 @@ inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nurse
   entry.nurseries.push_back(state);
   state->shutdown_guard = std::move(guard);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -17385,7 +17496,10 @@ struct reading_guard {
   }
 };
 
-inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
+ASYNC_UTILS_LINK std::string format_address(const sockaddr_storage& a, socklen_t len);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string format_address(const sockaddr_storage& a, socklen_t len) {
   char host[INET6_ADDRSTRLEN] = {};
   if (a.ss_family == AF_INET) {
     const auto& in = reinterpret_cast<const sockaddr_in&>(a);
@@ -17404,21 +17518,33 @@ inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
   }
   return {};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 namespace detail {
 
-inline void stream_check_error(stream_state& s) {
+ASYNC_UTILS_LINK void stream_check_error(stream_state& s);
+// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
+// state alive.
+ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want);
+// The operations' frames hold the state: the handle may go while an operation runs.
+ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s);
+ASYNC_UTILS_LINK coroutine<void> stream_drain(std::shared_ptr<stream_state> s);
+ASYNC_UTILS_LINK coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void stream_check_error(stream_state& s) {
   if (s.read_error) {
     int e = std::exchange(s.read_error, 0);
     throw_errno(e, "stream_reader");
   }
 }
 
-// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
-// state alive.
-inline coroutine<void> stream_fill(stream_state* s, std::size_t want) {
+ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want) {
   if (!s->fd || s->eof) {
     s->eof = true;
     co_return;
@@ -17430,8 +17556,7 @@ inline coroutine<void> stream_fill(stream_state* s, std::size_t want) {
   co_await io_awaiter<stream_fill_op>({{}, s, room}, s->fd.get(), io_read);
 }
 
-// The operations' frames hold the state: the handle may go while an operation runs.
-inline coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
   if (n == 0) co_return std::string();
   if (n < 0) {
     while (!s->eof) co_await stream_fill(s.get(), stream_default_limit);
@@ -17443,7 +17568,7 @@ inline coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::
   co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
 }
 
-inline coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
   if (n < 0) throw std::invalid_argument("readexactly: size can not be less than zero");
   const auto want = static_cast<std::size_t>(n);
   while (s->available() < want) {
@@ -17456,7 +17581,7 @@ inline coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s
   co_return s->take(want);
 }
 
-inline coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator) {
   if (separator.empty()) throw std::invalid_argument("readuntil: separator should be at least one-byte string");
   const std::size_t seplen = separator.size();
   std::size_t offset = 0, found = std::string::npos;
@@ -17479,7 +17604,7 @@ inline coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, 
   co_return s->take(found + seplen);
 }
 
-inline coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
   std::string sep = "\n";
   std::optional<limit_overrun_error> overrun;
   try {
@@ -17498,7 +17623,7 @@ inline coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
   throw *overrun;
 }
 
-inline coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
   if (s->write_error) throw_errno(s->write_error, "stream_writer.drain");
   if (s->closing) {
     co_await sleep(std::chrono::seconds(0));  // as asyncio: let the close go on
@@ -17512,9 +17637,10 @@ inline coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
   }
 }
 
-inline coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
   if (!s->closed.done()) co_await s->closed;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The shared state of a stream or server handle; a moved-from handle may only be destroyed or
 /// assigned to, anything else throws instead of reaching through a null pointer.
@@ -17640,7 +17766,10 @@ class stream_writer {
 
 /// Takes a connected socket (made non-blocking here) and returns its reader and writer, which
 /// own it from now on.
-inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit = detail::stream_default_limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit) {
   detail::unique_fd owned(fd);
   if (fd < 0) throw std::invalid_argument("open_stream: bad descriptor");
   if (limit == 0) throw std::invalid_argument("open_stream: limit must be positive");
@@ -17648,6 +17777,7 @@ inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t l
   auto s = std::make_shared<detail::stream_state>(owned.release(), limit);
   return {stream_reader(s), stream_writer(s)};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One result of getaddrinfo: what socket() and connect()/bind() take.
 struct address_info {
@@ -17657,7 +17787,12 @@ struct address_info {
 };
 
 namespace detail {
-inline const std::error_category& gai_category() {
+ASYNC_UTILS_LINK const std::error_category& gai_category();
+ASYNC_UTILS_LINK void check_port(int port, const char* what);
+ASYNC_UTILS_LINK std::vector<address_info> resolve(const std::string& host, int port, int flags);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const std::error_category& gai_category() {
   struct category : std::error_category {
     const char* name() const noexcept override { return "getaddrinfo"; }
     std::string message(int e) const override { return ::gai_strerror(e); }
@@ -17665,10 +17800,10 @@ inline const std::error_category& gai_category() {
   static const category c;
   return c;
 }
-inline void check_port(int port, const char* what) {
+ASYNC_UTILS_LINK void check_port(int port, const char* what) {
   if (port < 0 || port > 65535) throw std::invalid_argument(std::string(what) + ": port out of range 0-65535: " + std::to_string(port));
 }
-inline std::vector<address_info> resolve(const std::string& host, int port, int flags) {
+ASYNC_UTILS_LINK std::vector<address_info> resolve(const std::string& host, int port, int flags) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -17691,21 +17826,35 @@ inline std::vector<address_info> resolve(const std::string& host, int port, int 
   ::freeaddrinfo(list);
   return out;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio's loop.getaddrinfo for stream sockets, run on the default executor. An unknown host
 /// throws std::system_error (category "getaddrinfo"), a bad port std::invalid_argument.
-inline coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags = 0) {
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags = 0);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags) {
   detail::check_port(port, "getaddrinfo");
   // Named, not a temporary inside the co_await: g++ 12 frees the captured string twice otherwise.
   auto job = [host, port, flags] { return detail::resolve(host, port, flags); };
   auto resolved = event_loop::current().run_in_executor(std::move(job));
   co_return co_await std::move(resolved);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 /// A numeric IPv4 or IPv6 host needs no resolver (asyncio skips getaddrinfo for them too).
-inline std::optional<address_info> numeric_address(const std::string& host, int port) {
+ASYNC_UTILS_LINK std::optional<address_info> numeric_address(const std::string& host, int port);
+/// The addresses to connect to or bind: numeric hosts at once, names through getaddrinfo.
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags);
+ASYNC_UTILS_LINK address_info unix_address(const std::string& path, const char* what);
+ASYNC_UTILS_LINK void set_nodelay(int fd, int family);
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::optional<address_info> numeric_address(const std::string& host, int port) {
   address_info a;
   a.socktype = SOCK_STREAM;
   a.protocol = IPPROTO_TCP;
@@ -17728,8 +17877,7 @@ inline std::optional<address_info> numeric_address(const std::string& host, int 
   return std::nullopt;
 }
 
-/// The addresses to connect to or bind: numeric hosts at once, names through getaddrinfo.
-inline coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags) {
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags) {
   if (auto a = numeric_address(host, port)) co_return std::vector<address_info>{*a};
   // Named, not a temporary inside the co_await (g++ 12, see getaddrinfo).
   auto job = [host, port, flags] { return resolve(host, port, flags); };
@@ -17737,7 +17885,7 @@ inline coroutine<std::vector<address_info>> resolve_host(std::string host, int p
   co_return co_await std::move(resolved);
 }
 
-inline address_info unix_address(const std::string& path, const char* what) {
+ASYNC_UTILS_LINK address_info unix_address(const std::string& path, const char* what) {
   address_info a;
   auto& un = reinterpret_cast<sockaddr_un&>(a.address);
   if (path.empty() || path.size() >= sizeof un.sun_path)
@@ -17749,24 +17897,33 @@ inline address_info unix_address(const std::string& path, const char* what) {
   return a;
 }
 
-inline void set_nodelay(int fd, int family) {
+ASYNC_UTILS_LINK void set_nodelay(int fd, int family) {
   if (family != AF_INET && family != AF_INET6) return;
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-inline coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
   unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
   if (!fd) throw_errno(errno, "open_connection: socket");
   set_nodelay(fd.get(), a.family);
   co_await sock_connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.address), a.length);
   co_return open_stream(fd.release(), limit);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio.open_connection: resolves host, connects to the first address that accepts (TCP_NODELAY on).
-inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
-                                                                          std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
+                                                                                    std::size_t limit = detail::stream_default_limit);
+/// asyncio.open_unix_connection.
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
+                                                                                         std::size_t limit = detail::stream_default_limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
+                                                                                    std::size_t limit) {
   detail::check_port(port, "open_connection");
   auto addresses = co_await detail::resolve_host(host, port, 0);
   std::exception_ptr last;
@@ -17780,12 +17937,12 @@ inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::s
   std::rethrow_exception(last);
 }
 
-/// asyncio.open_unix_connection.
-inline coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
-                                                                               std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
+                                                                                         std::size_t limit) {
   auto a = detail::unix_address(path, "open_unix_connection");
   co_return co_await detail::connect_to(a, limit);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 
 /// How start_server and start_unix_server set up the listening sockets.
@@ -17913,44 +18070,52 @@ class server {
 
  private:
   const std::shared_ptr<detail::server_state>& live() const { return detail::live(s_, "server"); }
-  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->closed && s->active == 0) co_return;
-    auto f = s->loop->create_future<void>();
-    s->closed_waiters.push_back(f);
-    co_await f;
-  }
-  static coroutine<void> start_serving_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->closed) throw std::runtime_error("server is closed");
-    s->start();
-    co_await sleep(std::chrono::seconds(0));
-  }
-  static coroutine<void> serve_forever_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->forever) throw std::runtime_error("server is already being awaited on serve_forever()");
-    if (s->closed) throw std::runtime_error("server is closed");
-    s->start();
-    s->forever = s->loop->create_future<void>();
-    std::exception_ptr stop;
-    try {
-      co_await *s->forever;  // only ever cancelled: by the caller, or by close()
-    } catch (const cancelled_error&) {
-      stop = std::current_exception();
-    }
-    s->forever.reset();
-    s->close();
-    co_await wait_closed_impl(s);
-    if (stop) std::rethrow_exception(stop);
-  }
-  static coroutine<bool> aexit_impl(std::shared_ptr<detail::server_state> s) {
-    s->close();
-    co_await wait_closed_impl(s);
-    co_return false;
-  }
+  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<void> start_serving_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<void> serve_forever_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<bool> aexit_impl(std::shared_ptr<detail::server_state> s);
 
   std::shared_ptr<detail::server_state> s_;
 };
 
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> server::wait_closed_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->closed && s->active == 0) co_return;
+  auto f = s->loop->create_future<void>();
+  s->closed_waiters.push_back(f);
+  co_await f;
+}
+ASYNC_UTILS_LINK coroutine<void> server::start_serving_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->closed) throw std::runtime_error("server is closed");
+  s->start();
+  co_await sleep(std::chrono::seconds(0));
+}
+ASYNC_UTILS_LINK coroutine<void> server::serve_forever_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->forever) throw std::runtime_error("server is already being awaited on serve_forever()");
+  if (s->closed) throw std::runtime_error("server is closed");
+  s->start();
+  s->forever = s->loop->create_future<void>();
+  std::exception_ptr stop;
+  try {
+    co_await *s->forever;  // only ever cancelled: by the caller, or by close()
+  } catch (const cancelled_error&) {
+    stop = std::current_exception();
+  }
+  s->forever.reset();
+  s->close();
+  co_await wait_closed_impl(s);
+  if (stop) std::rethrow_exception(stop);
+}
+ASYNC_UTILS_LINK coroutine<bool> server::aexit_impl(std::shared_ptr<detail::server_state> s) {
+  s->close();
+  co_await wait_closed_impl(s);
+  co_return false;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 namespace detail {
 
+#if ASYNC_UTILS_DEFINITIONS
 /// Counts a running handler; its end (also a frame destroyed unfinished) may end wait_closed.
 struct handler_count {
   server_state* s;
@@ -17963,7 +18128,7 @@ struct handler_count {
   }
 };
 
-inline coroutine<void> server_state::serve(std::shared_ptr<server_state> self, unique_fd conn) {
+ASYNC_UTILS_LINK coroutine<void> server_state::serve(std::shared_ptr<server_state> self, unique_fd conn) {
   handler_count counted(self.get());
   std::exception_ptr error;
   try {
@@ -17982,7 +18147,7 @@ inline coroutine<void> server_state::serve(std::shared_ptr<server_state> self, u
   }
 }
 
-inline void server_state::accept_ready(int fd) {
+ASYNC_UTILS_LINK void server_state::accept_ready(int fd) {
   for (int i = 0; i < options.backlog && serving; ++i) {
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__NetBSD__) || defined(__OpenBSD__)
     int c = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -18017,12 +18182,17 @@ inline void server_state::accept_ready(int fd) {
     loop->create_task(serve(shared_from_this(), std::move(conn)));
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 namespace detail {
 
-inline unique_fd listen_on(const address_info& a, int backlog, const char* what) {
+ASYNC_UTILS_LINK unique_fd listen_on(const address_info& a, int backlog, const char* what);
+ASYNC_UTILS_LINK void check_server_options(const server_options& o, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK unique_fd listen_on(const address_info& a, int backlog, const char* what) {
   unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
   if (!fd) throw_errno(errno, std::string(what) + ": socket");
   int one = 1;
@@ -18036,10 +18206,11 @@ inline unique_fd listen_on(const address_info& a, int backlog, const char* what)
   return fd;
 }
 
-inline void check_server_options(const server_options& o, const char* what) {
+ASYNC_UTILS_LINK void check_server_options(const server_options& o, const char* what) {
   if (o.limit == 0) throw std::invalid_argument(std::string(what) + ": limit must be positive");
   if (o.backlog <= 0) throw std::invalid_argument(std::string(what) + ": backlog must be positive");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 
 }  // namespace detail
@@ -18047,8 +18218,16 @@ inline void check_server_options(const server_options& o, const char* what) {
 /// asyncio.start_server: listens on every address `host` resolves to ("" for all interfaces;
 /// port 0 picks a free one) and runs client_connected(reader, writer) in a task for each
 /// connection (TCP_NODELAY on). A handler's exception goes to the loop's exception handler.
-inline coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
-                                      server_options options = {}) {
+ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
+                                                server_options options = {});
+/// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
+/// replaced; the file is removed when the server closes).
+ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
+                                                     server_options options = {});
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
+                                                server_options options) {
   detail::check_port(port, "start_server");
   detail::check_server_options(options, "start_server");
   if (!client_connected) throw std::invalid_argument("start_server: empty callback");
@@ -18059,10 +18238,8 @@ inline coroutine<server> start_server(detail::server_state::callback client_conn
   co_return server(std::move(s));
 }
 
-/// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
-/// replaced; the file is removed when the server closes).
-inline coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
-                                           server_options options = {}) {
+ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
+                                                     server_options options) {
   detail::check_server_options(options, "start_unix_server");
   if (!client_connected) throw std::invalid_argument("start_unix_server: empty callback");
   auto a = detail::unix_address(path, "start_unix_server");
@@ -18074,6 +18251,7 @@ inline coroutine<server> start_unix_server(detail::server_state::callback client
   if (options.start_serving) s->start();
   co_return server(std::move(s));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

@@ -3,7 +3,7 @@
 # one line "tests: N passed, M failed". A doctest binary counts its test cases; every other check,
 # and every failed build, counts as one test.
 #
-# Steps: freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme
+# Steps: freshness amalgamator layering unit multi_tu split oneliner tests_off kqueue compile_fail readme
 #        signals nursery demo parity
 #        cppcheck self_contained sanitize valgrind stress fuzz
 # (stress: NAME_uring programs run NAME on the io_uring backend, NAME_tsan under TSan)
@@ -20,7 +20,7 @@ CXX_CLANG19=${CXX_CLANG19:-clang++-19}  # the newest clang Debian 12 ships (make
 WARN=${WARN:--std=c++20 -Wall -Wextra -Wpedantic -Werror}
 TIMEOUT=${TIMEOUT:-300}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-STEPS=" ${*:-freshness amalgamator layering unit multi_tu oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
+STEPS=" ${*:-freshness amalgamator layering unit multi_tu split oneliner tests_off kqueue compile_fail readme signals nursery demo parity} "
 # Each compiler (g++, clang++, clang++-19) once and each backend once; the sanitizer builds
 # below cover the other pairs (UNIT_FULL=1: every compiler on every backend). A build of the whole suite takes a minute or
 # two, and CI's budget counts them.
@@ -347,6 +347,7 @@ if want kqueue; then
   start kqueue_gcc kqueue_syntax "$CXX_GCC"
   start kqueue_clang kqueue_syntax "$CXX_CLANG"
 fi
+want split && start split env BUILD="$BUILD" CXX_GCC="$CXX_GCC" CXX_CLANG="$CXX_CLANG" WARN="$WARN" tests/split/run.sh
 if want compile_fail; then  # one compiler after another would leave a core idle
   start compile_fail_gcc tests/compile_fail/run.sh "$CXX_GCC"
   start compile_fail_clang tests/compile_fail/run.sh "$CXX_CLANG"
@@ -451,6 +452,12 @@ if want multi_tu; then
     cat "$BUILD"/multi_tu_{a,b}.log "$BUILD/multi_tu_link.log" >"$BUILD/multi_tu.log" 2>/dev/null
     fail "build multi_tu" 1 "$BUILD/multi_tu.log"
   fi
+fi
+
+if want split; then
+  header "split: ASYNC_UTILS_SPLIT in two TUs, ASYNC_UTILS_IMPLEMENTATION in a third; link errors without it or with two"
+  count_lines "$BUILD/split.log"
+  grep -q '^  \(ok\|FAIL\) ' "$BUILD/split.log" || fail "split (no result)" 1 "$BUILD/split.log"
 fi
 
 if want oneliner; then

@@ -51,6 +51,29 @@
 #define ASYNC_UTILS_USER_TYPES_IN_FRAMES_END
 #endif
 
+// Separate compilation (opt-in, README "Faster builds"): with ASYNC_UTILS_SPLIT defined in every
+// TU, the non-template functions marked ASYNC_UTILS_LINK are only declared; the one TU that also
+// defines ASYNC_UTILS_IMPLEMENTATION compiles their definitions, as ordinary (non-inline)
+// functions: a program without that TU fails to link, one with two such TUs too. Without either
+// macro everything stays inline, as before. ASYNC_UTILS_DEFINITIONS is 1 where the definitions are
+// compiled (the default drop-in mode and the implementation TU).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) || defined(ASYNC_UTILS_SPLIT)
+#define ASYNC_UTILS_LINK
+#else
+#define ASYNC_UTILS_LINK inline
+#endif
+#if defined(ASYNC_UTILS_IMPLEMENTATION) || !defined(ASYNC_UTILS_SPLIT)
+#define ASYNC_UTILS_DEFINITIONS 1
+#else
+#define ASYNC_UTILS_DEFINITIONS 0
+#endif
+// g++ warns (-Wsubobject-linkage) about coroutine frames of non-inline functions that hold a
+// lambda; the implementation TU is their only home, so the warning is off there (that TU is meant
+// to hold just the #include).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+
 // Embedded tests: ASYNC_UTILS_TESTS compiles the doctest TEST_CASEs that sit beside the code,
 // ASYNC_UTILS_TESTS_MAIN also supplies doctest's main(). Without either, doctest is never named.
 #if defined(ASYNC_UTILS_TESTS_MAIN) && !defined(ASYNC_UTILS_TESTS)

@@ -298,16 +298,18 @@ class event_loop {
 
 // ---- event_loop ------------------------------------------------------------------------------
 
-inline event_loop::event_loop() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK event_loop::event_loop() {
   watch_internal(wakeup_.fd(), [](void* self) { static_cast<event_loop*>(self)->wakeup_.drain(); }, this);
   --polled_;  // cross-thread posts are seen through posted_pending_ without polling
 }
 
-inline event_loop::~event_loop() {
+ASYNC_UTILS_LINK event_loop::~event_loop() {
   // Destroying a running loop (from one of its own callbacks) cannot be made safe.
   if (running_) std::terminate();
   close();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline event_loop& event_loop::current() {
   if (!detail::running_loop) throw std::runtime_error("no running event loop");
@@ -318,7 +320,8 @@ inline void event_loop::check_open() const {
   if (closed_) throw std::runtime_error("event loop is closed");
 }
 
-inline void event_loop::run_forever() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::run_forever() {
   check_open();
   if (running_) throw std::runtime_error("this event loop is already running");
   if (detail::running_loop) throw std::runtime_error("another event loop is running on this thread");
@@ -341,7 +344,7 @@ inline void event_loop::run_forever() {
 
 // One iteration, as asyncio's _run_once: poll (without blocking when work is ready), move due
 // timers to the ready queue, then run exactly the jobs that were ready at that point.
-inline void event_loop::run_once() {
+ASYNC_UTILS_LINK void event_loop::run_once() {
   take_posted();
   if (edge_ && !unconfirmed_.empty() && clock::now() >= confirm_at_) confirm_registrations();
   rearm();
@@ -392,12 +395,13 @@ inline void event_loop::run_once() {
   }
 }
 
-inline void event_loop::take_posted() {
+ASYNC_UTILS_LINK void event_loop::take_posted() {
   if (!posted_pending_.load(std::memory_order_acquire)) return;
   std::lock_guard guard(posted_mutex_);
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
@@ -412,7 +416,8 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::confirm_registrations() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
   // rounds. Re-arming re-registers a descriptor the kernel dropped (epoll_backend::arm).
@@ -435,6 +440,7 @@ inline void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post_held(detail::job j) {
   bool wake = false;
@@ -506,7 +512,8 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   if (!(w.armed & bit)) mark_dirty(fd, w);
 }
 
-inline void event_loop::io_waiter_withdrawn(int fd) noexcept {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::io_waiter_withdrawn(int fd) noexcept {
   if constexpr (edge_) {
     // Without this the record would stay (and count as polled) until the descriptor is used again.
     auto it = fds_.find(fd);
@@ -520,7 +527,7 @@ inline void event_loop::io_waiter_withdrawn(int fd) noexcept {
   }
 }
 
-inline void event_loop::descriptor_opened(int fd) noexcept {
+ASYNC_UTILS_LINK void event_loop::descriptor_opened(int fd) noexcept {
   if constexpr (edge_) {
     auto it = fds_.find(fd);
     if (it == fds_.end()) return;
@@ -534,12 +541,14 @@ inline void event_loop::descriptor_opened(int fd) noexcept {
   }
 }
 
-inline void event_loop::forget_arming(detail::fd_watch& w) noexcept {
+ASYNC_UTILS_LINK void event_loop::forget_arming(detail::fd_watch& w) noexcept {
   polled_ -= (w.armed != 0);
   w.armed = 0;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline void event_loop::rearm() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
   std::vector<int> failed;
   for (std::size_t i = 0; i < dirty_.size(); ++i) {
@@ -575,14 +584,14 @@ inline void event_loop::rearm() {
   for (int fd : failed) dispatch_io(fd, detail::io_error | detail::io_read | detail::io_write);
 }
 
-inline void event_loop::forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept {
+ASYNC_UTILS_LINK void event_loop::forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept {
   // Nothing wants the descriptor and nothing is armed: its record goes (the epoll registration
   // left behind is disarmed; adding the descriptor again tolerates it).
   const detail::fd_watch& w = it->second;
   if (!w.internal && !w.armed && !w.dirty && !w.wanted()) fds_.erase(it);
 }
 
-inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
+ASYNC_UTILS_LINK void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
   auto it = fds_.find(fd);
   if (it == fds_.end()) return;
   detail::fd_watch& w = it->second;
@@ -621,7 +630,7 @@ inline void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
   }
 }
 
-inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
+ASYNC_UTILS_LINK void event_loop::watch_internal(int fd, void (*fn)(void*), void* context) {
   backend_.watch(fd);
   detail::fd_watch& w = fds_.try_emplace(fd).first->second;
   w.internal = fn;
@@ -629,7 +638,7 @@ inline void event_loop::watch_internal(int fd, void (*fn)(void*), void* context)
   ++polled_;
 }
 
-inline void event_loop::unwatch_internal(int fd) noexcept {
+ASYNC_UTILS_LINK void event_loop::unwatch_internal(int fd) noexcept {
   auto it = fds_.find(fd);
   if (it == fds_.end() || !it->second.internal) return;
   backend_.remove(fd);
@@ -637,7 +646,7 @@ inline void event_loop::unwatch_internal(int fd) noexcept {
   --polled_;
 }
 
-inline void event_loop::set_callback(int fd, bool reader, std::function<void()> fn) {
+ASYNC_UTILS_LINK void event_loop::set_callback(int fd, bool reader, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument(reader ? "add_reader: empty callback" : "add_writer: empty callback");
   detail::fd_watch& w = watch_of(fd);
@@ -654,7 +663,7 @@ inline void event_loop::set_callback(int fd, bool reader, std::function<void()> 
   mark_dirty(fd, w);
 }
 
-inline bool event_loop::clear_callback(int fd, bool reader) {
+ASYNC_UTILS_LINK bool event_loop::clear_callback(int fd, bool reader) {
   auto it = fds_.find(fd);
   if (it == fds_.end()) return false;
   detail::fd_watch& w = it->second;
@@ -676,10 +685,11 @@ inline bool event_loop::clear_callback(int fd, bool reader) {
   return true;
 }
 
-inline void event_loop::add_reader(int fd, std::function<void()> fn) { set_callback(fd, true, std::move(fn)); }
-inline bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
-inline void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
-inline bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
+ASYNC_UTILS_LINK void event_loop::add_reader(int fd, std::function<void()> fn) { set_callback(fd, true, std::move(fn)); }
+ASYNC_UTILS_LINK bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
+ASYNC_UTILS_LINK void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
+ASYNC_UTILS_LINK bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline handle event_loop::call_soon(std::function<void()> fn) {
   check_open();
@@ -690,7 +700,8 @@ inline handle event_loop::call_soon(std::function<void()> fn) {
   return h;
 }
 
-inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("call_soon_threadsafe: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
   handle h(state);
@@ -700,6 +711,7 @@ inline handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   }
   return h;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
@@ -744,14 +756,15 @@ inline void detail::handle_state::run_job(void* self, bool run) noexcept {
   state->release();
 }
 
-inline void event_loop::default_exception_handler(const exception_context& context) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::default_exception_handler(const exception_context& context) {
   std::string text = context.message.empty() ? "Unhandled exception in event loop" : context.message;
   if (context.task && *context.task) text += " (task " + context.task->name() + ")";
   if (context.exception) text += ": " + describe(context.exception);
   log(log_level::error, text);
 }
 
-inline void event_loop::call_exception_handler(const exception_context& context) noexcept {
+ASYNC_UTILS_LINK void event_loop::call_exception_handler(const exception_context& context) noexcept {
   try {
     if (handler_) {
       handler_(*this, context);
@@ -769,7 +782,7 @@ inline void event_loop::call_exception_handler(const exception_context& context)
   }
 }
 
-inline void event_loop::close() {
+ASYNC_UTILS_LINK void event_loop::close() {
   if (running_) throw std::runtime_error("cannot close a running event loop");
   if (closed_) return;
   closed_ = true;
@@ -810,6 +823,7 @@ inline void event_loop::close() {
   while (detail::future_core* core = others_.pop_front()) core->loop_ = nullptr;
   detail::frame_cache_trim();  // the frames this thread recycled go back to the system
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

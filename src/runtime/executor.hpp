@@ -311,7 +311,9 @@ auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
 /// caller) or a worker count for a new thread_pool_executor (std::invalid_argument for 0). A
 /// replaced executor is not stopped at once: its jobs finish and the loop's shutdown (run(),
 /// close(), shutdown_default_executor) shuts it down and joins it, as it does the current one.
-inline void event_loop::set_default_executor(std::shared_ptr<executor> e) {
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::shared_ptr<executor> e) {
   if (!e) throw std::invalid_argument("set_default_executor: null executor");
   check_open();
   detail::executor_slot& slot = detail::slot_of(*this);
@@ -319,14 +321,14 @@ inline void event_loop::set_default_executor(std::shared_ptr<executor> e) {
   if (slot.current) slot.retired.push_back(std::move(slot.current));
   slot.current = std::move(e);
 }
-inline void event_loop::set_default_executor(std::size_t max_workers) {
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::size_t max_workers) {
   set_default_executor(std::make_shared<thread_pool_executor>(max_workers));
 }
 
 /// asyncio's loop.shutdown_default_executor: a helper thread waits for the running and queued
 /// jobs and joins the workers while the loop keeps running; later run_in_executor calls throw
 /// std::runtime_error. Cancelling the await leaves the helper to be joined at close().
-inline coroutine<void> event_loop::shutdown_default_executor() {
+ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
   check_open();
   detail::executor_slot& slot = detail::slot_of(*this);
   slot.shutdown_called = true;
@@ -357,9 +359,10 @@ inline coroutine<void> event_loop::shutdown_default_executor() {
 }
 
 /// Blocking form, used by run() and close(): waits for every job and joins every thread.
-inline void event_loop::shutdown_default_executor_now() {
+ASYNC_UTILS_LINK void event_loop::shutdown_default_executor_now() {
   if (executor_) executor_->shutdown_now();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// loop.run_in_executor(None, fn, *args) on the running loop.
 template <class F, class... Args>

@@ -23,7 +23,12 @@ namespace detail {
 
 /// Cancels every pending task and runs the loop until all are done (rounds repeat for tasks
 /// started by cleanup code); failures other than cancellation go to the exception handler.
-inline void cancel_all_tasks(event_loop& loop) {
+ASYNC_UTILS_LINK void cancel_all_tasks(event_loop& loop);
+/// Everything run() does after the main coroutine, in asyncio's order.
+ASYNC_UTILS_LINK void finish_run(event_loop& loop) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void cancel_all_tasks(event_loop& loop) {
   for (;;) {
     std::vector<any_task> pending;
     loop.for_each_task([&](future_core& core) { pending.emplace_back(&core); });
@@ -40,8 +45,7 @@ inline void cancel_all_tasks(event_loop& loop) {
   }
 }
 
-/// Everything run() does after the main coroutine, in asyncio's order.
-inline void finish_run(event_loop& loop) noexcept {
+ASYNC_UTILS_LINK void finish_run(event_loop& loop) noexcept {
   try {
     cancel_all_tasks(loop);
     loop.shutdown_default_executor_now();
@@ -53,6 +57,7 @@ inline void finish_run(event_loop& loop) noexcept {
   } catch (...) {
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 

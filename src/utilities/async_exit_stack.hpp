@@ -127,7 +127,10 @@ void throw_nested_if(const std::exception_ptr& raised) {
 /// std::throw_with_nested would have made it inside a `catch` of `context`. Exceptions of the
 /// standard and library types are chained; another type is returned unchanged and the context
 /// is logged, since C++ cannot add a base class to an exception that already exists.
-inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::exception_ptr chain_exceptions(std::exception_ptr raised, std::exception_ptr context) {
   if (!raised || !context || raised == context) return raised;
   try {
     std::rethrow_exception(context);
@@ -161,6 +164,7 @@ inline std::exception_ptr chain_exceptions(std::exception_ptr raised, std::excep
   }
   return raised;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 template <class F>
 coroutine<bool> held_exit(std::shared_ptr<F> fn, std::exception_ptr error) {
@@ -325,38 +329,13 @@ class async_exit_stack {
   }
 
   /// Unwinds the stack (aexit without an exception).
-  coroutine<void> aclose() { co_await aexit(nullptr); }
+  coroutine<void> aclose();
 
   /// `async with stack as s` binds the stack itself.
   detail::ready_ref<async_exit_stack> aenter() noexcept { return {*this}; }
 
   /// Runs every callback, LIFO, as described on the class.
-  coroutine<bool> aexit(std::exception_ptr error) {
-    const bool received = error != nullptr;
-    bool suppressed = false;
-    bool pending_raise = false;
-    std::exception_ptr pending = std::move(error);
-    while (!exits_.empty()) {  // callbacks registered while unwinding run too
-      exit_callback cb = std::move(exits_.back());
-      exits_.pop_back();
-      std::exception_ptr raised;
-      try {
-        if (co_await cb(pending)) {
-          suppressed = true;
-          pending_raise = false;
-          pending = nullptr;
-        }
-      } catch (...) {
-        raised = std::current_exception();
-      }
-      if (raised) {
-        pending = detail::chain_exceptions(raised, pending);
-        pending_raise = true;
-      }
-    }
-    if (pending_raise) std::rethrow_exception(pending);
-    co_return received && suppressed;
-  }
+  coroutine<bool> aexit(std::exception_ptr error);
 
   /// Number of callbacks waiting to run.
   std::size_t size() const noexcept { return exits_.size(); }
@@ -389,6 +368,37 @@ class async_exit_stack {
 
   std::vector<exit_callback> exits_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> async_exit_stack::aclose() { co_await aexit(nullptr); }
+
+ASYNC_UTILS_LINK coroutine<bool> async_exit_stack::aexit(std::exception_ptr error) {
+  const bool received = error != nullptr;
+  bool suppressed = false;
+  bool pending_raise = false;
+  std::exception_ptr pending = std::move(error);
+  while (!exits_.empty()) {  // callbacks registered while unwinding run too
+    exit_callback cb = std::move(exits_.back());
+    exits_.pop_back();
+    std::exception_ptr raised;
+    try {
+      if (co_await cb(pending)) {
+        suppressed = true;
+        pending_raise = false;
+        pending = nullptr;
+      }
+    } catch (...) {
+      raised = std::current_exception();
+    }
+    if (raised) {
+      pending = detail::chain_exceptions(raised, pending);
+      pending_raise = true;
+    }
+  }
+  if (pending_raise) std::rethrow_exception(pending);
+  co_return received && suppressed;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// An async context manager made of two callables: `enter()` (its result, awaited when it is an
 /// awaitable, is what async_with binds) and `exit(std::exception_ptr)` (or `exit()`) returning

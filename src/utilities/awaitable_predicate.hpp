@@ -51,16 +51,21 @@ class awaitable_predicate {
  private:
   // Takes copies: the coroutine may outlive the object it was started from.
   static coroutine<void> wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
-                                   std::optional<duration> timeout) {
-    auto guard = co_await cond->scoped();
-    if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
-    else co_await cond->wait_for(predicate);
-  }
+                                   std::optional<duration> timeout);
 
   predicate_type predicate_;
   std::shared_ptr<async_utils::condition> condition_;
   std::optional<duration> timeout_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
+                                                                std::optional<duration> timeout) {
+  auto guard = co_await cond->scoped();
+  if (timeout) co_await wait_for(cond->wait_for(predicate), *timeout);
+  else co_await cond->wait_for(predicate);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

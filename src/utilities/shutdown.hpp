@@ -72,10 +72,14 @@ struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
   std::map<event_loop*, std::shared_ptr<loop_shutdown>> entries;
 };
-inline loop_shutdown_table& shutdown_table() {
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table() {
   static loop_shutdown_table table;
   return table;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Removes the table entry when the last holder goes. The holders are the signal handlers and
 /// the exception handler we install (gone when the loop closes or is destroyed) and the nurseries
@@ -94,7 +98,13 @@ struct loop_shutdown_guard {
 };
 
 /// The entry of `loop` and the guard that keeps it listed (created when missing).
-inline std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) {
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop);
+/// The entry of `loop`, or null when it has no shutdown handling.
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop);
+ASYNC_UTILS_LINK std::string signal_name(int sig);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) {
   auto& table = shutdown_table();
   std::lock_guard lock(table.mutex);
   static std::map<loop_shutdown*, std::weak_ptr<loop_shutdown_guard>> guards_by_entry;  // under table.mutex
@@ -111,15 +121,14 @@ inline std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop) 
   return guard;
 }
 
-/// The entry of `loop`, or null when it has no shutdown handling.
-inline std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop) {
+ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown> find_shutdown(event_loop& loop) {
   auto& table = shutdown_table();
   std::lock_guard lock(table.mutex);
   auto it = table.entries.find(&loop);
   return it == table.entries.end() ? nullptr : it->second;
 }
 
-inline std::string signal_name(int sig) {
+ASYNC_UTILS_LINK std::string signal_name(int sig) {
   switch (sig) {
     case SIGINT: return "SIGINT";
     case SIGTERM: return "SIGTERM";
@@ -127,11 +136,17 @@ inline std::string signal_name(int sig) {
     default: return "signal " + std::to_string(sig);
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
-coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard);
 
 /// Creates the shutdown task unless a shutdown is pending, running or done.
-inline void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel) {
+ASYNC_UTILS_LINK void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel);
+/// Stops the sentinels of `nurseries` together, then waits until each has shut down.
+ASYNC_UTILS_LINK coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries);
+ASYNC_UTILS_LINK coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void start_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel) {
   if (loop.is_closed()) return;
   auto guard = shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -146,8 +161,7 @@ inline void start_shutdown(event_loop& loop, std::string reason, std::optional<a
   }
 }
 
-/// Stops the sentinels of `nurseries` together, then waits until each has shut down.
-inline coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries) {
+ASYNC_UTILS_LINK coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>> nurseries) {
   for (auto& n : nurseries)
     if (n->sentinel && !n->sentinel.done() && !n->sentinel_woke) n->sentinel.cancel();
   for (auto& n : nurseries) {
@@ -158,7 +172,7 @@ inline coroutine<void> stop_nurseries(std::vector<std::shared_ptr<nursery_state>
   }
 }
 
-inline coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard) {
+ASYNC_UTILS_LINK coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::optional<any_task> sentinel, std::shared_ptr<loop_shutdown_guard> guard) {
   if (!guard) guard = shutdown_guard_of(loop);  // keeps the entry listed while we run
   loop_shutdown* entry = guard->entry.get();
   entry->start_pending = false;
@@ -201,35 +215,42 @@ inline coroutine<void> run_shutdown(event_loop& loop, std::string reason, std::o
   entry->state = loop_shutdown::phase::done;
   loop.stop();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 /// codestare's handle_exception: the default handler logs the context, then a shutdown starts
 /// (as a task named "shutdown(<message>)"; once per loop). Installed by setup_shutdown_handling
 /// on loops that have no exception handler.
-inline void handle_exception(event_loop& loop, const exception_context& context) {
+ASYNC_UTILS_LINK void handle_exception(event_loop& loop, const exception_context& context);
+/// codestare's shutdown(loop, signal=...): stops every nursery of the loop (their sentinels),
+/// then every other task but the current one, then the loop. Does nothing when a shutdown of
+/// the loop already runs or ran.
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, int signal);
+/// codestare's shutdown(loop, context=...): stops the nursery whose sentinel is
+/// context.sentinel (every nursery when there is none), then the other nurseries and every
+/// other task, then the loop.
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, exception_context context);
+/// codestare's setup_shutdown_handling: SIGHUP, SIGTERM and SIGINT start shutdown(loop, signal);
+/// handle_exception becomes the exception handler if the loop has none. A signal that another
+/// loop of the process already handles is skipped with a warning.
+ASYNC_UTILS_LINK void setup_shutdown_handling(event_loop& loop);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void handle_exception(event_loop& loop, const exception_context& context) {
   loop.default_exception_handler(context);
   if (loop.is_closed()) return;
   detail::start_shutdown(loop, context.message.empty() ? std::string("exception") : context.message, context.sentinel);
 }
 
-/// codestare's shutdown(loop, signal=...): stops every nursery of the loop (their sentinels),
-/// then every other task but the current one, then the loop. Does nothing when a shutdown of
-/// the loop already runs or ran.
-inline coroutine<void> shutdown(event_loop& loop, int signal) {
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, int signal) {
   return detail::run_shutdown(loop, detail::signal_name(signal), std::nullopt, nullptr);
 }
-/// codestare's shutdown(loop, context=...): stops the nursery whose sentinel is
-/// context.sentinel (every nursery when there is none), then the other nurseries and every
-/// other task, then the loop.
-inline coroutine<void> shutdown(event_loop& loop, exception_context context) {
+ASYNC_UTILS_LINK coroutine<void> shutdown(event_loop& loop, exception_context context) {
   return detail::run_shutdown(loop, context.message.empty() ? std::string("exception") : context.message, context.sentinel, nullptr);
 }
 
-/// codestare's setup_shutdown_handling: SIGHUP, SIGTERM and SIGINT start shutdown(loop, signal);
-/// handle_exception becomes the exception handler if the loop has none. A signal that another
-/// loop of the process already handles is skipped with a warning.
-inline void setup_shutdown_handling(event_loop& loop) {
+ASYNC_UTILS_LINK void setup_shutdown_handling(event_loop& loop) {
   loop.check_open();
   auto guard = detail::shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -246,13 +267,13 @@ inline void setup_shutdown_handling(event_loop& loop) {
   entry.installed = true;
 }
 
-inline void task_nursery::add_shutdown_handling(event_loop& loop) {
+ASYNC_UTILS_LINK void task_nursery::add_shutdown_handling(event_loop& loop) {
   auto entry = detail::find_shutdown(loop);
   if (entry && entry->installed) return;
   setup_shutdown_handling(loop);
 }
 
-inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state) {
+ASYNC_UTILS_LINK void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state) {
   task_nursery::add_shutdown_handling(loop);
   auto guard = shutdown_guard_of(loop);
   auto& entry = *guard->entry;
@@ -261,6 +282,7 @@ inline void detail::attach_nursery(event_loop& loop, const std::shared_ptr<nurse
   entry.nurseries.push_back(state);
   state->shutdown_guard = std::move(guard);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

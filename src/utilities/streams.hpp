@@ -217,7 +217,10 @@ struct reading_guard {
   }
 };
 
-inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
+ASYNC_UTILS_LINK std::string format_address(const sockaddr_storage& a, socklen_t len);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string format_address(const sockaddr_storage& a, socklen_t len) {
   char host[INET6_ADDRSTRLEN] = {};
   if (a.ss_family == AF_INET) {
     const auto& in = reinterpret_cast<const sockaddr_in&>(a);
@@ -236,21 +239,33 @@ inline std::string format_address(const sockaddr_storage& a, socklen_t len) {
   }
   return {};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 namespace detail {
 
-inline void stream_check_error(stream_state& s) {
+ASYNC_UTILS_LINK void stream_check_error(stream_state& s);
+// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
+// state alive.
+ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want);
+// The operations' frames hold the state: the handle may go while an operation runs.
+ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator);
+ASYNC_UTILS_LINK coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s);
+ASYNC_UTILS_LINK coroutine<void> stream_drain(std::shared_ptr<stream_state> s);
+ASYNC_UTILS_LINK coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void stream_check_error(stream_state& s) {
   if (s.read_error) {
     int e = std::exchange(s.read_error, 0);
     throw_errno(e, "stream_reader");
   }
 }
 
-// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
-// state alive.
-inline coroutine<void> stream_fill(stream_state* s, std::size_t want) {
+ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want) {
   if (!s->fd || s->eof) {
     s->eof = true;
     co_return;
@@ -262,8 +277,7 @@ inline coroutine<void> stream_fill(stream_state* s, std::size_t want) {
   co_await io_awaiter<stream_fill_op>({{}, s, room}, s->fd.get(), io_read);
 }
 
-// The operations' frames hold the state: the handle may go while an operation runs.
-inline coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
   if (n == 0) co_return std::string();
   if (n < 0) {
     while (!s->eof) co_await stream_fill(s.get(), stream_default_limit);
@@ -275,7 +289,7 @@ inline coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::
   co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
 }
 
-inline coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
   if (n < 0) throw std::invalid_argument("readexactly: size can not be less than zero");
   const auto want = static_cast<std::size_t>(n);
   while (s->available() < want) {
@@ -288,7 +302,7 @@ inline coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s
   co_return s->take(want);
 }
 
-inline coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, std::string separator) {
   if (separator.empty()) throw std::invalid_argument("readuntil: separator should be at least one-byte string");
   const std::size_t seplen = separator.size();
   std::size_t offset = 0, found = std::string::npos;
@@ -311,7 +325,7 @@ inline coroutine<std::string> stream_readuntil(std::shared_ptr<stream_state> s, 
   co_return s->take(found + seplen);
 }
 
-inline coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
   std::string sep = "\n";
   std::optional<limit_overrun_error> overrun;
   try {
@@ -330,7 +344,7 @@ inline coroutine<std::string> stream_readline(std::shared_ptr<stream_state> s) {
   throw *overrun;
 }
 
-inline coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
   if (s->write_error) throw_errno(s->write_error, "stream_writer.drain");
   if (s->closing) {
     co_await sleep(std::chrono::seconds(0));  // as asyncio: let the close go on
@@ -344,9 +358,10 @@ inline coroutine<void> stream_drain(std::shared_ptr<stream_state> s) {
   }
 }
 
-inline coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
+ASYNC_UTILS_LINK coroutine<void> stream_wait_closed(std::shared_ptr<stream_state> s) {
   if (!s->closed.done()) co_await s->closed;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The shared state of a stream or server handle; a moved-from handle may only be destroyed or
 /// assigned to, anything else throws instead of reaching through a null pointer.
@@ -472,7 +487,10 @@ class stream_writer {
 
 /// Takes a connected socket (made non-blocking here) and returns its reader and writer, which
 /// own it from now on.
-inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit = detail::stream_default_limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t limit) {
   detail::unique_fd owned(fd);
   if (fd < 0) throw std::invalid_argument("open_stream: bad descriptor");
   if (limit == 0) throw std::invalid_argument("open_stream: limit must be positive");
@@ -480,6 +498,7 @@ inline std::pair<stream_reader, stream_writer> open_stream(int fd, std::size_t l
   auto s = std::make_shared<detail::stream_state>(owned.release(), limit);
   return {stream_reader(s), stream_writer(s)};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One result of getaddrinfo: what socket() and connect()/bind() take.
 struct address_info {
@@ -489,7 +508,12 @@ struct address_info {
 };
 
 namespace detail {
-inline const std::error_category& gai_category() {
+ASYNC_UTILS_LINK const std::error_category& gai_category();
+ASYNC_UTILS_LINK void check_port(int port, const char* what);
+ASYNC_UTILS_LINK std::vector<address_info> resolve(const std::string& host, int port, int flags);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const std::error_category& gai_category() {
   struct category : std::error_category {
     const char* name() const noexcept override { return "getaddrinfo"; }
     std::string message(int e) const override { return ::gai_strerror(e); }
@@ -497,10 +521,10 @@ inline const std::error_category& gai_category() {
   static const category c;
   return c;
 }
-inline void check_port(int port, const char* what) {
+ASYNC_UTILS_LINK void check_port(int port, const char* what) {
   if (port < 0 || port > 65535) throw std::invalid_argument(std::string(what) + ": port out of range 0-65535: " + std::to_string(port));
 }
-inline std::vector<address_info> resolve(const std::string& host, int port, int flags) {
+ASYNC_UTILS_LINK std::vector<address_info> resolve(const std::string& host, int port, int flags) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -523,21 +547,35 @@ inline std::vector<address_info> resolve(const std::string& host, int port, int 
   ::freeaddrinfo(list);
   return out;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio's loop.getaddrinfo for stream sockets, run on the default executor. An unknown host
 /// throws std::system_error (category "getaddrinfo"), a bad port std::invalid_argument.
-inline coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags = 0) {
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags = 0);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> getaddrinfo(std::string host, int port, int flags) {
   detail::check_port(port, "getaddrinfo");
   // Named, not a temporary inside the co_await: g++ 12 frees the captured string twice otherwise.
   auto job = [host, port, flags] { return detail::resolve(host, port, flags); };
   auto resolved = event_loop::current().run_in_executor(std::move(job));
   co_return co_await std::move(resolved);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 /// A numeric IPv4 or IPv6 host needs no resolver (asyncio skips getaddrinfo for them too).
-inline std::optional<address_info> numeric_address(const std::string& host, int port) {
+ASYNC_UTILS_LINK std::optional<address_info> numeric_address(const std::string& host, int port);
+/// The addresses to connect to or bind: numeric hosts at once, names through getaddrinfo.
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags);
+ASYNC_UTILS_LINK address_info unix_address(const std::string& path, const char* what);
+ASYNC_UTILS_LINK void set_nodelay(int fd, int family);
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::optional<address_info> numeric_address(const std::string& host, int port) {
   address_info a;
   a.socktype = SOCK_STREAM;
   a.protocol = IPPROTO_TCP;
@@ -560,8 +598,7 @@ inline std::optional<address_info> numeric_address(const std::string& host, int 
   return std::nullopt;
 }
 
-/// The addresses to connect to or bind: numeric hosts at once, names through getaddrinfo.
-inline coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags) {
+ASYNC_UTILS_LINK coroutine<std::vector<address_info>> resolve_host(std::string host, int port, int flags) {
   if (auto a = numeric_address(host, port)) co_return std::vector<address_info>{*a};
   // Named, not a temporary inside the co_await (g++ 12, see getaddrinfo).
   auto job = [host, port, flags] { return resolve(host, port, flags); };
@@ -569,7 +606,7 @@ inline coroutine<std::vector<address_info>> resolve_host(std::string host, int p
   co_return co_await std::move(resolved);
 }
 
-inline address_info unix_address(const std::string& path, const char* what) {
+ASYNC_UTILS_LINK address_info unix_address(const std::string& path, const char* what) {
   address_info a;
   auto& un = reinterpret_cast<sockaddr_un&>(a.address);
   if (path.empty() || path.size() >= sizeof un.sun_path)
@@ -581,24 +618,33 @@ inline address_info unix_address(const std::string& path, const char* what) {
   return a;
 }
 
-inline void set_nodelay(int fd, int family) {
+ASYNC_UTILS_LINK void set_nodelay(int fd, int family) {
   if (family != AF_INET && family != AF_INET6) return;
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-inline coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> connect_to(address_info a, std::size_t limit) {
   unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
   if (!fd) throw_errno(errno, "open_connection: socket");
   set_nodelay(fd.get(), a.family);
   co_await sock_connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.address), a.length);
   co_return open_stream(fd.release(), limit);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 }  // namespace detail
 
 /// asyncio.open_connection: resolves host, connects to the first address that accepts (TCP_NODELAY on).
-inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
-                                                                          std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
+                                                                                    std::size_t limit = detail::stream_default_limit);
+/// asyncio.open_unix_connection.
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
+                                                                                         std::size_t limit = detail::stream_default_limit);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::string host, int port,
+                                                                                    std::size_t limit) {
   detail::check_port(port, "open_connection");
   auto addresses = co_await detail::resolve_host(host, port, 0);
   std::exception_ptr last;
@@ -612,12 +658,12 @@ inline coroutine<std::pair<stream_reader, stream_writer>> open_connection(std::s
   std::rethrow_exception(last);
 }
 
-/// asyncio.open_unix_connection.
-inline coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
-                                                                               std::size_t limit = detail::stream_default_limit) {
+ASYNC_UTILS_LINK coroutine<std::pair<stream_reader, stream_writer>> open_unix_connection(std::string path,
+                                                                                         std::size_t limit) {
   auto a = detail::unix_address(path, "open_unix_connection");
   co_return co_await detail::connect_to(a, limit);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 
 /// How start_server and start_unix_server set up the listening sockets.
@@ -745,44 +791,52 @@ class server {
 
  private:
   const std::shared_ptr<detail::server_state>& live() const { return detail::live(s_, "server"); }
-  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->closed && s->active == 0) co_return;
-    auto f = s->loop->create_future<void>();
-    s->closed_waiters.push_back(f);
-    co_await f;
-  }
-  static coroutine<void> start_serving_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->closed) throw std::runtime_error("server is closed");
-    s->start();
-    co_await sleep(std::chrono::seconds(0));
-  }
-  static coroutine<void> serve_forever_impl(std::shared_ptr<detail::server_state> s) {
-    if (s->forever) throw std::runtime_error("server is already being awaited on serve_forever()");
-    if (s->closed) throw std::runtime_error("server is closed");
-    s->start();
-    s->forever = s->loop->create_future<void>();
-    std::exception_ptr stop;
-    try {
-      co_await *s->forever;  // only ever cancelled: by the caller, or by close()
-    } catch (const cancelled_error&) {
-      stop = std::current_exception();
-    }
-    s->forever.reset();
-    s->close();
-    co_await wait_closed_impl(s);
-    if (stop) std::rethrow_exception(stop);
-  }
-  static coroutine<bool> aexit_impl(std::shared_ptr<detail::server_state> s) {
-    s->close();
-    co_await wait_closed_impl(s);
-    co_return false;
-  }
+  static coroutine<void> wait_closed_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<void> start_serving_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<void> serve_forever_impl(std::shared_ptr<detail::server_state> s);
+  static coroutine<bool> aexit_impl(std::shared_ptr<detail::server_state> s);
 
   std::shared_ptr<detail::server_state> s_;
 };
 
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> server::wait_closed_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->closed && s->active == 0) co_return;
+  auto f = s->loop->create_future<void>();
+  s->closed_waiters.push_back(f);
+  co_await f;
+}
+ASYNC_UTILS_LINK coroutine<void> server::start_serving_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->closed) throw std::runtime_error("server is closed");
+  s->start();
+  co_await sleep(std::chrono::seconds(0));
+}
+ASYNC_UTILS_LINK coroutine<void> server::serve_forever_impl(std::shared_ptr<detail::server_state> s) {
+  if (s->forever) throw std::runtime_error("server is already being awaited on serve_forever()");
+  if (s->closed) throw std::runtime_error("server is closed");
+  s->start();
+  s->forever = s->loop->create_future<void>();
+  std::exception_ptr stop;
+  try {
+    co_await *s->forever;  // only ever cancelled: by the caller, or by close()
+  } catch (const cancelled_error&) {
+    stop = std::current_exception();
+  }
+  s->forever.reset();
+  s->close();
+  co_await wait_closed_impl(s);
+  if (stop) std::rethrow_exception(stop);
+}
+ASYNC_UTILS_LINK coroutine<bool> server::aexit_impl(std::shared_ptr<detail::server_state> s) {
+  s->close();
+  co_await wait_closed_impl(s);
+  co_return false;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 namespace detail {
 
+#if ASYNC_UTILS_DEFINITIONS
 /// Counts a running handler; its end (also a frame destroyed unfinished) may end wait_closed.
 struct handler_count {
   server_state* s;
@@ -795,7 +849,7 @@ struct handler_count {
   }
 };
 
-inline coroutine<void> server_state::serve(std::shared_ptr<server_state> self, unique_fd conn) {
+ASYNC_UTILS_LINK coroutine<void> server_state::serve(std::shared_ptr<server_state> self, unique_fd conn) {
   handler_count counted(self.get());
   std::exception_ptr error;
   try {
@@ -814,7 +868,7 @@ inline coroutine<void> server_state::serve(std::shared_ptr<server_state> self, u
   }
 }
 
-inline void server_state::accept_ready(int fd) {
+ASYNC_UTILS_LINK void server_state::accept_ready(int fd) {
   for (int i = 0; i < options.backlog && serving; ++i) {
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__NetBSD__) || defined(__OpenBSD__)
     int c = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -849,12 +903,17 @@ inline void server_state::accept_ready(int fd) {
     loop->create_task(serve(shared_from_this(), std::move(conn)));
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
 namespace detail {
 
-inline unique_fd listen_on(const address_info& a, int backlog, const char* what) {
+ASYNC_UTILS_LINK unique_fd listen_on(const address_info& a, int backlog, const char* what);
+ASYNC_UTILS_LINK void check_server_options(const server_options& o, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK unique_fd listen_on(const address_info& a, int backlog, const char* what) {
   unique_fd fd(::socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, a.protocol));
   if (!fd) throw_errno(errno, std::string(what) + ": socket");
   int one = 1;
@@ -868,10 +927,11 @@ inline unique_fd listen_on(const address_info& a, int backlog, const char* what)
   return fd;
 }
 
-inline void check_server_options(const server_options& o, const char* what) {
+ASYNC_UTILS_LINK void check_server_options(const server_options& o, const char* what) {
   if (o.limit == 0) throw std::invalid_argument(std::string(what) + ": limit must be positive");
   if (o.backlog <= 0) throw std::invalid_argument(std::string(what) + ": backlog must be positive");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 
 }  // namespace detail
@@ -879,8 +939,16 @@ inline void check_server_options(const server_options& o, const char* what) {
 /// asyncio.start_server: listens on every address `host` resolves to ("" for all interfaces;
 /// port 0 picks a free one) and runs client_connected(reader, writer) in a task for each
 /// connection (TCP_NODELAY on). A handler's exception goes to the loop's exception handler.
-inline coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
-                                      server_options options = {}) {
+ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
+                                                server_options options = {});
+/// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
+/// replaced; the file is removed when the server closes).
+ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
+                                                     server_options options = {});
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<server> start_server(detail::server_state::callback client_connected, std::string host, int port,
+                                                server_options options) {
   detail::check_port(port, "start_server");
   detail::check_server_options(options, "start_server");
   if (!client_connected) throw std::invalid_argument("start_server: empty callback");
@@ -891,10 +959,8 @@ inline coroutine<server> start_server(detail::server_state::callback client_conn
   co_return server(std::move(s));
 }
 
-/// asyncio.start_unix_server: listens on the Unix socket `path` (a stale socket file there is
-/// replaced; the file is removed when the server closes).
-inline coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
-                                           server_options options = {}) {
+ASYNC_UTILS_LINK coroutine<server> start_unix_server(detail::server_state::callback client_connected, std::string path,
+                                                     server_options options) {
   detail::check_server_options(options, "start_unix_server");
   if (!client_connected) throw std::invalid_argument("start_unix_server: empty callback");
   auto a = detail::unix_address(path, "start_unix_server");
@@ -906,6 +972,7 @@ inline coroutine<server> start_unix_server(detail::server_state::callback client
   if (options.start_serving) s->start();
   co_return server(std::move(s));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

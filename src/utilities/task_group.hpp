@@ -62,31 +62,7 @@ class task_group {
   /// Waits for every task; then rethrows as asyncio does: an outside cancellation as
   /// cancelled_error when nothing failed, else every failure (the body's last) in one
   /// exception_group.
-  coroutine<bool> aexit(std::exception_ptr error) {
-    exiting_ = true;
-    const bool body_cancelled = detail::is_cancellation(error);
-    std::exception_ptr propagate_cancel = body_cancelled ? error : nullptr;
-    // The group's own cancel() of the parent is handled here; only an outside one propagates.
-    if (parent_cancel_requested_ && parent_.uncancel() == 0) propagate_cancel = nullptr;
-    if (error && !aborting_) abort();
-    while (pending_ > 0) {
-      on_completed_ = event_loop::current().create_future<void>();
-      try {
-        co_await *on_completed_;
-      } catch (const cancelled_error&) {
-        if (!aborting_) {
-          propagate_cancel = std::current_exception();
-          abort();
-        }
-      }
-      on_completed_.reset();
-    }
-    tasks_.clear();
-    if (propagate_cancel && errors_.empty()) std::rethrow_exception(propagate_cancel);
-    if (error && !body_cancelled) errors_.push_back(error);
-    if (!errors_.empty()) throw exception_group("unhandled errors in a task_group", std::exchange(errors_, {}));
-    co_return false;
-  }
+  coroutine<bool> aexit(std::exception_ptr error);
 
  private:
   void abort() {
@@ -135,6 +111,34 @@ class task_group {
   bool aborting_ = false;
   bool parent_cancel_requested_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<bool> task_group::aexit(std::exception_ptr error) {
+  exiting_ = true;
+  const bool body_cancelled = detail::is_cancellation(error);
+  std::exception_ptr propagate_cancel = body_cancelled ? error : nullptr;
+  // The group's own cancel() of the parent is handled here; only an outside one propagates.
+  if (parent_cancel_requested_ && parent_.uncancel() == 0) propagate_cancel = nullptr;
+  if (error && !aborting_) abort();
+  while (pending_ > 0) {
+    on_completed_ = event_loop::current().create_future<void>();
+    try {
+      co_await *on_completed_;
+    } catch (const cancelled_error&) {
+      if (!aborting_) {
+        propagate_cancel = std::current_exception();
+        abort();
+      }
+    }
+    on_completed_.reset();
+  }
+  tasks_.clear();
+  if (propagate_cancel && errors_.empty()) std::rethrow_exception(propagate_cancel);
+  if (error && !body_cancelled) errors_.push_back(error);
+  if (!errors_.empty()) throw exception_group("unhandled errors in a task_group", std::exchange(errors_, {}));
+  co_return false;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

@@ -45,7 +45,10 @@ namespace detail {
 
 /// Waits until `t` is done; cancellation requests to the waiting task are noted in `cancelled`
 /// and otherwise ignored, so that a shutdown in progress always finishes.
-inline coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
+ASYNC_UTILS_LINK coroutine<void> wait_through_cancel(any_task t, bool& cancelled);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
   for (;;) {
     try {
       co_await wait_done(t);
@@ -55,6 +58,8 @@ inline coroutine<void> wait_through_cancel(any_task t, bool& cancelled) {
     }
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
+
 template <class T>
 coroutine<void> wait_through_cancel(future<T> f, bool& cancelled) {
   for (;;) {
@@ -110,7 +115,10 @@ void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& stat
 /// is done and returns how it ended: null when it returned, its exception when it failed,
 /// cancelled_error when it was cancelled. Awaiting it from `t` itself throws
 /// std::invalid_argument.
-inline coroutine<std::exception_ptr> stop_task(any_task t) {
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> stop_task(any_task t);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> stop_task(any_task t) {
   if (!t) throw std::invalid_argument("stop_task: empty task handle");
   if (auto me = current_task(); me && *me == t) throw std::invalid_argument("stop_task: a task cannot stop itself");
   t.cancel();
@@ -121,6 +129,7 @@ inline coroutine<std::exception_ptr> stop_task(any_task t) {
     co_return std::current_exception();  // cancelled_error
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The name of a task_nursery: a string, a function computing it each time it is read (the
 /// original's callable name), or nothing for the automatic `TaskNursery-<n>`.
@@ -306,7 +315,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
   /// Shuts the nursery down (see the class).
-  coroutine<void> aclose() { co_await shut_down(nullptr, false); }
+  coroutine<void> aclose();
   /// `async with nursery as n` binds the nursery itself.
   detail::ready_ref<task_nursery> aenter() noexcept { return {*this}; }
   /// Shuts the nursery down; true when a context suppressed `error`.
@@ -326,17 +335,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
  private:
-  static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st) {
-    try {
-      co_await st->loop->create_future<void>();  // never completed: waits for cancellation
-    } catch (const cancelled_error&) {
-    }
-    st->sentinel_woke = true;
-    // A shutdown run by someone else cancelled us and waits for us: end at once (whoever
-    // stopped us to shut the nursery down waits for close_done, see finish_close).
-    if (!st->owner || st->closing) co_return;
-    co_await st->owner->shut_down(nullptr, true);
-  }
+  static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st);
 
   static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
     auto st = weak.lock();
@@ -359,98 +358,122 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   }
 
   /// The shutdown. `sentinel_ending`: the sentinel runs it or is done already (do not wait for it).
-  coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending) {
-    std::shared_ptr<detail::nursery_state> st = state_;
-    if (st->closing) {  // another shutdown runs or ran: wait for it, then exit what came since
-      bool ignored = false;
-      co_await detail::wait_through_cancel(*st->close_done, ignored);
-      if (!st->owner || empty()) co_return false;  // (destroyed meanwhile: nothing of ours is left)
-      co_return co_await async_exit_stack::aexit(std::move(error));
-    }
-    if (!st->responsible && !sentinel_ending) co_return co_await async_exit_stack::aexit(std::move(error));  // popped: nothing else
-    st->closing = true;
-    st->close_done = st->loop->create_future<void>();
-    // From here on the shutdown touches only `st`, never the nursery object, which may be
-    // destroyed while the shutdown runs: the exit callbacks move into the state first.
-    st->unwinding.emplace(async_exit_stack::pop_all());
-    bool cancelled = false;
-    // 1. The tasks: cancelled together, awaited (the task running this is spared).
-    if (st->responsible) {
-      const auto me = current_task();
-      for (;;) {
-        auto victims = st->pending_children(me);
-        if (victims.empty()) break;
-        for (auto& t : victims) t.cancel();
-        for (auto& t : victims) co_await detail::wait_through_cancel(t, cancelled);
-      }
-    }
-    // 2. The entered contexts and callbacks, LIFO (those entered while the tasks stopped first).
-    bool suppressed = false;
-    std::exception_ptr exit_error;
-    try {
-      if (st->owner && !empty()) st->unwinding->push_async_exit(async_exit_stack::pop_all());
-      suppressed = co_await st->unwinding->aexit(std::move(error));
-    } catch (...) {
-      exit_error = std::current_exception();
-    }
-    // 3. The nurseries we adopted end, then our own sentinel.
-    if (st->responsible) {
-      auto adopted = std::move(st->adopted);
-      st->adopted.clear();
-      for (auto& a : adopted) co_await end_adopted(a, cancelled);
-    }
-    if (!sentinel_ending && st->sentinel && !st->sentinel_woke) {
-      st->sentinel.cancel();
-      co_await detail::wait_through_cancel(st->sentinel, cancelled);
-    }
-    st->sentinel = any_task();
-    st->closed = true;
-    st->close_done->set_result();
-    if (exit_error) std::rethrow_exception(exit_error);
-    if (cancelled) throw cancelled_error("cancelled while task_nursery " + detail::python_repr(st->name) + " shut down");
-    co_return suppressed;
-  }
+  coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending);
 
-  static coroutine<void> close_later(std::shared_ptr<detail::nursery_state> st) {
-    bool cancelled = false;
-    co_await finish_close(std::move(st), cancelled);
-  }
+  static coroutine<void> close_later(std::shared_ptr<detail::nursery_state> st);
 
   /// Shuts down a nursery we adopted: its sentinel is cancelled and it closes (its own tasks
   /// were stopped by us already).
-  static coroutine<void> end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled) {
-    if (a->sentinel && !a->sentinel_woke && !a->sentinel.done()) a->sentinel.cancel();
-    if (a->sentinel) co_await detail::wait_through_cancel(a->sentinel, cancelled);
-    co_await finish_close(a, cancelled);
-  }
+  static coroutine<void> end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled);
 
  public:
   /// Internal (shutdown handling): makes sure the nursery of `st` has finished shutting down,
   /// once its sentinel is done, running the shutdown here if nobody else does.
-  static coroutine<void> finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled) {
-    if (st->closed) co_return;
-    if (st->closing) {
-      co_await detail::wait_through_cancel(*st->close_done, cancelled);
-      co_return;
-    }
-    if (st->owner) {
-      try {
-        co_await st->owner->shut_down(nullptr, true);
-      } catch (const cancelled_error&) {
-        cancelled = true;
-      } catch (...) {
-        log(log_level::error, "task_nursery " + detail::python_repr(st->name) + ": error while shutting down: " + describe(std::current_exception()));
-      }
-      co_return;
-    }
-    st->sentinel = any_task();  // destroyed before it could shut down
-    st->closed = true;
-  }
+  static coroutine<void> finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled);
 
  private:
   std::variant<std::monostate, std::string, std::function<std::string()>> name_;
   std::shared_ptr<detail::nursery_state> state_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK coroutine<void> task_nursery::aclose() { co_await shut_down(nullptr, false); }
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::sentinel_body(std::shared_ptr<detail::nursery_state> st) {
+  try {
+    co_await st->loop->create_future<void>();  // never completed: waits for cancellation
+  } catch (const cancelled_error&) {
+  }
+  st->sentinel_woke = true;
+  // A shutdown run by someone else cancelled us and waits for us: end at once (whoever
+  // stopped us to shut the nursery down waits for close_done, see finish_close).
+  if (!st->owner || st->closing) co_return;
+  co_await st->owner->shut_down(nullptr, true);
+}
+
+ASYNC_UTILS_LINK coroutine<bool> task_nursery::shut_down(std::exception_ptr error, bool sentinel_ending) {
+  std::shared_ptr<detail::nursery_state> st = state_;
+  if (st->closing) {  // another shutdown runs or ran: wait for it, then exit what came since
+    bool ignored = false;
+    co_await detail::wait_through_cancel(*st->close_done, ignored);
+    if (!st->owner || empty()) co_return false;  // (destroyed meanwhile: nothing of ours is left)
+    co_return co_await async_exit_stack::aexit(std::move(error));
+  }
+  if (!st->responsible && !sentinel_ending) co_return co_await async_exit_stack::aexit(std::move(error));  // popped: nothing else
+  st->closing = true;
+  st->close_done = st->loop->create_future<void>();
+  // From here on the shutdown touches only `st`, never the nursery object, which may be
+  // destroyed while the shutdown runs: the exit callbacks move into the state first.
+  st->unwinding.emplace(async_exit_stack::pop_all());
+  bool cancelled = false;
+  // 1. The tasks: cancelled together, awaited (the task running this is spared).
+  if (st->responsible) {
+    const auto me = current_task();
+    for (;;) {
+      auto victims = st->pending_children(me);
+      if (victims.empty()) break;
+      for (auto& t : victims) t.cancel();
+      for (auto& t : victims) co_await detail::wait_through_cancel(t, cancelled);
+    }
+  }
+  // 2. The entered contexts and callbacks, LIFO (those entered while the tasks stopped first).
+  bool suppressed = false;
+  std::exception_ptr exit_error;
+  try {
+    if (st->owner && !empty()) st->unwinding->push_async_exit(async_exit_stack::pop_all());
+    suppressed = co_await st->unwinding->aexit(std::move(error));
+  } catch (...) {
+    exit_error = std::current_exception();
+  }
+  // 3. The nurseries we adopted end, then our own sentinel.
+  if (st->responsible) {
+    auto adopted = std::move(st->adopted);
+    st->adopted.clear();
+    for (auto& a : adopted) co_await end_adopted(a, cancelled);
+  }
+  if (!sentinel_ending && st->sentinel && !st->sentinel_woke) {
+    st->sentinel.cancel();
+    co_await detail::wait_through_cancel(st->sentinel, cancelled);
+  }
+  st->sentinel = any_task();
+  st->closed = true;
+  st->close_done->set_result();
+  if (exit_error) std::rethrow_exception(exit_error);
+  if (cancelled) throw cancelled_error("cancelled while task_nursery " + detail::python_repr(st->name) + " shut down");
+  co_return suppressed;
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::close_later(std::shared_ptr<detail::nursery_state> st) {
+  bool cancelled = false;
+  co_await finish_close(std::move(st), cancelled);
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::end_adopted(std::shared_ptr<detail::nursery_state> a, bool& cancelled) {
+  if (a->sentinel && !a->sentinel_woke && !a->sentinel.done()) a->sentinel.cancel();
+  if (a->sentinel) co_await detail::wait_through_cancel(a->sentinel, cancelled);
+  co_await finish_close(a, cancelled);
+}
+
+ASYNC_UTILS_LINK coroutine<void> task_nursery::finish_close(std::shared_ptr<detail::nursery_state> st, bool& cancelled) {
+  if (st->closed) co_return;
+  if (st->closing) {
+    co_await detail::wait_through_cancel(*st->close_done, cancelled);
+    co_return;
+  }
+  if (st->owner) {
+    try {
+      co_await st->owner->shut_down(nullptr, true);
+    } catch (const cancelled_error&) {
+      cancelled = true;
+    } catch (...) {
+      log(log_level::error, "task_nursery " + detail::python_repr(st->name) + ": error while shutting down: " + describe(std::current_exception()));
+    }
+    co_return;
+  }
+  st->sentinel = any_task();  // destroyed before it could shut down
+  st->closed = true;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

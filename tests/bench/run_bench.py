@@ -62,6 +62,8 @@ WHAT = {
     "M1L": "M1': resident bytes per created, never started coroutine<long> (RSS delta)",
     "C1-O0": "compile + link a hello TU, -O0 (CPU seconds)",
     "C1-O2": "compile + link a hello TU, -O2 (CPU seconds)",
+    "C1S-O0": "C1 in split mode: the hello TU with ASYNC_UTILS_SPLIT, linked to a prebuilt implementation TU, -O0",
+    "C1S-O2": "C1 in split mode, -O2",
 }
 
 
@@ -174,33 +176,66 @@ def implementations(built):
     return impls
 
 
+def compile_cpu(cmd, cwd):
+    """CPU seconds (user + sys) and wall seconds of one compiler run, or None when it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        log(f"C1 failed: {' '.join(cmd)}: {proc.stderr.strip()[:300]}")
+        return None
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
 def measure_compile(built_dir):
-    """C1: CPU seconds (user + sys of the compiler and linker) for each hello TU; best of two."""
+    """C1: CPU seconds (user + sys of the compiler and linker) for each hello TU; best of two.
+    C1S: the same hello TU in split mode (ASYNC_UTILS_SPLIT), compiled and linked against an
+    implementation object built once beforehand (its cost is in the notes), as a project with
+    many TUs pays it once; Asio's row repeats its C1 time."""
     rows = []
     src = os.path.join(ROOT, "src")
+    # Boost 1.74 enables co_await for clang only with libc++'s <experimental/coroutine>; with
+    # libstdc++'s <coroutine> it has to be told.
+    asio_coro = ["-DBOOST_ASIO_HAS_CO_AWAIT", "-DBOOST_ASIO_HAS_STD_COROUTINE"] if "clang" in os.path.basename(CXX) else []
     for opt in ("O0", "O2"):
-        for impl, tu, extra in ((OURS, "c1_hello_au.cpp", ["-I" + src]), ("asio", "c1_hello_asio.cpp", [])):
-            out = os.path.join(built_dir, f"c1_{impl}_{opt}")
+        base = [CXX, "-std=c++20", f"-{opt}", "-DNDEBUG", "-pthread"]
+        impl_obj = os.path.join(built_dir, f"c1_impl_{opt}.o")
+        impl_tu = os.path.join(built_dir, "c1_impl.cpp")
+        with open(impl_tu, "w") as f:
+            f.write("#define ASYNC_UTILS_IMPLEMENTATION\n#include \"async_utils.hpp\"\n")
+        impl_cost = compile_cpu(base + ["-I" + src, "-c", impl_tu, "-o", impl_obj], HERE)
+        variants = ((f"C1-{opt}", OURS, ["-I" + src, "c1_hello_au.cpp"]),
+                    (f"C1-{opt}", "asio", asio_coro + ["c1_hello_asio.cpp"]),
+                    (f"C1S-{opt}", OURS, ["-I" + src, "-DASYNC_UTILS_SPLIT", "c1_hello_au.cpp", impl_obj]))
+        asio_row = None
+        for workload, impl, args in variants:
+            out = os.path.join(built_dir, f"c1_{impl}_{workload}")
             best = None
-            for _ in range(1 if QUICK else 2):
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                t0 = time.perf_counter()
-                proc = subprocess.run([CXX, "-std=c++20", f"-{opt}", "-DNDEBUG", "-pthread", *extra, tu, "-o", out],
-                                      capture_output=True, text=True, cwd=HERE)
-                wall = time.perf_counter() - t0
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                if proc.returncode != 0:
+            if workload.startswith("C1S") and impl_cost is None:
+                args = None
+            for _ in range(1 if QUICK or args is None else 2):
+                r = compile_cpu(base + args + ["-o", out], HERE)
+                if r is None:
                     best = None
-                    log(f"C1 {impl} -{opt} failed: {proc.stderr.strip()[:300]}")
                     break
-                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                if best is None or cpu < best[0]:
-                    best = (cpu, wall)
+                if best is None or r[0] < best[0]:
+                    best = r
             if best and subprocess.run([out], capture_output=True).returncode != 0:
                 best = None
-            rows.append({"workload": f"C1-{opt}", "impl": impl, "per_op_ns": best[0] * 1e9 if best else None,
-                         "allocs_per_op": None, "extra": {"wall_s": round(best[1], 2)} if best else {},
-                         "note": "" if best else "n/a (compile failed)"})
+            extra = {"wall_s": round(best[1], 2)} if best else {}
+            note = "" if best else "n/a (compile failed)"
+            if workload.startswith("C1S") and impl_cost:
+                note = f"+ {impl_cost[0]:.2f} s once for the implementation TU"
+            row = {"workload": workload, "impl": impl, "per_op_ns": best[0] * 1e9 if best else None,
+                   "allocs_per_op": None, "extra": extra, "note": note}
+            rows.append(row)
+            if impl == "asio":
+                asio_row = row
+        if asio_row:
+            rows.append(dict(asio_row, workload=f"C1S-{opt}",
+                             note="same run as C1" if asio_row["per_op_ns"] is not None else asio_row["note"]))
     return rows
 
 
@@ -281,10 +316,12 @@ def write_csv(rows, path):
 def main():
     started = time.perf_counter()
     load_before = os.getloadavg()
-    log(f"building into {os.path.relpath(BUILD, ROOT)} ...")
-    built = build_all()
     rows = []
-    impls = implementations(built)
+    impls = []
+    if WORKLOADS:  # ONLY=C1: nothing else to build
+        log(f"building into {os.path.relpath(BUILD, ROOT)} ...")
+        impls = implementations(build_all())
+    os.makedirs(BUILD, exist_ok=True)
     for w in WORKLOADS:
         # Repeats are interleaved (round-robin over the implementations), so that a change in the
         # machine's load during the run does not favour whoever ran first.
