@@ -152,6 +152,7 @@ class signal_source {
     if (!found) return;
     const saved_state saved = *found;
     std::erase_if(saved_, [sig](const saved_state& s) { return s.sig == sig; });
+    stop_forwarding(sig);
     uninstall(saved);
     unclaim(sig);
   }
@@ -217,6 +218,18 @@ class signal_source {
     if (owner && owner != this)
       throw std::runtime_error("signal " + std::to_string(sig) + " is already handled by another event loop");
     slot.owner.store(this);
+  }
+  /// signalfd: a process-directed signal runs on_signal on a thread that does not block it,
+  /// which forwards it to the owner's thread. A forward still on its way when uninstall()
+  /// restores the old disposition and unblocks the signal would reach that disposition (for
+  /// SIG_DFL: the process ends). So forwarding stops first, and the handlers that may have read
+  /// the old target finish, before uninstall() drains what arrived.
+  void stop_forwarding([[maybe_unused]] int sig) noexcept {
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+    signal_globals& g = signal_state();
+    g.slots[static_cast<std::size_t>(sig)].has_thread.store(false);
+    while (g.handlers_running.load() != 0) std::this_thread::yield();
+#endif
   }
   void unclaim(int sig) noexcept {
     signal_globals& g = signal_state();

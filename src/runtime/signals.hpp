@@ -268,6 +268,41 @@ TEST_SUITE("signals") {
     }());
   }
 
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+  TEST_CASE("a forward still on its way while the handler is removed never reaches the old disposition") {
+    // A process-directed signal runs the forwarding handler on a thread that does not block
+    // it, which sends it on to the loop thread. Here such a handler is held in flight
+    // (handlers_running) while the loop thread removes its handler, and forwards late: the
+    // forward must be dropped with the handler, not delivered to the disposition restored
+    // (found by a kill-while-removing stress written with the schedule fuzzer's op_signal;
+    // SIG_DFL would end the process).
+    struct sigaction counting{}, before{};
+    counting.sa_handler = &foreign_handler;
+    sigemptyset(&counting.sa_mask);
+    sigaction(SIGUSR1, &counting, &before);
+    foreign_handler_calls = 0;
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      int calls = 0;
+      loop.add_signal_handler(SIGUSR1, [&] { ++calls; });
+      const pthread_t loop_thread = pthread_self();
+      auto& g = detail::signal_state();
+      g.handlers_running.fetch_add(1);  // a handler on another thread has read the target
+      std::thread late([&g, loop_thread] {
+        std::this_thread::sleep_for(20ms);  // the loop thread is inside remove_signal_handler
+        ::pthread_kill(loop_thread, SIGUSR1);
+        g.handlers_running.fetch_sub(1);
+      });
+      CHECK(loop.remove_signal_handler(SIGUSR1));
+      late.join();
+      co_await sleep(2ms);
+      CHECK(calls == 0);
+      CHECK(foreign_handler_calls == 0);
+    }());
+    sigaction(SIGUSR1, &before, nullptr);
+  }
+#endif
+
   TEST_CASE("invalid numbers, SIGKILL and SIGSTOP throw std::invalid_argument and change nothing") {
     testing::run_bounded([]() -> coroutine<void> {
       event_loop& loop = event_loop::current();

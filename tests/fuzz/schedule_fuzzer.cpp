@@ -32,6 +32,28 @@
 // allows it (or after the timeout). For as_completed: one element per distinct input, the k-th
 // passing on the value or exception of the k-th child to complete (those done at the call
 // first, in the given order), timeout_error for all the rest only once the timeout passed.
+// op_executor hands jobs to the default executor (run_in_executor, to_thread), to a
+// thread_pool_executor of the fuzzer's and through make_async; most wait on a gate the schedule
+// opens, some post a call_soon_threadsafe from the worker, some throw; their awaiting tasks run
+// plain, under wait_for or in a timeout scope and are cancelled at random (the job still runs).
+// The pool is shut down (wait=false) with jobs queued, shutdown_default_executor() runs in a
+// task, set_default_executor() replaces the default. Checked: every accepted job ran exactly
+// once and its call_soon_threadsafe callback once, a refused one never (refused only after the
+// shutdown, with the documented message). op_signal adds, replaces and removes SIGUSR1 / SIGUSR2
+// handlers and raises them (raise(), or kill(getpid()), which another thread may receive and
+// forward), also just before the handler is removed. Checked: a handler runs only while
+// installed, the newest one, never more often than its signal was raised, and at least once
+// after the last raise; a signal never reaches the disposition restored (the fuzzer's own,
+// which aborts). op_shutdown raises SIGHUP with a task_nursery alive (its shutdown handling):
+// the graceful shutdown must close every nursery before it cancels the schedule's task, which
+// then ends the schedule. op_utility runs an async_exit_stack (callbacks, async callbacks, a
+// suppressing exit, entered contexts; pop_all; checked: LIFO, each exactly once, suppression
+// exactly when a suppressing exit saw the body's error), awaitable_predicate waits (with a
+// timeout) and notifies, condition_property set/get (a refused negative value), coroutine_wrapper
+// objects awaited, scheduled, awaited twice or close()d, and registered objects (shared keys,
+// publish_unique, renamed) whose registry() is compared with the live instances. After run():
+// every signal disposition and the thread's mask are as before (sigaction compared), no thread
+// or descriptor is left.
 // FUZZ_TRACE=1 in the environment prints the opcodes and the stream reads.
 #include "../../async_utils.hpp"
 
@@ -41,6 +63,10 @@
 #include <cstdint>
 #include <memory>
 #include <cstdio>
+#include <csignal>
+#include <deque>
+#include <map>
+#include <atomic>
 #include <cstdlib>
 #include <dirent.h>
 #include <string>
@@ -129,6 +155,16 @@ enum task_kind : std::uint8_t {
                      // aclose()s or races a second next(); returns its value unless cancelled
   k_wait,            // wait() over earlier tasks or futures (op_wait); returns its value
   k_as_completed,    // as_completed() over earlier tasks or futures (op_wait); returns its value
+  k_exec,            // awaits a job of run_in_executor / to_thread / a thread_pool / make_async
+  k_exec_shutdown,   // event_loop::shutdown_default_executor()
+  k_exit_stack,      // fills an async_exit_stack, runs a body, unwinds it (LIFO, once each)
+  k_pred_wait,       // co_await awaitable_predicate(counter >= target[, timeout])
+  k_pred_notify,     // bumps the predicate's counter, notify_all() on its condition
+  k_prop_set,        // condition_property set(v[, wait_for_read]) (a negative v is refused)
+  k_prop_get,        // condition_property get({predicate, wait_for_write})
+  k_wrapper,         // co_await a coroutine_wrapper (a second await must throw invalid_state_error)
+  k_wrapper_task,    // create_task(std::ref(wrapper)): its value, or invalid_state_error
+  k_registry,        // holds a registered object (maybe publish_unique) across sleeps, renames it
   k_all_kinds
 };
 /// Waits (on a primitive) in the kinds from k_lock on may run plain, under wait_for or under a
@@ -194,6 +230,95 @@ struct nursery_rec {
   bool close_requested = false;
 };
 
+/// One job handed to an executor (op_executor). A gated job blocks its worker until the
+/// schedule opens its gate (op_executor, or the drain at the end), so that which jobs run when
+/// follows the input, not the thread scheduler, as far as it can.
+struct job_rec {
+  std::atomic<bool> gate{false};
+  std::atomic<int> runs{0};
+  int ts_runs = 0;  // its call_soon_threadsafe callback ran (loop thread only)
+  int id = 0;
+  bool gated = false, throws = false, threadsafe = false;
+  bool submitted = false;  // accepted by an executor: must run exactly once
+  bool refused = false;    // refused with the documented error: must never run
+  void open() {
+    gate.store(true);
+    gate.notify_all();
+  }
+};
+
+/// A task's coroutine_wrapper (op_utility): sleeps `steps` times, counting its progress.
+struct fz_wrapper : coroutine_wrapper<int> {
+  int steps, value, progress = 0, completions = 0, refusals = 0;
+  bool closed_fresh = false;  // close()d before it started: must never run
+  std::chrono::microseconds d;
+  fz_wrapper(int n, std::chrono::microseconds delay, int v) : steps(n), value(v), d(delay) { set_coroutine(work()); }
+  coroutine<int> work() {
+    for (int i = 0; i < steps; ++i) {
+      co_await sleep(d);
+      ++progress;
+    }
+    co_return value;
+  }
+};
+
+/// The owner of a condition_property (op_utility); its setter refuses negative values.
+struct prop_owner {
+  int level_ = 0;
+  int level() const { return level_; }
+  void set_level(int v) {
+    if (v < 0) throw std::invalid_argument("negative level");
+    level_ = v;
+  }
+  condition_property<&prop_owner::level, &prop_owner::set_level> prop{this, "level"};
+};
+
+/// Registered objects (op_utility): keyed by name (shared keys allowed), and a kind whose
+/// constructor publish_unique()s (refuses a key in use). `live` mirrors the live instances in
+/// creation order, to compute what registry() must show.
+struct fz_reg : registry<fz_reg> {
+  std::string name;
+  std::vector<fz_reg*>* live;
+  static constexpr auto unique_key = &fz_reg::name;
+  fz_reg(std::string n, std::vector<fz_reg*>* l) : name(std::move(n)), live(l) { live->push_back(this); }
+  fz_reg(const fz_reg&) = delete;
+  fz_reg& operator=(const fz_reg&) = delete;
+  ~fz_reg() { std::erase(*live, this); }
+};
+struct fz_unique : registry<fz_unique> {
+  std::string name;
+  std::vector<fz_unique*>* live;
+  static constexpr auto unique_key = &fz_unique::name;
+  fz_unique(std::string n, std::vector<fz_unique*>* l) : registry_base(defer_registration), name(std::move(n)), live(l) {
+    publish_unique();
+    live->push_back(this);
+  }
+  fz_unique(const fz_unique&) = delete;
+  fz_unique& operator=(const fz_unique&) = delete;
+  ~fz_unique() {
+    std::erase(*live, this);
+    withdraw();
+  }
+};
+/// registry() lists, for each key, the most recently created live instance with it.
+template <class T>
+void check_registry(const std::vector<T*>& live) {
+  std::map<std::string, T*> expected;
+  for (T* o : live) expected[o->name] = o;
+  const std::map<std::string, T*> got = T::registry();
+  FUZZ_CHECK(got == expected);
+  for (T* o : live) FUZZ_CHECK(T::key_in_use(o->name));
+}
+
+/// A signal handler of op_signal (kept in `state`: a queued call may run until the loop closes).
+struct sig_rec {
+  int sig = 0;
+  bool installed = false;
+  int gen = 0;          // which add_signal_handler the installed handler comes from
+  bool expect = false;  // raised while installed, the handler has not run since (it must, before the end)
+  int calls = 0, raises = 0;
+};
+
 /// The primitives and utilities one schedule works on (created at its start, checked and
 /// destroyed at its end, inside run()).
 struct prim_state {
@@ -222,6 +347,19 @@ struct prim_state {
   /// cancelled or timed out (plain, under wait_for or in a timeout scope) loses no byte.
   bool stream_consistent() const { return peer_sent.compare(0, stream_got.size(), stream_got) == 0; }
   std::string stream_sent, peer_got;  // writer -> peer
+  // op_executor
+  std::deque<std::unique_ptr<job_rec>> jobs;
+  std::unique_ptr<thread_pool_executor> pool;
+  bool pool_shut = false, default_shut = false;
+  // op_utility
+  std::shared_ptr<condition> pred_cond = std::make_shared<condition>();
+  int pred_counter = 0;
+  prop_owner owner;
+  std::vector<int> prop_values{0};
+  std::deque<std::unique_ptr<fz_wrapper>> wrappers;
+  std::vector<fz_reg*> reg_live;
+  std::vector<fz_unique*> unique_live;
+  int reg_serial = 0;
 };
 
 /// One async generator of op_async_gen: what its frame and its consumers saw.
@@ -248,6 +386,8 @@ struct state {
   bool inside_add_done_callback = false;
   int sock[2] = {-1, -1};
   std::string log;
+  sig_rec sigs[2];
+  bool shutdown_hit = false;  // op_shutdown: the graceful shutdown cancelled the schedule
 };
 
 // ---- Task bodies (parameters by value: a coroutine must not hold references to the schedule) --
@@ -864,6 +1004,318 @@ coroutine<int> as_completed_body(std::vector<H> in, int tmode, std::chrono::micr
   co_return value;
 }
 
+// ---- The executor (op_executor) -------------------------------------------------------------
+
+/// The job: waits for its gate, maybe posts a call_soon_threadsafe, counts its run, returns
+/// its id or throws. It reads `j` only before counting the run (the schedule may drop it then).
+auto job_fn(job_rec* j) {
+  return [j, loop = &event_loop::current()]() -> int {
+    if (j->gated) j->gate.wait(false);
+    const bool throws = j->throws;
+    const int id = j->id;
+    if (j->threadsafe) loop->call_soon_threadsafe([j] { ++j->ts_runs; });
+    j->runs.fetch_add(1);
+    if (throws) throw std::runtime_error("job boom");
+    return id;
+  };
+}
+
+/// Awaits a submitted job: its value or its error; a cancellation (the job still runs) passes.
+coroutine<int> exec_await(job_rec* j, executor_future<int> f, int value) {
+  try {
+    const int r = co_await f;
+    FUZZ_CHECK(!j->throws);
+    FUZZ_CHECK(r == j->id);
+    FUZZ_CHECK(j->runs.load() == 1);
+  } catch (const cancelled_error&) {
+    throw;
+  } catch (const timeout_error&) {
+    throw;
+  } catch (const std::runtime_error& e) {
+    FUZZ_CHECK(j->throws);
+    FUZZ_CHECK(std::string(e.what()) == "job boom");
+  }
+  co_return value;
+}
+
+/// make_async(job)(): submits when it starts; refused (with the documented error) once
+/// shutdown_default_executor ran.
+coroutine<int> make_async_body(prim_state* p, job_rec* j, int value) {
+  const bool shut = p->default_shut;
+  j->submitted = true;
+  auto call = make_async(job_fn(j));
+  try {
+    const int r = co_await call();
+    FUZZ_CHECK(!j->throws && r == j->id);
+  } catch (const cancelled_error&) {
+    throw;
+  } catch (const timeout_error&) {
+    throw;
+  } catch (const std::runtime_error& e) {
+    if (std::string(e.what()) == "Executor shutdown has been called") {
+      FUZZ_CHECK(shut);
+      j->submitted = false;
+      j->refused = true;
+    } else {
+      FUZZ_CHECK(j->throws);
+      FUZZ_CHECK(std::string(e.what()) == "job boom");
+    }
+  }
+  co_return value;
+}
+
+coroutine<int> exec_shutdown_body(prim_state* p, int value) {
+  p->default_shut = true;  // from here on the default executor refuses jobs
+  co_await event_loop::current().shutdown_default_executor();
+  co_return value;
+}
+
+/// Every job that was accepted ran once and its call_soon_threadsafe callback ran once.
+bool jobs_settled(const prim_state& p) {
+  for (const auto& j : p.jobs) {
+    if (j->submitted && j->runs.load() != 1) return false;
+    if (j->submitted && j->threadsafe && j->ts_runs != 1) return false;
+  }
+  return true;
+}
+void check_jobs(const prim_state& p) {
+  for (const auto& j : p.jobs) {
+    FUZZ_CHECK(j->runs.load() <= 1);
+    FUZZ_CHECK(j->ts_runs <= 1);
+    if (j->submitted) FUZZ_CHECK(j->runs.load() == 1);
+    else FUZZ_CHECK(j->runs.load() == 0);  // refused, or its make_async task never started
+    if (j->refused) FUZZ_CHECK(!j->submitted);
+    if (j->submitted && j->threadsafe) FUZZ_CHECK(j->ts_runs == 1);
+  }
+}
+
+// ---- Signals (op_signal, op_shutdown) ---------------------------------------------------------
+
+/// The library's forwarding handler is the disposition of `sig` (so raising it is safe).
+bool library_handles(int sig) {
+  struct sigaction a{};
+  FUZZ_CHECK(::sigaction(sig, nullptr, &a) == 0);
+  return !(a.sa_flags & SA_SIGINFO) && a.sa_handler == &detail::on_signal;
+}
+
+void add_sig_handler(sig_rec* r) {
+  event_loop& loop = event_loop::current();
+  const int gen = ++r->gen;
+  const bool self_remove = (r->gen % 3) == 0;  // every third handler removes itself when it runs
+  loop.add_signal_handler(r->sig, [r, gen, self_remove, &loop] {
+    FUZZ_CHECK(r->installed);  // a removed handler never runs
+    FUZZ_CHECK(r->gen == gen); // a replaced one neither: a queued call runs the newest
+    // Never more calls than raises. (Not "only while one is expected": kill(getpid()) may be
+    // delivered to another thread, whose forward reaches the loop after a later raise().)
+    FUZZ_CHECK(r->calls < r->raises);
+    r->expect = false;
+    ++r->calls;
+    if (self_remove) {
+      FUZZ_CHECK(loop.remove_signal_handler(r->sig));
+      r->installed = false;
+    }
+  });
+  r->installed = true;
+}
+
+void raise_sig(int sig, bool to_process) {
+  if (to_process) FUZZ_CHECK(::kill(::getpid(), sig) == 0);
+  else FUZZ_CHECK(std::raise(sig) == 0);
+}
+
+// ---- Utilities (op_utility) ---------------------------------------------------------------
+
+struct stack_journal {
+  std::vector<int> pushed, exited;
+};
+const char* const stack_error = "stack body";
+bool is_stack_error(const std::exception_ptr& e) {
+  if (!e) return false;
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::runtime_error& x) {
+    return std::string(x.what()) == stack_error;
+  } catch (...) {
+  }
+  return false;
+}
+/// An async context manager: aenter sleeps, aexit records itself, sleeps, suppresses nothing.
+struct fz_cm {
+  std::shared_ptr<stack_journal> j;
+  int id;
+  std::chrono::microseconds d;
+  coroutine<void> aenter() { co_await sleep(d); }
+  coroutine<bool> aexit(std::exception_ptr) {
+    j->exited.push_back(id);
+    co_await sleep(d);
+    co_return false;
+  }
+};
+coroutine<void> exit_sleep(std::shared_ptr<stack_journal> j, int id, std::chrono::microseconds d) {
+  j->exited.push_back(id);
+  co_await sleep(d);
+}
+coroutine<bool> exit_suppress(std::shared_ptr<stack_journal> j, int id, std::exception_ptr e) {
+  j->exited.push_back(id);
+  co_await sleep(0s);
+  co_return is_stack_error(e);  // suppresses the body's error only
+}
+
+/// Fills a stack with 1-4 exits (callback, async callback, suppressing exit, entered context),
+/// runs a body (sleeps, maybe throws), unwinds (itself or what pop_all() moved out of it) with
+/// aexit(error). Checked: every registered exit ran exactly once, in LIFO order, whatever was
+/// cancelled when; the body's error is suppressed exactly when a suppressing exit saw it.
+coroutine<int> exit_stack_body(std::uint8_t plan, std::uint8_t kinds, std::chrono::microseconds d, int value) {
+  auto j = std::make_shared<stack_journal>();
+  const int n = 1 + plan % 4;
+  const bool body_throws = (plan >> 2) & 1;
+  const bool use_pop_all = (plan >> 3) & 1;
+  bool has_suppressor = false;
+  async_exit_stack stack;
+  std::exception_ptr err;
+  try {
+    for (int i = 0; i < n; ++i) {
+      switch ((kinds >> (2 * i)) & 3) {
+        case 0: stack.callback([j, i] { j->exited.push_back(i); }); break;
+        case 1: stack.push_async_callback(exit_sleep, j, i, d); break;
+        case 2:
+          stack.push_async_exit([j, i](std::exception_ptr e) { return exit_suppress(j, i, std::move(e)); });
+          has_suppressor = true;
+          break;
+        default: {
+          fz_cm cm{j, i, d};
+          co_await stack.enter_async_context(std::move(cm));  // owned by the stack
+          break;
+        }
+      }
+      j->pushed.push_back(i);
+      FUZZ_CHECK(stack.size() == j->pushed.size());
+    }
+    co_await sleep(d);
+    if (body_throws) throw std::runtime_error(stack_error);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  async_exit_stack moved = use_pop_all ? stack.pop_all() : async_exit_stack{};
+  if (use_pop_all) FUZZ_CHECK(stack.empty());
+  async_exit_stack& st = use_pop_all ? moved : stack;
+  bool suppressed = false;
+  std::exception_ptr unwind_error;
+  try {
+    suppressed = co_await st.aexit(err);
+  } catch (...) {
+    unwind_error = std::current_exception();
+  }
+  FUZZ_CHECK(st.empty());
+  FUZZ_CHECK(stack.empty());
+  const std::vector<int> lifo(j->pushed.rbegin(), j->pushed.rend());
+  if (j->exited != lifo) fail("async_exit_stack: exits ran out of LIFO order, twice or not at all");
+  if (unwind_error) {
+    FUZZ_CHECK(is_cancellation(unwind_error));  // only a cancellation (of an exit's sleep) escapes
+    std::rethrow_exception(unwind_error);
+  }
+  if (suppressed) FUZZ_CHECK(is_stack_error(err) && has_suppressor);
+  if (err && !suppressed) {
+    if (is_cancellation(err)) std::rethrow_exception(err);
+    FUZZ_CHECK(is_stack_error(err));
+    // Not suppressed, and no exit raised: no suppressing exit was registered (one would have
+    // seen the body's error still pending).
+    FUZZ_CHECK(!has_suppressor);
+  }
+  co_return value;
+}
+
+coroutine<int> pred_wait_body(prim_state* p, int target, std::optional<std::chrono::steady_clock::duration> limit, int value) {
+  awaitable_predicate pred([p, target] { return p->pred_counter >= target; }, p->pred_cond, limit);
+  try {
+    co_await pred;
+  } catch (const timeout_error&) {
+    FUZZ_CHECK(limit.has_value());
+    co_return timed_out;
+  }
+  FUZZ_CHECK(p->pred_counter >= target);
+  FUZZ_CHECK(static_cast<bool>(pred));
+  co_return value;
+}
+
+coroutine<int> pred_notify_body(prim_state* p, int value) {
+  auto guard = co_await p->pred_cond->scoped();
+  ++p->pred_counter;
+  p->pred_cond->notify_all();
+  co_return value;
+}
+
+coroutine<int> prop_set_body(prim_state* p, int v, bool wait_for_read, int value) {
+  if (v >= 0) p->prop_values.push_back(v);
+  const int before = p->owner.level();
+  bool threw = false;
+  try {
+    co_await p->owner.prop.set(v, wait_for_read);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  FUZZ_CHECK(threw == (v < 0));
+  FUZZ_CHECK(p->owner.level() >= 0);  // a refused value never becomes the level
+  if (threw && p->owner.level() != before) FUZZ_CHECK(std::find(p->prop_values.begin(), p->prop_values.end(), p->owner.level()) != p->prop_values.end());
+  co_return value;
+}
+
+coroutine<int> prop_get_body(prim_state* p, bool with_predicate, std::optional<bool> wait_for_write, int value) {
+  get_options<int> options;
+  if (with_predicate) options.predicate = [](const int& x) { return x % 2 == 0; };
+  options.wait_for_write = wait_for_write;
+  const int v = co_await p->owner.prop.get(std::move(options));
+  if (with_predicate) FUZZ_CHECK(v % 2 == 0);
+  FUZZ_CHECK(v >= 0);
+  FUZZ_CHECK(std::find(p->prop_values.begin(), p->prop_values.end(), v) != p->prop_values.end());
+  co_return value;
+}
+
+coroutine<int> wrapper_await_body(fz_wrapper* w, int value) {
+  try {
+    const int r = co_await *w;
+    FUZZ_CHECK(r == w->value);
+    FUZZ_CHECK(w->progress == w->steps);
+    FUZZ_CHECK(w->done());
+    ++w->completions;
+  } catch (const invalid_state_error&) {
+    ++w->refusals;  // already awaited, scheduled or closed
+  }
+  co_return value;
+}
+
+/// Holds a registered object across sleeps (destroyed when cancelled), may rename it; checks
+/// the registry against the live instances at every step.
+coroutine<int> registry_body(prim_state* p, std::uint8_t plan, std::chrono::microseconds d, int value) {
+  const std::string key = "k" + std::to_string(plan % 4);
+  if ((plan >> 2) & 1) {
+    const bool in_use = std::any_of(p->unique_live.begin(), p->unique_live.end(), [&](fz_unique* o) { return o->name == key; });
+    std::optional<fz_unique> u;
+    try {
+      u.emplace(key, &p->unique_live);
+    } catch (const std::invalid_argument&) {
+      FUZZ_CHECK(in_use);
+      check_registry(p->unique_live);
+      co_return value;
+    }
+    FUZZ_CHECK(!in_use);
+    check_registry(p->unique_live);
+    co_await sleep(d);
+    check_registry(p->unique_live);
+    co_return value;
+  }
+  fz_reg o(key, &p->reg_live);
+  check_registry(p->reg_live);
+  co_await sleep(d);
+  if ((plan >> 3) & 1) {
+    o.name = "k" + std::to_string((plan >> 4) % 4);  // keys are read when the registry is read
+    check_registry(p->reg_live);
+    co_await sleep(0s);
+  }
+  check_registry(p->reg_live);
+  co_return value;
+}
+
 // ---- Outcomes --------------------------------------------------------------------------------
 
 struct outcome {
@@ -971,8 +1423,21 @@ void check_consistency(state& s) {
       case k_gen_consumer:
       case k_wait:
       case k_as_completed:
+      case k_exec:
+      case k_exec_shutdown:
+      case k_exit_stack:
+      case k_pred_wait:
+      case k_pred_notify:
+      case k_prop_set:
+      case k_prop_get:
+      case k_wrapper:
+      case k_registry:
         FUZZ_CHECK(mine.how != outcome::error);
         if (mine.how == outcome::value) FUZZ_CHECK(mine.v == r.value || mine.v == timed_out);
+        break;
+      case k_wrapper_task:  // the wrapper's value, or refused as awaited before
+        if (mine.how == outcome::value) FUZZ_CHECK(mine.v == r.value);
+        if (mine.how == outcome::error) FUZZ_CHECK(mine.message.find("coroutine_wrapper") != std::string::npos);
         break;
       default: fail("unknown task kind");
     }
@@ -1068,6 +1533,24 @@ coroutine<void> check_primitives(state& s) {
     p.writer.reset();
   }
   if (p.peer >= 0) ::close(p.peer);
+
+  // Executor: every accepted job ran once, refused ones never; the pool joins its threads.
+  check_jobs(p);
+  if (p.pool) p.pool->shutdown(true);
+  // Utilities: no waiter left on the predicate's condition or the property; wrappers ended
+  // (each awaited to its end at most once, never after a close() before it started);
+  // the registries list exactly the live instances (none once every task ended).
+  FUZZ_CHECK(!p.pred_cond->locked());
+  FUZZ_CHECK((p.pred_cond.get()->*get(condition_waiters{})).empty());
+  FUZZ_CHECK(!static_cast<bool>(p.owner.prop.get_accessor().has_waiting_read));
+  for (auto& w : p.wrappers) {
+    FUZZ_CHECK(!w->running());
+    FUZZ_CHECK(w->completions <= 1);
+    FUZZ_CHECK(w->progress <= w->steps);
+    if (w->closed_fresh) FUZZ_CHECK(w->progress == 0 && w->completions == 0);
+  }
+  FUZZ_CHECK(p.reg_live.empty() && p.unique_live.empty());
+  FUZZ_CHECK(fz_reg::registry().empty() && fz_unique::registry().empty());
   s.p.reset();
 }
 
@@ -1107,9 +1590,15 @@ enum op : std::uint8_t {
   op_cancel_recent, // cancels the newest pending task (most likely waiting on a primitive)
   op_async_gen,     // a k_gen_consumer task driving a new async_generator
   op_wait,          // a k_wait or k_as_completed task over earlier tasks or futures
+  op_executor,      // a job (default executor, to_thread, own thread_pool, make_async), a gate
+                    // opened, the pool shut down, shutdown_default_executor, set_default_executor
+  op_signal,        // add / remove a SIGUSR1 / SIGUSR2 handler, raise the signal (maybe while removing)
+  op_utility,       // async_exit_stack, awaitable_predicate, condition_property, coroutine_wrapper,
+                    // registry
+  op_shutdown,      // a nursery shut down by SIGHUP (setup_shutdown_handling): ends the schedule
   op_count
 };
-static_assert(op_count == 33);
+static_assert(op_count == 37);
 
 void spawn(state& s, reader& in) {
   const auto index = static_cast<int>(s.tasks.size());
@@ -1289,6 +1778,128 @@ coroutine<void> primitive_op(state& s, op code, std::uint8_t arg, reader& in) {
       }
       break;
     }
+    case op_executor: {
+      event_loop& loop = event_loop::current();
+      switch (arg % 8) {
+        case 0:
+        case 1:
+        case 2:
+        case 3: {
+          if (p.jobs.size() >= 24) break;
+          const std::uint8_t flags = in.byte();
+          p.jobs.push_back(std::make_unique<job_rec>());
+          job_rec* j = p.jobs.back().get();
+          j->id = static_cast<int>(p.jobs.size());
+          j->gated = (flags & 3) != 0;
+          j->throws = (flags >> 2) & 1;
+          j->threadsafe = (flags >> 3) & 1;
+          const auto how = static_cast<guard_mode>((flags >> 4) % g_modes);
+          const int where = arg % 8;
+          if (where == 3) {
+            add_task(s, k_exec, create_task(guarded(how, d, make_async_body(&p, j, value))));
+            break;
+          }
+          if (where == 2 && !p.pool) p.pool = std::make_unique<thread_pool_executor>(1 + ((flags >> 6) & 1));
+          const bool shut = where == 2 ? p.pool_shut : p.default_shut;
+          try {
+            auto fn = job_fn(j);
+            executor_future<int> f = where == 0   ? run_in_executor(fn)
+                                     : where == 1 ? to_thread(fn)
+                                                  : loop.run_in_executor(*p.pool, fn);
+            FUZZ_CHECK(!shut);
+            j->submitted = true;
+            add_task(s, k_exec, create_task(guarded(how, d, exec_await(j, std::move(f), value))));
+          } catch (const std::runtime_error& e) {
+            // The documented refusals: a thread_pool after shutdown(), the default executor
+            // after shutdown_default_executor().
+            FUZZ_CHECK(shut);
+            FUZZ_CHECK(std::string(e.what()) == (where == 2 ? "cannot schedule new jobs after shutdown" : "Executor shutdown has been called"));
+            j->refused = true;
+          }
+          break;
+        }
+        case 4:  // opens the oldest closed gate (the job runs now; queued ones behind it follow)
+          for (auto& j : p.jobs) {
+            if (j->gated && !j->gate.load()) {
+              j->open();
+              break;
+            }
+          }
+          break;
+        case 5:  // shutdown(wait=false) with jobs queued: they still run, new ones are refused
+          if (p.pool) {
+            p.pool->shutdown(false);
+            p.pool_shut = true;
+          }
+          break;
+        case 6: add_task(s, k_exec_shutdown, create_task(exec_shutdown_body(&p, value))); break;
+        default:
+          if (!p.default_shut) loop.set_default_executor(static_cast<std::size_t>(1 + ((arg >> 3) & 1)));
+          break;
+      }
+      break;
+    }
+    case op_utility:
+      switch (arg % 8) {
+        case 0: {
+          const std::uint8_t plan = in.byte();
+          add_task(s, k_exit_stack, create_task(exit_stack_body(plan, in.byte(), d, value)));
+          break;
+        }
+        case 1: {
+          const int target = p.pred_counter + (arg >> 3) % 3;
+          std::optional<std::chrono::steady_clock::duration> limit;
+          if ((arg >> 5) & 1) limit = std::chrono::microseconds(d);
+          add_task(s, k_pred_wait, create_task(pred_wait_body(&p, target, limit, value)));
+          break;
+        }
+        case 2: add_task(s, k_pred_notify, create_task(pred_notify_body(&p, value))); break;
+        case 3: {
+          const int v = static_cast<int>(in.byte() % 8) - 1;
+          add_task(s, k_prop_set, create_task(guard(prop_set_body(&p, v, (arg >> 3) & 1, value))));
+          break;
+        }
+        case 4: {
+          const std::uint8_t how = in.byte();
+          const std::optional<bool> wfw = how % 3 == 0 ? std::nullopt : std::optional<bool>(how % 3 == 1);
+          add_task(s, k_prop_get, create_task(guard(prop_get_body(&p, (arg >> 3) & 1, wfw, value))));
+          break;
+        }
+        case 5:  // a new wrapper, awaited by a task or scheduled itself
+          if (p.wrappers.size() < 8) {
+            p.wrappers.push_back(std::make_unique<fz_wrapper>((arg >> 3) % 3, hold_for, value));
+            fz_wrapper* w = p.wrappers.back().get();
+            if ((arg >> 5) & 1) add_task(s, k_wrapper_task, create_task(std::ref(*w)));
+            else add_task(s, k_wrapper, create_task(wrapper_await_body(w, value)));
+          }
+          break;
+        case 6:  // the newest wrapper awaited again (refused), or close()d
+          if (!p.wrappers.empty()) {
+            fz_wrapper* w = p.wrappers.back().get();
+            if ((arg >> 3) & 1) {
+              add_task(s, k_wrapper, create_task(wrapper_await_body(w, value)));
+            } else {
+              const bool running = w->running(), fresh = !w->started();
+              bool threw = false;
+              try {
+                w->close();
+              } catch (const invalid_state_error&) {
+                threw = true;
+              }
+              FUZZ_CHECK(threw == running);
+              if (fresh) w->closed_fresh = true;
+            }
+          }
+          break;
+        default: {
+          check_registry(p.reg_live);
+          check_registry(p.unique_live);
+          const std::uint8_t plan = in.byte();
+          add_task(s, k_registry, create_task(registry_body(&p, plan, hold_for, value)));
+          break;
+        }
+      }
+      break;
     case op_task_group: add_task(s, k_group, create_task(group_body(d, in.byte(), value))); break;
     case op_timeout: add_task(s, k_timeout, create_task(timeout_body(d, hold_for, (arg >> 4) & 1, value))); break;
     case op_stream_read: {
@@ -1542,13 +2153,89 @@ coroutine<void> schedule(state& s, reader& in) {
           }
         }
         break;
+      case op_signal: {
+        // arg: bit 0 SIGUSR2 (else SIGUSR1), bits 1-3 what, bit 4 kill(getpid()) (else raise()).
+        sig_rec* r = &s.sigs[arg & 1];
+        const bool to_process = (arg >> 4) & 1;
+        switch ((arg >> 1) % 6) {
+          case 0:
+          case 1: add_sig_handler(r); break;  // new, or replacing the installed one
+          case 2: {
+            const bool removed = loop.remove_signal_handler(r->sig);
+            FUZZ_CHECK(removed == r->installed);
+            r->installed = false;
+            r->expect = false;
+            break;
+          }
+          case 3:
+          case 4:
+            if (r->installed) {
+              FUZZ_CHECK(library_handles(r->sig));
+              raise_sig(r->sig, to_process);
+              ++r->raises;
+              r->expect = true;
+              if ((arg >> 1) % 6 == 4) co_await sleep(0s);  // maybe delivered, maybe not yet
+            }
+            break;
+          default:
+            // Arrives while its handler is being removed: the handler must not run, and the
+            // signal must not reach the disposition restored (the fuzzer's, which aborts).
+            if (r->installed) {
+              FUZZ_CHECK(library_handles(r->sig));
+              raise_sig(r->sig, to_process);
+              ++r->raises;
+              FUZZ_CHECK(loop.remove_signal_handler(r->sig));
+              r->installed = false;
+              r->expect = false;
+              if ((arg >> 5) & 1) add_sig_handler(r);  // and added again at once
+            }
+            break;
+        }
+        break;
+      }
+      case op_shutdown: {
+        // A nursery (whose creation sets up the shutdown handling of SIGHUP/SIGINT/SIGTERM),
+        // maybe with a stubborn child, then SIGHUP: the graceful shutdown stops every nursery,
+        // then cancels every other task, this one included. The schedule ends here.
+        prim_state& p = *s.p;
+        if (p.nurseries.empty() || (p.nurseries.back()->close_requested && p.nurseries.size() < 4)) {
+          p.nurseries.push_back(std::make_unique<nursery_rec>());
+          p.nurseries.back()->n = std::make_unique<task_nursery>();
+        }
+        nursery_rec* rec = p.nurseries.back().get();
+        if ((arg & 1) && !rec->close_requested && s.tasks.size() < max_tasks) {
+          const int value = next_value(s);
+          auto child = rec->n->create_task(leaf((arg >> 1) & 1 ? k_stubborn : k_sleep, value, std::chrono::microseconds(50 * ((arg >> 2) % 4)), 0, -1));
+          rec->children.push_back(child);
+          task_rec tr{child, (arg >> 1) & 1 ? k_stubborn : k_sleep, value};
+          s.tasks.push_back(tr);
+        }
+        if ((arg >> 4) & 1) co_await sleep(0s);
+        FUZZ_CHECK(library_handles(SIGHUP));
+        raise_sig(SIGHUP, (arg >> 5) & 1);
+        try {
+          co_await sleep(1s);
+        } catch (const cancelled_error&) {
+          s.shutdown_hit = true;
+        }
+        FUZZ_CHECK(s.shutdown_hit);
+        current_task()->uncancel();
+        // Graceful: every nursery was closed (its children ended) before the rest was cancelled.
+        for (auto& n : p.nurseries) {
+          FUZZ_CHECK(n->n->closed());
+          for (auto& c : n->children) FUZZ_CHECK(c.done());
+        }
+        break;
+      }
       default:
         if (s.tasks.size() < max_tasks) co_await primitive_op(s, code, arg, in);
         break;
     }
+    if (s.shutdown_hit) break;
   }
 
   // The schedule is over: cancel what is left, wait for every task, then check.
+  for (auto& j : s.p->jobs) j->open();  // every job may run now
   co_await sleep(150us);  // every call_later of the schedule is due by now
   co_await sleep(0s);
   for (auto& r : s.tasks) r.t.cancel("drain");
@@ -1560,6 +2247,14 @@ coroutine<void> schedule(state& s, reader& in) {
   for (auto& f : s.futures) f.cancel("drain");
   co_await sleep(0s);  // done callbacks of the futures just cancelled
   co_await sleep(0s);
+
+  // Jobs run on their own threads: wait (bounded) until each accepted one ran and its
+  // call_soon_threadsafe callback ran on the loop, and until each raised signal's handler ran.
+  auto settled = [&s] { return jobs_settled(*s.p) && !s.sigs[0].expect && !s.sigs[1].expect; };
+  for (int i = 0; i < 20000 && !settled(); ++i) co_await sleep(i < 100 ? 0us : 200us);
+  FUZZ_CHECK(jobs_settled(*s.p));
+  for (const sig_rec& r : s.sigs) FUZZ_CHECK(!r.expect);  // a raised signal's handler ran
+  for (const sig_rec& r : s.sigs) FUZZ_CHECK(r.calls <= r.raises);
 
   check_generators(s);
   co_await check_primitives(s);
@@ -1578,16 +2273,63 @@ coroutine<void> schedule(state& s, reader& in) {
   }
   // Only this task is left.
   auto left = all_tasks();
-  FUZZ_CHECK(left.size() == 1);
-  FUZZ_CHECK(left[0] == *current_task());
+  // (after op_shutdown, also the shutdown task, which waits for this one)
+  FUZZ_CHECK(left.size() == 1 || (s.shutdown_hit && left.size() == 2));
+  FUZZ_CHECK(std::find(left.begin(), left.end(), *current_task()) != left.end());
 }
 
 }  // namespace
 
+namespace {
+/// The disposition of SIGUSR1, SIGUSR2 and SIGHUP outside run(): a signal that reaches it
+/// (one the library let through after removing its handler) aborts the fuzzer.
+void leaked_signal(int) {
+  static const char message[] = "schedule_fuzzer: invariant broken: a signal reached the handler the library restored\n";
+  [[maybe_unused]] auto n = ::write(2, message, sizeof message - 1);
+  std::abort();
+}
+constexpr int watched_signals[] = {SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGTERM};
+struct signal_snapshot {
+  struct sigaction actions[std::size(watched_signals)];
+  sigset_t mask;
+};
+signal_snapshot take_signal_snapshot() {
+  signal_snapshot out{};
+  for (std::size_t i = 0; i < std::size(watched_signals); ++i) FUZZ_CHECK(::sigaction(watched_signals[i], nullptr, &out.actions[i]) == 0);
+  FUZZ_CHECK(::pthread_sigmask(SIG_BLOCK, nullptr, &out.mask) == 0);
+  return out;
+}
+/// The handlers and this thread's mask are what they were before run() (sigaction compared).
+void check_signals_restored(const signal_snapshot& before) {
+  const signal_snapshot now = take_signal_snapshot();
+  for (std::size_t i = 0; i < std::size(watched_signals); ++i) {
+    const int sig = watched_signals[i];
+    const auto& a = before.actions[i];
+    const auto& b = now.actions[i];
+    if (a.sa_handler != b.sa_handler || a.sa_flags != b.sa_flags) fail("the disposition of signal " + std::to_string(sig) + " was not restored");
+    for (int m = 1; m < NSIG; ++m) {
+      if (sigismember(&a.sa_mask, m) != sigismember(&b.sa_mask, m)) fail("the handler mask of signal " + std::to_string(sig) + " was not restored");
+    }
+    if (sigismember(&before.mask, sig) != sigismember(&now.mask, sig)) fail("signal " + std::to_string(sig) + " left blocked or unblocked");
+  }
+}
+}  // namespace
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  static const bool detectors = [] {
+    struct sigaction a{};
+    a.sa_handler = &leaked_signal;
+    sigemptyset(&a.sa_mask);
+    for (int sig : {SIGUSR1, SIGUSR2, SIGHUP}) FUZZ_CHECK(::sigaction(sig, &a, nullptr) == 0);
+    return true;
+  }();
+  (void)detectors;
+  const signal_snapshot signals_before = take_signal_snapshot();
   const int fds_before = open_fds();
   const int threads_before = threads();
   state s;
+  s.sigs[0].sig = SIGUSR1;
+  s.sigs[1].sig = SIGUSR2;
   auto previous = set_log_handler([&s](log_level level, std::string_view message) {
     s.log += std::string(message) + "\n";
     // An internal error (a task woken twice would be resumed twice) or a task the loop had to
@@ -1595,6 +2337,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (message.find("internal error") != std::string_view::npos || message.find("woken twice") != std::string_view::npos ||
         message.find("destroyed but it is pending") != std::string_view::npos)
       fail("library log: " + std::string(message));
+    if (message.find("never ran") != std::string_view::npos) fail("library log: " + std::string(message));  // an exit stack not unwound
     if (level == log_level::error && message.find("never retrieved") == std::string_view::npos)
       fail("unexpected library error: " + std::string(message));
   });
@@ -1607,6 +2350,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   s = state{};  // drop every handle now, so that late reports still reach our log handler
   set_log_handler(std::move(previous));
   FUZZ_CHECK(open_fds() == fds_before);
+  check_signals_restored(signals_before);
   // A joined thread may stay listed for a moment: wait up to a second before calling it leaked.
   for (int i = 0; i < 1000 && threads() != threads_before; ++i) ::usleep(1000);
   FUZZ_CHECK(threads() == threads_before);
