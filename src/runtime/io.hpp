@@ -639,6 +639,10 @@ inline auto wait_readable(int fd) { return detail::io_awaiter<detail::readiness_
 inline auto wait_writable(int fd) { return detail::io_awaiter<detail::readiness_op>({}, fd, detail::io_write); }
 
 /// Receives up to buffer.size() bytes; 0 means the peer closed. Throws std::system_error.
+/// On a Linux TCP socket the loop turns TCP_INQ on the first time it reads the socket after a
+/// wait (a recvmsg of yours with a control buffer then also gets a TCP_CM_INQ message): it tells
+/// the loop when a read emptied the receive queue, so the next read waits for data without a
+/// recv that would fail with EAGAIN.
 inline auto sock_recv_into(int fd, std::span<char> buffer) {
   detail::require_buffer(buffer.data(), buffer.size(), "sock_recv_into");
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
@@ -1169,7 +1173,7 @@ TEST_SUITE("io") {
       before = t.ticks;
       n = co_await sock_recv_into(p.fd[0], std::span<char>(buf));
       CHECK(std::string(buf, n) == "456789");
-      CHECK(t.ticks == before);  // did not wait
+      CHECK(t.ticks - before <= (readiness_backend() ? 0 : 1));  // did not wait (io_uring: one round)
       // Exactly the bytes queued (a full read): the loop still knows the queue is empty.
       REQUIRE(::write(p.fd[1], "wxyz", 4) == 4);
       co_await sleep(0s);
@@ -1252,8 +1256,15 @@ TEST_SUITE("io") {
       REQUIRE(::write(p.fd[1], "1", 1) == 1);  // one wakes, empties the socket; the other waits on
       co_await sleep(1ms);
       REQUIRE(::write(p.fd[1], "2", 1) == 1);
+      // Which reader gets which message is the kernel's choice on io_uring (the order in which
+      // the requests complete); on readiness backends the first waiter wakes first.
+      auto sorted = [](std::string x) {
+        std::sort(x.begin(), x.end());
+        return x;
+      };
       std::string a = co_await wait_for(r1, 5s), b = co_await wait_for(r2, 5s);
-      CHECK(a + b == "12");
+      CHECK((a.size() == 1 && b.size() == 1));
+      CHECK(sorted(a + b) == "12");
       // Both waiting, both messages in one arrival: one reader takes both, the other waits for more.
       auto r3 = create_task(sock_recv(p.fd[0], 16));
       auto r4 = create_task(sock_recv(p.fd[0], 16));
@@ -1262,7 +1273,9 @@ TEST_SUITE("io") {
       co_await sleep(1ms);
       REQUIRE(::write(p.fd[1], "5", 1) == 1);
       std::string c = co_await wait_for(r3, 5s), d = co_await wait_for(r4, 5s);
-      CHECK(c + d == "345");
+      CHECK_FALSE(c.empty());
+      CHECK_FALSE(d.empty());
+      CHECK(sorted(c + d) == "345");
     }());
   }
 
@@ -1305,7 +1318,7 @@ TEST_SUITE("io") {
       CHECK(std::string(buf, co_await sock_recv_into(fds[0], std::span<char>(buf))) == "two");
       const long before = t.ticks;
       CHECK(std::string(buf, co_await sock_recv_into(fds[0], std::span<char>(buf))) == "three");
-      CHECK(t.ticks == before);  // no wait: the second datagram was there
+      CHECK(t.ticks - before <= (readiness_backend() ? 0 : 1));  // no wait: the second datagram was there
       t.stop = true;
       co_await ticking;
     }());
