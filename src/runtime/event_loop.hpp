@@ -67,6 +67,12 @@ struct fd_watch {
   bool unconfirmed = false;  // edge-triggered backend: waited on without a syscall and no report since
   bool listed = false;       // in the loop's list of descriptors to confirm
   std::uint32_t round = 0;   // the confirmation round in which that wait began
+  // What the last operation learnt of the socket's queues (io.hpp, socket_receive/socket_send):
+  // io_read when the receive queue was empty after it, io_write when the send buffer was full.
+  // The next operation in that direction waits for the backend's next report instead of trying
+  // (a try would fail with EAGAIN); a report in that direction clears the bit.
+  unsigned drained = 0;
+  std::uint8_t socket_kind = 0;  // io.hpp's socket_kinds: unknown, other, TCP, TCP with TCP_INQ
   unsigned wanted() const noexcept {
     return ((reader || !readers.empty()) ? io_read : 0u) | ((writer || !writers.empty()) ? io_write : 0u);
   }
@@ -214,6 +220,12 @@ class event_loop {
   void io_waiter_withdrawn(int fd) noexcept;
   /// fd is a descriptor opened just now (sock_accept): a record kept under its number is stale.
   void descriptor_opened(int fd) noexcept;
+  /// The loop's record of fd, or null when nothing waits on it (nodes stay put until erased,
+  /// which happens only in rearm()). The sock_* operations keep what they learn in it.
+  detail::fd_watch* io_record(int fd) noexcept {
+    auto it = fds_.find(fd);
+    return it == fds_.end() ? nullptr : &it->second;
+  }
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
@@ -498,6 +510,7 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
       w.round = confirm_round_;
     }
     (bit == detail::io_read ? w.readers : w.writers).push_back(waiter);
+    if (!waiter.level) w.drained |= bit;  // it waits after EAGAIN: a second waiter need not try
     if (waiter.level) w.level_check = true;
     if (waiter.level || !(w.armed & bit)) mark_dirty(fd, w);
     return;
@@ -506,6 +519,7 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   auto& list = bit == detail::io_read ? w.readers : w.writers;
   const bool wanted_before = (w.wanted() & bit) != 0;
   list.push_back(waiter);
+  if (!waiter.level) w.drained |= bit;  // it waits after EAGAIN: a second waiter need not try
   // Armed for nobody (its last waiter was cancelled): the descriptor may have been closed since
   // and its number reused, and the kernel then forgot the arming. Arm it anew.
   if (!wanted_before) forget_arming(w);
@@ -528,8 +542,13 @@ ASYNC_UTILS_LINK void event_loop::io_waiter_withdrawn(int fd) noexcept {
 }
 
 ASYNC_UTILS_LINK void event_loop::descriptor_opened(int fd) noexcept {
+  auto found = fds_.find(fd);
+  if (found != fds_.end()) {  // nothing learnt about the old descriptor holds for the new one
+    found->second.drained = 0;
+    found->second.socket_kind = 0;
+  }
   if constexpr (edge_) {
-    auto it = fds_.find(fd);
+    auto it = found;
     if (it == fds_.end()) return;
     it->second.level_check = true;  // re-arming registers the new descriptor
     try {
@@ -605,6 +624,10 @@ ASYNC_UTILS_LINK void event_loop::dispatch_io(int fd, unsigned bits) noexcept {
   } else {
     w.unconfirmed = false;  // a report: the registration is alive
   }
+  // A report in a direction: what a short read or send said about it is over (before the
+  // waiters run: their retry may learn it anew, and a second waiter then waits for the next).
+  if (bits & (detail::io_read | detail::io_error)) w.drained &= ~detail::io_read;
+  if (bits & (detail::io_write | detail::io_error)) w.drained &= ~detail::io_write;
   auto wake = [bits](detail::intrusive_list<detail::io_waiter>& list) {
     list.for_each([bits](detail::io_waiter& x) {
       if (x.ready(&x, bits)) x.unlink();

@@ -185,8 +185,10 @@ struct stream_fill_op : op_status {
   stream_state* s;
   std::size_t max;
   bool attempt(bool) noexcept {
+    fd_watch* w = socket_record(s->fd.get());
+    if (w && (w->drained & io_read)) return false;  // nothing to read until the next report
     for (;;) {
-      ssize_t n = ::recv(s->fd.get(), s->rbuf.data() + s->tail, max, MSG_DONTWAIT);
+      ssize_t n = socket_receive(s->fd.get(), s->rbuf.data() + s->tail, max, w);
       if (n > 0) {
         s->tail += static_cast<std::size_t>(n);
         return true;
@@ -246,9 +248,6 @@ ASYNC_UTILS_LINK std::string format_address(const sockaddr_storage& a, socklen_t
 namespace detail {
 
 ASYNC_UTILS_LINK void stream_check_error(stream_state& s);
-// One receive into the buffer (room for at least `want` bytes). The caller's frame keeps the
-// state alive.
-ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want);
 // The operations' frames hold the state: the handle may go while an operation runs.
 ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
 ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<stream_state> s, std::ptrdiff_t n);
@@ -265,26 +264,47 @@ ASYNC_UTILS_LINK void stream_check_error(stream_state& s) {
   }
 }
 
-ASYNC_UTILS_LINK coroutine<void> stream_fill(stream_state* s, std::size_t want) {
-  if (!s->fd || s->eof) {
-    s->eof = true;
-    co_return;
+// One receive into the buffer (room for at least `want` bytes): `co_await stream_fill(s, want)`.
+// A plain awaiter (no coroutine frame of its own, no extra resumption per read); it lives in the
+// caller's frame, which keeps the state alive.
+struct stream_fill {
+  std::optional<reading_guard> guard;                // declared first: released after the wait
+  std::optional<io_awaiter<stream_fill_op>> io;  // empty: nothing to wait for (EOF, closed)
+
+  stream_fill(stream_state* s, std::size_t want) {
+    if (!s->fd || s->eof) {
+      s->eof = true;
+      return;
+    }
+    if (s->reading) throw std::runtime_error("stream_reader: another read is already waiting for data");
+    s->reserve(want);
+    guard.emplace(s);
+    const std::size_t room = s->rbuf.size() - s->tail;
+    io.emplace(stream_fill_op{{}, s, room}, s->fd.get(), io_read);
   }
-  if (s->reading) throw std::runtime_error("stream_reader: another read is already waiting for data");
-  s->reserve(want);
-  reading_guard guard(s);
-  const std::size_t room = s->rbuf.size() - s->tail;
-  co_await io_awaiter<stream_fill_op>({{}, s, room}, s->fd.get(), io_read);
-}
+  stream_fill(const stream_fill&) = delete;
+  stream_fill& operator=(const stream_fill&) = delete;
+  bool await_ready() { return !io || io->await_ready(); }
+  void await_suspend(std::coroutine_handle<> h) { io->await_suspend(h); }
+  void await_resume() {
+    if (io) io->await_resume();
+  }
+};
 
 ASYNC_UTILS_LINK coroutine<std::string> stream_read(std::shared_ptr<stream_state> s, std::ptrdiff_t n) {
   if (n == 0) co_return std::string();
   if (n < 0) {
-    while (!s->eof) co_await stream_fill(s.get(), stream_default_limit);
+    while (!s->eof) {
+      stream_fill fill(s.get(), stream_default_limit);  // named: g++ 12 and temporaries in co_await
+      co_await fill;
+    }
     stream_check_error(*s);
     co_return s->take(s->available());
   }
-  if (s->available() == 0 && !s->eof) co_await stream_fill(s.get(), std::min<std::size_t>(static_cast<std::size_t>(n), 256 * 1024));
+  if (s->available() == 0 && !s->eof) {
+    stream_fill fill(s.get(), std::min<std::size_t>(static_cast<std::size_t>(n), 256 * 1024));
+    co_await fill;
+  }
   if (s->available() == 0) stream_check_error(*s);
   co_return s->take(std::min(s->available(), static_cast<std::size_t>(n)));
 }
@@ -297,7 +317,8 @@ ASYNC_UTILS_LINK coroutine<std::string> stream_readexactly(std::shared_ptr<strea
       stream_check_error(*s);
       throw incomplete_read_error(s->take(s->available()), want);
     }
-    co_await stream_fill(s.get(), want - s->available());
+    stream_fill fill(s.get(), want - s->available());
+    co_await fill;
   }
   co_return s->take(want);
 }
@@ -319,7 +340,8 @@ ASYNC_UTILS_LINK coroutine<std::string> stream_readuntil(std::shared_ptr<stream_
       stream_check_error(*s);
       throw incomplete_read_error(s->take(s->available()), std::nullopt);
     }
-    co_await stream_fill(s.get(), stream_default_limit);
+    stream_fill fill(s.get(), stream_default_limit);
+    co_await fill;
   }
   if (found > s->limit) throw limit_overrun_error("Separator is found, but chunk is longer than limit", found);
   co_return s->take(found + seplen);
@@ -897,6 +919,7 @@ ASYNC_UTILS_LINK void server_state::accept_ready(int fd) {
       return;
     }
     unique_fd conn(c);
+    loop->descriptor_opened(c);  // what the loop knew under this number was about another socket
     sockaddr_storage a{};
     socklen_t len = sizeof a;
     if (::getsockname(c, reinterpret_cast<sockaddr*>(&a), &len) == 0) set_nodelay(c, a.ss_family);
