@@ -245,8 +245,8 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <concepts>
-#include <condition_variable>
 #include <coroutine>
 #include <csignal>
 #include <cstddef>
@@ -254,6 +254,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <exception>
 #include <fcntl.h>
@@ -504,6 +505,11 @@ TEST_SUITE("log") {
 // ---- begin src/platform/posix.hpp ----
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
+
 namespace codestare::async_utils::detail {
 
 /// Readiness bits the backends report and accept; `io_error` (error, hang-up, closed fd) is
@@ -579,6 +585,47 @@ class adaptive_spin {
   unsigned skip_ = 0;
   unsigned penalty_ = 1;
 };
+
+/// A 32-bit word a thread sleeps on (park) until another changes it and wakes it (unpark): the
+/// Linux futex system call, std::atomic wait/notify elsewhere. The word is the whole protocol:
+/// a parker passes the value it saw, and sleeps only while the word still holds it; whoever
+/// changes the word first and then unparks cannot be missed. Wake-ups may be spurious.
+using park_word = std::atomic<std::uint32_t>;
+static_assert(sizeof(park_word) == sizeof(std::uint32_t) && park_word::is_always_lock_free);
+
+#if defined(__linux__)
+/// Whether park() honours a timeout (the loop then sleeps on its word when it has nothing to poll).
+inline constexpr bool timed_park = true;
+
+/// Sleeps while word == seen, at most `timeout` (negative: no limit).
+inline void park(const park_word& word, std::uint32_t seen, std::chrono::nanoseconds timeout = std::chrono::nanoseconds{-1}) noexcept {
+  timespec ts{};
+  timespec* limit = nullptr;
+  if (timeout.count() >= 0) {
+    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+    ts.tv_sec = secs.count() > INT_MAX ? INT_MAX : static_cast<std::time_t>(secs.count());
+    ts.tv_nsec = static_cast<long>((timeout - secs).count());
+    limit = &ts;
+  }
+  // The futex call only reads the word, atomically with going to sleep.
+  ::syscall(SYS_futex, const_cast<park_word*>(&word), FUTEX_WAIT_PRIVATE, seen, limit, nullptr, 0);
+}
+
+/// Wakes up to `count` threads parked on word (after the caller changed it).
+inline void unpark(park_word& word, int count) noexcept {
+  ::syscall(SYS_futex, &word, FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+}
+#else
+inline constexpr bool timed_park = false;
+
+/// Sleeps while word == seen (no timeout on this system: the loop does not use it timed).
+inline void park(const park_word& word, std::uint32_t seen) noexcept { word.wait(seen, std::memory_order_acquire); }
+
+inline void unpark(park_word& word, int count) noexcept {
+  if (count == 1) word.notify_one();
+  else word.notify_all();
+}
+#endif
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
 inline void require_open_fd(int fd, const char* what) {
@@ -1951,12 +1998,13 @@ class thread_pool_executor final : public executor {
         }
       }
       queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a sleeper only for the jobs spinners cannot
-      // take (a worker stops spinning only under the lock, and then looks at the queue).
-      wake = jobs_.size() > spinning_;
+      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+      // and not at all when nobody is parked (no system call for a worker already awake).
+      wake = parked_ > 0 && jobs_.size() > spinning_;
     }
     // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_.notify_one();
+    if (wake) wake_all(1);
   }
 
   void shutdown(bool wait) override {
@@ -1964,7 +2012,7 @@ class thread_pool_executor final : public executor {
       std::lock_guard guard(mutex_);
       stopping_ = true;
     }
-    wake_.notify_all();
+    wake_all(INT_MAX);
     if (!wait) return;
     std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
     std::vector<std::thread> workers;
@@ -2000,7 +2048,18 @@ class thread_pool_executor final : public executor {
         lock.lock();
         --spinning_;
       }
-      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      while (jobs_.empty() && !stopping_) {
+        // Park on our own word rather than a condition variable: the word is read under the
+        // lock, so a job queued after we looked changes it and the park returns at once; and
+        // nothing re-takes the lock as contended on the way out (glibc's condition variable
+        // did, which cost an extra FUTEX_WAKE per job).
+        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+        ++parked_;
+        lock.unlock();
+        detail::park(wake_word_, seen);
+        lock.lock();
+        --parked_;
+      }
       --idle_;
       if (jobs_.empty()) return;  // stopping, and nothing left to do
       std::function<void()> job = std::move(jobs_.front());
@@ -2019,6 +2078,12 @@ class thread_pool_executor final : public executor {
     }
   }
 
+  /// Changes the word the parked workers sleep on, then wakes up to count of them.
+  void wake_all(int count) noexcept {
+    wake_word_.fetch_add(1, std::memory_order_relaxed);
+    detail::unpark(wake_word_, count);
+  }
+
   static void report(const char* what) noexcept {
     try {
       log(log_level::error, std::string("Exception in executor job: ") + what);
@@ -2029,11 +2094,12 @@ class thread_pool_executor final : public executor {
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;
+  detail::park_word wake_word_{0};  // parked workers sleep on it; changed before every wake-up
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
   std::size_t idle_ = 0;      // workers spinning or waiting for a job
   std::size_t spinning_ = 0;  // of which spinning (changed under the lock only)
+  std::size_t parked_ = 0;    // of which parked on wake_word_ or about to be (under the lock)
   std::atomic<std::size_t> queued_{0};  // jobs_.size(), for spinners, who read it without the lock
   bool stopping_ = false;
   std::mutex join_mutex_;
@@ -3436,6 +3502,9 @@ class event_loop {
 #endif
   }
   void confirm_registrations();
+  /// Wakes the loop out of the sleep a poster saw it in (state: a value of sleeping_).
+  void wake(std::uint32_t state) noexcept;
+  void park_for(std::chrono::nanoseconds timeout) noexcept;
   static constexpr bool edge_ = detail::edge_triggered_backend<detail::io_backend>;
   /// How long a wait taken on trust (no syscall) may go before the loop checks the registration.
   static constexpr std::chrono::milliseconds confirm_after_{50};
@@ -3459,7 +3528,11 @@ class event_loop {
   std::mutex posted_mutex_;
   detail::job_queue posted_;
   std::atomic<bool> posted_pending_{false};
-  std::atomic<bool> sleeping_{false};
+  // Where the loop sleeps, so that a poster wakes it only when it sleeps, and the right way.
+  static constexpr std::uint32_t awake = 0;
+  static constexpr std::uint32_t polling = 1;  // in the backend's wait: the wake-up descriptor
+  static constexpr std::uint32_t parked = 2;   // parked on this word (nothing to poll)
+  detail::park_word sleeping_{awake};
   std::atomic<bool> accepting_posts_{true};
   std::size_t expected_posts_ = 0;
   time_point expected_since_{};
@@ -3550,13 +3623,21 @@ inline void event_loop::run_once() {
       timeout = std::chrono::nanoseconds{0};
   }
   // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
-  if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
+  if (detail::timed_park && timeout.count() != 0 && polled_ == 0 && !backend_busy()) {
+    // Nothing to poll, only posts (executor completions, call_soon_threadsafe) or a timer to
+    // wait for: sleep on a futex word. Waking it is one system call, where the wake-up
+    // descriptor costs three (the poster's write, the loop's wait and its draining read).
+    sleeping_.store(parked);
+    if (!posted_pending_.load()) park_for(timeout);
+    sleeping_.store(awake, std::memory_order_relaxed);
+    take_posted();
+  } else if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
     if (timeout.count() != 0) {
-      sleeping_.store(true);
+      sleeping_.store(polling);
       if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
     }
     backend_.wait(timeout, [this](int fd, unsigned bits) { dispatch_io(fd, bits); });
-    sleeping_.store(false, std::memory_order_relaxed);
+    sleeping_.store(awake, std::memory_order_relaxed);
     take_posted();
   }
   if (!timers_.empty()) {
@@ -3588,8 +3669,29 @@ inline bool event_loop::post(detail::job j) {
   posted_.push(j);
   const bool first = !posted_pending_.exchange(true);
   // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
-  if (first && sleeping_.load()) wakeup_.notify();
+  if (first) wake(sleeping_.load());
   return true;
+}
+
+inline void event_loop::wake(std::uint32_t state) noexcept {
+  if (state == polling) {
+    wakeup_.notify();
+  } else if (state == parked) {
+    // Changing the word makes a loop that has not parked yet return at once. Only from
+    // parked: post_held() looked at the state before its unlock, and by now the loop may sleep
+    // in the backend (clearing that state would make the next poster skip its wake-up); a
+    // later park that this ends is a spurious wake-up, which the loop tolerates.
+    std::uint32_t expected = parked;
+    if (sleeping_.compare_exchange_strong(expected, awake)) detail::unpark(sleeping_, 1);
+  }
+}
+
+inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+#if defined(__linux__)
+  detail::park(sleeping_, parked, timeout);
+#else
+  (void)timeout;  // not reached: timed_park is false
+#endif
 }
 
 inline void event_loop::confirm_registrations() {
@@ -3617,14 +3719,14 @@ inline void event_loop::confirm_registrations() {
 }
 
 inline bool event_loop::post_held(detail::job j) {
-  bool wake = false;
+  std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
     if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
     posted_.push(j);
-    wake = !posted_pending_.exchange(true) && sleeping_.load();  // as in post()
+    if (!posted_pending_.exchange(true)) state = sleeping_.load();  // as in post()
   }
-  if (wake) wakeup_.notify();
+  wake(state);
   return true;
 }
 
@@ -3993,7 +4095,6 @@ inline void event_loop::close() {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
-#include <climits>
 #include <sys/resource.h>
 namespace codestare::async_utils::testing {
 
@@ -4260,6 +4361,41 @@ TEST_SUITE("event_loop") {
         l->run_forever();
       }  // destroyed here, while the poster may still be inside call_soon_threadsafe
       poster.join();
+    }
+  }
+
+  TEST_CASE("a post from another thread wakes the loop asleep on its word (nothing to poll) or in the backend (a reader)") {
+    for (const bool with_reader : {false, true}) {
+      event_loop loop;
+      int fds[2] = {-1, -1};
+      REQUIRE(::pipe(fds) == 0);
+      if (with_reader) loop.add_reader(fds[0], [] {});
+      constexpr int rounds = 2000;
+      std::atomic<int> acked{0};
+      std::atomic<bool> gave_up{false};
+      int runs = 0;
+      // One post at a time, each sent once the loop ran the previous one: most find it asleep.
+      std::thread poster([&] {
+        for (int i = 0; i < rounds && !gave_up; ++i) {
+          loop.call_soon_threadsafe([&] {
+            acked.store(++runs);
+            if (runs == rounds) loop.stop();
+          });
+          while (acked.load() != i + 1 && !gave_up) std::this_thread::yield();
+        }
+      });
+      auto guard = loop.call_later(30s, [&] {  // bound: fail, never hang
+        gave_up = true;
+        loop.stop();
+      });
+      auto early = loop.call_later(1ms, [] {});  // a timed sleep among them
+      loop.run_forever();
+      gave_up = true;
+      poster.join();
+      CHECK(runs == rounds);
+      if (with_reader) loop.remove_reader(fds[0]);
+      ::close(fds[0]);
+      ::close(fds[1]);
     }
   }
 

@@ -10,8 +10,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
+#include <climits>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -72,12 +73,13 @@ class thread_pool_executor final : public executor {
         }
       }
       queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a sleeper only for the jobs spinners cannot
-      // take (a worker stops spinning only under the lock, and then looks at the queue).
-      wake = jobs_.size() > spinning_;
+      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+      // and not at all when nobody is parked (no system call for a worker already awake).
+      wake = parked_ > 0 && jobs_.size() > spinning_;
     }
     // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_.notify_one();
+    if (wake) wake_all(1);
   }
 
   void shutdown(bool wait) override {
@@ -85,7 +87,7 @@ class thread_pool_executor final : public executor {
       std::lock_guard guard(mutex_);
       stopping_ = true;
     }
-    wake_.notify_all();
+    wake_all(INT_MAX);
     if (!wait) return;
     std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
     std::vector<std::thread> workers;
@@ -121,7 +123,18 @@ class thread_pool_executor final : public executor {
         lock.lock();
         --spinning_;
       }
-      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      while (jobs_.empty() && !stopping_) {
+        // Park on our own word rather than a condition variable: the word is read under the
+        // lock, so a job queued after we looked changes it and the park returns at once; and
+        // nothing re-takes the lock as contended on the way out (glibc's condition variable
+        // did, which cost an extra FUTEX_WAKE per job).
+        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+        ++parked_;
+        lock.unlock();
+        detail::park(wake_word_, seen);
+        lock.lock();
+        --parked_;
+      }
       --idle_;
       if (jobs_.empty()) return;  // stopping, and nothing left to do
       std::function<void()> job = std::move(jobs_.front());
@@ -140,6 +153,12 @@ class thread_pool_executor final : public executor {
     }
   }
 
+  /// Changes the word the parked workers sleep on, then wakes up to count of them.
+  void wake_all(int count) noexcept {
+    wake_word_.fetch_add(1, std::memory_order_relaxed);
+    detail::unpark(wake_word_, count);
+  }
+
   static void report(const char* what) noexcept {
     try {
       log(log_level::error, std::string("Exception in executor job: ") + what);
@@ -150,11 +169,12 @@ class thread_pool_executor final : public executor {
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;
+  detail::park_word wake_word_{0};  // parked workers sleep on it; changed before every wake-up
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
   std::size_t idle_ = 0;      // workers spinning or waiting for a job
   std::size_t spinning_ = 0;  // of which spinning (changed under the lock only)
+  std::size_t parked_ = 0;    // of which parked on wake_word_ or about to be (under the lock)
   std::atomic<std::size_t> queued_{0};  // jobs_.size(), for spinners, who read it without the lock
   bool stopping_ = false;
   std::mutex join_mutex_;
