@@ -2041,7 +2041,7 @@ class thread_pool_executor final : public executor {
       ++idle_;
       if (jobs_.empty() && !stopping_ && detail::may_spin()) {
         // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a condition-variable wake-up.
+        // awaited run_in_executor in a loop) then never pays a wake-up.
         ++spinning_;
         lock.unlock();
         spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
@@ -2149,6 +2149,37 @@ TEST_SUITE("thread_pool") {
     for (auto& t : submitters) t.join();
     pool.shutdown(true);  // workers spinning or asleep both leave
     CHECK(ran == 900);
+    CHECK(pool.worker_count() == 0);
+  }
+
+  TEST_CASE("a job queued while one worker is busy wakes a parked one; shutdown wakes parked workers") {
+    thread_pool_executor pool(2);
+    std::atomic<int> started{0};
+    std::atomic<bool> release{false};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);  // bound: fail, never hang
+    auto blocker = [&] {
+      ++started;
+      while (!release && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    };
+    pool.submit(blocker);  // two jobs at once: both workers start
+    pool.submit(blocker);
+    while (started != 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    release = true;
+    for (int round = 0; round < 20; ++round) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // past any spin: both park
+      std::atomic<bool> second_ran{false};
+      std::atomic<bool> first_saw_second{false};
+      pool.submit([&] {  // waits for the next job, which only the other worker can run
+        while (!second_ran && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        first_saw_second = second_ran.load();
+      });
+      pool.submit([&] { second_ran = true; });
+      while (!first_saw_second && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(first_saw_second);
+    }
+    CHECK(pool.worker_count() == 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    pool.shutdown(true);  // both parked: joined, not left asleep
     CHECK(pool.worker_count() == 0);
   }
 
@@ -9727,10 +9758,12 @@ class executor_call {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
-  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop.
+  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
+  /// caller's reference goes with the completion, so that the executor thread holds none once
+  /// the loop may see the outcome: the last release (and with it the outcome, an exception
+  /// the awaiter may still be reading included) always happens on the loop thread.
   void execute(loop_link& link) noexcept {
     invoke();
-    add_ref();  // for the posted completion
     if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
   }
 
@@ -9814,6 +9847,8 @@ class call_ref {
   T* operator->() const noexcept { return p_; }
   T* get() const noexcept { return p_; }
   explicit operator bool() const noexcept { return p_ != nullptr; }
+  /// Gives the reference up to the caller, who releases it.
+  T* release() noexcept { return std::exchange(p_, nullptr); }
 
  private:
   T* p_ = nullptr;
@@ -9838,7 +9873,9 @@ struct executor_slot {
 
   void submit(executor_call& call) {
     executor& e = get();
-    e.submit([ref = call_ref<executor_call>(&call, false), l = link] { ref->execute(*l); });
+    // The job hands its reference to execute(); one never run (dropped by an executor of the
+    // user's) releases it when destroyed.
+    e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
     call.loop->expect_post();
   }
 
@@ -9965,7 +10002,9 @@ template <class F, class... Args>
 auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
   check_open();
   auto submit = [this, &where](auto* call) {
-    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
+    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link]() mutable {
+      ref.release()->execute(*l);
+    });
     expect_post();
   };
   return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
@@ -10005,7 +10044,7 @@ inline coroutine<void> event_loop::shutdown_default_executor() {
   std::thread& helper = slot.helpers.emplace_back();
   try {
     helper = detail::start_thread_without_signals(
-        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link] { ref->execute(*l); });
+        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link]() mutable { ref.release()->execute(*l); });
   } catch (...) {
     slot.helpers.pop_back();
     throw;

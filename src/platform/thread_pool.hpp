@@ -116,7 +116,7 @@ class thread_pool_executor final : public executor {
       ++idle_;
       if (jobs_.empty() && !stopping_ && detail::may_spin()) {
         // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a condition-variable wake-up.
+        // awaited run_in_executor in a loop) then never pays a wake-up.
         ++spinning_;
         lock.unlock();
         spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
@@ -224,6 +224,37 @@ TEST_SUITE("thread_pool") {
     for (auto& t : submitters) t.join();
     pool.shutdown(true);  // workers spinning or asleep both leave
     CHECK(ran == 900);
+    CHECK(pool.worker_count() == 0);
+  }
+
+  TEST_CASE("a job queued while one worker is busy wakes a parked one; shutdown wakes parked workers") {
+    thread_pool_executor pool(2);
+    std::atomic<int> started{0};
+    std::atomic<bool> release{false};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);  // bound: fail, never hang
+    auto blocker = [&] {
+      ++started;
+      while (!release && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    };
+    pool.submit(blocker);  // two jobs at once: both workers start
+    pool.submit(blocker);
+    while (started != 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    release = true;
+    for (int round = 0; round < 20; ++round) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // past any spin: both park
+      std::atomic<bool> second_ran{false};
+      std::atomic<bool> first_saw_second{false};
+      pool.submit([&] {  // waits for the next job, which only the other worker can run
+        while (!second_ran && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        first_saw_second = second_ran.load();
+      });
+      pool.submit([&] { second_ran = true; });
+      while (!first_saw_second && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(first_saw_second);
+    }
+    CHECK(pool.worker_count() == 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    pool.shutdown(true);  // both parked: joined, not left asleep
     CHECK(pool.worker_count() == 0);
   }
 
