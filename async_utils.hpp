@@ -248,8 +248,8 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <concepts>
-#include <condition_variable>
 #include <coroutine>
 #include <csignal>
 #include <cstddef>
@@ -257,6 +257,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <exception>
 #include <fcntl.h>
@@ -531,6 +532,11 @@ TEST_SUITE("log") {
 // ---- begin src/platform/posix.hpp ----
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
+
 namespace codestare::async_utils::detail {
 
 /// Readiness bits the backends report and accept; `io_error` (error, hang-up, closed fd) is
@@ -606,6 +612,47 @@ class adaptive_spin {
   unsigned skip_ = 0;
   unsigned penalty_ = 1;
 };
+
+/// A 32-bit word a thread sleeps on (park) until another changes it and wakes it (unpark): the
+/// Linux futex system call, std::atomic wait/notify elsewhere. The word is the whole protocol:
+/// a parker passes the value it saw, and sleeps only while the word still holds it; whoever
+/// changes the word first and then unparks cannot be missed. Wake-ups may be spurious.
+using park_word = std::atomic<std::uint32_t>;
+static_assert(sizeof(park_word) == sizeof(std::uint32_t) && park_word::is_always_lock_free);
+
+#if defined(__linux__)
+/// Whether park() honours a timeout (the loop then sleeps on its word when it has nothing to poll).
+inline constexpr bool timed_park = true;
+
+/// Sleeps while word == seen, at most `timeout` (negative: no limit).
+inline void park(const park_word& word, std::uint32_t seen, std::chrono::nanoseconds timeout = std::chrono::nanoseconds{-1}) noexcept {
+  timespec ts{};
+  timespec* limit = nullptr;
+  if (timeout.count() >= 0) {
+    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+    ts.tv_sec = secs.count() > INT_MAX ? INT_MAX : static_cast<std::time_t>(secs.count());
+    ts.tv_nsec = static_cast<long>((timeout - secs).count());
+    limit = &ts;
+  }
+  // The futex call only reads the word, atomically with going to sleep.
+  ::syscall(SYS_futex, const_cast<park_word*>(&word), FUTEX_WAIT_PRIVATE, seen, limit, nullptr, 0);
+}
+
+/// Wakes up to `count` threads parked on word (after the caller changed it).
+inline void unpark(park_word& word, int count) noexcept {
+  ::syscall(SYS_futex, &word, FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+}
+#else
+inline constexpr bool timed_park = false;
+
+/// Sleeps while word == seen (no timeout on this system: the loop does not use it timed).
+inline void park(const park_word& word, std::uint32_t seen) noexcept { word.wait(seen, std::memory_order_acquire); }
+
+inline void unpark(park_word& word, int count) noexcept {
+  if (count == 1) word.notify_one();
+  else word.notify_all();
+}
+#endif
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
 inline void require_open_fd(int fd, const char* what) {
@@ -1991,12 +2038,13 @@ class thread_pool_executor final : public executor {
         }
       }
       queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a sleeper only for the jobs spinners cannot
-      // take (a worker stops spinning only under the lock, and then looks at the queue).
-      wake = jobs_.size() > spinning_;
+      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+      // and not at all when nobody is parked (no system call for a worker already awake).
+      wake = parked_ > 0 && jobs_.size() > spinning_;
     }
     // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_.notify_one();
+    if (wake) wake_all(1);
   }
 
   void shutdown(bool wait) override {
@@ -2004,7 +2052,7 @@ class thread_pool_executor final : public executor {
       std::lock_guard guard(mutex_);
       stopping_ = true;
     }
-    wake_.notify_all();
+    wake_all(INT_MAX);
     if (!wait) return;
     std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
     std::vector<std::thread> workers;
@@ -2033,14 +2081,25 @@ class thread_pool_executor final : public executor {
       ++idle_;
       if (jobs_.empty() && !stopping_ && detail::may_spin()) {
         // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a condition-variable wake-up.
+        // awaited run_in_executor in a loop) then never pays a wake-up.
         ++spinning_;
         lock.unlock();
         spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
         lock.lock();
         --spinning_;
       }
-      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      while (jobs_.empty() && !stopping_) {
+        // Park on our own word rather than a condition variable: the word is read under the
+        // lock, so a job queued after we looked changes it and the park returns at once; and
+        // nothing re-takes the lock as contended on the way out (glibc's condition variable
+        // did, which cost an extra FUTEX_WAKE per job).
+        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+        ++parked_;
+        lock.unlock();
+        detail::park(wake_word_, seen);
+        lock.lock();
+        --parked_;
+      }
       --idle_;
       if (jobs_.empty()) return;  // stopping, and nothing left to do
       std::function<void()> job = std::move(jobs_.front());
@@ -2059,6 +2118,12 @@ class thread_pool_executor final : public executor {
     }
   }
 
+  /// Changes the word the parked workers sleep on, then wakes up to count of them.
+  void wake_all(int count) noexcept {
+    wake_word_.fetch_add(1, std::memory_order_relaxed);
+    detail::unpark(wake_word_, count);
+  }
+
   static void report(const char* what) noexcept {
     try {
       log(log_level::error, std::string("Exception in executor job: ") + what);
@@ -2069,11 +2134,12 @@ class thread_pool_executor final : public executor {
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;
+  detail::park_word wake_word_{0};  // parked workers sleep on it; changed before every wake-up
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
   std::size_t idle_ = 0;      // workers spinning or waiting for a job
   std::size_t spinning_ = 0;  // of which spinning (changed under the lock only)
+  std::size_t parked_ = 0;    // of which parked on wake_word_ or about to be (under the lock)
   std::atomic<std::size_t> queued_{0};  // jobs_.size(), for spinners, who read it without the lock
   bool stopping_ = false;
   std::mutex join_mutex_;
@@ -2123,6 +2189,37 @@ TEST_SUITE("thread_pool") {
     for (auto& t : submitters) t.join();
     pool.shutdown(true);  // workers spinning or asleep both leave
     CHECK(ran == 900);
+    CHECK(pool.worker_count() == 0);
+  }
+
+  TEST_CASE("a job queued while one worker is busy wakes a parked one; shutdown wakes parked workers") {
+    thread_pool_executor pool(2);
+    std::atomic<int> started{0};
+    std::atomic<bool> release{false};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);  // bound: fail, never hang
+    auto blocker = [&] {
+      ++started;
+      while (!release && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    };
+    pool.submit(blocker);  // two jobs at once: both workers start
+    pool.submit(blocker);
+    while (started != 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    release = true;
+    for (int round = 0; round < 20; ++round) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // past any spin: both park
+      std::atomic<bool> second_ran{false};
+      std::atomic<bool> first_saw_second{false};
+      pool.submit([&] {  // waits for the next job, which only the other worker can run
+        while (!second_ran && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        first_saw_second = second_ran.load();
+      });
+      pool.submit([&] { second_ran = true; });
+      while (!first_saw_second && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(first_saw_second);
+    }
+    CHECK(pool.worker_count() == 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    pool.shutdown(true);  // both parked: joined, not left asleep
     CHECK(pool.worker_count() == 0);
   }
 
@@ -3724,6 +3821,9 @@ class event_loop {
 #endif
   }
   void confirm_registrations();
+  /// Wakes the loop out of the sleep a poster saw it in (state: a value of sleeping_).
+  void wake(std::uint32_t state) noexcept;
+  void park_for(std::chrono::nanoseconds timeout) noexcept;
   static constexpr bool edge_ = detail::edge_triggered_backend<detail::io_backend>;
   /// How long a wait taken on trust (no syscall) may go before the loop checks the registration.
   static constexpr std::chrono::milliseconds confirm_after_{50};
@@ -3747,7 +3847,11 @@ class event_loop {
   std::mutex posted_mutex_;
   detail::job_queue posted_;
   std::atomic<bool> posted_pending_{false};
-  std::atomic<bool> sleeping_{false};
+  // Where the loop sleeps, so that a poster wakes it only when it sleeps, and the right way.
+  static constexpr std::uint32_t awake = 0;
+  static constexpr std::uint32_t polling = 1;  // in the backend's wait: the wake-up descriptor
+  static constexpr std::uint32_t parked = 2;   // parked on this word (nothing to poll)
+  detail::park_word sleeping_{awake};
   std::atomic<bool> accepting_posts_{true};
   std::size_t expected_posts_ = 0;
   time_point expected_since_{};
@@ -3841,13 +3945,21 @@ ASYNC_UTILS_LINK void event_loop::run_once() {
       timeout = std::chrono::nanoseconds{0};
   }
   // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
-  if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
+  if (detail::timed_park && timeout.count() != 0 && polled_ == 0 && !backend_busy()) {
+    // Nothing to poll, only posts (executor completions, call_soon_threadsafe) or a timer to
+    // wait for: sleep on a futex word. Waking it is one system call, where the wake-up
+    // descriptor costs three (the poster's write, the loop's wait and its draining read).
+    sleeping_.store(parked);
+    if (!posted_pending_.load()) park_for(timeout);
+    sleeping_.store(awake, std::memory_order_relaxed);
+    take_posted();
+  } else if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
     if (timeout.count() != 0) {
-      sleeping_.store(true);
+      sleeping_.store(polling);
       if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
     }
     backend_.wait(timeout, [this](int fd, unsigned bits) { dispatch_io(fd, bits); });
-    sleeping_.store(false, std::memory_order_relaxed);
+    sleeping_.store(awake, std::memory_order_relaxed);
     take_posted();
   }
   // asyncio appends the due timers' callbacks behind the jobs already ready: those jobs run
@@ -3884,8 +3996,29 @@ inline bool event_loop::post(detail::job j) {
   posted_.push(j);
   const bool first = !posted_pending_.exchange(true);
   // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
-  if (first && sleeping_.load()) wakeup_.notify();
+  if (first) wake(sleeping_.load());
   return true;
+}
+
+inline void event_loop::wake(std::uint32_t state) noexcept {
+  if (state == polling) {
+    wakeup_.notify();
+  } else if (state == parked) {
+    // Changing the word makes a loop that has not parked yet return at once. Only from
+    // parked: post_held() looked at the state before its unlock, and by now the loop may sleep
+    // in the backend (clearing that state would make the next poster skip its wake-up); a
+    // later park that this ends is a spurious wake-up, which the loop tolerates.
+    std::uint32_t expected = parked;
+    if (sleeping_.compare_exchange_strong(expected, awake)) detail::unpark(sleeping_, 1);
+  }
+}
+
+inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+#if defined(__linux__)
+  detail::park(sleeping_, parked, timeout);
+#else
+  (void)timeout;  // not reached: timed_park is false
+#endif
 }
 
 #if ASYNC_UTILS_DEFINITIONS
@@ -3915,14 +4048,14 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
 #endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post_held(detail::job j) {
-  bool wake = false;
+  std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
     if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
     posted_.push(j);
-    wake = !posted_pending_.exchange(true) && sleeping_.load();  // as in post()
+    if (!posted_pending_.exchange(true)) state = sleeping_.load();  // as in post()
   }
-  if (wake) wakeup_.notify();
+  wake(state);
   return true;
 }
 
@@ -4311,7 +4444,6 @@ ASYNC_UTILS_LINK void event_loop::close() {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
-#include <climits>
 #include <sys/resource.h>
 namespace codestare::async_utils::testing {
 
@@ -4602,6 +4734,41 @@ TEST_SUITE("event_loop") {
         l->run_forever();
       }  // destroyed here, while the poster may still be inside call_soon_threadsafe
       poster.join();
+    }
+  }
+
+  TEST_CASE("a post from another thread wakes the loop asleep on its word (nothing to poll) or in the backend (a reader)") {
+    for (const bool with_reader : {false, true}) {
+      event_loop loop;
+      int fds[2] = {-1, -1};
+      REQUIRE(::pipe(fds) == 0);
+      if (with_reader) loop.add_reader(fds[0], [] {});
+      constexpr int rounds = 2000;
+      std::atomic<int> acked{0};
+      std::atomic<bool> gave_up{false};
+      int runs = 0;
+      // One post at a time, each sent once the loop ran the previous one: most find it asleep.
+      std::thread poster([&] {
+        for (int i = 0; i < rounds && !gave_up; ++i) {
+          loop.call_soon_threadsafe([&] {
+            acked.store(++runs);
+            if (runs == rounds) loop.stop();
+          });
+          while (acked.load() != i + 1 && !gave_up) std::this_thread::yield();
+        }
+      });
+      auto guard = loop.call_later(30s, [&] {  // bound: fail, never hang
+        gave_up = true;
+        loop.stop();
+      });
+      auto early = loop.call_later(1ms, [] {});  // a timed sleep among them
+      loop.run_forever();
+      gave_up = true;
+      poster.join();
+      CHECK(runs == rounds);
+      if (with_reader) loop.remove_reader(fds[0]);
+      ::close(fds[0]);
+      ::close(fds[1]);
     }
   }
 
@@ -10343,10 +10510,12 @@ class executor_call {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
-  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop.
+  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
+  /// caller's reference goes with the completion, so that the executor thread holds none once
+  /// the loop may see the outcome: the last release (and with it the outcome, an exception
+  /// the awaiter may still be reading included) always happens on the loop thread.
   void execute(loop_link& link) noexcept {
     invoke();
-    add_ref();  // for the posted completion
     if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
   }
 
@@ -10430,6 +10599,8 @@ class call_ref {
   T* operator->() const noexcept { return p_; }
   T* get() const noexcept { return p_; }
   explicit operator bool() const noexcept { return p_ != nullptr; }
+  /// Gives the reference up to the caller, who releases it.
+  T* release() noexcept { return std::exchange(p_, nullptr); }
 
  private:
   T* p_ = nullptr;
@@ -10454,7 +10625,9 @@ struct executor_slot {
 
   void submit(executor_call& call) {
     executor& e = get();
-    e.submit([ref = call_ref<executor_call>(&call, false), l = link] { ref->execute(*l); });
+    // The job hands its reference to execute(); one never run (dropped by an executor of the
+    // user's) releases it when destroyed.
+    e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
     call.loop->expect_post();
   }
 
@@ -10581,7 +10754,9 @@ template <class F, class... Args>
 auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
   check_open();
   auto submit = [this, &where](auto* call) {
-    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
+    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link]() mutable {
+      ref.release()->execute(*l);
+    });
     expect_post();
   };
   return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
@@ -10623,7 +10798,7 @@ ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
   std::thread& helper = slot.helpers.emplace_back();
   try {
     helper = detail::start_thread_without_signals(
-        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link] { ref->execute(*l); });
+        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link]() mutable { ref.release()->execute(*l); });
   } catch (...) {
     slot.helpers.pop_back();
     throw;

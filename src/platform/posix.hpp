@@ -1,8 +1,12 @@
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
 #pragma once
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
+#include <cstdint>
+#include <ctime>
 #include <fcntl.h>
 #include <sched.h>
 #include <string>
@@ -10,6 +14,10 @@
 #include <thread>
 #include <unistd.h>
 #include <utility>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 namespace codestare::async_utils::detail {
 
@@ -86,6 +94,47 @@ class adaptive_spin {
   unsigned skip_ = 0;
   unsigned penalty_ = 1;
 };
+
+/// A 32-bit word a thread sleeps on (park) until another changes it and wakes it (unpark): the
+/// Linux futex system call, std::atomic wait/notify elsewhere. The word is the whole protocol:
+/// a parker passes the value it saw, and sleeps only while the word still holds it; whoever
+/// changes the word first and then unparks cannot be missed. Wake-ups may be spurious.
+using park_word = std::atomic<std::uint32_t>;
+static_assert(sizeof(park_word) == sizeof(std::uint32_t) && park_word::is_always_lock_free);
+
+#if defined(__linux__)
+/// Whether park() honours a timeout (the loop then sleeps on its word when it has nothing to poll).
+inline constexpr bool timed_park = true;
+
+/// Sleeps while word == seen, at most `timeout` (negative: no limit).
+inline void park(const park_word& word, std::uint32_t seen, std::chrono::nanoseconds timeout = std::chrono::nanoseconds{-1}) noexcept {
+  timespec ts{};
+  timespec* limit = nullptr;
+  if (timeout.count() >= 0) {
+    const auto secs = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+    ts.tv_sec = secs.count() > INT_MAX ? INT_MAX : static_cast<std::time_t>(secs.count());
+    ts.tv_nsec = static_cast<long>((timeout - secs).count());
+    limit = &ts;
+  }
+  // The futex call only reads the word, atomically with going to sleep.
+  ::syscall(SYS_futex, const_cast<park_word*>(&word), FUTEX_WAIT_PRIVATE, seen, limit, nullptr, 0);
+}
+
+/// Wakes up to `count` threads parked on word (after the caller changed it).
+inline void unpark(park_word& word, int count) noexcept {
+  ::syscall(SYS_futex, &word, FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+}
+#else
+inline constexpr bool timed_park = false;
+
+/// Sleeps while word == seen (no timeout on this system: the loop does not use it timed).
+inline void park(const park_word& word, std::uint32_t seen) noexcept { word.wait(seen, std::memory_order_acquire); }
+
+inline void unpark(park_word& word, int count) noexcept {
+  if (count == 1) word.notify_one();
+  else word.notify_all();
+}
+#endif
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
 inline void require_open_fd(int fd, const char* what) {

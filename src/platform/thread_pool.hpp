@@ -10,8 +10,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
+#include <climits>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -72,12 +73,13 @@ class thread_pool_executor final : public executor {
         }
       }
       queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a sleeper only for the jobs spinners cannot
-      // take (a worker stops spinning only under the lock, and then looks at the queue).
-      wake = jobs_.size() > spinning_;
+      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+      // and not at all when nobody is parked (no system call for a worker already awake).
+      wake = parked_ > 0 && jobs_.size() > spinning_;
     }
     // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_.notify_one();
+    if (wake) wake_all(1);
   }
 
   void shutdown(bool wait) override {
@@ -85,7 +87,7 @@ class thread_pool_executor final : public executor {
       std::lock_guard guard(mutex_);
       stopping_ = true;
     }
-    wake_.notify_all();
+    wake_all(INT_MAX);
     if (!wait) return;
     std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
     std::vector<std::thread> workers;
@@ -114,14 +116,25 @@ class thread_pool_executor final : public executor {
       ++idle_;
       if (jobs_.empty() && !stopping_ && detail::may_spin()) {
         // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a condition-variable wake-up.
+        // awaited run_in_executor in a loop) then never pays a wake-up.
         ++spinning_;
         lock.unlock();
         spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
         lock.lock();
         --spinning_;
       }
-      wake_.wait(lock, [this] { return !jobs_.empty() || stopping_; });
+      while (jobs_.empty() && !stopping_) {
+        // Park on our own word rather than a condition variable: the word is read under the
+        // lock, so a job queued after we looked changes it and the park returns at once; and
+        // nothing re-takes the lock as contended on the way out (glibc's condition variable
+        // did, which cost an extra FUTEX_WAKE per job).
+        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+        ++parked_;
+        lock.unlock();
+        detail::park(wake_word_, seen);
+        lock.lock();
+        --parked_;
+      }
       --idle_;
       if (jobs_.empty()) return;  // stopping, and nothing left to do
       std::function<void()> job = std::move(jobs_.front());
@@ -140,6 +153,12 @@ class thread_pool_executor final : public executor {
     }
   }
 
+  /// Changes the word the parked workers sleep on, then wakes up to count of them.
+  void wake_all(int count) noexcept {
+    wake_word_.fetch_add(1, std::memory_order_relaxed);
+    detail::unpark(wake_word_, count);
+  }
+
   static void report(const char* what) noexcept {
     try {
       log(log_level::error, std::string("Exception in executor job: ") + what);
@@ -150,11 +169,12 @@ class thread_pool_executor final : public executor {
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;
+  detail::park_word wake_word_{0};  // parked workers sleep on it; changed before every wake-up
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
   std::size_t idle_ = 0;      // workers spinning or waiting for a job
   std::size_t spinning_ = 0;  // of which spinning (changed under the lock only)
+  std::size_t parked_ = 0;    // of which parked on wake_word_ or about to be (under the lock)
   std::atomic<std::size_t> queued_{0};  // jobs_.size(), for spinners, who read it without the lock
   bool stopping_ = false;
   std::mutex join_mutex_;
@@ -204,6 +224,37 @@ TEST_SUITE("thread_pool") {
     for (auto& t : submitters) t.join();
     pool.shutdown(true);  // workers spinning or asleep both leave
     CHECK(ran == 900);
+    CHECK(pool.worker_count() == 0);
+  }
+
+  TEST_CASE("a job queued while one worker is busy wakes a parked one; shutdown wakes parked workers") {
+    thread_pool_executor pool(2);
+    std::atomic<int> started{0};
+    std::atomic<bool> release{false};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);  // bound: fail, never hang
+    auto blocker = [&] {
+      ++started;
+      while (!release && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    };
+    pool.submit(blocker);  // two jobs at once: both workers start
+    pool.submit(blocker);
+    while (started != 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    release = true;
+    for (int round = 0; round < 20; ++round) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // past any spin: both park
+      std::atomic<bool> second_ran{false};
+      std::atomic<bool> first_saw_second{false};
+      pool.submit([&] {  // waits for the next job, which only the other worker can run
+        while (!second_ran && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+        first_saw_second = second_ran.load();
+      });
+      pool.submit([&] { second_ran = true; });
+      while (!first_saw_second && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(first_saw_second);
+    }
+    CHECK(pool.worker_count() == 2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    pool.shutdown(true);  // both parked: joined, not left asleep
     CHECK(pool.worker_count() == 0);
   }
 

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <type_traits>
 #include <memory>
@@ -264,6 +265,9 @@ class event_loop {
 #endif
   }
   void confirm_registrations();
+  /// Wakes the loop out of the sleep a poster saw it in (state: a value of sleeping_).
+  void wake(std::uint32_t state) noexcept;
+  void park_for(std::chrono::nanoseconds timeout) noexcept;
   static constexpr bool edge_ = detail::edge_triggered_backend<detail::io_backend>;
   /// How long a wait taken on trust (no syscall) may go before the loop checks the registration.
   static constexpr std::chrono::milliseconds confirm_after_{50};
@@ -287,7 +291,11 @@ class event_loop {
   std::mutex posted_mutex_;
   detail::job_queue posted_;
   std::atomic<bool> posted_pending_{false};
-  std::atomic<bool> sleeping_{false};
+  // Where the loop sleeps, so that a poster wakes it only when it sleeps, and the right way.
+  static constexpr std::uint32_t awake = 0;
+  static constexpr std::uint32_t polling = 1;  // in the backend's wait: the wake-up descriptor
+  static constexpr std::uint32_t parked = 2;   // parked on this word (nothing to poll)
+  detail::park_word sleeping_{awake};
   std::atomic<bool> accepting_posts_{true};
   std::size_t expected_posts_ = 0;
   time_point expected_since_{};
@@ -381,13 +389,21 @@ ASYNC_UTILS_LINK void event_loop::run_once() {
       timeout = std::chrono::nanoseconds{0};
   }
   // A busy loop with no descriptor to watch (and no request in flight) skips the syscall entirely.
-  if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
+  if (detail::timed_park && timeout.count() != 0 && polled_ == 0 && !backend_busy()) {
+    // Nothing to poll, only posts (executor completions, call_soon_threadsafe) or a timer to
+    // wait for: sleep on a futex word. Waking it is one system call, where the wake-up
+    // descriptor costs three (the poster's write, the loop's wait and its draining read).
+    sleeping_.store(parked);
+    if (!posted_pending_.load()) park_for(timeout);
+    sleeping_.store(awake, std::memory_order_relaxed);
+    take_posted();
+  } else if (timeout.count() != 0 || polled_ > 0 || backend_busy()) {
     if (timeout.count() != 0) {
-      sleeping_.store(true);
+      sleeping_.store(polling);
       if (posted_pending_.load()) timeout = std::chrono::nanoseconds{0};
     }
     backend_.wait(timeout, [this](int fd, unsigned bits) { dispatch_io(fd, bits); });
-    sleeping_.store(false, std::memory_order_relaxed);
+    sleeping_.store(awake, std::memory_order_relaxed);
     take_posted();
   }
   // asyncio appends the due timers' callbacks behind the jobs already ready: those jobs run
@@ -424,8 +440,29 @@ inline bool event_loop::post(detail::job j) {
   posted_.push(j);
   const bool first = !posted_pending_.exchange(true);
   // Pairs with run_once: it sets sleeping_ then reads posted_pending_; we did the reverse.
-  if (first && sleeping_.load()) wakeup_.notify();
+  if (first) wake(sleeping_.load());
   return true;
+}
+
+inline void event_loop::wake(std::uint32_t state) noexcept {
+  if (state == polling) {
+    wakeup_.notify();
+  } else if (state == parked) {
+    // Changing the word makes a loop that has not parked yet return at once. Only from
+    // parked: post_held() looked at the state before its unlock, and by now the loop may sleep
+    // in the backend (clearing that state would make the next poster skip its wake-up); a
+    // later park that this ends is a spurious wake-up, which the loop tolerates.
+    std::uint32_t expected = parked;
+    if (sleeping_.compare_exchange_strong(expected, awake)) detail::unpark(sleeping_, 1);
+  }
+}
+
+inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+#if defined(__linux__)
+  detail::park(sleeping_, parked, timeout);
+#else
+  (void)timeout;  // not reached: timed_park is false
+#endif
 }
 
 #if ASYNC_UTILS_DEFINITIONS
@@ -455,14 +492,14 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
 #endif  // ASYNC_UTILS_DEFINITIONS
 
 inline bool event_loop::post_held(detail::job j) {
-  bool wake = false;
+  std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
     if (!accepting_posts_.load(std::memory_order_relaxed)) return false;
     posted_.push(j);
-    wake = !posted_pending_.exchange(true) && sleeping_.load();  // as in post()
+    if (!posted_pending_.exchange(true)) state = sleeping_.load();  // as in post()
   }
-  if (wake) wakeup_.notify();
+  wake(state);
   return true;
 }
 
@@ -1146,6 +1183,41 @@ TEST_SUITE("event_loop") {
         l->run_forever();
       }  // destroyed here, while the poster may still be inside call_soon_threadsafe
       poster.join();
+    }
+  }
+
+  TEST_CASE("a post from another thread wakes the loop asleep on its word (nothing to poll) or in the backend (a reader)") {
+    for (const bool with_reader : {false, true}) {
+      event_loop loop;
+      int fds[2] = {-1, -1};
+      REQUIRE(::pipe(fds) == 0);
+      if (with_reader) loop.add_reader(fds[0], [] {});
+      constexpr int rounds = 2000;
+      std::atomic<int> acked{0};
+      std::atomic<bool> gave_up{false};
+      int runs = 0;
+      // One post at a time, each sent once the loop ran the previous one: most find it asleep.
+      std::thread poster([&] {
+        for (int i = 0; i < rounds && !gave_up; ++i) {
+          loop.call_soon_threadsafe([&] {
+            acked.store(++runs);
+            if (runs == rounds) loop.stop();
+          });
+          while (acked.load() != i + 1 && !gave_up) std::this_thread::yield();
+        }
+      });
+      auto guard = loop.call_later(30s, [&] {  // bound: fail, never hang
+        gave_up = true;
+        loop.stop();
+      });
+      auto early = loop.call_later(1ms, [] {});  // a timed sleep among them
+      loop.run_forever();
+      gave_up = true;
+      poster.join();
+      CHECK(runs == rounds);
+      if (with_reader) loop.remove_reader(fds[0]);
+      ::close(fds[0]);
+      ::close(fds[1]);
     }
   }
 

@@ -63,10 +63,12 @@ class executor_call {
     if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
   }
 
-  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop.
+  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
+  /// caller's reference goes with the completion, so that the executor thread holds none once
+  /// the loop may see the outcome: the last release (and with it the outcome, an exception
+  /// the awaiter may still be reading included) always happens on the loop thread.
   void execute(loop_link& link) noexcept {
     invoke();
-    add_ref();  // for the posted completion
     if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
   }
 
@@ -150,6 +152,8 @@ class call_ref {
   T* operator->() const noexcept { return p_; }
   T* get() const noexcept { return p_; }
   explicit operator bool() const noexcept { return p_ != nullptr; }
+  /// Gives the reference up to the caller, who releases it.
+  T* release() noexcept { return std::exchange(p_, nullptr); }
 
  private:
   T* p_ = nullptr;
@@ -174,7 +178,9 @@ struct executor_slot {
 
   void submit(executor_call& call) {
     executor& e = get();
-    e.submit([ref = call_ref<executor_call>(&call, false), l = link] { ref->execute(*l); });
+    // The job hands its reference to execute(); one never run (dropped by an executor of the
+    // user's) releases it when destroyed.
+    e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
     call.loop->expect_post();
   }
 
@@ -301,7 +307,9 @@ template <class F, class... Args>
 auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
   check_open();
   auto submit = [this, &where](auto* call) {
-    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link] { ref->execute(*l); });
+    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link]() mutable {
+      ref.release()->execute(*l);
+    });
     expect_post();
   };
   return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
@@ -343,7 +351,7 @@ ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
   std::thread& helper = slot.helpers.emplace_back();
   try {
     helper = detail::start_thread_without_signals(
-        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link] { ref->execute(*l); });
+        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link]() mutable { ref.release()->execute(*l); });
   } catch (...) {
     slot.helpers.pop_back();
     throw;
