@@ -363,6 +363,15 @@ wait
 echo "  (builds done at ${SECONDS} s)"
 
 # --- Results, in a fixed order ----------------------------------------------------------------
+count_lines() {  # count_lines LOG: a script's own "  ok"/"  FAIL" lines each count as one test
+  local ok bad
+  ok=$(grep -c '^  ok ' "$1")
+  bad=$(grep -c '^  FAIL ' "$1")
+  grep -E '^  (ok|FAIL) ' "$1"
+  passed=$((passed + ok))
+  failed=$((failed + bad))
+}
+
 check_job() {  # check_job NAME DESCRIPTION
   if job_ok "$1"; then pass "$2"; else fail "$2" 1 "$BUILD/$1.log"; fi
 }
@@ -477,14 +486,6 @@ if want kqueue; then
   check_job kqueue_clang "clang++ -fsyntax-only -DASYNC_UTILS_BACKEND_KQUEUE"
 fi
 
-count_lines() {  # count_lines LOG: a script's own "  ok"/"  FAIL" lines each count as one test
-  local ok bad
-  ok=$(grep -c '^  ok ' "$1")
-  bad=$(grep -c '^  FAIL ' "$1")
-  grep -E '^  (ok|FAIL) ' "$1"
-  passed=$((passed + ok))
-  failed=$((failed + bad))
-}
 
 if want compile_fail; then
   header "compile_fail: misuse of condition_property must not compile, with a clear message"
