@@ -73,13 +73,13 @@
 //                                            keep their shape.
 //     src/runtime/intrusive_list.hpp         An intrusive doubly linked FIFO: waiters live in the
 //                                            awaiting coroutine frame, never on the heap.
-//     src/runtime/job_queue.hpp              The loop's ready queue: a ring buffer of two-word
-//                                            jobs, so scheduling never allocates once warm.
 //     src/runtime/frame_cache.hpp            Where coroutine frames and task states live:
 //                                            per-thread chunks carved into blocks of one 16-byte
 //                                            size class, and a bounded per-thread free list per
 //                                            class, so that a spawn loop asks the system for memory
 //                                            once per chunk, and in steady state not at all.
+//     src/runtime/job_queue.hpp              The loop's ready queue: a ring buffer of two-word
+//                                            jobs, so scheduling never allocates once warm.
 //     src/runtime/timer_heap.hpp             Timers in a 4-ary min-heap whose nodes know their
 //                                            position, so cancelling removes at once.
 //     src/runtime/future_core.hpp            The untyped state behind future<T> and task<T>:
@@ -2610,82 +2610,6 @@ TEST_SUITE("intrusive_list") {
 }
 #endif
 // ---- end src/runtime/intrusive_list.hpp ----
-// ---- begin src/runtime/job_queue.hpp ----
-// The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
-
-namespace codestare::async_utils::detail {
-
-/// A unit of ready work: fn(arg, true) runs it, fn(arg, false) discards it (releasing what arg
-/// holds) when the loop closes before running it.
-struct job {
-  void (*fn)(void* arg, bool run);
-  void* arg;
-};
-
-class job_queue {
- public:
-  job_queue() noexcept = default;
-  job_queue(const job_queue&) = delete;
-  job_queue& operator=(const job_queue&) = delete;
-  ~job_queue() { delete[] buffer_; }
-
-  bool empty() const noexcept { return head_ == tail_; }
-  std::size_t size() const noexcept { return tail_ - head_; }
-
-  void push(job j) {
-    if (tail_ - head_ == capacity_) [[unlikely]]
-      grow();
-    buffer_[tail_++ & (capacity_ - 1)] = j;
-  }
-  job pop() noexcept { return buffer_[head_++ & (capacity_ - 1)]; }
-
-  /// Appends every job of `other` (emptied), keeping order.
-  void splice(job_queue& other) {
-    while (!other.empty()) push(other.pop());
-  }
-
- private:
-  [[gnu::noinline]] void grow() {
-    const std::size_t bigger = capacity_ == 0 ? 64 : capacity_ * 2;
-    job* fresh = new job[bigger];
-    const std::size_t n = size();
-    // The live jobs in order: from head_ to the end of the buffer, then from its start.
-    const std::size_t first = capacity_ == 0 ? 0 : head_ & (capacity_ - 1);
-    const std::size_t run = std::min(n, capacity_ - first);
-    std::copy(buffer_ + first, buffer_ + first + run, fresh);
-    std::copy(buffer_, buffer_ + (n - run), fresh + run);
-    delete[] buffer_;
-    buffer_ = fresh;
-    capacity_ = bigger;
-    head_ = 0;
-    tail_ = n;
-  }
-  job* buffer_ = nullptr;
-  std::size_t capacity_ = 0;  // zero or a power of two
-  std::size_t head_ = 0;      // monotonic; masked on access
-  std::size_t tail_ = 0;
-};
-
-}  // namespace codestare::async_utils::detail
-
-#ifdef ASYNC_UTILS_TESTS
-TEST_SUITE("job_queue") {
-  TEST_CASE("FIFO across growth and wrap-around") {
-    using namespace codestare::async_utils::detail;
-    job_queue q;
-    std::vector<std::size_t> seen;
-    auto fn = +[](void* arg, bool) { (void)arg; };
-    std::size_t next_in = 0, next_out = 0;
-    for (int round = 0; round < 50; ++round) {
-      for (int i = 0; i < 37; ++i) q.push({fn, reinterpret_cast<void*>(next_in++)});
-      for (int i = 0; i < 30; ++i) CHECK(reinterpret_cast<std::size_t>(q.pop().arg) == next_out++);
-    }
-    while (!q.empty()) CHECK(reinterpret_cast<std::size_t>(q.pop().arg) == next_out++);
-    CHECK(next_in == next_out);
-  }
-}
-#endif
-// ---- end src/runtime/job_queue.hpp ----
 // ---- begin src/runtime/frame_cache.hpp ----
 // Where coroutine frames and task states live: per-thread chunks carved into blocks of one
 // 16-byte size class, and a bounded per-thread free list per class, so that a spawn loop asks
@@ -2854,17 +2778,18 @@ inline void arm_frame_cache_reaper(frame_cache_state& c) {
 }
 
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
-/// A huge_chunk_bytes region aligned to its size and marked for transparent huge pages, or null.
-inline void* map_huge_chunk() noexcept {
-  // Twice the size, then the unaligned ends cut off: the kernel aligns nothing by itself.
-  const std::size_t span = 2 * huge_chunk_bytes;
+/// `bytes` (a multiple of huge_chunk_bytes) of fresh memory aligned to huge_chunk_bytes and
+/// marked for transparent huge pages, or null. Given back with munmap.
+inline void* map_huge_region(std::size_t bytes) noexcept {
+  // huge_chunk_bytes more, then the unaligned ends cut off: the kernel aligns nothing by itself.
+  const std::size_t span = bytes + huge_chunk_bytes;
   void* raw = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const auto at = reinterpret_cast<std::uintptr_t>(raw);
   const auto begin = (at + huge_chunk_bytes - 1) & ~(std::uintptr_t{huge_chunk_bytes} - 1);
   if (begin > at) (void)::munmap(raw, begin - at);
-  if (const std::size_t tail = at + span - (begin + huge_chunk_bytes)) (void)::munmap(reinterpret_cast<void*>(begin + huge_chunk_bytes), tail);
-  (void)::madvise(reinterpret_cast<void*>(begin), huge_chunk_bytes, MADV_HUGEPAGE);  // best effort
+  if (const std::size_t tail = at + span - (begin + bytes)) (void)::munmap(reinterpret_cast<void*>(begin + bytes), tail);
+  (void)::madvise(reinterpret_cast<void*>(begin), bytes, MADV_HUGEPAGE);  // best effort
   return reinterpret_cast<void*>(begin);
 }
 #endif
@@ -2879,7 +2804,7 @@ inline void* map_huge_chunk() noexcept {
   void* raw = nullptr;
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
   if (c.growth[k] > max_chunk_growth) {
-    raw = map_huge_chunk();
+    raw = map_huge_region(huge_chunk_bytes);
     if (raw) {
       mapped = huge_chunk_bytes;
       count = (huge_chunk_bytes - chunk_header_size) / block;
@@ -3089,6 +3014,130 @@ TEST_SUITE("frame_cache") {
 }
 #endif
 // ---- end src/runtime/frame_cache.hpp ----
+// ---- begin src/runtime/job_queue.hpp ----
+// The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
+
+namespace codestare::async_utils::detail {
+
+/// A unit of ready work: fn(arg, true) runs it, fn(arg, false) discards it (releasing what arg
+/// holds) when the loop closes before running it.
+struct job {
+  void (*fn)(void* arg, bool run);
+  void* arg;
+};
+
+class job_queue {
+ public:
+  job_queue() noexcept = default;
+  job_queue(const job_queue&) = delete;
+  job_queue& operator=(const job_queue&) = delete;
+  ~job_queue() { release(buffer_, capacity_, mapped_); }
+
+  bool empty() const noexcept { return head_ == tail_; }
+  std::size_t size() const noexcept { return tail_ - head_; }
+
+  void push(job j) {
+    if (tail_ - head_ == capacity_) [[unlikely]]
+      grow();
+    buffer_[tail_++ & (capacity_ - 1)] = j;
+  }
+  job pop() noexcept { return buffer_[head_++ & (capacity_ - 1)]; }
+
+  /// Appends every job of `other` (emptied), keeping order.
+  void splice(job_queue& other) {
+    while (!other.empty()) push(other.pop());
+  }
+
+ private:
+  [[gnu::noinline]] void grow() {
+    const std::size_t bigger = capacity_ == 0 ? 64 : capacity_ * 2;
+    bool mapped = false;
+    job* fresh = acquire(bigger, mapped);
+    const std::size_t n = size();
+    // The live jobs in order: from head_ to the end of the buffer, then from its start.
+    const std::size_t first = capacity_ == 0 ? 0 : head_ & (capacity_ - 1);
+    const std::size_t run = std::min(n, capacity_ - first);
+    std::copy(buffer_ + first, buffer_ + first + run, fresh);
+    std::copy(buffer_, buffer_ + (n - run), fresh + run);
+    release(buffer_, capacity_, mapped_);
+    buffer_ = fresh;
+    mapped_ = mapped;
+    capacity_ = bigger;
+    head_ = 0;
+    tail_ = n;
+  }
+  /// A buffer of huge_chunk_bytes or more is a region of huge pages of its own where the frame
+  /// cache takes them (a million jobs scheduled at once: faults on 4 KiB pages of fresh memory
+  /// cost more than the jobs), else from operator new.
+  static job* acquire(std::size_t n, [[maybe_unused]] bool& mapped) {
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+    if (n * sizeof(job) >= huge_chunk_bytes) {
+      if (void* region = map_huge_region(n * sizeof(job))) {
+        mapped = true;
+        return static_cast<job*>(region);
+      }
+    }
+#endif
+    return new job[n];
+  }
+  static void release(job* buffer, [[maybe_unused]] std::size_t n, bool mapped) noexcept {
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+    if (mapped) {
+      (void)::munmap(static_cast<void*>(buffer), n * sizeof(job));
+      return;
+    }
+#endif
+    (void)mapped;
+    delete[] buffer;
+  }
+  job* buffer_ = nullptr;
+  std::size_t capacity_ = 0;  // zero or a power of two
+  std::size_t head_ = 0;      // monotonic; masked on access
+  std::size_t tail_ = 0;
+  bool mapped_ = false;       // buffer_ came from map_huge_region
+};
+
+}  // namespace codestare::async_utils::detail
+
+#ifdef ASYNC_UTILS_TESTS
+TEST_SUITE("job_queue") {
+  TEST_CASE("FIFO across growth and wrap-around") {
+    using namespace codestare::async_utils::detail;
+    job_queue q;
+    std::vector<std::size_t> seen;
+    auto fn = +[](void* arg, bool) { (void)arg; };
+    std::size_t next_in = 0, next_out = 0;
+    for (int round = 0; round < 50; ++round) {
+      for (int i = 0; i < 37; ++i) q.push({fn, reinterpret_cast<void*>(next_in++)});
+      for (int i = 0; i < 30; ++i) CHECK(reinterpret_cast<std::size_t>(q.pop().arg) == next_out++);
+    }
+    while (!q.empty()) CHECK(reinterpret_cast<std::size_t>(q.pop().arg) == next_out++);
+    CHECK(next_in == next_out);
+  }
+
+  TEST_CASE("FIFO across growth into buffers of huge pages, wrapped around") {
+    using namespace codestare::async_utils::detail;
+    job_queue q;
+    auto fn = +[](void* arg, bool) { (void)arg; };
+    std::size_t next_in = 0, next_out = 0;
+    bool in_order = true;
+    auto push = [&](std::size_t k) {
+      for (std::size_t i = 0; i < k; ++i) q.push({fn, reinterpret_cast<void*>(next_in++)});
+    };
+    auto pop = [&](std::size_t k) {
+      for (std::size_t i = 0; i < k; ++i) in_order = in_order && reinterpret_cast<std::size_t>(q.pop().arg) == next_out++;
+    };
+    push(200'000);  // 262,144 slots: 4 MiB, past huge_chunk_bytes
+    pop(150'000);
+    push(250'000);  // wraps around, then grows with the live jobs in two runs
+    CHECK(q.size() == 300'000);
+    pop(300'000);
+    CHECK(in_order);
+    CHECK(q.empty());
+  }
+}
+#endif
+// ---- end src/runtime/job_queue.hpp ----
 // ---- begin src/runtime/timer_heap.hpp ----
 // Timers in a 4-ary min-heap whose nodes know their position, so cancelling removes at once.
 
@@ -5398,27 +5447,48 @@ using argument_result_t = await_result_t<detail::awaited_t<A>>;
 namespace codestare::async_utils {
 namespace detail {
 
+/// Room for a value constructed later (or never): a union, so that nothing runs until then.
+template <class V>
+union value_room {
+  value_room() noexcept {}
+  ~value_room() {}
+  V value;
+};
+
 /// future_core plus the typed value. Tasks derive from it too, so a task is a future.
 template <class T>
 class future_state : public future_core {
  public:
-  using future_core::future_core;
+  future_state(event_loop* loop, bool is_task) noexcept : future_core(loop, is_task) {}
+  ~future_state() override {
+    if constexpr (!std::is_void_v<T>) {
+      if (has_value_) value_.value.~T();
+    }
+  }
   template <class... Args>
   void set_value(Args&&... args) {
     if (is_task()) throw std::logic_error("a task's result is set by its coroutine, not by set_result");
     if (done()) throw invalid_state_error("future is already done");
-    if constexpr (!std::is_void_v<T>) value_.emplace(std::forward<Args>(args)...);
+    if constexpr (!std::is_void_v<T>) emplace_value(std::forward<Args>(args)...);
     finish(future_status::finished);
   }
   /// result(): the value, or what check_result() throws.
   std::add_lvalue_reference_t<T> value() {
     check_result();
-    if constexpr (!std::is_void_v<T>) return *value_;
+    if constexpr (!std::is_void_v<T>) return value_.value;
   }
 
  protected:
+  template <class... Args>
+  void emplace_value(Args&&... args) {
+    ::new (static_cast<void*>(std::addressof(value_.value))) T(std::forward<Args>(args)...);
+    has_value_ = true;
+  }
   struct empty {};
-  [[no_unique_address]] std::conditional_t<std::is_void_v<T>, empty, std::optional<std::conditional_t<std::is_void_v<T>, int, T>>> value_;
+  // The flag on its own rather than a std::optional: it takes the tail padding of future_core,
+  // so that a task of a word-sized result fits 128 bytes (a frame cache class smaller).
+  bool has_value_ = false;
+  [[no_unique_address]] std::conditional_t<std::is_void_v<T>, empty, value_room<std::conditional_t<std::is_void_v<T>, int, T>>> value_;
 };
 
 /// co_await on a future or task: waits on it from the running task. Cancelling the waiting task
@@ -6087,7 +6157,7 @@ class task_state final : public future_state<T> {
     }
     if constexpr (!std::is_void_v<T>) {
       try {
-        this->value_.emplace(std::move(*p.value));
+        this->emplace_value(std::move(*p.value));
       } catch (...) {
         this->error_ = std::current_exception();
       }

@@ -172,17 +172,18 @@ inline void arm_frame_cache_reaper(frame_cache_state& c) {
 }
 
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
-/// A huge_chunk_bytes region aligned to its size and marked for transparent huge pages, or null.
-inline void* map_huge_chunk() noexcept {
-  // Twice the size, then the unaligned ends cut off: the kernel aligns nothing by itself.
-  const std::size_t span = 2 * huge_chunk_bytes;
+/// `bytes` (a multiple of huge_chunk_bytes) of fresh memory aligned to huge_chunk_bytes and
+/// marked for transparent huge pages, or null. Given back with munmap.
+inline void* map_huge_region(std::size_t bytes) noexcept {
+  // huge_chunk_bytes more, then the unaligned ends cut off: the kernel aligns nothing by itself.
+  const std::size_t span = bytes + huge_chunk_bytes;
   void* raw = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const auto at = reinterpret_cast<std::uintptr_t>(raw);
   const auto begin = (at + huge_chunk_bytes - 1) & ~(std::uintptr_t{huge_chunk_bytes} - 1);
   if (begin > at) (void)::munmap(raw, begin - at);
-  if (const std::size_t tail = at + span - (begin + huge_chunk_bytes)) (void)::munmap(reinterpret_cast<void*>(begin + huge_chunk_bytes), tail);
-  (void)::madvise(reinterpret_cast<void*>(begin), huge_chunk_bytes, MADV_HUGEPAGE);  // best effort
+  if (const std::size_t tail = at + span - (begin + bytes)) (void)::munmap(reinterpret_cast<void*>(begin + bytes), tail);
+  (void)::madvise(reinterpret_cast<void*>(begin), bytes, MADV_HUGEPAGE);  // best effort
   return reinterpret_cast<void*>(begin);
 }
 #endif
@@ -197,7 +198,7 @@ inline void* map_huge_chunk() noexcept {
   void* raw = nullptr;
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
   if (c.growth[k] > max_chunk_growth) {
-    raw = map_huge_chunk();
+    raw = map_huge_region(huge_chunk_bytes);
     if (raw) {
       mapped = huge_chunk_bytes;
       count = (huge_chunk_bytes - chunk_header_size) / block;

@@ -7,33 +7,55 @@
 #include "event_loop.hpp"
 #include "task_steps.hpp"
 
-#include <optional>
+#include <memory>
+#include <new>
 #include <type_traits>
 
 namespace codestare::async_utils {
 namespace detail {
 
+/// Room for a value constructed later (or never): a union, so that nothing runs until then.
+template <class V>
+union value_room {
+  value_room() noexcept {}
+  ~value_room() {}
+  V value;
+};
+
 /// future_core plus the typed value. Tasks derive from it too, so a task is a future.
 template <class T>
 class future_state : public future_core {
  public:
-  using future_core::future_core;
+  future_state(event_loop* loop, bool is_task) noexcept : future_core(loop, is_task) {}
+  ~future_state() override {
+    if constexpr (!std::is_void_v<T>) {
+      if (has_value_) value_.value.~T();
+    }
+  }
   template <class... Args>
   void set_value(Args&&... args) {
     if (is_task()) throw std::logic_error("a task's result is set by its coroutine, not by set_result");
     if (done()) throw invalid_state_error("future is already done");
-    if constexpr (!std::is_void_v<T>) value_.emplace(std::forward<Args>(args)...);
+    if constexpr (!std::is_void_v<T>) emplace_value(std::forward<Args>(args)...);
     finish(future_status::finished);
   }
   /// result(): the value, or what check_result() throws.
   std::add_lvalue_reference_t<T> value() {
     check_result();
-    if constexpr (!std::is_void_v<T>) return *value_;
+    if constexpr (!std::is_void_v<T>) return value_.value;
   }
 
  protected:
+  template <class... Args>
+  void emplace_value(Args&&... args) {
+    ::new (static_cast<void*>(std::addressof(value_.value))) T(std::forward<Args>(args)...);
+    has_value_ = true;
+  }
   struct empty {};
-  [[no_unique_address]] std::conditional_t<std::is_void_v<T>, empty, std::optional<std::conditional_t<std::is_void_v<T>, int, T>>> value_;
+  // The flag on its own rather than a std::optional: it takes the tail padding of future_core,
+  // so that a task of a word-sized result fits 128 bytes (a frame cache class smaller).
+  bool has_value_ = false;
+  [[no_unique_address]] std::conditional_t<std::is_void_v<T>, empty, value_room<std::conditional_t<std::is_void_v<T>, int, T>>> value_;
 };
 
 /// co_await on a future or task: waits on it from the running task. Cancelling the waiting task

@@ -54,7 +54,7 @@ class task_state final : public future_state<T> {
     }
     if constexpr (!std::is_void_v<T>) {
       try {
-        this->value_.emplace(std::move(*p.value));
+        this->emplace_value(std::move(*p.value));
       } catch (...) {
         this->error_ = std::current_exception();
       }
