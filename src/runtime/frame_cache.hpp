@@ -31,7 +31,8 @@
 // most of their time on first touches of fresh pages otherwise, and more so in a virtual machine).
 // The trade-off: up to 2 MiB of resident memory per heavily used size class while it has live
 // blocks (a huge page is resident whole once touched). ASYNC_UTILS_NO_HUGE_PAGES keeps every chunk
-// on the allocator (Linux only; elsewhere, or when the mapping fails, that is what happens anyway).
+// on the allocator, and the ready queue's buffers too (job_queue.hpp). Linux only; elsewhere, or
+// when the mapping fails, chunks come from the allocator anyway.
 #if !defined(ASYNC_UTILS_NO_HUGE_PAGES) && defined(__linux__) && defined(MADV_HUGEPAGE)
 #define ASYNC_UTILS_HUGE_CHUNKS 1
 #endif

@@ -40,6 +40,7 @@ WORKLOADS = ["W1", "W1L", "W2", "W3", "W4", "W4S", "W4idle", "W5", "W6", "W7", "
 ONLY = [w.strip() for w in os.environ.get("ONLY", "").split(",") if w.strip()]
 if ONLY:
     WORKLOADS = [w for w in WORKLOADS if w in ONLY]
+ASIO_THP = "asio+thp"  # Asio with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (W1 only)
 OURS_ONLY = ["W4idle"]  # our backends and the epoll floor only
 LAZY = ["W1L", "M1L"]  # W1' and M1': lazy coroutines that never become tasks (C++ only)
 NO_ASIO = {"W7": "n/a (Boost 1.74: no parallel_group)", "W8": "n/a (Boost 1.74: no coroutine generator)"}
@@ -128,12 +129,19 @@ def build_all():
 
 # ---- running ----------------------------------------------------------------------------------
 def run_program(cmd, timeout=300):
+    """The program's result line, with the page faults of the whole process (minor and major)
+    in extra.page_faults."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
-            return json.loads(line)
+            r = json.loads(line)
+            faults = (after.ru_minflt - before.ru_minflt) + (after.ru_majflt - before.ru_majflt)
+            r.setdefault("extra", {})["page_faults"] = faults
+            return r
     raise RuntimeError(f"{' '.join(cmd)}: no result line")
 
 
@@ -164,6 +172,11 @@ def implementations(built):
     # coroutine generator (experimental::coro): both came in later Boost releases.
     impls.append(("asio", peers, lambda w, n: [b("asio_bench"), w, str(n)] if built["asio_bench"] and w not in NO_ASIO else None,
                   lambda w: NO_ASIO[w] if w in NO_ASIO else "n/a (build failed)", REPEATS))
+    # What transparent huge pages alone give Asio on W1: glibc's malloc asked to take its memory
+    # in huge pages (glibc 2.35+; the page-fault count in the notes shows whether it took effect).
+    impls.append((ASIO_THP, [w for w in ["W1"] if w in WORKLOADS],
+                  lambda w, n: ["env", "GLIBC_TUNABLES=glibc.malloc.hugetlb=1", b("asio_bench"), w, str(n)] if built["asio_bench"] else None,
+                  "n/a (build failed)", REPEATS))
     impls.append(("libuv", ["W4", "W4S", "W5", "W6"], lambda w, n: [b("uv_bench"), w, str(n)] if built["uv_bench"] else None,
                   "n/a (build failed)", REPEATS))
     impls.append(("epoll-floor", ["W4", "W4S", "W4idle"], lambda w, n: [b("echo_epoll"), w, str(n)] if built["echo_epoll"] else None,
@@ -265,6 +278,8 @@ def notes_of(r):
         parts.append(f"frame {ex['frame_bytes']} B")
     if "heap_bytes_per_task" in ex:
         parts.append(f"heap {ex['heap_bytes_per_task']:.0f} B/task")
+    if "page_faults" in ex and r["workload"] == "W1":
+        parts.append(f"{ex['page_faults']:,} page faults")
     if "wall_s" in ex:
         parts.append(f"wall {ex['wall_s']} s")
     if r.get("spread") and r["spread"][2] > 1:
@@ -342,6 +357,9 @@ def main():
                     log(f"  failed: {e}")
                     failed.add(impl)
                     continue
+                if impl == ASIO_THP:
+                    r["impl"] = impl
+                    r["note"] = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1; " + r.get("note", "")
                 best.setdefault(impl, []).append(r)
         for impl, cmd, unavailable, repeats in todo:
             if impl in best:
