@@ -41,7 +41,7 @@ namespace codestare::async_utils::detail {
 
 /// Blocks up to max_cached_size bytes, in classes of frame_granule. A block is a 16-byte header
 /// (its chunk and class) and the bytes asked for, rounded up to the class: nothing else, so a
-/// lazy coroutine costs its frame and 16 bytes. Chunks hold about chunk_target_bytes of blocks
+/// lazy coroutine costs its frame and 16 bytes (in a huge chunk, no header: its frame only). Chunks hold about chunk_target_bytes of blocks
 /// of one class; a chunk goes back to the system when its last block is given back to it.
 /// A freed block first goes to the free list of its class on the freeing thread (at most
 /// max_cached_per_class blocks), and to its chunk after that, or when the thread exits or an
@@ -58,8 +58,17 @@ inline constexpr std::size_t min_blocks_per_chunk = 8;
 inline constexpr unsigned max_chunk_growth = 5;
 inline constexpr std::size_t prefault_from_bytes = 64 * 1024;
 /// After a chunk of every growth step, a class's next chunks are huge chunks (see
-/// ASYNC_UTILS_NO_HUGE_PAGES above): huge_chunk_bytes each, aligned to their size.
+/// ASYNC_UTILS_NO_HUGE_PAGES above): huge_chunk_bytes each, aligned to their size. Their blocks
+/// have no header: a process-wide bitmap (huge_chunk_map) tells whether an address lies in a huge
+/// chunk, the chunk is then found by masking the address, and the class by the size the block
+/// is freed with (every caller frees with the size it asked for).
 inline constexpr std::size_t huge_chunk_bytes = std::size_t{2} << 20;
+inline constexpr unsigned huge_chunk_shift = 21;
+static_assert(huge_chunk_bytes == std::size_t{1} << huge_chunk_shift);
+/// Huge chunks are used only below this address (all of a 47-bit user address space), so that
+/// the bitmap has one bit per huge_chunk_bytes of it: 8 MiB of address space, mapped on first
+/// use and paged in where a bit is set (one page per 64 GiB of addresses).
+inline constexpr std::uintptr_t huge_chunk_limit = std::uintptr_t{1} << 47;
 
 /// A chunk counts the blocks not given back to it: carved and in use, in some thread's free
 /// list, or not carved yet by the thread that owns the chunk. Any thread may give a block back.
@@ -88,6 +97,7 @@ struct frame_cache_state {
   std::size_t uncarved[frame_classes];    // blocks left in it
   frame_chunk* current[frame_classes];
   std::uint8_t growth[frame_classes];     // chunks made for the class so far, up to max_chunk_growth + 1
+  bool huge[frame_classes];               // the current chunk is a huge one: blocks without a header
   bool reaper_armed;
   bool closed;
 };
@@ -110,6 +120,52 @@ inline constexpr std::size_t blocks_per_chunk(std::size_t size_class, unsigned g
   return first << (growth < max_chunk_growth ? growth : max_chunk_growth);
 }
 
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+/// One bit per huge_chunk_bytes below huge_chunk_limit, set while a huge chunk is there; null
+/// until the first huge chunk of the process. Never unmapped (8 MiB of address space).
+inline std::atomic<std::atomic<std::uint64_t>*> huge_chunk_map{nullptr};
+
+/// The bitmap, mapped on first use; null if that fails (then there are no huge chunks).
+inline std::atomic<std::uint64_t>* huge_chunk_map_now() noexcept {
+  if (auto* map = huge_chunk_map.load(std::memory_order_acquire)) return map;
+  const std::size_t bytes = (huge_chunk_limit >> huge_chunk_shift) / 8;
+  void* raw = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  auto* fresh = static_cast<std::atomic<std::uint64_t>*>(raw);  // zero pages: all bits clear
+  std::atomic<std::uint64_t>* expected = nullptr;
+  if (huge_chunk_map.compare_exchange_strong(expected, fresh, std::memory_order_acq_rel)) return fresh;
+  (void)::munmap(raw, bytes);  // another thread was first
+  return expected;
+}
+
+inline void mark_huge_chunk(std::atomic<std::uint64_t>* map, void* chunk, bool on) noexcept {
+  const std::uintptr_t i = reinterpret_cast<std::uintptr_t>(chunk) >> huge_chunk_shift;
+  const std::uint64_t bit = std::uint64_t{1} << (i & 63);
+  if (on) map[i >> 6].fetch_or(bit, std::memory_order_release);
+  else map[i >> 6].fetch_and(~bit, std::memory_order_release);
+}
+#endif
+
+/// The huge chunk that `p` lies in, or null when it has a block_header in front of it.
+inline frame_chunk* huge_chunk_of([[maybe_unused]] const void* p) noexcept {
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+  const auto* map = huge_chunk_map.load(std::memory_order_acquire);
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  if (!map || at >= huge_chunk_limit) return nullptr;
+  const std::uintptr_t i = at >> huge_chunk_shift;
+  if (!((map[i >> 6].load(std::memory_order_acquire) >> (i & 63)) & 1)) return nullptr;
+  return reinterpret_cast<frame_chunk*>(at & ~(std::uintptr_t{huge_chunk_bytes} - 1));
+#else
+  return nullptr;
+#endif
+}
+
+/// The chunk of a cached block.
+inline frame_chunk* chunk_of_block(void* p) noexcept {
+  if (frame_chunk* huge = huge_chunk_of(p)) return huge;
+  return reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule)->chunk;
+}
+
 /// Gives `count` blocks back to `chunk`; the last one frees it.
 inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
   if (chunk->live.fetch_sub(count, std::memory_order_acq_rel) == count) {
@@ -117,6 +173,8 @@ inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
     chunk->~frame_chunk();
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
     if (mapped) {
+      // The bit goes first: once unmapped, the addresses may come back from anywhere.
+      mark_huge_chunk(huge_chunk_map.load(std::memory_order_acquire), chunk, false);
       ::munmap(static_cast<void*>(chunk), mapped);
     } else
 #endif
@@ -136,8 +194,7 @@ inline void frame_cache_trim() noexcept {
   for (std::size_t k = 0; k < frame_classes; ++k) {
     while (free_block* b = c.heads[k]) {
       c.heads[k] = b->next;
-      auto* header = reinterpret_cast<block_header*>(reinterpret_cast<std::byte*>(b) - frame_granule);
-      release_to_chunk(header->chunk, 1);
+      release_to_chunk(chunk_of_block(b), 1);
     }
     c.counts[k] = 0;
     c.growth[k] = 0;
@@ -146,6 +203,7 @@ inline void frame_cache_trim() noexcept {
       c.current[k] = nullptr;
       c.carve[k] = nullptr;
       c.uncarved[k] = 0;
+      c.huge[k] = false;
       if (left) release_to_chunk(chunk, left);
     }
   }
@@ -194,21 +252,37 @@ inline void* map_huge_region(std::size_t bytes) noexcept {
   if (c.closed) return allocate_uncached_block((k + 1) * frame_granule);  // no reaper left to retire a chunk
   arm_frame_cache_reaper(c);
   const std::size_t block = frame_granule * (k + 2);
-  std::size_t count = blocks_per_chunk(k, c.growth[k]);
-  std::size_t mapped = 0;
-  void* raw = nullptr;
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
   if (c.growth[k] > max_chunk_growth) {
-    raw = map_huge_region(huge_chunk_bytes);
-    if (raw) {
-      mapped = huge_chunk_bytes;
-      count = (huge_chunk_bytes - chunk_header_size) / block;
+    if (auto* map = huge_chunk_map_now()) {
+      void* raw = map_huge_region(huge_chunk_bytes);
+      if (raw && reinterpret_cast<std::uintptr_t>(raw) >= huge_chunk_limit) {
+        (void)::munmap(raw, huge_chunk_bytes);
+        raw = nullptr;
+      }
+      if (raw) {
+        const std::size_t stride = block - frame_granule;  // no header
+        const std::size_t count = (huge_chunk_bytes - chunk_header_size) / stride;
+        ::new (raw) frame_chunk{count, huge_chunk_bytes};
+        mark_huge_chunk(map, raw, true);
+#ifdef ASYNC_UTILS_TESTS
+        frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
+#endif
+        std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
+        c.current[k] = static_cast<frame_chunk*>(raw);
+        c.carve[k] = first + stride;
+        c.uncarved[k] = count - 1;
+        c.huge[k] = true;
+        return first;
+      }
     }
   }
 #endif
+  c.huge[k] = false;
+  const std::size_t count = blocks_per_chunk(k, c.growth[k]);
   if (c.growth[k] <= max_chunk_growth) ++c.growth[k];
   const std::size_t bytes = chunk_header_size + count * block;
-  if (!raw) raw = ::operator new(bytes);
+  void* raw = ::operator new(bytes);
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   // A burst of spawns: page the chunk in at once rather than one fault per page (which is most
   // of the cost of a million new tasks, and more so in a virtual machine). Best effort.
@@ -216,10 +290,10 @@ inline void* map_huge_region(std::size_t bytes) noexcept {
     const auto page = static_cast<std::uintptr_t>(4096);
     const auto begin = (reinterpret_cast<std::uintptr_t>(raw) + page - 1) & ~(page - 1);
     const auto end = (reinterpret_cast<std::uintptr_t>(raw) + bytes) & ~(page - 1);
-    if (end > begin && !mapped) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+    if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
   }
 #endif
-  auto* chunk = ::new (raw) frame_chunk{count, mapped};
+  auto* chunk = ::new (raw) frame_chunk{count, 0};
 #ifdef ASYNC_UTILS_TESTS
   frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
 #endif
@@ -243,8 +317,12 @@ inline void* cached_allocate(std::size_t n) {
     }
     if (c.uncarved[k] == 0) return carve_from_new_chunk(c, k);
     std::byte* at = c.carve[k];
-    c.carve[k] = at + frame_granule * (k + 2);
     --c.uncarved[k];
+    if (c.huge[k]) {
+      c.carve[k] = at + frame_granule * (k + 1);
+      return at;
+    }
+    c.carve[k] = at + frame_granule * (k + 2);
     ::new (static_cast<void*>(at)) block_header{c.current[k], k};
     return at + frame_granule;
   }
@@ -257,14 +335,20 @@ inline void* cached_allocate(std::size_t n) {
 /// Takes back a block of cached_allocate, from any thread. `n` is the size it was asked for.
 inline void cached_free(void* p, [[maybe_unused]] std::size_t n) noexcept {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
-  auto* header = reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule);
-  frame_chunk* chunk = header->chunk;
-  if (!chunk) {
-    ::operator delete(static_cast<void*>(header));
-    return;
+  frame_chunk* chunk = huge_chunk_of(p);
+  std::size_t k;
+  if (chunk) {
+    k = frame_class_of(n);
+  } else {
+    auto* header = reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule);
+    chunk = header->chunk;
+    if (!chunk) {
+      ::operator delete(static_cast<void*>(header));
+      return;
+    }
+    k = header->size_class;
   }
   frame_cache_state& c = frame_cache_tls;
-  const std::size_t k = header->size_class;
   if (!c.closed && c.counts[k] < max_cached_per_class) {
     arm_frame_cache_reaper(c);  // the block may come from another thread's chunk
     c.heads[k] = ::new (p) free_block{c.heads[k]};
@@ -331,7 +415,7 @@ TEST_SUITE("frame_cache") {
     using namespace codestare::async_utils::detail;
     frame_cache_trim();
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE
-    auto chunk_of = [](void* p) { return reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule)->chunk; };
+    auto chunk_of = [](void* p) { return chunk_of_block(p); };
     constexpr std::size_t n = 1008;  // blocks of 1024 bytes: 8 in the first chunk
     std::size_t before_huge = 0;
     for (unsigned g = 0; g <= max_chunk_growth; ++g) before_huge += blocks_per_chunk(frame_class_of(n), g);
@@ -340,14 +424,22 @@ TEST_SUITE("frame_cache") {
       std::vector<void*> blocks;
       for (std::size_t i = 0; i < before_huge; ++i) blocks.push_back(cached_allocate(n));
       for (void* p : blocks) CHECK(chunk_of(p)->mapped_bytes == 0);  // small programs never map one
+      for (void* p : blocks) CHECK(huge_chunk_of(p) == nullptr);
       CHECK(frame_chunks_alive.load() == chunks_before + long(max_chunk_growth) + 1);
-      const std::size_t huge_count = (huge_chunk_bytes - chunk_header_size) / cached_block_size(n);
+      const std::size_t huge_count = (huge_chunk_bytes - chunk_header_size) / (cached_block_size(n) - frame_granule);
       for (std::size_t i = 0; i < huge_count + 1; ++i) blocks.push_back(cached_allocate(n));  // spills into a second one
       frame_chunk* first_huge = chunk_of(blocks[before_huge]);
       frame_chunk* second_huge = chunk_of(blocks.back());
+      (void)first_huge;
+      (void)second_huge;
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
       CHECK(first_huge->mapped_bytes == huge_chunk_bytes);
       CHECK(reinterpret_cast<std::uintptr_t>(first_huge) % huge_chunk_bytes == 0);
+      // Blocks without a header: the first right after the chunk's own, the next a class apart.
+      CHECK(static_cast<std::byte*>(blocks[before_huge]) == reinterpret_cast<std::byte*>(first_huge) + chunk_header_size);
+      CHECK(static_cast<std::byte*>(blocks[before_huge + 1]) - static_cast<std::byte*>(blocks[before_huge]) ==
+            static_cast<std::ptrdiff_t>(cached_block_size(n) - frame_granule));
+      CHECK(huge_chunk_of(blocks[before_huge + huge_count - 1]) == first_huge);
       CHECK(chunk_of(blocks[before_huge + huge_count - 1]) == first_huge);
       CHECK(second_huge != first_huge);
       CHECK(reinterpret_cast<std::uintptr_t>(second_huge) % huge_chunk_bytes == 0);
@@ -367,6 +459,10 @@ TEST_SUITE("frame_cache") {
         frame_cache_trim();
       }
       CHECK(frame_chunks_alive.load() == chunks_before);
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+      CHECK(huge_chunk_of(first_huge) == nullptr);  // unmapped, and its bit cleared first
+      CHECK(huge_chunk_of(second_huge) == nullptr);
+#endif
     }
 #endif
   }
