@@ -16,7 +16,6 @@
 #include "coroutine.hpp"
 #include "sleep.hpp"
 #include "task.hpp"
-#include "run.hpp"
 
 #include <algorithm>
 #include <atomic>
