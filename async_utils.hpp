@@ -3441,6 +3441,15 @@ void check_same_loop(const future_core& core, const event_loop* loop, const char
 
 namespace codestare::async_utils {
 
+namespace detail {
+// Here, before event_loop.hpp, whose definitions name tasks in their messages.
+inline std::string future_core::name() const {
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
+  return "Task-" + std::to_string(number_);
+}
+}  // namespace detail
+
 /// A handle to a task of any result type (asyncio.Task as seen by all_tasks()).
 /// Copyable; use it on its loop's thread only.
 class any_task {
@@ -5064,12 +5073,6 @@ inline void future_core::finish(future_status status) noexcept {
   status_ = status;
   if (loop_) loop_->retire_core(*this);  // leaves the pending-task list
   while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
-}
-
-inline std::string future_core::name() const {
-  if (extras_ && !extras_->name.empty()) return extras_->name;
-  if (!is_task_) return {};
-  return "Task-" + std::to_string(number_);
 }
 
 inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {

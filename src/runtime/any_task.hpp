@@ -12,6 +12,15 @@
 
 namespace codestare::async_utils {
 
+namespace detail {
+// Here, before event_loop.hpp, whose definitions name tasks in their messages.
+inline std::string future_core::name() const {
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
+  return "Task-" + std::to_string(number_);
+}
+}  // namespace detail
+
 /// A handle to a task of any result type (asyncio.Task as seen by all_tasks()).
 /// Copyable; use it on its loop's thread only.
 class any_task {

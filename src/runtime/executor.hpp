@@ -16,6 +16,7 @@
 #include "coroutine.hpp"
 #include "sleep.hpp"
 #include "task.hpp"
+#include "io.hpp"  // before the tests: g++ 12 rejects io.hpp's event_loop::sock_* definitions after them
 
 #include <algorithm>
 #include <atomic>

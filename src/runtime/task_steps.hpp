@@ -160,12 +160,6 @@ inline void future_core::finish(future_status status) noexcept {
   while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
-inline std::string future_core::name() const {
-  if (extras_ && !extras_->name.empty()) return extras_->name;
-  if (!is_task_) return {};
-  return "Task-" + std::to_string(number_);
-}
-
 inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {
   if (!name.empty()) extras().name = std::move(name);
   number_ = loop_->next_task_number();

@@ -32,6 +32,7 @@
 #include "../runtime/task.hpp"
 #include "../runtime/wait_for.hpp"
 #include "../runtime/run.hpp"
+#include "../runtime/signals.hpp"
 #include "../primitives/lock.hpp"
 #include "task_nursery.hpp"
 
