@@ -37,15 +37,22 @@ inline const char* level_name(log_level level) noexcept {
 }  // namespace detail
 
 /// Replaces the sink (an empty function restores the stderr default). Returns the previous one.
-inline log_handler set_log_handler(log_handler handler) {
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   std::swap(sink.handler, handler);
   return handler;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Sends one message to the sink. Sinks are called one at a time (under a recursive mutex), so they need no locking.
-inline void log(log_level level, std::string_view message) {
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   if (sink.handler) {
@@ -55,6 +62,7 @@ inline void log(log_level level, std::string_view message) {
                  static_cast<int>(message.size()), message.data());
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
