@@ -3805,6 +3805,10 @@ struct fd_watch {
   }
 };
 
+// future_core's out-of-line members (task_steps.hpp, which includes this file) are called by
+// the loop's definitions, so tests/self_contained.py links this part together with them:
+// Links with: runtime/task_steps.hpp
+
 struct signal_registry;  // signals.hpp
 struct executor_slot;    // executor.hpp
 template <class T>
@@ -17150,6 +17154,10 @@ ASYNC_UTILS_LINK std::vector<any_task> nursery_state::pending_children(const std
   return out;
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
+
+// shutdown.hpp defines attach_nursery (it includes this file), so tests/self_contained.py
+// links this part together with it:
+// Links with: utilities/shutdown.hpp
 
 /// Registers `state` with the shutdown handling of its loop (shutdown.hpp).
 void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state);

@@ -4,7 +4,9 @@ without ASYNC_UTILS_TESTS: a file that forgets to include what it uses fails her
 single header (which inlines everything in order) would still build. Then it links each header
 that compiles definitions (ASYNC_UTILS_DEFINITIONS) alone, with g++, as the implementation TU of
 the split build plus an empty main(): there every such definition is an ordinary function, so one
-that calls a function defined only in a later part fails with an undefined reference.
+that calls a function defined only in a later part fails with an undefined reference. A part
+whose definitions rely on a later one on purpose (a cycle cut by a declaration) names it in a
+comment line `// Links with: PART` (relative to src/), and is linked together with it.
 
     python3 tests/self_contained.py [-j N] [--compiler CXX]... [FILE...]
 
@@ -16,6 +18,7 @@ M failed"; exits 1 on any failure.
 import argparse
 import concurrent.futures
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,9 +50,15 @@ def has_definitions(header):
         return "#if ASYNC_UTILS_DEFINITIONS" in f.read()
 
 
+LINKS_WITH_RE = re.compile(r"^// Links with: (\S+)\s*$", re.M)
+
+
 def check_link(compiler, header, flags):
     del flags
-    source = f'#define ASYNC_UTILS_IMPLEMENTATION\n#include "{header}"\nint main() {{ return 0; }}\n'
+    with open(os.path.join(SRC, header), encoding="utf-8") as f:
+        later = LINKS_WITH_RE.findall(f.read())
+    includes = "".join(f'#include "{h}"\n' for h in [header, *later])
+    source = f"#define ASYNC_UTILS_IMPLEMENTATION\n{includes}int main() {{ return 0; }}\n"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [compiler, *WARN, "-pthread", "-O0", f"-I{SRC}", "-x", "c++", "-", "-o",
                os.path.join(tmp, "a.out")]

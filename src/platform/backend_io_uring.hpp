@@ -2,6 +2,7 @@
 // with one io_uring_enter per loop iteration that both submits and waits. Epoll if refused.
 #pragma once
 
+#include "config.hpp"
 #include "posix.hpp"
 #include "log.hpp"
 #include "backend_epoll.hpp"

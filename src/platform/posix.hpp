@@ -1,6 +1,8 @@
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
 #pragma once
 
+#include "config.hpp"
+
 #include <atomic>
 #include <cerrno>
 #include <chrono>

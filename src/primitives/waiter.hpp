@@ -1,6 +1,7 @@
 // The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/log.hpp"
 #include "../runtime/intrusive_list.hpp"
 #include "../runtime/future_core.hpp"

@@ -2,6 +2,7 @@
 // exception_context given to the loop's exception handler.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "future_core.hpp"
 

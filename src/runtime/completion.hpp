@@ -2,6 +2,7 @@
 // completion awaiter behind it, wait_for and run().
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "timer_heap.hpp"
 #include "future_core.hpp"

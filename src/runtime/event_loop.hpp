@@ -79,6 +79,10 @@ struct fd_watch {
   }
 };
 
+// future_core's out-of-line members (task_steps.hpp, which includes this file) are called by
+// the loop's definitions, so tests/self_contained.py links this part together with them:
+// Links with: runtime/task_steps.hpp
+
 struct signal_registry;  // signals.hpp
 struct executor_slot;    // executor.hpp
 template <class T>

@@ -2,6 +2,7 @@
 // cancel, finish), written after event_loop because it schedules on it.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "../platform/log.hpp"
 #include "future_core.hpp"

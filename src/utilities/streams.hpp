@@ -4,6 +4,7 @@
 // socket does not take is buffered, flushed by an add_writer callback (asyncio's transport).
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../runtime/executor.hpp"
 #include "../runtime/future.hpp"
 #include "../runtime/io.hpp"

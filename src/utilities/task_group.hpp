@@ -3,6 +3,8 @@
 // exception_group.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <exception>
 #include <optional>
 #include <stdexcept>

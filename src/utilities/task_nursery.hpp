@@ -110,6 +110,10 @@ ASYNC_UTILS_LINK std::vector<any_task> nursery_state::pending_children(const std
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
+// shutdown.hpp defines attach_nursery (it includes this file), so tests/self_contained.py
+// links this part together with it:
+// Links with: utilities/shutdown.hpp
+
 /// Registers `state` with the shutdown handling of its loop (shutdown.hpp).
 void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state);
 

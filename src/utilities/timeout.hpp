@@ -3,6 +3,8 @@
 // only one the scope accounts for, by uncancel()) becomes timeout_error.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <chrono>
 #include <exception>
 #include <optional>
