@@ -481,11 +481,19 @@ struct log_state {
   std::recursive_mutex mutex;  // recursive: a sink may log itself
   log_handler handler;  // empty: the stderr default
 };
-inline log_state& log_sink() {
+ASYNC_UTILS_LINK log_state& log_sink();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_state& log_sink() {
   static log_state state;
   return state;
 }
-inline const char* level_name(log_level level) noexcept {
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept {
   switch (level) {
     case log_level::debug: return "DEBUG";
     case log_level::info: return "INFO";
@@ -494,6 +502,7 @@ inline const char* level_name(log_level level) noexcept {
   }
   return "?";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 }  // namespace detail
 
 /// Replaces the sink (an empty function restores the stderr default). Returns the previous one.
@@ -1790,7 +1799,10 @@ ASYNC_UTILS_LINK signal_globals& signal_state() noexcept {
 /// a thread that does not block it (another thread than the loop's); it is re-sent to the loop's
 /// thread, where it is blocked and so becomes readable from the signalfd. kqueue: nothing (the
 /// filter records the delivery; the handler only stops the default action).
-inline void on_signal(int sig) noexcept {
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept {
   signal_globals& g = signal_state();
   if (sig < 1 || sig >= signal_limit) return;
   const int saved_errno = errno;
@@ -1814,6 +1826,7 @@ inline void on_signal(int sig) noexcept {
   g.handlers_running.fetch_sub(1);
   errno = saved_errno;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One per loop: the signals it handles, the state it must restore, and the descriptor that
 /// becomes readable when one of them arrives. Loop thread only; add/remove must be called on
@@ -2095,8 +2108,10 @@ ASYNC_UTILS_LINK void signal_source::uninstall(const saved_state& saved) noexcep
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
+#if ASYNC_UTILS_DEFINITIONS
 /// Starts a thread with every signal blocked, so that process-directed signals never land on
-/// it (worker threads of the executor). The caller's mask is untouched afterwards.
+/// it (worker threads of the executor). The caller's mask is untouched afterwards. Used by
+/// definitions only.
 template <class F>
 std::thread start_thread_without_signals(F&& fn) {
   sigset_t all, old;
@@ -2108,6 +2123,7 @@ std::thread start_thread_without_signals(F&& fn) {
   } guard{old};
   return std::thread(std::forward<F>(fn));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 // ---- end src/platform/signal_source.hpp ----
@@ -3202,11 +3218,15 @@ clock::time_point saturating_deadline(std::chrono::duration<Rep, Period> delay) 
 }
 
 /// Time left until `when`, never negative; a huge value for `never` (callers test for it first).
-inline clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
   if (when <= now) return clock::duration::zero();
   if (now < clock::time_point{} && when > now + clock::duration::max()) return clock::duration::max();
   return when - now;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// A timer lives in whoever waits (a sleeping frame, a call_later handle); the heap only points.
 struct timer_node {
@@ -4173,9 +4193,8 @@ ASYNC_UTILS_LINK void event_loop::take_posted() {
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
   // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
   // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
@@ -4188,7 +4207,7 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::wake(std::uint32_t state) noexcept {
+ASYNC_UTILS_LINK void event_loop::wake(std::uint32_t state) noexcept {
   if (state == polling) {
     wakeup_.notify();
   } else if (state == parked) {
@@ -4201,7 +4220,7 @@ inline void event_loop::wake(std::uint32_t state) noexcept {
   }
 }
 
-inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+ASYNC_UTILS_LINK void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #if defined(__linux__)
   detail::park(sleeping_, parked, timeout);
 #else
@@ -4209,7 +4228,6 @@ inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #endif
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
@@ -4233,9 +4251,8 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post_held(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post_held(detail::job j) {
   std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
@@ -4247,7 +4264,7 @@ inline bool event_loop::post_held(detail::job j) {
   return true;
 }
 
-inline detail::fd_watch& event_loop::watch_of(int fd) {
+ASYNC_UTILS_LINK detail::fd_watch& event_loop::watch_of(int fd) {
   if (auto it = fds_.find(fd); it != fds_.end()) {
     detail::fd_watch& w = it->second;
     if (!w.known && !w.internal) {
@@ -4265,14 +4282,13 @@ inline detail::fd_watch& event_loop::watch_of(int fd) {
   return w;
 }
 
-inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
+ASYNC_UTILS_LINK void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
   if (!w.dirty) {
     w.dirty = true;
     dirty_.push_back(fd);
   }
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   if constexpr (edge_) {

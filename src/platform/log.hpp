@@ -21,11 +21,19 @@ struct log_state {
   std::recursive_mutex mutex;  // recursive: a sink may log itself
   log_handler handler;  // empty: the stderr default
 };
-inline log_state& log_sink() {
+ASYNC_UTILS_LINK log_state& log_sink();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_state& log_sink() {
   static log_state state;
   return state;
 }
-inline const char* level_name(log_level level) noexcept {
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept {
   switch (level) {
     case log_level::debug: return "DEBUG";
     case log_level::info: return "INFO";
@@ -34,6 +42,7 @@ inline const char* level_name(log_level level) noexcept {
   }
   return "?";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 }  // namespace detail
 
 /// Replaces the sink (an empty function restores the stderr default). Returns the previous one.

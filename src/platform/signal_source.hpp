@@ -77,7 +77,10 @@ ASYNC_UTILS_LINK signal_globals& signal_state() noexcept {
 /// a thread that does not block it (another thread than the loop's); it is re-sent to the loop's
 /// thread, where it is blocked and so becomes readable from the signalfd. kqueue: nothing (the
 /// filter records the delivery; the handler only stops the default action).
-inline void on_signal(int sig) noexcept {
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept {
   signal_globals& g = signal_state();
   if (sig < 1 || sig >= signal_limit) return;
   const int saved_errno = errno;
@@ -101,6 +104,7 @@ inline void on_signal(int sig) noexcept {
   g.handlers_running.fetch_sub(1);
   errno = saved_errno;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One per loop: the signals it handles, the state it must restore, and the descriptor that
 /// becomes readable when one of them arrives. Loop thread only; add/remove must be called on
@@ -382,8 +386,10 @@ ASYNC_UTILS_LINK void signal_source::uninstall(const saved_state& saved) noexcep
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
+#if ASYNC_UTILS_DEFINITIONS
 /// Starts a thread with every signal blocked, so that process-directed signals never land on
-/// it (worker threads of the executor). The caller's mask is untouched afterwards.
+/// it (worker threads of the executor). The caller's mask is untouched afterwards. Used by
+/// definitions only.
 template <class F>
 std::thread start_thread_without_signals(F&& fn) {
   sigset_t all, old;
@@ -395,5 +401,6 @@ std::thread start_thread_without_signals(F&& fn) {
   } guard{old};
   return std::thread(std::forward<F>(fn));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail

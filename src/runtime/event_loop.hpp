@@ -447,9 +447,8 @@ ASYNC_UTILS_LINK void event_loop::take_posted() {
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
   // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
   // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
@@ -462,7 +461,7 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::wake(std::uint32_t state) noexcept {
+ASYNC_UTILS_LINK void event_loop::wake(std::uint32_t state) noexcept {
   if (state == polling) {
     wakeup_.notify();
   } else if (state == parked) {
@@ -475,7 +474,7 @@ inline void event_loop::wake(std::uint32_t state) noexcept {
   }
 }
 
-inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+ASYNC_UTILS_LINK void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #if defined(__linux__)
   detail::park(sleeping_, parked, timeout);
 #else
@@ -483,7 +482,6 @@ inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #endif
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
@@ -507,9 +505,8 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post_held(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post_held(detail::job j) {
   std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
@@ -521,7 +518,7 @@ inline bool event_loop::post_held(detail::job j) {
   return true;
 }
 
-inline detail::fd_watch& event_loop::watch_of(int fd) {
+ASYNC_UTILS_LINK detail::fd_watch& event_loop::watch_of(int fd) {
   if (auto it = fds_.find(fd); it != fds_.end()) {
     detail::fd_watch& w = it->second;
     if (!w.known && !w.internal) {
@@ -539,14 +536,13 @@ inline detail::fd_watch& event_loop::watch_of(int fd) {
   return w;
 }
 
-inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
+ASYNC_UTILS_LINK void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
   if (!w.dirty) {
     w.dirty = true;
     dirty_.push_back(fd);
   }
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   if constexpr (edge_) {
