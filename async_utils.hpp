@@ -129,6 +129,9 @@
 //                                            Each operation is tried first and waits only on
 //                                            EAGAIN; retries run in the loop's dispatch, so a
 //                                            spurious wake-up never resumes the task.
+//     src/runtime/executor.hpp               run_in_executor and the loop's default executor:
+//                                            asyncio's loop.run_in_executor, set_default_executor
+//                                            and shutdown_default_executor.
 //     src/runtime/run.hpp                    run(aw): asyncio.run. A fresh loop runs aw, then
 //                                            cancels and awaits what is left, shuts the executor
 //                                            down and closes, so nothing outlives the call.
@@ -136,9 +139,6 @@
 //                                            coroutine that uses co_yield and may co_await anything
 //                                            between yields; its consumer pulls values with
 //                                            `co_await gen.next()`.
-//     src/runtime/executor.hpp               run_in_executor and the loop's default executor:
-//                                            asyncio's loop.run_in_executor, set_default_executor
-//                                            and shutdown_default_executor.
 //     src/runtime/signals.hpp                Signals: asyncio's loop.add_signal_handler /
 //                                            remove_signal_handler on top of signal_source.
 //   Primitives: asyncio's locks, conditions, events, semaphores and queues.
@@ -375,9 +375,10 @@
 #define ASYNC_UTILS_DEFINITIONS 0
 #endif
 // g++ warns (-Wsubobject-linkage) about coroutine frames of non-inline functions that hold a
-// lambda; the implementation TU is their only home, so the warning is off there (that TU is meant
-// to hold just the #include).
+// lambda; the implementation TU is their only home, so the warning is off there, for the
+// library's code only: the root file (src/async_utils.hpp) pops it after its last part.
 #if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wsubobject-linkage"
 #endif
 
@@ -405,13 +406,17 @@ class cancelled_error : public std::exception {
   explicit cancelled_error(std::string message) : message_(std::move(message)) {}
   /// The message given to cancel(), empty when none was.
   const std::string& message() const noexcept { return message_; }
-  const char* what() const noexcept override {
-    return message_.empty() ? "cancelled" : message_.c_str();
-  }
+  const char* what() const noexcept override;
 
  private:
   std::string message_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* cancelled_error::what() const noexcept {
+  return message_.empty() ? "cancelled" : message_.c_str();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.TimeoutError: a wait_for() or awaitable_predicate timed out.
 class timeout_error : public std::runtime_error {
@@ -476,11 +481,19 @@ struct log_state {
   std::recursive_mutex mutex;  // recursive: a sink may log itself
   log_handler handler;  // empty: the stderr default
 };
-inline log_state& log_sink() {
+ASYNC_UTILS_LINK log_state& log_sink();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_state& log_sink() {
   static log_state state;
   return state;
 }
-inline const char* level_name(log_level level) noexcept {
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept {
   switch (level) {
     case log_level::debug: return "DEBUG";
     case log_level::info: return "INFO";
@@ -489,18 +502,26 @@ inline const char* level_name(log_level level) noexcept {
   }
   return "?";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 }  // namespace detail
 
 /// Replaces the sink (an empty function restores the stderr default). Returns the previous one.
-inline log_handler set_log_handler(log_handler handler) {
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   std::swap(sink.handler, handler);
   return handler;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Sends one message to the sink. Sinks are called one at a time (under a recursive mutex), so they need no locking.
-inline void log(log_level level, std::string_view message) {
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   if (sink.handler) {
@@ -510,6 +531,7 @@ inline void log(log_level level, std::string_view message) {
                  static_cast<int>(message.size()), message.data());
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -655,9 +677,13 @@ inline void unpark(park_word& word, int count) noexcept {
 #endif
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
-inline void require_open_fd(int fd, const char* what) {
+ASYNC_UTILS_LINK void require_open_fd(int fd, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_open_fd(int fd, const char* what) {
   if (fd < 0 || ::fcntl(fd, F_GETFD) == -1) throw_errno(EBADF, std::string(what) + ": bad file descriptor " + std::to_string(fd));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Owns one descriptor; closes it on destruction.
 class unique_fd {
@@ -684,12 +710,16 @@ class unique_fd {
 };
 
 /// Sets O_NONBLOCK and FD_CLOEXEC, the state every descriptor the loop owns must be in.
-inline void make_nonblocking_cloexec(int fd) {
+ASYNC_UTILS_LINK void make_nonblocking_cloexec(int fd);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void make_nonblocking_cloexec(int fd) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags == -1 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1) throw_errno("fcntl(O_NONBLOCK)");
   flags = ::fcntl(fd, F_GETFD);
   if (flags == -1 || ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == -1) throw_errno("fcntl(FD_CLOEXEC)");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Milliseconds for poll-style calls: rounded up, so a timer is never woken early and spun on.
 inline int timeout_ms(std::chrono::nanoseconds timeout) noexcept {
@@ -848,21 +878,8 @@ class io_uring_backend {
  public:
   static constexpr const char* name = "io_uring";
 
-  io_uring_backend() {
-    if (int err = setup(); err != 0) {
-      // The kernel said no (ENOSYS, EPERM from the sysctl or seccomp, or too old): epoll.
-      static std::atomic<bool> logged{false};
-      if (io_uring_forced_errno.load() != 0 || !logged.exchange(true))
-        log(log_level::debug, std::string("io_uring unavailable (") + std::strerror(err) + "), falling back to epoll");
-      fallback_.emplace();
-    }
-  }
-  ~io_uring_backend() {
-    // Awaiters forget their requests before they go; whatever is still in flight is cancelled
-    // and awaited, so that the kernel writes into no freed memory.
-    while (in_flight_) forget(*in_flight_);
-    unmap();
-  }
+  io_uring_backend();
+  ~io_uring_backend();
   io_uring_backend(const io_uring_backend&) = delete;
   io_uring_backend& operator=(const io_uring_backend&) = delete;
 
@@ -876,10 +893,7 @@ class io_uring_backend {
   /// Hands what is queued to the kernel now, without waiting for anything: a disarm that must
   /// land before the caller closes the descriptor. Whatever the kernel does not take now goes
   /// with the next iteration's enter.
-  void submit_queued() noexcept {
-    if (fallback_ || unsubmitted() == 0) return;
-    (void)sys_enter(unsubmitted(), 0, 0, nullptr, 0);
-  }
+  void submit_queued() noexcept;
 
 
   /// Queues `op` as a request that fill(sqe) describes; submitted with the next wait().
@@ -898,104 +912,23 @@ class io_uring_backend {
   }
   /// Asks the kernel to cancel `op` (IORING_OP_ASYNC_CANCEL); its completion still comes
   /// (-ECANCELED, or the result if it won the race) and is dispatched as usual.
-  void cancel(uring_op& op) {
-    if (op.st != uring_op::state::in_flight || op.cancel_sent) return;
-    io_uring_sqe& sqe = next_sqe();
-    sqe.opcode = IORING_OP_ASYNC_CANCEL;
-    sqe.fd = -1;
-    sqe.addr = reinterpret_cast<std::uintptr_t>(&op) | 1u;
-    sqe.user_data = cancel_tag;
-    publish();
-    op.cancel_sent = true;
-  }
+  void cancel(uring_op& op);
   /// The awaiter of `op` is going away: afterwards the kernel holds nothing of it. A request in
   /// flight is cancelled and its completion awaited here (socket requests cancel at once; the
   /// wait is bounded). True when a completion was taken that op.complete never saw (`res`).
-  bool forget(uring_op& op) noexcept {
-    if (op.st == uring_op::state::completed) {
-      auto it = std::find(completed_.begin(), completed_.end(), &op);
-      if (it != completed_.end()) completed_.erase(it);
-      op.st = uring_op::state::idle;  // a dispatch list that still holds it skips idle ops
-      return true;
-    }
-    if (op.st != uring_op::state::in_flight) return false;
-    try {
-      cancel(op);
-      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-      while (op.st == uring_op::state::in_flight) {
-        if (std::chrono::steady_clock::now() > deadline) {
-          log(log_level::error, "io_uring: a cancelled request did not complete; its memory is released anyway");
-          unlink(op);
-          op.st = uring_op::state::idle;
-          return false;
-        }
-        enter(std::chrono::milliseconds(100), true);
-        reap();
-      }
-    } catch (...) {
-      unlink(op);
-      op.st = uring_op::state::idle;
-      return false;
-    }
-    return forget(op);  // completed now: taken out of the queue
-  }
+  bool forget(uring_op& op) noexcept;
 
   /// Bytes a recv received for a waiter that was cancelled or destroyed: the next recv on the
   /// same socket gets them first. Keyed by descriptor and checked against the socket's identity,
   /// so a closed descriptor whose number was reused does not see them.
-  void stash(int fd, const char* data, std::size_t n) noexcept {
-    try {
-      struct stat st{};
-      if (::fstat(fd, &st) != 0) return;
-      stashed& entry = stash_[fd];
-      if (entry.bytes.empty() || entry.dev != st.st_dev || entry.ino != st.st_ino) {
-        entry.bytes.clear();
-        entry.dev = st.st_dev;
-        entry.ino = st.st_ino;
-      }
-      entry.bytes.append(data, n);
-    } catch (...) {  // out of memory: the bytes are lost, as with asyncio's cancelled reads
-    }
-  }
+  void stash(int fd, const char* data, std::size_t n) noexcept;
   /// Moves up to `size` stashed bytes of fd into data; -1 when there are none.
-  long take_stash(int fd, char* data, std::size_t size) noexcept {
-    if (stash_.empty()) return -1;
-    auto it = stash_.find(fd);
-    if (it == stash_.end()) return -1;
-    struct stat st{};
-    if (::fstat(fd, &st) != 0 || st.st_dev != it->second.dev || st.st_ino != it->second.ino) {
-      stash_.erase(it);  // another file under the same number now
-      return -1;
-    }
-    std::string& bytes = it->second.bytes;
-    const std::size_t n = std::min(size, bytes.size());
-    if (n) std::memcpy(data, bytes.data(), n);
-    bytes.erase(0, n);
-    if (bytes.empty()) stash_.erase(it);
-    return static_cast<long>(n);
-  }
+  long take_stash(int fd, char* data, std::size_t size) noexcept;
 
-  void add(int fd) {
-    if (fallback_) return fallback_->add(fd);
-    require_open_fd(fd, "io_uring add");
-  }
-  void arm(int fd, unsigned mask) {
-    if (fallback_) return fallback_->arm(fd, mask);
-    slot& s = slots_[fd];
-    if (s.mask != 0) cancel(fd, s);
-    if (mask != 0) submit_poll(fd, s, mask, false);
-  }
-  void remove(int fd) noexcept {
-    if (fallback_) return fallback_->remove(fd);
-    auto it = slots_.find(fd);
-    if (it == slots_.end()) return;
-    if (it->second.mask != 0) cancel(fd, it->second);
-    slots_.erase(it);
-  }
-  void watch(int fd) {
-    if (fallback_) return fallback_->watch(fd);
-    submit_poll(fd, slots_[fd], io_read, true);
-  }
+  void add(int fd);
+  void arm(int fd, unsigned mask);
+  void remove(int fd) noexcept;
+  void watch(int fd);
 
   /// Submits what arm() queued and waits up to `timeout` (negative: forever), in one call.
   template <class F>
@@ -1043,204 +976,32 @@ class io_uring_backend {
   // user_data: a request's address with the low bit set (requests are aligned); a poll's
   // (generation << 33) | (fd << 1); 0 for the cancellations, whose completions say nothing.
   static constexpr std::uint64_t cancel_tag = 0;
-  static std::uint64_t user_data(int fd, std::uint32_t gen) noexcept {
-    return (std::uint64_t{gen} << 33) | (std::uint64_t{static_cast<std::uint32_t>(fd)} << 1);
-  }
-  std::uint32_t next_generation() noexcept {
-    generation_ = (generation_ + 1) & 0x7fffffffu;  // 31 bits; 0 is never used
-    if (generation_ == 0) generation_ = 1;
-    return generation_;
-  }
-  void unlink(uring_op& op) noexcept {
-    if (op.prev) op.prev->next = op.next;
-    else if (in_flight_ == &op) in_flight_ = op.next;
-    if (op.next) op.next->prev = op.prev;
-    op.prev = op.next = nullptr;
-  }
+  static std::uint64_t user_data(int fd, std::uint32_t gen) noexcept;
+  std::uint32_t next_generation() noexcept;
+  void unlink(uring_op& op) noexcept;
 
-  static int sys_setup(unsigned entries, io_uring_params* p) noexcept {
-    return static_cast<int>(::syscall(__NR_io_uring_setup, entries, p));
-  }
-  int sys_enter(unsigned to_submit, unsigned min_complete, unsigned flags, const void* arg, std::size_t argsz) noexcept {
-    return static_cast<int>(::syscall(__NR_io_uring_enter, ring_.get(), to_submit, min_complete, flags, arg, argsz));
-  }
+  static int sys_setup(unsigned entries, io_uring_params* p) noexcept;
+  int sys_enter(unsigned to_submit, unsigned min_complete, unsigned flags, const void* arg, std::size_t argsz) noexcept;
 
   /// 0, or the errno that makes us fall back.
-  int setup() noexcept {
-    if (int forced = io_uring_forced_errno.load()) return forced;
-    io_uring_params p{};
-    p.flags = IORING_SETUP_CLAMP;
-#ifdef IORING_SETUP_COOP_TASKRUN
-    p.flags |= IORING_SETUP_COOP_TASKRUN;  // no interrupting IPIs: we reap at our own pace
-#endif
-    int fd = sys_setup(256, &p);
-    if (fd < 0 && errno == EINVAL) {
-      p = io_uring_params{};
-      fd = sys_setup(256, &p);
-    }
-    if (fd < 0) return errno;
-    ring_.reset(fd);
-    // EXT_ARG (5.11) puts the timeout into io_uring_enter; NODROP keeps overflowed completions.
-    if (!(p.features & IORING_FEAT_EXT_ARG) || !(p.features & IORING_FEAT_NODROP) ||
-        !(p.features & IORING_FEAT_SINGLE_MMAP)) {
-      ring_.reset();
-      return ENOSYS;
-    }
-    sq_entries_ = p.sq_entries;
-    ring_size_ = std::max<std::size_t>(p.sq_off.array + p.sq_entries * sizeof(std::uint32_t),
-                                       p.cq_off.cqes + p.cq_entries * sizeof(io_uring_cqe));
-    void* ring = ::mmap(nullptr, ring_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
-    if (ring == MAP_FAILED) {
-      int err = errno;
-      ring_.reset();
-      return err;
-    }
-    ring_mem_ = static_cast<char*>(ring);
-    sqes_size_ = p.sq_entries * sizeof(io_uring_sqe);
-    void* sqes = ::mmap(nullptr, sqes_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
-    if (sqes == MAP_FAILED) {
-      int err = errno;
-      unmap();
-      ring_.reset();
-      return err;
-    }
-    sqes_ = static_cast<io_uring_sqe*>(sqes);
-    sq_head_ = u32(p.sq_off.head);
-    sq_tail_ = u32(p.sq_off.tail);
-    sq_mask_ = *u32(p.sq_off.ring_mask);
-    sq_flags_ = u32(p.sq_off.flags);
-    std::uint32_t* array = u32(p.sq_off.array);
-    for (unsigned i = 0; i < p.sq_entries; ++i) array[i] = i;  // identity: SQE i sits in slot i
-    cq_head_ = u32(p.cq_off.head);
-    cq_tail_ = u32(p.cq_off.tail);
-    cq_mask_ = *u32(p.cq_off.ring_mask);
-    cqes_ = reinterpret_cast<io_uring_cqe*>(ring_mem_ + p.cq_off.cqes);
-    return 0;
-  }
-  std::uint32_t* u32(std::uint32_t offset) const noexcept {
-    return reinterpret_cast<std::uint32_t*>(ring_mem_ + offset);
-  }
-  void unmap() noexcept {
-    if (sqes_) ::munmap(sqes_, sqes_size_);
-    if (ring_mem_) ::munmap(ring_mem_, ring_size_);
-    sqes_ = nullptr;
-    ring_mem_ = nullptr;
-  }
+  int setup() noexcept;
+  std::uint32_t* u32(std::uint32_t offset) const noexcept;
+  void unmap() noexcept;
 
-  unsigned unsubmitted() const noexcept {
-    return local_tail_ - std::atomic_ref<std::uint32_t>(*sq_head_).load(std::memory_order_acquire);
-  }
+  unsigned unsubmitted() const noexcept;
   /// A free submission entry; a full queue is handed to the kernel first.
-  io_uring_sqe& next_sqe() {
-    while (unsubmitted() >= sq_entries_) {
-      int n = sys_enter(unsubmitted(), 0, 0, nullptr, 0);
-      if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY) throw_errno("io_uring_enter(submit)");
-      if (n <= 0) reap();  // completions pending: make room by taking them
-    }
-    io_uring_sqe& sqe = sqes_[local_tail_ & sq_mask_];
-    std::memset(&sqe, 0, sizeof sqe);
-    return sqe;
-  }
-  void publish() noexcept {
-    ++local_tail_;
-    std::atomic_ref<std::uint32_t>(*sq_tail_).store(local_tail_, std::memory_order_release);
-  }
+  io_uring_sqe& next_sqe();
+  void publish() noexcept;
 
-  void submit_poll(int fd, slot& s, unsigned mask, bool permanent) {
-    io_uring_sqe& sqe = next_sqe();
-    sqe.opcode = IORING_OP_POLL_ADD;
-    sqe.fd = fd;
-    unsigned events = ((mask & io_read) ? POLLIN | POLLRDHUP : 0u) | ((mask & io_write) ? POLLOUT : 0u);
-    sqe.poll32_events = events;  // little-endian hosts; the kernel swaps on big-endian ones
-    if (permanent && multishot_) sqe.len = IORING_POLL_ADD_MULTI;
-    s.gen = next_generation();
-    s.mask = mask;
-    s.permanent = permanent;
-    sqe.user_data = user_data(fd, s.gen);
-    publish();
-  }
-  void cancel(int fd, slot& s) {
-    io_uring_sqe& sqe = next_sqe();
-    sqe.opcode = IORING_OP_POLL_REMOVE;
-    sqe.fd = -1;
-    sqe.addr = user_data(fd, s.gen);
-    sqe.user_data = cancel_tag;
-    publish();
-    s.mask = 0;
-    s.gen = next_generation();  // whatever the old request still reports is stale now
-  }
+  void submit_poll(int fd, slot& s, unsigned mask, bool permanent);
+  void cancel(int fd, slot& s);
 
   /// Submits what is queued and waits up to `timeout` for a completion (0: none, negative:
   /// forever); `must_wait` waits even when completions are already there (forget's loop).
-  void enter(std::chrono::nanoseconds timeout, bool must_wait = false) {
-    const unsigned to_submit = unsubmitted();
-    const bool overflow = (std::atomic_ref<std::uint32_t>(*sq_flags_).load(std::memory_order_relaxed) & IORING_SQ_CQ_OVERFLOW) != 0;
-    const bool have_cqes = std::atomic_ref<std::uint32_t>(*cq_tail_).load(std::memory_order_acquire) != *cq_head_;
-    if (have_cqes && !must_wait) timeout = std::chrono::nanoseconds{0};
-    if (timeout.count() == 0 && to_submit == 0 && !overflow) return;  // nothing the kernel must hear
-    unsigned flags = 0, min_complete = 0;
-    io_uring_getevents_arg arg{};
-    __kernel_timespec ts{};
-    if (timeout.count() != 0 || overflow) flags |= IORING_ENTER_GETEVENTS;
-    if (timeout.count() != 0) {
-      min_complete = 1;
-      if (timeout.count() > 0) {
-        ts.tv_sec = timeout.count() / 1000000000;
-        ts.tv_nsec = timeout.count() % 1000000000;
-        arg.ts = reinterpret_cast<std::uint64_t>(&ts);
-      }
-      arg.sigmask_sz = _NSIG / 8;
-      flags |= IORING_ENTER_EXT_ARG;
-    }
-    int n = flags & IORING_ENTER_EXT_ARG ? sys_enter(to_submit, min_complete, flags, &arg, sizeof arg)
-                                         : sys_enter(to_submit, min_complete, flags, nullptr, 0);
-    if (n < 0 && errno != EINTR && errno != ETIME && errno != EBUSY && errno != EAGAIN) throw_errno("io_uring_enter");
-  }
+  void enter(std::chrono::nanoseconds timeout, bool must_wait = false);
 
   /// Appends the completions to reported_ (dispatched by wait, once the ring is consistent).
-  void reap() {
-    std::uint32_t head = *cq_head_;
-    const std::uint32_t tail = std::atomic_ref<std::uint32_t>(*cq_tail_).load(std::memory_order_acquire);
-    for (; head != tail; ++head) {
-      const io_uring_cqe& cqe = cqes_[head & cq_mask_];
-      if (cqe.user_data == cancel_tag) continue;
-      if (cqe.user_data & 1u) {
-        auto* op = reinterpret_cast<uring_op*>(static_cast<std::uintptr_t>(cqe.user_data & ~std::uint64_t{1}));
-        unlink(*op);
-        op->res = cqe.res;
-        op->st = uring_op::state::completed;
-        completed_.push_back(op);
-        continue;
-      }
-      const int fd = static_cast<int>(static_cast<std::uint32_t>(cqe.user_data >> 1));
-      const auto gen = static_cast<std::uint32_t>(cqe.user_data >> 33);
-      auto it = slots_.find(fd);
-      if (it == slots_.end() || it->second.gen != gen) continue;  // replaced or removed since
-      slot& s = it->second;
-      const bool more = (cqe.flags & IORING_CQE_F_MORE) != 0;
-      if (s.permanent) {
-        if (!more) {
-          if (cqe.res == -EINVAL && multishot_) multishot_ = false;  // a kernel before 5.13
-          s.mask = 0;
-          resubmit_.push_back(fd);
-        }
-        if (cqe.res >= 0) reported_.push_back({fd, io_read});
-        continue;
-      }
-      s.mask = 0;  // one-shot: the report disarms
-      unsigned bits = 0;
-      if (cqe.res < 0) {
-        bits = io_error;  // EBADF: closed under us; the waiters retry and see it
-      } else {
-        const auto re = static_cast<unsigned>(cqe.res);
-        if (re & (POLLIN | POLLRDHUP)) bits |= io_read;
-        if (re & POLLOUT) bits |= io_write;
-        if (re & (POLLERR | POLLHUP | POLLNVAL)) bits |= io_error;
-      }
-      reported_.push_back({fd, bits});
-    }
-    std::atomic_ref<std::uint32_t>(*cq_head_).store(head, std::memory_order_release);
-  }
+  void reap();
 
   std::optional<epoll_backend> fallback_;
   unique_fd ring_;
@@ -1260,6 +1021,329 @@ class io_uring_backend {
   std::vector<uring_op*> completed_, dispatching_ops_;
   std::unordered_map<int, stashed> stash_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK io_uring_backend::io_uring_backend() {
+  if (int err = setup(); err != 0) {
+    // The kernel said no (ENOSYS, EPERM from the sysctl or seccomp, or too old): epoll.
+    static std::atomic<bool> logged{false};
+    if (io_uring_forced_errno.load() != 0 || !logged.exchange(true))
+      log(log_level::debug, std::string("io_uring unavailable (") + std::strerror(err) + "), falling back to epoll");
+    fallback_.emplace();
+  }
+}
+
+ASYNC_UTILS_LINK io_uring_backend::~io_uring_backend() {
+  // Awaiters forget their requests before they go; whatever is still in flight is cancelled
+  // and awaited, so that the kernel writes into no freed memory.
+  while (in_flight_) forget(*in_flight_);
+  unmap();
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::submit_queued() noexcept {
+  if (fallback_ || unsubmitted() == 0) return;
+  (void)sys_enter(unsubmitted(), 0, 0, nullptr, 0);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::cancel(uring_op& op) {
+  if (op.st != uring_op::state::in_flight || op.cancel_sent) return;
+  io_uring_sqe& sqe = next_sqe();
+  sqe.opcode = IORING_OP_ASYNC_CANCEL;
+  sqe.fd = -1;
+  sqe.addr = reinterpret_cast<std::uintptr_t>(&op) | 1u;
+  sqe.user_data = cancel_tag;
+  publish();
+  op.cancel_sent = true;
+}
+
+ASYNC_UTILS_LINK bool io_uring_backend::forget(uring_op& op) noexcept {
+  if (op.st == uring_op::state::completed) {
+    auto it = std::find(completed_.begin(), completed_.end(), &op);
+    if (it != completed_.end()) completed_.erase(it);
+    op.st = uring_op::state::idle;  // a dispatch list that still holds it skips idle ops
+    return true;
+  }
+  if (op.st != uring_op::state::in_flight) return false;
+  try {
+    cancel(op);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (op.st == uring_op::state::in_flight) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        log(log_level::error, "io_uring: a cancelled request did not complete; its memory is released anyway");
+        unlink(op);
+        op.st = uring_op::state::idle;
+        return false;
+      }
+      enter(std::chrono::milliseconds(100), true);
+      reap();
+    }
+  } catch (...) {
+    unlink(op);
+    op.st = uring_op::state::idle;
+    return false;
+  }
+  return forget(op);  // completed now: taken out of the queue
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::stash(int fd, const char* data, std::size_t n) noexcept {
+  try {
+    struct stat st{};
+    if (::fstat(fd, &st) != 0) return;
+    stashed& entry = stash_[fd];
+    if (entry.bytes.empty() || entry.dev != st.st_dev || entry.ino != st.st_ino) {
+      entry.bytes.clear();
+      entry.dev = st.st_dev;
+      entry.ino = st.st_ino;
+    }
+    entry.bytes.append(data, n);
+  } catch (...) {  // out of memory: the bytes are lost, as with asyncio's cancelled reads
+  }
+}
+
+ASYNC_UTILS_LINK long io_uring_backend::take_stash(int fd, char* data, std::size_t size) noexcept {
+  if (stash_.empty()) return -1;
+  auto it = stash_.find(fd);
+  if (it == stash_.end()) return -1;
+  struct stat st{};
+  if (::fstat(fd, &st) != 0 || st.st_dev != it->second.dev || st.st_ino != it->second.ino) {
+    stash_.erase(it);  // another file under the same number now
+    return -1;
+  }
+  std::string& bytes = it->second.bytes;
+  const std::size_t n = std::min(size, bytes.size());
+  if (n) std::memcpy(data, bytes.data(), n);
+  bytes.erase(0, n);
+  if (bytes.empty()) stash_.erase(it);
+  return static_cast<long>(n);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::add(int fd) {
+  if (fallback_) return fallback_->add(fd);
+  require_open_fd(fd, "io_uring add");
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::arm(int fd, unsigned mask) {
+  if (fallback_) return fallback_->arm(fd, mask);
+  slot& s = slots_[fd];
+  if (s.mask != 0) cancel(fd, s);
+  if (mask != 0) submit_poll(fd, s, mask, false);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::remove(int fd) noexcept {
+  if (fallback_) return fallback_->remove(fd);
+  auto it = slots_.find(fd);
+  if (it == slots_.end()) return;
+  if (it->second.mask != 0) cancel(fd, it->second);
+  slots_.erase(it);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::watch(int fd) {
+  if (fallback_) return fallback_->watch(fd);
+  submit_poll(fd, slots_[fd], io_read, true);
+}
+
+ASYNC_UTILS_LINK std::uint64_t io_uring_backend::user_data(int fd, std::uint32_t gen) noexcept {
+  return (std::uint64_t{gen} << 33) | (std::uint64_t{static_cast<std::uint32_t>(fd)} << 1);
+}
+
+ASYNC_UTILS_LINK std::uint32_t io_uring_backend::next_generation() noexcept {
+  generation_ = (generation_ + 1) & 0x7fffffffu;  // 31 bits; 0 is never used
+  if (generation_ == 0) generation_ = 1;
+  return generation_;
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::unlink(uring_op& op) noexcept {
+  if (op.prev) op.prev->next = op.next;
+  else if (in_flight_ == &op) in_flight_ = op.next;
+  if (op.next) op.next->prev = op.prev;
+  op.prev = op.next = nullptr;
+}
+
+ASYNC_UTILS_LINK int io_uring_backend::sys_setup(unsigned entries, io_uring_params* p) noexcept {
+  return static_cast<int>(::syscall(__NR_io_uring_setup, entries, p));
+}
+
+ASYNC_UTILS_LINK int io_uring_backend::sys_enter(unsigned to_submit, unsigned min_complete, unsigned flags, const void* arg, std::size_t argsz) noexcept {
+  return static_cast<int>(::syscall(__NR_io_uring_enter, ring_.get(), to_submit, min_complete, flags, arg, argsz));
+}
+
+ASYNC_UTILS_LINK int io_uring_backend::setup() noexcept {
+  if (int forced = io_uring_forced_errno.load()) return forced;
+  io_uring_params p{};
+  p.flags = IORING_SETUP_CLAMP;
+#ifdef IORING_SETUP_COOP_TASKRUN
+  p.flags |= IORING_SETUP_COOP_TASKRUN;  // no interrupting IPIs: we reap at our own pace
+#endif
+  int fd = sys_setup(256, &p);
+  if (fd < 0 && errno == EINVAL) {
+    p = io_uring_params{};
+    fd = sys_setup(256, &p);
+  }
+  if (fd < 0) return errno;
+  ring_.reset(fd);
+  // EXT_ARG (5.11) puts the timeout into io_uring_enter; NODROP keeps overflowed completions.
+  if (!(p.features & IORING_FEAT_EXT_ARG) || !(p.features & IORING_FEAT_NODROP) ||
+      !(p.features & IORING_FEAT_SINGLE_MMAP)) {
+    ring_.reset();
+    return ENOSYS;
+  }
+  sq_entries_ = p.sq_entries;
+  ring_size_ = std::max<std::size_t>(p.sq_off.array + p.sq_entries * sizeof(std::uint32_t),
+                                     p.cq_off.cqes + p.cq_entries * sizeof(io_uring_cqe));
+  void* ring = ::mmap(nullptr, ring_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+  if (ring == MAP_FAILED) {
+    int err = errno;
+    ring_.reset();
+    return err;
+  }
+  ring_mem_ = static_cast<char*>(ring);
+  sqes_size_ = p.sq_entries * sizeof(io_uring_sqe);
+  void* sqes = ::mmap(nullptr, sqes_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+  if (sqes == MAP_FAILED) {
+    int err = errno;
+    unmap();
+    ring_.reset();
+    return err;
+  }
+  sqes_ = static_cast<io_uring_sqe*>(sqes);
+  sq_head_ = u32(p.sq_off.head);
+  sq_tail_ = u32(p.sq_off.tail);
+  sq_mask_ = *u32(p.sq_off.ring_mask);
+  sq_flags_ = u32(p.sq_off.flags);
+  std::uint32_t* array = u32(p.sq_off.array);
+  for (unsigned i = 0; i < p.sq_entries; ++i) array[i] = i;  // identity: SQE i sits in slot i
+  cq_head_ = u32(p.cq_off.head);
+  cq_tail_ = u32(p.cq_off.tail);
+  cq_mask_ = *u32(p.cq_off.ring_mask);
+  cqes_ = reinterpret_cast<io_uring_cqe*>(ring_mem_ + p.cq_off.cqes);
+  return 0;
+}
+
+ASYNC_UTILS_LINK std::uint32_t* io_uring_backend::u32(std::uint32_t offset) const noexcept {
+  return reinterpret_cast<std::uint32_t*>(ring_mem_ + offset);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::unmap() noexcept {
+  if (sqes_) ::munmap(sqes_, sqes_size_);
+  if (ring_mem_) ::munmap(ring_mem_, ring_size_);
+  sqes_ = nullptr;
+  ring_mem_ = nullptr;
+}
+
+ASYNC_UTILS_LINK unsigned io_uring_backend::unsubmitted() const noexcept {
+  return local_tail_ - std::atomic_ref<std::uint32_t>(*sq_head_).load(std::memory_order_acquire);
+}
+
+ASYNC_UTILS_LINK io_uring_sqe& io_uring_backend::next_sqe() {
+  while (unsubmitted() >= sq_entries_) {
+    int n = sys_enter(unsubmitted(), 0, 0, nullptr, 0);
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY) throw_errno("io_uring_enter(submit)");
+    if (n <= 0) reap();  // completions pending: make room by taking them
+  }
+  io_uring_sqe& sqe = sqes_[local_tail_ & sq_mask_];
+  std::memset(&sqe, 0, sizeof sqe);
+  return sqe;
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::publish() noexcept {
+  ++local_tail_;
+  std::atomic_ref<std::uint32_t>(*sq_tail_).store(local_tail_, std::memory_order_release);
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::submit_poll(int fd, slot& s, unsigned mask, bool permanent) {
+  io_uring_sqe& sqe = next_sqe();
+  sqe.opcode = IORING_OP_POLL_ADD;
+  sqe.fd = fd;
+  unsigned events = ((mask & io_read) ? POLLIN | POLLRDHUP : 0u) | ((mask & io_write) ? POLLOUT : 0u);
+  sqe.poll32_events = events;  // little-endian hosts; the kernel swaps on big-endian ones
+  if (permanent && multishot_) sqe.len = IORING_POLL_ADD_MULTI;
+  s.gen = next_generation();
+  s.mask = mask;
+  s.permanent = permanent;
+  sqe.user_data = user_data(fd, s.gen);
+  publish();
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::cancel(int fd, slot& s) {
+  io_uring_sqe& sqe = next_sqe();
+  sqe.opcode = IORING_OP_POLL_REMOVE;
+  sqe.fd = -1;
+  sqe.addr = user_data(fd, s.gen);
+  sqe.user_data = cancel_tag;
+  publish();
+  s.mask = 0;
+  s.gen = next_generation();  // whatever the old request still reports is stale now
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::enter(std::chrono::nanoseconds timeout, bool must_wait) {
+  const unsigned to_submit = unsubmitted();
+  const bool overflow = (std::atomic_ref<std::uint32_t>(*sq_flags_).load(std::memory_order_relaxed) & IORING_SQ_CQ_OVERFLOW) != 0;
+  const bool have_cqes = std::atomic_ref<std::uint32_t>(*cq_tail_).load(std::memory_order_acquire) != *cq_head_;
+  if (have_cqes && !must_wait) timeout = std::chrono::nanoseconds{0};
+  if (timeout.count() == 0 && to_submit == 0 && !overflow) return;  // nothing the kernel must hear
+  unsigned flags = 0, min_complete = 0;
+  io_uring_getevents_arg arg{};
+  __kernel_timespec ts{};
+  if (timeout.count() != 0 || overflow) flags |= IORING_ENTER_GETEVENTS;
+  if (timeout.count() != 0) {
+    min_complete = 1;
+    if (timeout.count() > 0) {
+      ts.tv_sec = timeout.count() / 1000000000;
+      ts.tv_nsec = timeout.count() % 1000000000;
+      arg.ts = reinterpret_cast<std::uint64_t>(&ts);
+    }
+    arg.sigmask_sz = _NSIG / 8;
+    flags |= IORING_ENTER_EXT_ARG;
+  }
+  int n = flags & IORING_ENTER_EXT_ARG ? sys_enter(to_submit, min_complete, flags, &arg, sizeof arg)
+                                       : sys_enter(to_submit, min_complete, flags, nullptr, 0);
+  if (n < 0 && errno != EINTR && errno != ETIME && errno != EBUSY && errno != EAGAIN) throw_errno("io_uring_enter");
+}
+
+ASYNC_UTILS_LINK void io_uring_backend::reap() {
+  std::uint32_t head = *cq_head_;
+  const std::uint32_t tail = std::atomic_ref<std::uint32_t>(*cq_tail_).load(std::memory_order_acquire);
+  for (; head != tail; ++head) {
+    const io_uring_cqe& cqe = cqes_[head & cq_mask_];
+    if (cqe.user_data == cancel_tag) continue;
+    if (cqe.user_data & 1u) {
+      auto* op = reinterpret_cast<uring_op*>(static_cast<std::uintptr_t>(cqe.user_data & ~std::uint64_t{1}));
+      unlink(*op);
+      op->res = cqe.res;
+      op->st = uring_op::state::completed;
+      completed_.push_back(op);
+      continue;
+    }
+    const int fd = static_cast<int>(static_cast<std::uint32_t>(cqe.user_data >> 1));
+    const auto gen = static_cast<std::uint32_t>(cqe.user_data >> 33);
+    auto it = slots_.find(fd);
+    if (it == slots_.end() || it->second.gen != gen) continue;  // replaced or removed since
+    slot& s = it->second;
+    const bool more = (cqe.flags & IORING_CQE_F_MORE) != 0;
+    if (s.permanent) {
+      if (!more) {
+        if (cqe.res == -EINVAL && multishot_) multishot_ = false;  // a kernel before 5.13
+        s.mask = 0;
+        resubmit_.push_back(fd);
+      }
+      if (cqe.res >= 0) reported_.push_back({fd, io_read});
+      continue;
+    }
+    s.mask = 0;  // one-shot: the report disarms
+    unsigned bits = 0;
+    if (cqe.res < 0) {
+      bits = io_error;  // EBADF: closed under us; the waiters retry and see it
+    } else {
+      const auto re = static_cast<unsigned>(cqe.res);
+      if (re & (POLLIN | POLLRDHUP)) bits |= io_read;
+      if (re & POLLOUT) bits |= io_write;
+      if (re & (POLLERR | POLLHUP | POLLNVAL)) bits |= io_error;
+    }
+    reported_.push_back({fd, bits});
+  }
+  std::atomic_ref<std::uint32_t>(*cq_head_).store(head, std::memory_order_release);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 
@@ -1493,34 +1577,9 @@ class poll_backend {
   static constexpr const char* name = "poll";
 
   void add(int fd) { require_open_fd(fd, "add"); }
-  void arm(int fd, unsigned mask) {
-    short events = static_cast<short>(((mask & io_read) ? POLLIN : 0) | ((mask & io_write) ? POLLOUT : 0));
-    std::size_t i = slot(fd);
-    if (i == npos) {
-      if (events == 0) return;
-      fds_.push_back({fd, events, 0});
-      try {
-        permanent_.push_back(false);
-        index_[fd] = fds_.size() - 1;
-      } catch (...) {
-        fds_.pop_back();
-        if (permanent_.size() > fds_.size()) permanent_.pop_back();
-        throw;
-      }
-    } else if (events == 0 && !permanent_[i]) {
-      erase(i);
-    } else {
-      fds_[i].events = events;
-    }
-  }
-  void remove(int fd) noexcept {
-    std::size_t i = slot(fd);
-    if (i != npos && !permanent_[i]) erase(i);
-  }
-  void watch(int fd) {
-    arm(fd, io_read);
-    permanent_[slot(fd)] = true;
-  }
+  void arm(int fd, unsigned mask);
+  void remove(int fd) noexcept;
+  void watch(int fd);
 
   template <class F>
   void wait(std::chrono::nanoseconds timeout, F&& on_event) {
@@ -1547,20 +1606,8 @@ class poll_backend {
 
  private:
   static constexpr std::size_t npos = static_cast<std::size_t>(-1);
-  std::size_t slot(int fd) const noexcept {
-    auto it = index_.find(fd);
-    return it != index_.end() ? it->second : npos;
-  }
-  void erase(std::size_t i) noexcept {
-    index_.erase(fds_[i].fd);
-    if (i + 1 != fds_.size()) {
-      fds_[i] = fds_.back();
-      permanent_[i] = permanent_.back();
-      index_[fds_[i].fd] = i;  // present already: no allocation
-    }
-    fds_.pop_back();
-    permanent_.pop_back();
-  }
+  std::size_t slot(int fd) const noexcept;
+  void erase(std::size_t i) noexcept;
   struct report {
     int fd;
     unsigned bits;
@@ -1570,6 +1617,55 @@ class poll_backend {
   std::unordered_map<int, std::size_t> index_;  // fd -> position in fds_ (no table as large as the fd)
   std::vector<report> reported_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void poll_backend::arm(int fd, unsigned mask) {
+  short events = static_cast<short>(((mask & io_read) ? POLLIN : 0) | ((mask & io_write) ? POLLOUT : 0));
+  std::size_t i = slot(fd);
+  if (i == npos) {
+    if (events == 0) return;
+    fds_.push_back({fd, events, 0});
+    try {
+      permanent_.push_back(false);
+      index_[fd] = fds_.size() - 1;
+    } catch (...) {
+      fds_.pop_back();
+      if (permanent_.size() > fds_.size()) permanent_.pop_back();
+      throw;
+    }
+  } else if (events == 0 && !permanent_[i]) {
+    erase(i);
+  } else {
+    fds_[i].events = events;
+  }
+}
+
+ASYNC_UTILS_LINK void poll_backend::remove(int fd) noexcept {
+  std::size_t i = slot(fd);
+  if (i != npos && !permanent_[i]) erase(i);
+}
+
+ASYNC_UTILS_LINK void poll_backend::watch(int fd) {
+  arm(fd, io_read);
+  permanent_[slot(fd)] = true;
+}
+
+ASYNC_UTILS_LINK std::size_t poll_backend::slot(int fd) const noexcept {
+  auto it = index_.find(fd);
+  return it != index_.end() ? it->second : npos;
+}
+
+ASYNC_UTILS_LINK void poll_backend::erase(std::size_t i) noexcept {
+  index_.erase(fds_[i].fd);
+  if (i + 1 != fds_.size()) {
+    fds_[i] = fds_.back();
+    permanent_[i] = permanent_.back();
+    index_[fds_[i].fd] = i;  // present already: no allocation
+  }
+  fds_.pop_back();
+  permanent_.pop_back();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 #endif  // ASYNC_UTILS_BACKEND_POLL
@@ -1597,36 +1693,44 @@ using io_backend = poll_backend;
 /// elsewhere. notify() is async-signal-safe and thread-safe; drain() runs on the loop thread.
 class wakeup_fd {
  public:
-  wakeup_fd() {
-#if defined(__linux__)
-    read_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-    if (!read_) throw_errno("eventfd");
-#else
-    int fds[2];
-    if (::pipe(fds) == -1) throw_errno("pipe");
-    read_.reset(fds[0]);
-    write_.reset(fds[1]);
-    make_nonblocking_cloexec(fds[0]);
-    make_nonblocking_cloexec(fds[1]);
-#endif
-  }
+  wakeup_fd();
   int fd() const noexcept { return read_.get(); }
-  void notify() const noexcept {
-    const std::uint64_t one = 1;
-    const int target = write_ ? write_.get() : read_.get();
-    // EAGAIN means a wake-up is already pending, which is all we need.
-    [[maybe_unused]] auto n = ::write(target, &one, write_ ? 1 : sizeof one);
-  }
-  void drain() const noexcept {
-    char buf[64];
-    // An eventfd hands its whole count to one read; a pipe is read until empty.
-    while (::read(read_.get(), buf, sizeof buf) > 0 && write_) {
-    }
-  }
+  void notify() const noexcept;
+  void drain() const noexcept;
 
  private:
   unique_fd read_, write_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK wakeup_fd::wakeup_fd() {
+#if defined(__linux__)
+  read_.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!read_) throw_errno("eventfd");
+#else
+  int fds[2];
+  if (::pipe(fds) == -1) throw_errno("pipe");
+  read_.reset(fds[0]);
+  write_.reset(fds[1]);
+  make_nonblocking_cloexec(fds[0]);
+  make_nonblocking_cloexec(fds[1]);
+#endif
+}
+
+ASYNC_UTILS_LINK void wakeup_fd::notify() const noexcept {
+  const std::uint64_t one = 1;
+  const int target = write_ ? write_.get() : read_.get();
+  // EAGAIN means a wake-up is already pending, which is all we need.
+  [[maybe_unused]] auto n = ::write(target, &one, write_ ? 1 : sizeof one);
+}
+
+ASYNC_UTILS_LINK void wakeup_fd::drain() const noexcept {
+  char buf[64];
+  // An eventfd hands its whole count to one read; a pipe is read until empty.
+  while (::read(read_.get(), buf, sizeof buf) > 0 && write_) {
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 // ---- end src/platform/backend.hpp ----
@@ -1653,11 +1757,15 @@ inline constexpr int signal_limit = 65;
 
 /// Throws std::invalid_argument for numbers that are no signal, and for SIGKILL and SIGSTOP,
 /// which cannot be caught (Python's signal module raises ValueError for the same).
-inline void check_signal_number(int sig) {
+ASYNC_UTILS_LINK void check_signal_number(int sig);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void check_signal_number(int sig) {
   if (sig < 1 || sig >= signal_limit) throw std::invalid_argument("invalid signal number " + std::to_string(sig));
   if (sig == SIGKILL || sig == SIGSTOP)
     throw std::invalid_argument("signal " + std::to_string(sig) + " cannot be caught (SIGKILL, SIGSTOP)");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Process-wide state shared with the async-signal-safe handler: lock-free atomics only.
 /// Two loops (in two threads) must not both own one signal: a process-directed signal is
@@ -1677,17 +1785,24 @@ struct signal_globals {
   std::atomic<int> handlers_running{0};  // handlers between reading a slot and finishing with it
   std::mutex claims;                     // serialises owner changes (never taken in a handler)
 };
-inline signal_globals& signal_state() noexcept {
+ASYNC_UTILS_LINK signal_globals& signal_state() noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK signal_globals& signal_state() noexcept {
   static signal_globals state;
   return state;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The handler every backend installs. Self-pipe: flags the signal and writes one byte (the
 /// flag, not the byte, is the truth, so a full pipe loses nothing). signalfd: the signal went to
 /// a thread that does not block it (another thread than the loop's); it is re-sent to the loop's
 /// thread, where it is blocked and so becomes readable from the signalfd. kqueue: nothing (the
 /// filter records the delivery; the handler only stops the default action).
-inline void on_signal(int sig) noexcept {
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void on_signal(int sig) noexcept {
   signal_globals& g = signal_state();
   if (sig < 1 || sig >= signal_limit) return;
   const int saved_errno = errno;
@@ -1711,36 +1826,17 @@ inline void on_signal(int sig) noexcept {
   g.handlers_running.fetch_sub(1);
   errno = saved_errno;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One per loop: the signals it handles, the state it must restore, and the descriptor that
 /// becomes readable when one of them arrives. Loop thread only; add/remove must be called on
 /// the thread that runs the loop (the signal mask is per thread).
 class signal_source {
  public:
-  signal_source() {
-#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
-    sigset_t none;
-    sigemptyset(&none);
-    fd_.reset(::signalfd(-1, &none, SFD_NONBLOCK | SFD_CLOEXEC));
-    if (!fd_) throw_errno("signalfd");
-#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
-    fd_.reset(::kqueue());
-    if (!fd_) throw_errno("kqueue(signals)");
-    make_nonblocking_cloexec(fd_.get());
-#else
-    int fds[2];
-    if (::pipe(fds) == -1) throw_errno("pipe(signals)");
-    fd_.reset(fds[0]);
-    write_.reset(fds[1]);
-    make_nonblocking_cloexec(fds[0]);
-    make_nonblocking_cloexec(fds[1]);
-#endif
-  }
+  signal_source();
   signal_source(const signal_source&) = delete;
   signal_source& operator=(const signal_source&) = delete;
-  ~signal_source() {
-    while (!saved_.empty()) remove(saved_.back().sig);
-  }
+  ~signal_source();
 
   /// The descriptor to watch for reading.
   int fd() const noexcept { return fd_.get(); }
@@ -1748,32 +1844,11 @@ class signal_source {
 
   /// Starts receiving sig. Throws std::invalid_argument (bad number), std::runtime_error
   /// (another loop owns it) or std::system_error, and then leaves everything as it was.
-  void add(int sig) {
-    check_signal_number(sig);
-    if (has(sig)) return;
-    saved_.reserve(saved_.size() + 1);  // the only allocation, done before any change
-    claim(sig);
-    saved_state saved{sig, {}, false};
-    try {
-      install(sig, saved);
-    } catch (...) {
-      unclaim(sig);
-      throw;
-    }
-    saved_.push_back(saved);
-  }
+  void add(int sig);
 
   /// Stops receiving sig; restores the disposition and the thread's mask bit as they were
   /// before add(). Instances that arrived but were not drained yet are discarded.
-  void remove(int sig) noexcept {
-    const saved_state* found = find(sig);
-    if (!found) return;
-    const saved_state saved = *found;
-    std::erase_if(saved_, [sig](const saved_state& s) { return s.sig == sig; });
-    stop_forwarding(sig);
-    uninstall(saved);
-    unclaim(sig);
-  }
+  void remove(int sig) noexcept;
 
   /// Reads what arrived; calls on_arrival(sig) at most once per signal (arrivals coalesce).
   template <class F>
@@ -1821,136 +1896,23 @@ class signal_source {
     bool was_blocked;         // signalfd: the loop thread's mask bit before add()
   };
 
-  const saved_state* find(int sig) const noexcept {
-    for (const auto& s : saved_) {
-      if (s.sig == sig) return &s;
-    }
-    return nullptr;
-  }
+  const saved_state* find(int sig) const noexcept;
 
-  void claim(int sig) {
-    signal_globals& g = signal_state();
-    std::lock_guard guard(g.claims);
-    auto& slot = g.slots[static_cast<std::size_t>(sig)];
-    const void* owner = slot.owner.load();
-    if (owner && owner != this)
-      throw std::runtime_error("signal " + std::to_string(sig) + " is already handled by another event loop");
-    slot.owner.store(this);
-  }
+  void claim(int sig);
   /// signalfd: a process-directed signal runs on_signal on a thread that does not block it,
   /// which forwards it to the owner's thread. A forward still on its way when uninstall()
   /// restores the old disposition and unblocks the signal would reach that disposition (for
   /// SIG_DFL: the process ends). So forwarding stops first, and the handlers that may have read
   /// the old target finish, before uninstall() drains what arrived.
-  void stop_forwarding([[maybe_unused]] int sig) noexcept {
-#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
-    signal_globals& g = signal_state();
-    g.slots[static_cast<std::size_t>(sig)].has_thread.store(false);
-    while (g.handlers_running.load() != 0) std::this_thread::yield();
-#endif
-  }
-  void unclaim(int sig) noexcept {
-    signal_globals& g = signal_state();
-    std::lock_guard guard(g.claims);
-    auto& slot = g.slots[static_cast<std::size_t>(sig)];
-    slot.wake_fd.store(-1);
-#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
-    slot.has_thread.store(false);
-#endif
-    // A handler on another thread may still hold the old values; wait until it is done, so
-    // that it never writes to a closed pipe or signals a thread that is gone.
-    while (g.handlers_running.load() != 0) std::this_thread::yield();
-    slot.pending.store(false);
-    slot.owner.store(nullptr);
-  }
+  void stop_forwarding([[maybe_unused]] int sig) noexcept;
+  void unclaim(int sig) noexcept;
 
-  static void set_action(int sig, const struct sigaction* action, struct sigaction* old) {
-    if (::sigaction(sig, action, old) == -1) {
-      if (errno == EINVAL) throw std::invalid_argument("signal " + std::to_string(sig) + " cannot be handled");
-      throw_errno("sigaction(" + std::to_string(sig) + ")");
-    }
-  }
-  static struct sigaction forwarding_action() noexcept {
-    struct sigaction action{};
-    action.sa_handler = &on_signal;
-    sigfillset(&action.sa_mask);  // one handler at a time per thread; keeps it simple
-    action.sa_flags = SA_RESTART;
-    return action;
-  }
+  static void set_action(int sig, const struct sigaction* action, struct sigaction* old);
+  static struct sigaction forwarding_action() noexcept;
 
-  void install(int sig, saved_state& saved) {
-    [[maybe_unused]] auto& slot = signal_state().slots[static_cast<std::size_t>(sig)];
-    const struct sigaction action = forwarding_action();
-#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
-    // Block first, then install the forwarding handler: the loop thread never runs it.
-    sigset_t one, old;
-    sigemptyset(&one);
-    sigaddset(&one, sig);
-    if (int err = ::pthread_sigmask(SIG_BLOCK, &one, &old)) throw_errno(err, "pthread_sigmask");
-    saved.was_blocked = sigismember(&old, sig) == 1;
-    try {
-      sigset_t wanted = signalfd_mask();
-      sigaddset(&wanted, sig);
-      if (::signalfd(fd_.get(), &wanted, 0) == -1) throw_errno("signalfd(update)");
-      slot.thread.store(pthread_self());
-      slot.has_thread.store(true);
-      try {
-        set_action(sig, &action, &saved.action);
-      } catch (...) {
-        slot.has_thread.store(false);
-        sigset_t back = signalfd_mask();
-        ::signalfd(fd_.get(), &back, 0);
-        throw;
-      }
-    } catch (...) {
-      if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
-      throw;
-    }
-#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
-    set_action(sig, &action, &saved.action);
-    struct kevent ev;
-    EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_ADD, 0, 0, nullptr);
-    if (::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr) == -1) {
-      const int err = errno;
-      ::sigaction(sig, &saved.action, nullptr);
-      throw_errno(err, "kevent(EVFILT_SIGNAL)");
-    }
-#else
-    slot.pending.store(false);
-    slot.wake_fd.store(write_.get());
-    try {
-      set_action(sig, &action, &saved.action);
-    } catch (...) {
-      slot.wake_fd.store(-1);
-      throw;
-    }
-#endif
-  }
+  void install(int sig, saved_state& saved);
 
-  void uninstall(const saved_state& saved) noexcept {
-    const int sig = saved.sig;
-#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
-    sigset_t rest = signalfd_mask();  // saved_ no longer lists sig
-    ::signalfd(fd_.get(), &rest, 0);
-    ::sigaction(sig, &saved.action, nullptr);
-    // Discard instances still pending for this thread or the process, so that unblocking does
-    // not hand them to the restored disposition (which may be "terminate").
-    sigset_t one;
-    sigemptyset(&one);
-    sigaddset(&one, sig);
-    const timespec zero{};
-    while (::sigtimedwait(&one, nullptr, &zero) == sig) {
-    }
-    if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
-#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
-    struct kevent ev;
-    EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_DELETE, 0, 0, nullptr);
-    ::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr);
-    ::sigaction(sig, &saved.action, nullptr);
-#else
-    ::sigaction(sig, &saved.action, nullptr);
-#endif
-  }
+  void uninstall(const saved_state& saved) noexcept;
 
 #ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
   sigset_t signalfd_mask() const noexcept {
@@ -1966,8 +1928,190 @@ class signal_source {
   std::vector<saved_state> saved_;
 };
 
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK signal_source::signal_source() {
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+  sigset_t none;
+  sigemptyset(&none);
+  fd_.reset(::signalfd(-1, &none, SFD_NONBLOCK | SFD_CLOEXEC));
+  if (!fd_) throw_errno("signalfd");
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+  fd_.reset(::kqueue());
+  if (!fd_) throw_errno("kqueue(signals)");
+  make_nonblocking_cloexec(fd_.get());
+#else
+  int fds[2];
+  if (::pipe(fds) == -1) throw_errno("pipe(signals)");
+  fd_.reset(fds[0]);
+  write_.reset(fds[1]);
+  make_nonblocking_cloexec(fds[0]);
+  make_nonblocking_cloexec(fds[1]);
+#endif
+}
+
+ASYNC_UTILS_LINK signal_source::~signal_source() {
+  while (!saved_.empty()) remove(saved_.back().sig);
+}
+
+ASYNC_UTILS_LINK void signal_source::add(int sig) {
+  check_signal_number(sig);
+  if (has(sig)) return;
+  saved_.reserve(saved_.size() + 1);  // the only allocation, done before any change
+  claim(sig);
+  saved_state saved{sig, {}, false};
+  try {
+    install(sig, saved);
+  } catch (...) {
+    unclaim(sig);
+    throw;
+  }
+  saved_.push_back(saved);
+}
+
+ASYNC_UTILS_LINK void signal_source::remove(int sig) noexcept {
+  const saved_state* found = find(sig);
+  if (!found) return;
+  const saved_state saved = *found;
+  std::erase_if(saved_, [sig](const saved_state& s) { return s.sig == sig; });
+  stop_forwarding(sig);
+  uninstall(saved);
+  unclaim(sig);
+}
+
+ASYNC_UTILS_LINK const signal_source::saved_state* signal_source::find(int sig) const noexcept {
+  for (const auto& s : saved_) {
+    if (s.sig == sig) return &s;
+  }
+  return nullptr;
+}
+
+ASYNC_UTILS_LINK void signal_source::claim(int sig) {
+  signal_globals& g = signal_state();
+  std::lock_guard guard(g.claims);
+  auto& slot = g.slots[static_cast<std::size_t>(sig)];
+  const void* owner = slot.owner.load();
+  if (owner && owner != this)
+    throw std::runtime_error("signal " + std::to_string(sig) + " is already handled by another event loop");
+  slot.owner.store(this);
+}
+
+ASYNC_UTILS_LINK void signal_source::stop_forwarding([[maybe_unused]] int sig) noexcept {
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+  signal_globals& g = signal_state();
+  g.slots[static_cast<std::size_t>(sig)].has_thread.store(false);
+  while (g.handlers_running.load() != 0) std::this_thread::yield();
+#endif
+}
+
+ASYNC_UTILS_LINK void signal_source::unclaim(int sig) noexcept {
+  signal_globals& g = signal_state();
+  std::lock_guard guard(g.claims);
+  auto& slot = g.slots[static_cast<std::size_t>(sig)];
+  slot.wake_fd.store(-1);
+#ifdef ASYNC_UTILS_SIGNALS_SIGNALFD
+  slot.has_thread.store(false);
+#endif
+  // A handler on another thread may still hold the old values; wait until it is done, so
+  // that it never writes to a closed pipe or signals a thread that is gone.
+  while (g.handlers_running.load() != 0) std::this_thread::yield();
+  slot.pending.store(false);
+  slot.owner.store(nullptr);
+}
+
+ASYNC_UTILS_LINK void signal_source::set_action(int sig, const struct sigaction* action, struct sigaction* old) {
+  if (::sigaction(sig, action, old) == -1) {
+    if (errno == EINVAL) throw std::invalid_argument("signal " + std::to_string(sig) + " cannot be handled");
+    throw_errno("sigaction(" + std::to_string(sig) + ")");
+  }
+}
+
+ASYNC_UTILS_LINK struct sigaction signal_source::forwarding_action() noexcept {
+  struct sigaction action{};
+  action.sa_handler = &on_signal;
+  sigfillset(&action.sa_mask);  // one handler at a time per thread; keeps it simple
+  action.sa_flags = SA_RESTART;
+  return action;
+}
+
+ASYNC_UTILS_LINK void signal_source::install(int sig, saved_state& saved) {
+  [[maybe_unused]] auto& slot = signal_state().slots[static_cast<std::size_t>(sig)];
+  const struct sigaction action = forwarding_action();
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+  // Block first, then install the forwarding handler: the loop thread never runs it.
+  sigset_t one, old;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  if (int err = ::pthread_sigmask(SIG_BLOCK, &one, &old)) throw_errno(err, "pthread_sigmask");
+  saved.was_blocked = sigismember(&old, sig) == 1;
+  try {
+    sigset_t wanted = signalfd_mask();
+    sigaddset(&wanted, sig);
+    if (::signalfd(fd_.get(), &wanted, 0) == -1) throw_errno("signalfd(update)");
+    slot.thread.store(pthread_self());
+    slot.has_thread.store(true);
+    try {
+      set_action(sig, &action, &saved.action);
+    } catch (...) {
+      slot.has_thread.store(false);
+      sigset_t back = signalfd_mask();
+      ::signalfd(fd_.get(), &back, 0);
+      throw;
+    }
+  } catch (...) {
+    if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    throw;
+  }
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+  set_action(sig, &action, &saved.action);
+  struct kevent ev;
+  EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_ADD, 0, 0, nullptr);
+  if (::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr) == -1) {
+    const int err = errno;
+    ::sigaction(sig, &saved.action, nullptr);
+    throw_errno(err, "kevent(EVFILT_SIGNAL)");
+  }
+#else
+  slot.pending.store(false);
+  slot.wake_fd.store(write_.get());
+  try {
+    set_action(sig, &action, &saved.action);
+  } catch (...) {
+    slot.wake_fd.store(-1);
+    throw;
+  }
+#endif
+}
+
+ASYNC_UTILS_LINK void signal_source::uninstall(const saved_state& saved) noexcept {
+  const int sig = saved.sig;
+#if defined(ASYNC_UTILS_SIGNALS_SIGNALFD)
+  sigset_t rest = signalfd_mask();  // saved_ no longer lists sig
+  ::signalfd(fd_.get(), &rest, 0);
+  ::sigaction(sig, &saved.action, nullptr);
+  // Discard instances still pending for this thread or the process, so that unblocking does
+  // not hand them to the restored disposition (which may be "terminate").
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  const timespec zero{};
+  while (::sigtimedwait(&one, nullptr, &zero) == sig) {
+  }
+  if (!saved.was_blocked) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+#elif defined(ASYNC_UTILS_SIGNALS_KQUEUE)
+  struct kevent ev;
+  EV_SET(&ev, static_cast<uintptr_t>(sig), EVFILT_SIGNAL, EV_DELETE, 0, 0, nullptr);
+  ::kevent(fd_.get(), &ev, 1, nullptr, 0, nullptr);
+  ::sigaction(sig, &saved.action, nullptr);
+#else
+  ::sigaction(sig, &saved.action, nullptr);
+#endif
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+#if ASYNC_UTILS_DEFINITIONS
 /// Starts a thread with every signal blocked, so that process-directed signals never land on
-/// it (worker threads of the executor). The caller's mask is untouched afterwards.
+/// it (worker threads of the executor). The caller's mask is untouched afterwards. Used by
+/// definitions only.
 template <class F>
 std::thread start_thread_without_signals(F&& fn) {
   sigset_t all, old;
@@ -1979,6 +2123,7 @@ std::thread start_thread_without_signals(F&& fn) {
   } guard{old};
   return std::thread(std::forward<F>(fn));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 // ---- end src/platform/signal_source.hpp ----
@@ -2007,129 +2152,30 @@ class executor {
 class thread_pool_executor final : public executor {
  public:
   /// Python's default: min(32, cpu count + 4).
-  static std::size_t default_max_workers() noexcept {
-    return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
-  }
+  static std::size_t default_max_workers() noexcept;
 
   /// Throws std::invalid_argument when max_workers is 0 (Python's ValueError).
-  explicit thread_pool_executor(std::size_t max_workers = default_max_workers()) : max_workers_(max_workers) {
-    if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
-  }
+  explicit thread_pool_executor(std::size_t max_workers = default_max_workers());
   thread_pool_executor(const thread_pool_executor&) = delete;
   thread_pool_executor& operator=(const thread_pool_executor&) = delete;
   /// Waits for the queued jobs and joins (Python's `with ThreadPoolExecutor()` exit).
   ~thread_pool_executor() override { shutdown(true); }
 
-  void submit(std::function<void()> job) override {
-    if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
-    bool wake = false;
-    {
-      std::lock_guard guard(mutex_);
-      if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
-      jobs_.push_back(std::move(job));
-      if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
-        try {
-          workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
-        } catch (...) {
-          if (workers_.empty()) {  // nobody could ever run it: undo and report
-            jobs_.pop_back();
-            throw;
-          }
-        }
-      }
-      queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
-      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
-      // and not at all when nobody is parked (no system call for a worker already awake).
-      wake = parked_ > 0 && jobs_.size() > spinning_;
-    }
-    // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_all(1);
-  }
+  void submit(std::function<void()> job) override;
 
-  void shutdown(bool wait) override {
-    {
-      std::lock_guard guard(mutex_);
-      stopping_ = true;
-    }
-    wake_all(INT_MAX);
-    if (!wait) return;
-    std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
-    std::vector<std::thread> workers;
-    {
-      std::lock_guard guard(mutex_);
-      workers.swap(workers_);
-    }
-    for (auto& t : workers) {
-      if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
-      else t.join();
-    }
-  }
+  void shutdown(bool wait) override;
 
   std::size_t max_workers() const noexcept { return max_workers_; }
   /// Threads started so far (and not yet joined).
-  std::size_t worker_count() const {
-    std::lock_guard guard(mutex_);
-    return workers_.size();
-  }
+  std::size_t worker_count() const;
 
  private:
-  void work() noexcept {
-    std::unique_lock lock(mutex_);
-    detail::adaptive_spin spin;
-    for (;;) {
-      ++idle_;
-      if (jobs_.empty() && !stopping_ && detail::may_spin()) {
-        // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a wake-up.
-        ++spinning_;
-        lock.unlock();
-        spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
-        lock.lock();
-        --spinning_;
-      }
-      while (jobs_.empty() && !stopping_) {
-        // Park on our own word rather than a condition variable: the word is read under the
-        // lock, so a job queued after we looked changes it and the park returns at once; and
-        // nothing re-takes the lock as contended on the way out (glibc's condition variable
-        // did, which cost an extra FUTEX_WAKE per job).
-        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
-        ++parked_;
-        lock.unlock();
-        detail::park(wake_word_, seen);
-        lock.lock();
-        --parked_;
-      }
-      --idle_;
-      if (jobs_.empty()) return;  // stopping, and nothing left to do
-      std::function<void()> job = std::move(jobs_.front());
-      jobs_.pop_front();
-      queued_.store(jobs_.size(), std::memory_order_relaxed);
-      lock.unlock();
-      try {
-        job();
-      } catch (const std::exception& e) {
-        report(e.what());
-      } catch (...) {
-        report("unknown exception");
-      }
-      job = nullptr;  // whatever it holds goes before we sleep again
-      lock.lock();
-    }
-  }
+  void work() noexcept;
 
   /// Changes the word the parked workers sleep on, then wakes up to count of them.
-  void wake_all(int count) noexcept {
-    wake_word_.fetch_add(1, std::memory_order_relaxed);
-    detail::unpark(wake_word_, count);
-  }
+  void wake_all(int count) noexcept;
 
-  static void report(const char* what) noexcept {
-    try {
-      log(log_level::error, std::string("Exception in executor job: ") + what);
-    } catch (...) {
-    }
-  }
+  static void report(const char* what) noexcept;
 
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
@@ -2144,6 +2190,123 @@ class thread_pool_executor final : public executor {
   bool stopping_ = false;
   std::mutex join_mutex_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::size_t thread_pool_executor::default_max_workers() noexcept {
+  return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
+}
+
+ASYNC_UTILS_LINK thread_pool_executor::thread_pool_executor(std::size_t max_workers) : max_workers_(max_workers) {
+  if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::submit(std::function<void()> job) {
+  if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
+  bool wake = false;
+  {
+    std::lock_guard guard(mutex_);
+    if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
+    jobs_.push_back(std::move(job));
+    if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
+      try {
+        workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
+      } catch (...) {
+        if (workers_.empty()) {  // nobody could ever run it: undo and report
+          jobs_.pop_back();
+          throw;
+        }
+      }
+    }
+    queued_.store(jobs_.size(), std::memory_order_release);
+    // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+    // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+    // and not at all when nobody is parked (no system call for a worker already awake).
+    wake = parked_ > 0 && jobs_.size() > spinning_;
+  }
+  // After the unlock: a woken worker does not run into the lock we still hold.
+  if (wake) wake_all(1);
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::shutdown(bool wait) {
+  {
+    std::lock_guard guard(mutex_);
+    stopping_ = true;
+  }
+  wake_all(INT_MAX);
+  if (!wait) return;
+  std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
+  std::vector<std::thread> workers;
+  {
+    std::lock_guard guard(mutex_);
+    workers.swap(workers_);
+  }
+  for (auto& t : workers) {
+    if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
+    else t.join();
+  }
+}
+
+ASYNC_UTILS_LINK std::size_t thread_pool_executor::worker_count() const {
+  std::lock_guard guard(mutex_);
+  return workers_.size();
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::work() noexcept {
+  std::unique_lock lock(mutex_);
+  detail::adaptive_spin spin;
+  for (;;) {
+    ++idle_;
+    if (jobs_.empty() && !stopping_ && detail::may_spin()) {
+      // Spin a moment before sleeping: a caller that submits one job after another (an
+      // awaited run_in_executor in a loop) then never pays a wake-up.
+      ++spinning_;
+      lock.unlock();
+      spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
+      lock.lock();
+      --spinning_;
+    }
+    while (jobs_.empty() && !stopping_) {
+      // Park on our own word rather than a condition variable: the word is read under the
+      // lock, so a job queued after we looked changes it and the park returns at once; and
+      // nothing re-takes the lock as contended on the way out (glibc's condition variable
+      // did, which cost an extra FUTEX_WAKE per job).
+      const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+      ++parked_;
+      lock.unlock();
+      detail::park(wake_word_, seen);
+      lock.lock();
+      --parked_;
+    }
+    --idle_;
+    if (jobs_.empty()) return;  // stopping, and nothing left to do
+    std::function<void()> job = std::move(jobs_.front());
+    jobs_.pop_front();
+    queued_.store(jobs_.size(), std::memory_order_relaxed);
+    lock.unlock();
+    try {
+      job();
+    } catch (const std::exception& e) {
+      report(e.what());
+    } catch (...) {
+      report("unknown exception");
+    }
+    job = nullptr;  // whatever it holds goes before we sleep again
+    lock.lock();
+  }
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::wake_all(int count) noexcept {
+  wake_word_.fetch_add(1, std::memory_order_relaxed);
+  detail::unpark(wake_word_, count);
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::report(const char* what) noexcept {
+  try {
+    log(log_level::error, std::string("Exception in executor job: ") + what);
+  } catch (...) {
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -2333,13 +2496,7 @@ class exception_group : public std::exception {
  public:
   /// Throws std::invalid_argument for an empty list or a null pointer in it (Python's ValueError
   /// / TypeError).
-  exception_group(std::string message, std::vector<std::exception_ptr> exceptions)
-      : message_(std::move(message)), exceptions_(std::move(exceptions)) {
-    if (exceptions_.empty()) throw std::invalid_argument("exception_group: needs at least one exception");
-    for (const auto& e : exceptions_)
-      if (!e) throw std::invalid_argument("exception_group: a null exception_ptr");
-    what_ = message_ + " (" + std::to_string(exceptions_.size()) + (exceptions_.size() == 1 ? " sub-exception)" : " sub-exceptions)");
-  }
+  exception_group(std::string message, std::vector<std::exception_ptr> exceptions);
 
   const std::string& message() const noexcept { return message_; }
   const std::vector<std::exception_ptr>& exceptions() const noexcept { return exceptions_; }
@@ -2385,15 +2542,7 @@ class exception_group : public std::exception {
  private:
   bool same_object(const exception_group& other) const noexcept { return exceptions_ == other.exceptions_ && message_ == other.message_; }
 
-  static const exception_group* as_group(const std::exception_ptr& e) {
-    try {
-      std::rethrow_exception(e);
-    } catch (const exception_group& g) {
-      return &g;  // the exception object lives as long as `e` does
-    } catch (...) {
-      return nullptr;
-    }
-  }
+  static const exception_group* as_group(const std::exception_ptr& e);
 
   template <class E>
   static bool is_a(const std::exception_ptr& e) {
@@ -2406,29 +2555,51 @@ class exception_group : public std::exception {
     }
   }
 
-  void print(std::ostream& out, int depth) const {
-    out << std::string(static_cast<std::size_t>(depth) * 2, ' ') << "exception_group: " << what_ << '\n';
-    for (const auto& e : exceptions_) {
-      if (const auto* inner = as_group(e)) {
-        inner->print(out, depth + 1);
-        continue;
-      }
-      out << std::string(static_cast<std::size_t>(depth + 1) * 2, ' ');
-      try {
-        std::rethrow_exception(e);
-      } catch (const std::exception& ex) {
-        out << ex.what();
-      } catch (...) {
-        out << "(an exception not derived from std::exception)";
-      }
-      out << '\n';
-    }
-  }
+  void print(std::ostream& out, int depth) const;
 
   std::string message_;
   std::vector<std::exception_ptr> exceptions_;
   std::string what_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK exception_group::exception_group(std::string message, std::vector<std::exception_ptr> exceptions)
+    : message_(std::move(message)), exceptions_(std::move(exceptions)) {
+  if (exceptions_.empty()) throw std::invalid_argument("exception_group: needs at least one exception");
+  for (const auto& e : exceptions_)
+    if (!e) throw std::invalid_argument("exception_group: a null exception_ptr");
+  what_ = message_ + " (" + std::to_string(exceptions_.size()) + (exceptions_.size() == 1 ? " sub-exception)" : " sub-exceptions)");
+}
+
+ASYNC_UTILS_LINK const exception_group* exception_group::as_group(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const exception_group& g) {
+    return &g;  // the exception object lives as long as `e` does
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+ASYNC_UTILS_LINK void exception_group::print(std::ostream& out, int depth) const {
+  out << std::string(static_cast<std::size_t>(depth) * 2, ' ') << "exception_group: " << what_ << '\n';
+  for (const auto& e : exceptions_) {
+    if (const auto* inner = as_group(e)) {
+      inner->print(out, depth + 1);
+      continue;
+    }
+    out << std::string(static_cast<std::size_t>(depth + 1) * 2, ' ');
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& ex) {
+      out << ex.what();
+    } catch (...) {
+      out << "(an exception not derived from std::exception)";
+    }
+    out << '\n';
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -3286,11 +3457,15 @@ clock::time_point saturating_deadline(std::chrono::duration<Rep, Period> delay) 
 }
 
 /// Time left until `when`, never negative; a huge value for `never` (callers test for it first).
-inline clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
   if (when <= now) return clock::duration::zero();
   if (now < clock::time_point{} && when > now + clock::duration::max()) return clock::duration::max();
   return when - now;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// A timer lives in whoever waits (a sleeping frame, a call_later handle); the heap only points.
 struct timer_node {
@@ -3679,6 +3854,17 @@ void check_same_loop(const future_core& core, const event_loop* loop, const char
 
 namespace codestare::async_utils {
 
+namespace detail {
+// Here, before event_loop.hpp, whose definitions name tasks in their messages.
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string future_core::name() const {
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
+  return "Task-" + std::to_string(number_);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+}  // namespace detail
+
 /// A handle to a task of any result type (asyncio.Task as seen by all_tasks()).
 /// Copyable; use it on its loop's thread only.
 class any_task {
@@ -3746,7 +3932,10 @@ struct exception_context {
 };
 
 /// A readable one-line description of an exception_ptr (the what() of std::exception).
-inline std::string describe(const std::exception_ptr& error) {
+ASYNC_UTILS_LINK std::string describe(const std::exception_ptr& error);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string describe(const std::exception_ptr& error) {
   if (!error) return "no exception";
   try {
     std::rethrow_exception(error);
@@ -3758,6 +3947,7 @@ inline std::string describe(const std::exception_ptr& error) {
     return "unknown exception";
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 // ---- end src/runtime/any_task.hpp ----
@@ -3874,6 +4064,10 @@ struct fd_watch {
   }
 };
 
+// future_core's out-of-line members (task_steps.hpp, which includes this file) are called by
+// the loop's definitions, so tests/self_contained.py links this part together with them:
+// Links with: runtime/task_steps.hpp
+
 struct signal_registry;  // signals.hpp
 struct executor_slot;    // executor.hpp
 template <class T>
@@ -3913,9 +4107,7 @@ class event_loop {
   void stop() noexcept { stopping_ = true; }
   bool is_running() const noexcept { return running_; }
   /// The loop's thread: the one running it, or else the one that ran or created it last.
-  bool on_loop_thread() const noexcept {
-    return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
-  }
+  bool on_loop_thread() const noexcept;
   /// Cancels nothing: ends pending tasks (destroying their coroutines), drops queued callbacks,
   /// removes signal handlers, shuts the executor down. Throws if the loop is running.
   void close();
@@ -3924,13 +4116,7 @@ class event_loop {
   time_point time() const noexcept { return clock::now(); }
   /// The I/O backend this loop runs on: "epoll", "poll", "kqueue" or "io_uring" ("epoll" when
   /// io_uring was selected but the kernel refused it).
-  const char* backend_name() const noexcept {
-#ifdef ASYNC_UTILS_BACKEND_IO_URING
-    return backend_.active_name();
-#else
-    return detail::io_backend::name;
-#endif
-  }
+  const char* backend_name() const noexcept;
 
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
@@ -3999,16 +4185,10 @@ class event_loop {
   bool post_held(detail::job j);
   /// Loop thread: a post is on its way (an executor job was submitted); until it arrives the
   /// loop spins briefly before it sleeps, when spinning can pay (detail::may_spin).
-  void expect_post() noexcept {
-    ++expected_posts_;
-    expected_since_ = clock::now();
-  }
+  void expect_post() noexcept;
   void expected_post_arrived() noexcept { expected_posts_ -= (expected_posts_ != 0); }
   detail::future_core* running_task() const noexcept { return current_; }
-  void add_timer(detail::timer_node& node, time_point when) {
-    node.when = when;
-    timers_.push(node);
-  }
+  void add_timer(detail::timer_node& node, time_point when);
   void remove_timer(detail::timer_node& node) noexcept { timers_.remove(node); }
   /// Waits for readiness of fd; wake-ups go through waiter.ready.
   void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
@@ -4018,10 +4198,7 @@ class event_loop {
   void descriptor_opened(int fd) noexcept;
   /// The loop's record of fd, or null when nothing waits on it (nodes stay put until erased,
   /// which happens only in rearm()). The sock_* operations keep what they learn in it.
-  detail::fd_watch* io_record(int fd) noexcept {
-    auto it = fds_.find(fd);
-    return it == fds_.end() ? nullptr : &it->second;
-  }
+  detail::fd_watch* io_record(int fd) noexcept;
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
@@ -4052,13 +4229,7 @@ class event_loop {
   void mark_dirty(int fd, detail::fd_watch& w);
   void forget_arming(detail::fd_watch& w) noexcept;
   void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
-  bool backend_busy() const noexcept {
-#ifdef ASYNC_UTILS_BACKEND_IO_URING
-    return backend_.busy();
-#else
-    return false;
-#endif
-  }
+  bool backend_busy() const noexcept;
   void confirm_registrations();
   /// Wakes the loop out of the sleep a poster saw it in (state: a value of sleeping_).
   void wake(std::uint32_t state) noexcept;
@@ -4110,6 +4281,43 @@ class event_loop {
   bool stopping_ = false;
   bool closed_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool event_loop::on_loop_thread() const noexcept {
+  return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
+}
+
+ASYNC_UTILS_LINK const char* event_loop::backend_name() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  return backend_.active_name();
+#else
+  return detail::io_backend::name;
+#endif
+}
+
+ASYNC_UTILS_LINK void event_loop::expect_post() noexcept {
+  ++expected_posts_;
+  expected_since_ = clock::now();
+}
+
+ASYNC_UTILS_LINK void event_loop::add_timer(detail::timer_node& node, time_point when) {
+  node.when = when;
+  timers_.push(node);
+}
+
+ASYNC_UTILS_LINK detail::fd_watch* event_loop::io_record(int fd) noexcept {
+  auto it = fds_.find(fd);
+  return it == fds_.end() ? nullptr : &it->second;
+}
+
+ASYNC_UTILS_LINK bool event_loop::backend_busy() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  return backend_.busy();
+#else
+  return false;
+#endif
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 // ---- event_loop ------------------------------------------------------------------------------
 
@@ -4224,9 +4432,8 @@ ASYNC_UTILS_LINK void event_loop::take_posted() {
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
   // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
   // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
@@ -4239,7 +4446,7 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::wake(std::uint32_t state) noexcept {
+ASYNC_UTILS_LINK void event_loop::wake(std::uint32_t state) noexcept {
   if (state == polling) {
     wakeup_.notify();
   } else if (state == parked) {
@@ -4252,7 +4459,7 @@ inline void event_loop::wake(std::uint32_t state) noexcept {
   }
 }
 
-inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+ASYNC_UTILS_LINK void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #if defined(__linux__)
   detail::park(sleeping_, parked, timeout);
 #else
@@ -4260,7 +4467,6 @@ inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #endif
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
@@ -4284,9 +4490,8 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post_held(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post_held(detail::job j) {
   std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
@@ -4298,7 +4503,7 @@ inline bool event_loop::post_held(detail::job j) {
   return true;
 }
 
-inline detail::fd_watch& event_loop::watch_of(int fd) {
+ASYNC_UTILS_LINK detail::fd_watch& event_loop::watch_of(int fd) {
   if (auto it = fds_.find(fd); it != fds_.end()) {
     detail::fd_watch& w = it->second;
     if (!w.known && !w.internal) {
@@ -4316,14 +4521,14 @@ inline detail::fd_watch& event_loop::watch_of(int fd) {
   return w;
 }
 
-inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
+ASYNC_UTILS_LINK void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
   if (!w.dirty) {
     w.dirty = true;
     dirty_.push_back(fd);
   }
 }
 
-inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
+ASYNC_UTILS_LINK void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   if constexpr (edge_) {
     // The registration stays: after EAGAIN the next edge is reported without any syscall. A wait
@@ -4358,7 +4563,6 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   if (!(w.armed & bit)) mark_dirty(fd, w);
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::io_waiter_withdrawn(int fd) noexcept {
   if constexpr (edge_) {
     // Without this the record would stay (and count as polled) until the descriptor is used again.
@@ -4396,9 +4600,7 @@ ASYNC_UTILS_LINK void event_loop::forget_arming(detail::fd_watch& w) noexcept {
   polled_ -= (w.armed != 0);
   w.armed = 0;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
   std::vector<int> failed;
@@ -4544,9 +4746,8 @@ ASYNC_UTILS_LINK void event_loop::add_reader(int fd, std::function<void()> fn) {
 ASYNC_UTILS_LINK bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
 ASYNC_UTILS_LINK void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
 ASYNC_UTILS_LINK bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline handle event_loop::call_soon(std::function<void()> fn) {
+ASYNC_UTILS_LINK handle event_loop::call_soon(std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_soon: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -4555,7 +4756,6 @@ inline handle event_loop::call_soon(std::function<void()> fn) {
   return h;
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("call_soon_threadsafe: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -4566,9 +4766,8 @@ ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> f
   }
   return h;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
+ASYNC_UTILS_LINK handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_at: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -4585,7 +4784,7 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   return h;
 }
 
-inline void handle::cancel() noexcept {
+ASYNC_UTILS_LINK void handle::cancel() noexcept {
   if (!state_ || state_->cancelled.exchange(true)) return;
   // On the loop's own thread a timer leaves the heap now; elsewhere it is skipped when due.
   // (Another thread must not touch the heap, not even read a node's position in it, running
@@ -4599,7 +4798,7 @@ inline void handle::cancel() noexcept {
   }
 }
 
-inline void detail::handle_state::run_job(void* self, bool run) noexcept {
+ASYNC_UTILS_LINK void detail::handle_state::run_job(void* self, bool run) noexcept {
   auto* state = static_cast<handle_state*>(self);
   if (run && !state->cancelled.load(std::memory_order_acquire)) {
     try {
@@ -4611,7 +4810,6 @@ inline void detail::handle_state::run_job(void* self, bool run) noexcept {
   state->release();
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::default_exception_handler(const exception_context& context) {
   std::string text = context.message.empty() ? "Unhandled exception in event loop" : context.message;
   if (context.task && *context.task) text += " (task " + context.task->name() + ")";
@@ -5168,11 +5366,15 @@ inline future_core& current_task_core(const char* what) {
   throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
 }
 
-inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+ASYNC_UTILS_LINK void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
   // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
   if (core.loop() != loop && core.loop()) [[unlikely]]
     throw_other_loop(what);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
@@ -5197,7 +5399,8 @@ inline void future_core::release() noexcept {
   dispose();
 }
 
-inline void future_core::check_result() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::check_result() {
   switch (status_) {
     case future_status::pending: throw invalid_state_error("result is not set yet");
     case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message());
@@ -5207,14 +5410,14 @@ inline void future_core::check_result() {
   }
 }
 
-inline std::exception_ptr future_core::exception() {
+ASYNC_UTILS_LINK std::exception_ptr future_core::exception() {
   if (status_ == future_status::pending) throw invalid_state_error("exception is not set yet");
   if (status_ == future_status::cancelled) throw cancelled_error(cancel_message());
   retrieved_ = true;
   return error_;
 }
 
-inline void future_core::set_exception(std::exception_ptr error) {
+ASYNC_UTILS_LINK void future_core::set_exception(std::exception_ptr error) {
   if (is_task_) throw std::logic_error("a task's outcome is set by its coroutine, not by set_exception");
   if (done()) throw invalid_state_error("future is already done");
   if (!error) throw std::invalid_argument("set_exception: null exception_ptr");
@@ -5222,7 +5425,7 @@ inline void future_core::set_exception(std::exception_ptr error) {
   finish(future_status::finished);
 }
 
-inline bool future_core::cancel(std::string message) {
+ASYNC_UTILS_LINK bool future_core::cancel(std::string message) {
   if (done()) return false;
   set_cancel_message(std::move(message));  // may allocate: before anything changes
   ++cancel_requests_;
@@ -5237,7 +5440,7 @@ inline bool future_core::cancel(std::string message) {
   return true;
 }
 
-inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
+ASYNC_UTILS_LINK callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
   static thread_local callback_id last_id = 0;  // unique per thread, the futures' loop thread
   std::unique_ptr<done_callback> node(new done_callback);
@@ -5252,7 +5455,7 @@ inline callback_id future_core::add_done_callback(std::function<void(future_core
   return id;
 }
 
-inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
+ASYNC_UTILS_LINK std::size_t future_core::remove_done_callback(callback_id id) noexcept {
   std::size_t removed = 0;
   waiters_.for_each([&](completion_waiter& w) {
     if (w.notify != &done_callback::schedule || static_cast<done_callback&>(w).id != id) return;
@@ -5263,7 +5466,7 @@ inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
   return removed;
 }
 
-inline void future_core::drop_callbacks() noexcept {
+ASYNC_UTILS_LINK void future_core::drop_callbacks() noexcept {
   waiters_.for_each([](completion_waiter& w) {
     if (w.notify != &done_callback::schedule) return;
     w.unlink();
@@ -5271,7 +5474,7 @@ inline void future_core::drop_callbacks() noexcept {
   });
 }
 
-inline void future_core::done_callback::schedule(completion_waiter* w) {
+ASYNC_UTILS_LINK void future_core::done_callback::schedule(completion_waiter* w) {
   auto* self = static_cast<done_callback*>(w);
   event_loop* loop = self->core->loop_;
   if (!loop || loop->is_closed()) {  // nothing will run it any more
@@ -5282,7 +5485,7 @@ inline void future_core::done_callback::schedule(completion_waiter* w) {
   self->core->add_ref();  // the job's (after schedule, which may throw)
 }
 
-inline void future_core::done_callback::run(void* arg, bool run) noexcept {
+ASYNC_UTILS_LINK void future_core::done_callback::run(void* arg, bool run) noexcept {
   auto* self = static_cast<done_callback*>(arg);
   future_core* core = self->core;
   if (run) {
@@ -5296,6 +5499,7 @@ inline void future_core::done_callback::run(void* arg, bool run) noexcept {
   delete self;
   core->release();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::finish(future_status status) noexcept {
   if (status_ != future_status::pending) return;
@@ -5304,13 +5508,8 @@ inline void future_core::finish(future_status status) noexcept {
   while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
-inline std::string future_core::name() const {
-  if (extras_ && !extras_->name.empty()) return extras_->name;
-  if (!is_task_) return {};
-  return "Task-" + std::to_string(number_);
-}
-
-inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::start(std::coroutine_handle<> top, std::string&& name) {
   if (!name.empty()) extras().name = std::move(name);
   number_ = loop_->next_task_number();
   resume_at_ = top;
@@ -5318,6 +5517,7 @@ inline void future_core::start(std::coroutine_handle<> top, std::string&& name) 
   scheduled_ = true;
   loop_->schedule({&run_step, this});  // never inline: the task starts on a later iteration
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> where) {
   resume_at_ = where;
@@ -5351,11 +5551,12 @@ inline void future_core::throw_if_cancelled(bool withdrawn) {
   throw cancelled_error(cancel_message());
 }
 
-inline void future_core::run_step(void* self, bool run) noexcept {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::run_step(void* self, bool run) noexcept {
   if (run) static_cast<future_core*>(self)->step();
 }
 
-inline void future_core::step() {
+ASYNC_UTILS_LINK void future_core::step() {
   scheduled_ = false;
   if (!started_) {
     started_ = true;
@@ -5381,7 +5582,7 @@ inline void future_core::step() {
   if (frame_done()) complete();
 }
 
-inline void future_core::complete() noexcept {
+ASYNC_UTILS_LINK void future_core::complete() noexcept {
   harvest();
   destroy_frame();
   future_status status = future_status::finished;
@@ -5405,7 +5606,7 @@ inline void future_core::complete() noexcept {
   release();  // the running reference
 }
 
-inline void future_core::abandon() noexcept {
+ASYNC_UTILS_LINK void future_core::abandon() noexcept {
   waiting_on_ = nullptr;
   gate_ = nullptr;
   must_cancel_ = false;
@@ -5413,6 +5614,7 @@ inline void future_core::abandon() noexcept {
   finish(future_status::cancelled);
   release();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail
 // ---- end src/runtime/task_steps.hpp ----
@@ -6134,11 +6336,15 @@ namespace codestare::async_utils {
 namespace detail {
 
 /// now + timeout, or nothing ("never"): wait_for(aw, duration::max()) waits for ever.
-inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
+ASYNC_UTILS_LINK std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
   const clock::time_point when = saturating_deadline(timeout);
   if (when == never) return std::nullopt;
   return when;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
 /// the awaited one (unless shielded). At the deadline the waiting task itself is cancelled, as
@@ -6207,10 +6413,14 @@ struct done_waiter {
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
 /// without cancelling it when the waiter is cancelled. Holds its own handle.
-inline detail::done_waiter wait_done(const any_task& t) {
+ASYNC_UTILS_LINK detail::done_waiter wait_done(const any_task& t);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK detail::done_waiter wait_done(const any_task& t) {
   if (!t) throw invalid_state_error("empty task handle");
   return {t};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
   return {any_task(f.state_ptr())};
@@ -7167,31 +7377,12 @@ namespace detail {
 /// its creation: cancelling the gather cancels the children, and the gather then ends cancelled.
 class gather_control : public cancel_hook {
  public:
-  gather_control(std::vector<future_core*> children, bool return_exceptions)
-      : children_(std::move(children)), waiters_(new child_waiter[children_.size()]), return_exceptions_(return_exceptions) {
-    cancel = &cancel_children;
-    for (std::size_t i = 0; i < children_.size(); ++i) {
-      future_core* child = children_[i];
-      if (child->done()) {
-        note(child);
-        continue;
-      }
-      ++remaining_;
-      waiters_[i].owner = this;
-      waiters_[i].child = child;
-      waiters_[i].notify = &child_done;
-      child->add_waiter(waiters_[i]);
-    }
-    if (decided()) mark_children_retrieved();
-  }
+  gather_control(std::vector<future_core*> children, bool return_exceptions);
   gather_control(const gather_control&) = delete;
   gather_control& operator=(const gather_control&) = delete;
 
   /// The gather task, waiting on this from before its first step.
-  void attach(future_core& task) noexcept {
-    task_ = &task;
-    task.wait_on(this);
-  }
+  void attach(future_core& task) noexcept;
 
   /// What the gather task awaits: nothing once decided; then the first failure, or the
   /// cancellation it asked for, is thrown.
@@ -7218,33 +7409,10 @@ class gather_control : public cancel_hook {
   };
   static bool failed(const future_core* c) noexcept { return c->cancelled() || c->has_error(); }
   bool decided() const noexcept { return remaining_ == 0 || (!return_exceptions_ && first_failure_); }
-  void note(future_core* child) noexcept {
-    if (!first_failure_ && failed(child)) first_failure_ = child;
-  }
-  void mark_children_retrieved() noexcept {
-    for (future_core* c : children_) c->mark_retrieved();
-  }
-  static void child_done(completion_waiter* w) {
-    auto* cw = static_cast<child_waiter*>(w);
-    gather_control& g = *cw->owner;
-    const bool was_decided = g.decided();
-    --g.remaining_;
-    g.note(cw->child);
-    if (was_decided || !g.decided()) return;
-    g.mark_children_retrieved();
-    if (g.waiting_) {
-      g.waiting_ = false;
-      g.task_->wake();
-    }
-  }
-  static bool cancel_children(cancel_hook* hook) {
-    auto& g = static_cast<gather_control&>(*hook);
-    if (g.decided()) return false;  // asyncio: the gathering future is done already
-    bool any = false;
-    for (future_core* c : g.children_) any = c->cancel(g.task_->cancel_message()) || any;
-    if (any) g.cancel_requested_ = true;
-    return any;
-  }
+  void note(future_core* child) noexcept;
+  void mark_children_retrieved() noexcept;
+  static void child_done(completion_waiter* w);
+  static bool cancel_children(cancel_hook* hook);
 
   std::vector<future_core*> children_;  // kept alive by the gather task's handles
   std::unique_ptr<child_waiter[]> waiters_;
@@ -7255,6 +7423,62 @@ class gather_control : public cancel_hook {
   bool cancel_requested_ = false;
   bool waiting_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK gather_control::gather_control(std::vector<future_core*> children, bool return_exceptions)
+    : children_(std::move(children)), waiters_(new child_waiter[children_.size()]), return_exceptions_(return_exceptions) {
+  cancel = &cancel_children;
+  for (std::size_t i = 0; i < children_.size(); ++i) {
+    future_core* child = children_[i];
+    if (child->done()) {
+      note(child);
+      continue;
+    }
+    ++remaining_;
+    waiters_[i].owner = this;
+    waiters_[i].child = child;
+    waiters_[i].notify = &child_done;
+    child->add_waiter(waiters_[i]);
+  }
+  if (decided()) mark_children_retrieved();
+}
+
+ASYNC_UTILS_LINK void gather_control::attach(future_core& task) noexcept {
+  task_ = &task;
+  task.wait_on(this);
+}
+
+ASYNC_UTILS_LINK void gather_control::note(future_core* child) noexcept {
+  if (!first_failure_ && failed(child)) first_failure_ = child;
+}
+
+ASYNC_UTILS_LINK void gather_control::mark_children_retrieved() noexcept {
+  for (future_core* c : children_) c->mark_retrieved();
+}
+
+ASYNC_UTILS_LINK void gather_control::child_done(completion_waiter* w) {
+  auto* cw = static_cast<child_waiter*>(w);
+  gather_control& g = *cw->owner;
+  const bool was_decided = g.decided();
+  --g.remaining_;
+  g.note(cw->child);
+  if (was_decided || !g.decided()) return;
+  g.mark_children_retrieved();
+  if (g.waiting_) {
+    g.waiting_ = false;
+    g.task_->wake();
+  }
+}
+
+ASYNC_UTILS_LINK bool gather_control::cancel_children(cancel_hook* hook) {
+  auto& g = static_cast<gather_control&>(*hook);
+  if (g.decided()) return false;  // asyncio: the gathering future is done already
+  bool any = false;
+  for (future_core* c : g.children_) any = c->cancel(g.task_->cancel_message()) || any;
+  if (any) g.cancel_requested_ = true;
+  return any;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 template <class T>
 gathered_t<T> gathered_value(future<T>& f) {
@@ -8375,11 +8599,15 @@ inline constexpr int send_flags = MSG_DONTWAIT;
 
 inline bool would_block(int err) noexcept { return err == EAGAIN || err == EWOULDBLOCK; }
 
-inline void require_nonblocking(int fd, const char* what) {
+ASYNC_UTILS_LINK void require_nonblocking(int fd, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_nonblocking(int fd, const char* what) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags == -1) throw_errno(std::string(what) + ": bad file descriptor " + std::to_string(fd));
   if (!(flags & O_NONBLOCK)) throw std::invalid_argument(std::string(what) + ": the socket must be non-blocking");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 // ---- What a socket operation learns about the socket's queues --------------------------------
 // A receive that leaves a TCP socket's receive queue empty, or a send that fills its send buffer,
@@ -8397,13 +8625,20 @@ inline void require_nonblocking(int fd, const char* what) {
 enum socket_kinds : std::uint8_t { kind_unknown = 0, kind_other = 1, kind_tcp = 2, kind_tcp_inq = 3 };
 
 /// The running loop's record of fd, null when there is none (first operation on fd, no loop).
-inline fd_watch* socket_record(int fd) noexcept {
+ASYNC_UTILS_LINK fd_watch* socket_record(int fd) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK fd_watch* socket_record(int fd) noexcept {
   event_loop* loop = running_loop;
   return loop ? loop->io_record(fd) : nullptr;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Learns once per record whether fd is a TCP socket, and enables TCP_INQ on it if it is.
-inline void classify_socket(fd_watch& w, int fd) noexcept {
+ASYNC_UTILS_LINK void classify_socket(fd_watch& w, int fd) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void classify_socket(fd_watch& w, int fd) noexcept {
   w.socket_kind = kind_other;
 #if defined(SO_PROTOCOL) && defined(IPPROTO_TCP)
   int protocol = 0;
@@ -8418,9 +8653,13 @@ inline void classify_socket(fd_watch& w, int fd) noexcept {
   (void)fd;
 #endif
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// recv(fd, data, size, MSG_DONTWAIT) that records an emptied receive queue in w (may be null).
-inline ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept {
+ASYNC_UTILS_LINK ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept {
   if (!w) return ::recv(fd, data, size, MSG_DONTWAIT);
   if (w->socket_kind == kind_unknown) classify_socket(*w, fd);
   ssize_t n;
@@ -8451,9 +8690,13 @@ inline ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w)
   if (n < 0 && would_block(errno)) w->drained |= io_read;
   return n;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// send(fd, data, size, send_flags) that records a full send buffer in w (may be null).
-inline ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept {
+ASYNC_UTILS_LINK ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept {
   const ssize_t n = ::send(fd, data, size, send_flags);
   if (!w) return n;
   if (n >= 0 && static_cast<std::size_t>(n) < size) {
@@ -8466,6 +8709,7 @@ inline ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch*
   }
   return n;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// An I/O wait driven by Op: `bool attempt(bool after_event)` does the I/O and says whether the
 /// operation is over (result or error kept in the op); `result()` returns it or throws.
@@ -8677,9 +8921,13 @@ struct connect_op : op_status {
   void result() const { check(); }
 };
 
-inline void require_buffer(const void* data, std::size_t size, const char* what) {
+ASYNC_UTILS_LINK void require_buffer(const void* data, std::size_t size, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_buffer(const void* data, std::size_t size, const char* what) {
   if (!data && size) throw std::invalid_argument(std::string(what) + ": null buffer");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -9833,6 +10081,632 @@ TEST_SUITE("io") {
 }
 #endif
 // ---- end src/runtime/io.hpp ----
+// ---- begin src/runtime/executor.hpp ----
+// run_in_executor and the loop's default executor: asyncio's loop.run_in_executor,
+// set_default_executor and shutdown_default_executor.
+
+namespace codestare::async_utils {
+namespace detail {
+
+/// How executor threads reach a loop: its thread-safe queue, behind a lock that the loop cuts
+/// when its executor part goes away, so a late job (of an executor that does not join) never
+/// touches a dead loop.
+struct loop_link {
+  explicit loop_link(event_loop* l) noexcept : loop(l) {}
+  bool post(job j);
+  void cut() noexcept;
+  std::mutex mutex;
+  event_loop* loop;
+};
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool loop_link::post(job j) {
+  std::lock_guard guard(mutex);  // held: cut(), which the loop's close() calls, waits for us
+  return loop && loop->post_held(j);
+}
+
+ASYNC_UTILS_LINK void loop_link::cut() noexcept {
+  std::lock_guard guard(mutex);
+  loop = nullptr;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+/// One run_in_executor call, shared by the thread that runs it and the loop that waits for
+/// it. Counted atomically, since either side may hold the last reference (a cancelled awaiter
+/// leaves first). Fields are split: the worker writes only the outcome, before posting; the
+/// loop reads it only after the posted completion ran. future_core is never touched off-loop.
+class executor_call {
+ public:
+  explicit executor_call(event_loop* l) noexcept : loop(l) {}
+  executor_call(const executor_call&) = delete;
+  executor_call& operator=(const executor_call&) = delete;
+  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void release() noexcept;
+
+  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
+  /// caller's reference goes with the completion, so that the executor thread holds none once
+  /// the loop may see the outcome: the last release (and with it the outcome, an exception
+  /// the awaiter may still be reading included) always happens on the loop thread.
+  void execute(loop_link& link) noexcept;
+
+  // Loop side.
+  event_loop* const loop;
+  bool done = false;
+  bool consumed = false;
+  future_core* waiting = nullptr;  // the suspended task, if any
+  const void* awaiter = nullptr;   // which awaiter it suspended in
+
+ protected:
+  virtual ~executor_call() = default;
+  virtual void invoke() noexcept = 0;
+  std::exception_ptr error_;  // written by the executor thread, read by the loop
+
+ private:
+  static void complete(void* self, bool run) noexcept;
+  std::atomic<std::uint32_t> refs_{1};
+};
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void executor_call::release() noexcept {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+}
+
+ASYNC_UTILS_LINK void executor_call::execute(loop_link& link) noexcept {
+  invoke();
+  if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
+}
+
+ASYNC_UTILS_LINK void executor_call::complete(void* self, bool run) noexcept {
+  auto* call = static_cast<executor_call*>(self);
+  call->loop->expected_post_arrived();
+  if (run) {
+    call->done = true;
+    call->awaiter = nullptr;
+    if (future_core* task = std::exchange(call->waiting, nullptr)) task->wake();
+  }
+  call->release();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+/// The typed outcome: the value (or error) the awaiter takes.
+template <class R>
+class executor_result : public executor_call {
+ public:
+  using executor_call::executor_call;
+  R take() {
+    if (error_) std::rethrow_exception(error_);
+    if (consumed) throw invalid_state_error("run_in_executor: the result was already taken");
+    consumed = true;
+    if constexpr (!std::is_void_v<R>) return R(std::move(*value_));
+  }
+
+ protected:
+  struct nothing {};
+  std::optional<std::conditional_t<std::is_void_v<R>, nothing, R>> value_;
+};
+
+template <class R, class Fn>
+class executor_job final : public executor_result<R> {
+ public:
+  executor_job(event_loop* l, Fn fn) : executor_result<R>(l), fn_(std::move(fn)) {}
+
+ private:
+  void invoke() noexcept override {
+    try {
+      if constexpr (std::is_void_v<R>) fn_();
+      else this->value_.emplace(fn_());
+    } catch (...) {
+      this->error_ = std::current_exception();
+    }
+  }
+  Fn fn_;
+};
+
+/// A counted reference to an executor_call, copyable so that it fits a std::function job.
+template <class T>
+class call_ref {
+ public:
+  call_ref() noexcept = default;
+  call_ref(T* p, bool adopt) noexcept : p_(p) {
+    if (p_ && !adopt) p_->add_ref();
+  }
+  call_ref(const call_ref& other) noexcept : call_ref(other.p_, false) {}
+  call_ref(call_ref&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
+  call_ref& operator=(call_ref other) noexcept {
+    std::swap(p_, other.p_);
+    return *this;
+  }
+  ~call_ref() {
+    if (p_) p_->release();
+  }
+  T* operator->() const noexcept { return p_; }
+  T* get() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+  /// Gives the reference up to the caller, who releases it.
+  T* release() noexcept { return std::exchange(p_, nullptr); }
+
+ private:
+  T* p_ = nullptr;
+};
+
+/// A loop's executor part: the default executor (made on first use), replaced ones still
+/// finishing, helper threads of shutdown_default_executor, and the link jobs post through.
+struct executor_slot {
+  explicit executor_slot(event_loop* loop) : link(std::make_shared<loop_link>(loop)) {}
+  executor_slot(const executor_slot&) = delete;
+  executor_slot& operator=(const executor_slot&) = delete;
+  ~executor_slot();
+
+  executor& get();
+
+  void submit(executor_call& call);
+
+  /// Blocks until every job has run and every thread is joined.
+  void shutdown_now() noexcept;
+  static void stop(executor& e) noexcept;
+
+  std::shared_ptr<executor> current;
+  std::vector<std::shared_ptr<executor>> retired;
+  std::shared_ptr<loop_link> link;
+  std::vector<std::thread> helpers;
+  bool shutdown_called = false;
+};
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK executor_slot::~executor_slot() {
+  shutdown_now();
+  link->cut();
+}
+
+ASYNC_UTILS_LINK executor& executor_slot::get() {
+  if (shutdown_called) throw std::runtime_error("Executor shutdown has been called");
+  if (!current) current = std::make_shared<thread_pool_executor>();
+  return *current;
+}
+
+ASYNC_UTILS_LINK void executor_slot::submit(executor_call& call) {
+  executor& e = get();
+  // The job hands its reference to execute(); one never run (dropped by an executor of the
+  // user's) releases it when destroyed.
+  e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
+  call.loop->expect_post();
+}
+
+ASYNC_UTILS_LINK void executor_slot::shutdown_now() noexcept {
+  shutdown_called = true;
+  for (auto& t : helpers) t.join();
+  helpers.clear();
+  for (auto& e : retired) stop(*e);
+  retired.clear();
+  if (current) stop(*current);
+}
+
+ASYNC_UTILS_LINK void executor_slot::stop(executor& e) noexcept {
+  try {
+    e.shutdown(true);
+  } catch (...) {
+    try {
+      log(log_level::error, "executor shutdown failed: " + describe(std::current_exception()));
+    } catch (...) {
+    }
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK executor_slot& slot_of(event_loop& loop);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK executor_slot& slot_of(event_loop& loop) {
+  auto& slot = loop.executor_slot();
+  if (!slot) slot = erased_ptr<executor_slot>(new executor_slot(&loop), [](executor_slot* s) { delete s; });
+  return *slot;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+}  // namespace detail
+
+/// What run_in_executor returns: an awaitable (asyncio's wrapped concurrent future) yielding
+/// the job's result or rethrowing its exception. The job was submitted already; awaiting is
+/// optional. Cancelling the awaiting task throws cancelled_error at once; the job runs on and
+/// its result is dropped. Await it once, from a task of the loop it came from.
+template <class R>
+class [[nodiscard]] executor_future : detail::cancel_hook {
+ public:
+  using value_type = R;
+  explicit executor_future(detail::executor_result<R>* call) noexcept : call_(call, true) {}
+  executor_future(executor_future&& other) noexcept : call_(std::move(other.call_)) {}
+  executor_future& operator=(executor_future&&) = delete;
+  ~executor_future() {
+    if (call_ && call_->awaiter == this) {
+      call_->awaiter = nullptr;
+      call_->waiting = nullptr;
+    }
+  }
+
+  /// True once the result (or the exception) has reached the loop.
+  bool done() const noexcept { return call_ && call_->done; }
+
+  bool await_ready() const noexcept { return done(); }
+  void await_suspend(std::coroutine_handle<> h) {
+    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
+    task_ = &detail::current_task_core("run_in_executor");
+    if (task_->loop() != call_->loop) throw std::runtime_error("run_in_executor: awaited from another event loop");
+    if (call_->waiting) throw invalid_state_error("run_in_executor: already awaited by another task");
+    cancel = [](detail::cancel_hook* c) {
+      auto* self = static_cast<executor_future*>(c);
+      self->call_->waiting = nullptr;
+      self->call_->awaiter = nullptr;
+      self->withdrawn_ = true;
+      self->task_->wake();
+      return true;
+    };
+    call_->waiting = task_;
+    call_->awaiter = this;
+    task_->suspend_on(this, h);
+  }
+  R await_resume() {
+    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
+    if (task_) task_->throw_if_cancelled(withdrawn_);
+    return call_->take();
+  }
+
+ private:
+  detail::call_ref<detail::executor_result<R>> call_;
+  detail::future_core* task_ = nullptr;
+  bool withdrawn_ = false;
+};
+
+namespace detail {
+/// What both run_in_executor overloads do: fn(args...) with everything moved into a job, the
+/// future owning the job's creation reference, and `submit(job)` handing it to an executor.
+template <class Submit, class F, class... Args>
+auto start_executor_job(event_loop* loop, Submit submit, F fn, Args... args) {
+  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
+  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
+  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
+  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
+  auto* call = new executor_job<R, decltype(work)>(loop, std::move(work));
+  executor_future<R> result(call);  // owns the creation reference
+  submit(call);
+  return result;
+}
+}  // namespace detail
+
+/// asyncio's loop.run_in_executor(None, fn, *args): runs fn(args...) on the default executor
+/// (a thread_pool_executor made on first use). fn and args are moved or copied into the job,
+/// never referenced: pass std::ref explicitly to share. Throws std::runtime_error after
+/// shutdown_default_executor() or when the loop is closed.
+///
+/// g++ 12 bug: a lambda with non-trivially-copyable captures written inside a co_await
+/// expression (`co_await run_in_executor([p] {...})`) is copied bitwise and destroyed twice by
+/// the compiler, whatever the callee does. Pass such values as args, or name the lambda first.
+template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
+auto event_loop::run_in_executor(F fn, Args... args) {
+  check_open();
+  return detail::start_executor_job(this, [this](auto* call) { detail::slot_of(*this).submit(*call); }, std::move(fn), std::move(args)...);
+}
+
+/// loop.run_in_executor(executor, fn, *args): as above on the given executor, which must
+/// outlive the job (the loop neither owns nor shuts it down). Its submit() errors propagate.
+template <class F, class... Args>
+auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
+  check_open();
+  auto submit = [this, &where](auto* call) {
+    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link]() mutable {
+      ref.release()->execute(*l);
+    });
+    expect_post();
+  };
+  return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
+}
+
+/// asyncio's loop.set_default_executor. Takes any executor implementation (shared with the
+/// caller) or a worker count for a new thread_pool_executor (std::invalid_argument for 0). A
+/// replaced executor is not stopped at once: its jobs finish and the loop's shutdown (run(),
+/// close(), shutdown_default_executor) shuts it down and joins it, as it does the current one.
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::shared_ptr<executor> e) {
+  if (!e) throw std::invalid_argument("set_default_executor: null executor");
+  check_open();
+  detail::executor_slot& slot = detail::slot_of(*this);
+  slot.retired.reserve(slot.retired.size() + 1);
+  if (slot.current) slot.retired.push_back(std::move(slot.current));
+  slot.current = std::move(e);
+}
+ASYNC_UTILS_LINK void event_loop::set_default_executor(std::size_t max_workers) {
+  set_default_executor(std::make_shared<thread_pool_executor>(max_workers));
+}
+
+/// asyncio's loop.shutdown_default_executor: a helper thread waits for the running and queued
+/// jobs and joins the workers while the loop keeps running; later run_in_executor calls throw
+/// std::runtime_error. Cancelling the await leaves the helper to be joined at close().
+ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
+  check_open();
+  detail::executor_slot& slot = detail::slot_of(*this);
+  slot.shutdown_called = true;
+  std::vector<std::shared_ptr<executor>> all = slot.retired;
+  if (slot.current) all.push_back(slot.current);
+  if (all.empty()) co_return;
+  auto work = [all] {
+    for (auto& e : all) detail::executor_slot::stop(*e);
+  };
+  auto* call = new detail::executor_job<void, decltype(work)>(this, std::move(work));
+  executor_future<void> done(call);
+  std::thread& helper = slot.helpers.emplace_back();
+  try {
+    helper = detail::start_thread_without_signals(
+        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link]() mutable { ref.release()->execute(*l); });
+  } catch (...) {
+    slot.helpers.pop_back();
+    throw;
+  }
+  const auto id = helper.get_id();
+  co_await done;
+  // The helper has posted its completion and is about to return: joining it is short.
+  auto it = std::find_if(slot.helpers.begin(), slot.helpers.end(), [id](const std::thread& t) { return t.get_id() == id; });
+  if (it != slot.helpers.end()) {
+    it->join();
+    slot.helpers.erase(it);
+  }
+}
+
+/// Blocking form, used by run() and close(): waits for every job and joins every thread.
+ASYNC_UTILS_LINK void event_loop::shutdown_default_executor_now() {
+  if (executor_) executor_->shutdown_now();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+/// loop.run_in_executor(None, fn, *args) on the running loop.
+template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
+auto run_in_executor(F fn, Args... args) {
+  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
+}
+
+/// asyncio.to_thread(fn, *args): fn(args...) on the running loop's default executor, awaited
+/// for its result. Arguments are moved or copied in (std::ref to share).
+template <class F, class... Args>
+  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
+auto to_thread(F fn, Args... args) {
+  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
+}
+
+}  // namespace codestare::async_utils
+
+#ifdef ASYNC_UTILS_TESTS
+#include <latch>
+
+namespace codestare::async_utils::testing {
+/// Sleeps in steps of 1 ms until done() or about two seconds have passed.
+inline coroutine<void> wait_until(std::function<bool()> done) {
+  for (int i = 0; i < 2000 && !done(); ++i) co_await sleep(std::chrono::milliseconds(1));
+}
+}  // namespace codestare::async_utils::testing
+
+TEST_SUITE("executor") {
+  using namespace codestare::async_utils;
+  using namespace std::chrono_literals;
+
+  TEST_CASE("results come back on the loop thread; arguments are moved or copied in") {
+    testing::run_bounded([]() -> coroutine<void> {
+      const auto me = std::this_thread::get_id();
+      std::thread::id worker;
+      co_await run_in_executor([&] { worker = std::this_thread::get_id(); });
+      CHECK(worker != me);
+      CHECK(worker != std::thread::id{});
+      std::string text = "x";
+      auto pending = run_in_executor([](std::string s, int n) { return s + std::to_string(n); }, text, 4);
+      text = "changed";  // the job holds its own copy
+      CHECK(co_await std::move(pending) == "x4");
+      auto owned = std::make_unique<int>(7);
+      CHECK(co_await event_loop::current().run_in_executor([](std::unique_ptr<int> p) { return *p * 6; }, std::move(owned)) == 42);
+      CHECK(std::this_thread::get_id() == me);
+    }());
+  }
+
+  TEST_CASE("to_thread, and run_in_executor on an executor of the caller's") {
+    testing::run_bounded([]() -> coroutine<void> {
+      const auto me = std::this_thread::get_id();
+      auto where = [] { return std::this_thread::get_id(); };
+      CHECK(co_await to_thread(where) != me);
+      CHECK(co_await to_thread([](int a, int b) { return a * b; }, 6, 7) == 42);
+      auto fails = to_thread([] { throw std::domain_error("in thread"); });
+      CHECK_THROWS_AS(co_await fails, std::domain_error);
+      thread_pool_executor pool(1);
+      auto first = event_loop::current().run_in_executor(pool, where);
+      auto second = event_loop::current().run_in_executor(pool, [](std::string s) { return s + "!"; }, std::string("own"));
+      const auto worker = co_await first;
+      CHECK(worker != me);
+      CHECK(co_await second == "own!");
+      CHECK(co_await event_loop::current().run_in_executor(pool, where) == worker);  // one worker: the same thread
+      pool.shutdown(true);
+      CHECK_THROWS_AS((void)event_loop::current().run_in_executor(pool, where), std::runtime_error);  // a stopped executor refuses
+    }());
+  }
+
+  TEST_CASE("exceptions reach the awaiter; a result is taken once") {
+    testing::run_bounded([]() -> coroutine<void> {
+      auto fails = run_in_executor([]() -> int { throw std::domain_error("in job"); });
+      CHECK_THROWS_AS(co_await fails, std::domain_error);
+      auto once = run_in_executor([] { return 1; });
+      CHECK(co_await once == 1);
+      CHECK_THROWS_AS(co_await once, invalid_state_error);
+    }());
+  }
+
+  TEST_CASE("cancelling the awaiter throws at once; the job finishes and its result is dropped") {
+    static std::atomic<int> alive{0};
+    static std::atomic<bool> job_finished{false};
+    struct tracked {
+      std::vector<int> payload = std::vector<int>(1000, 1);
+      tracked() { ++alive; }
+      tracked(tracked&& other) noexcept : payload(std::move(other.payload)) { ++alive; }
+      ~tracked() { --alive; }
+    };
+    auto release = std::make_shared<std::latch>(1);
+    testing::run_bounded([release]() -> coroutine<void> {
+      // Parameters, not captures: the lambda object is gone when the task runs.
+      auto waiter = create_task([](std::shared_ptr<std::latch> release) -> coroutine<int> {
+        // The latch goes in as an argument: see the g++ 12 note at run_in_executor.
+        tracked t = co_await run_in_executor(
+            [](std::shared_ptr<std::latch> latch) {
+              latch->wait();
+              tracked result;
+              job_finished = true;
+              return result;
+            },
+            release);
+        co_return static_cast<int>(t.payload.size());
+      }(release));
+      co_await sleep(5ms);
+      const auto before = std::chrono::steady_clock::now();
+      waiter.cancel();
+      CHECK_THROWS_AS(co_await waiter, cancelled_error);
+      CHECK(std::chrono::steady_clock::now() - before < 1s);
+      CHECK_FALSE(job_finished);  // still blocked in the pool
+      release->count_down();
+      co_await testing::wait_until([] { return job_finished && alive == 0; });
+      CHECK(job_finished);
+      CHECK(alive == 0);
+    }());
+    CHECK(alive == 0);
+  }
+
+  TEST_CASE("a cancelled awaiter whose loop ends before the job: run() joins, nothing leaks") {
+    static std::atomic<bool> finished{false};
+    const int threads_before = testing::threads();
+    testing::run_bounded([]() -> coroutine<void> {
+      auto t = create_task([]() -> coroutine<void> {
+        co_await run_in_executor([] {
+          std::this_thread::sleep_for(30ms);
+          finished = true;
+          return std::string(100, 'x');
+        });
+      }());
+      co_await sleep(1ms);
+      t.cancel();
+      CHECK_THROWS_AS(co_await t, cancelled_error);
+    }());
+    CHECK(finished);
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
+  }
+
+  TEST_CASE("10,000 jobs in flight") {
+    testing::run_bounded(
+        []() -> coroutine<void> {
+          std::vector<executor_future<long>> pending;
+          pending.reserve(10000);
+          for (long i = 0; i < 10000; ++i) pending.push_back(run_in_executor([](long x) { return x * 2; }, i));
+          long sum = 0;
+          for (auto& f : pending) sum += co_await f;
+          CHECK(sum == 2 * (10000L * 9999L / 2));
+          // And as many tasks each waiting on its own job.
+          std::vector<task<int>> tasks;
+          for (int i = 0; i < 10000; ++i)
+            tasks.push_back(create_task([](int x) -> coroutine<int> { co_return co_await run_in_executor([x] { return x; }); }(i)));
+          long total = 0;
+          for (auto& t : tasks) total += co_await t;
+          CHECK(total == 10000L * 9999L / 2);
+        }(),
+        std::chrono::seconds(60));
+  }
+
+  TEST_CASE("shutdown_default_executor waits for running jobs without blocking the loop") {
+    const int threads_before = testing::threads();
+    testing::run_bounded([]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      std::atomic<int> finished{0};
+      std::atomic<int> ticks{0};
+      std::vector<executor_future<void>> jobs;
+      // The jobs end once the loop has ticked three times (or after 5 s, when the check below
+      // fails): a blocked loop shows, however slow the machine.
+      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished, &ticks] {
+        for (int waited = 0; ticks.load() < 3 && waited < 5000; ++waited) std::this_thread::sleep_for(1ms);
+        ++finished;
+      }));
+      auto ticker = create_task([](std::atomic<int>& count) -> coroutine<void> {
+        for (;;) {
+          co_await sleep(2ms);
+          ++count;
+        }
+      }(ticks));
+      co_await loop.shutdown_default_executor();
+      CHECK(finished == 4);
+      CHECK(ticks >= 3);  // the loop kept running while the helper thread waited
+      for (auto& j : jobs) co_await j;  // their completions were delivered
+      CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
+      co_await loop.shutdown_default_executor();  // again: nothing to do
+      ticker.cancel();
+    }());
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
+  }
+
+  TEST_CASE("no executor thread outlives run(), even with jobs still running") {
+    const int threads_before = testing::threads();
+    static std::atomic<int> finished{0};
+    testing::run_bounded([threads_before]() -> coroutine<void> {
+      event_loop::current().set_default_executor(8);
+      for (int i = 0; i < 8; ++i) (void)run_in_executor([] {
+        std::this_thread::sleep_for(20ms);
+        ++finished;
+      });
+      co_await sleep(1ms);
+      CHECK(testing::threads() > threads_before);
+    }());
+    CHECK(finished == 8);
+    CHECK(testing::threads_after_join(threads_before) == threads_before);
+  }
+
+  TEST_CASE("set_default_executor: a worker count or any executor implementation") {
+    struct counting : executor {
+      std::shared_ptr<thread_pool_executor> pool = std::make_shared<thread_pool_executor>(2);
+      std::atomic<int> submitted{0};
+      bool shut = false;
+      void submit(std::function<void()> job) override {
+        ++submitted;
+        pool->submit(std::move(job));
+      }
+      void shutdown(bool wait) override {
+        shut = true;
+        pool->shutdown(wait);
+      }
+    };
+    auto mine = std::make_shared<counting>();
+    testing::run_bounded([mine]() -> coroutine<void> {
+      event_loop& loop = event_loop::current();
+      CHECK_THROWS_AS(loop.set_default_executor(0), std::invalid_argument);
+      CHECK_THROWS_AS(loop.set_default_executor(std::shared_ptr<executor>()), std::invalid_argument);
+      loop.set_default_executor(2);
+      std::atomic<int> running{0}, most{0};
+      std::vector<executor_future<void>> jobs;
+      for (int i = 0; i < 8; ++i) jobs.push_back(run_in_executor([&] {
+        int now = ++running;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        std::this_thread::sleep_for(2ms);
+        --running;
+      }));
+      for (auto& j : jobs) co_await j;
+      CHECK(most <= 2);
+      loop.set_default_executor(mine);
+      CHECK(co_await run_in_executor([] { return 5; }) == 5);
+      CHECK(mine->submitted == 1);
+    }());
+    CHECK(mine->shut);  // run() shut the default executor down
+  }
+
+  TEST_CASE("run_in_executor needs a running, open loop") {
+    CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
+    event_loop loop;
+    loop.close();
+    CHECK_THROWS_AS((void)loop.run_in_executor([] {}), std::runtime_error);
+  }
+}
+#endif
+// ---- end src/runtime/executor.hpp ----
 // ---- begin src/runtime/run.hpp ----
 // run(aw): asyncio.run. A fresh loop runs aw, then cancels and awaits what is left, shuts the
 // executor down and closes, so nothing outlives the call.
@@ -10732,602 +11606,6 @@ TEST_SUITE("async_generator") {
 }
 #endif
 // ---- end src/runtime/async_generator.hpp ----
-// ---- begin src/runtime/executor.hpp ----
-// run_in_executor and the loop's default executor: asyncio's loop.run_in_executor,
-// set_default_executor and shutdown_default_executor.
-
-namespace codestare::async_utils {
-namespace detail {
-
-/// How executor threads reach a loop: its thread-safe queue, behind a lock that the loop cuts
-/// when its executor part goes away, so a late job (of an executor that does not join) never
-/// touches a dead loop.
-struct loop_link {
-  explicit loop_link(event_loop* l) noexcept : loop(l) {}
-  bool post(job j) {
-    std::lock_guard guard(mutex);  // held: cut(), which the loop's close() calls, waits for us
-    return loop && loop->post_held(j);
-  }
-  void cut() noexcept {
-    std::lock_guard guard(mutex);
-    loop = nullptr;
-  }
-  std::mutex mutex;
-  event_loop* loop;
-};
-
-/// One run_in_executor call, shared by the thread that runs it and the loop that waits for
-/// it. Counted atomically, since either side may hold the last reference (a cancelled awaiter
-/// leaves first). Fields are split: the worker writes only the outcome, before posting; the
-/// loop reads it only after the posted completion ran. future_core is never touched off-loop.
-class executor_call {
- public:
-  explicit executor_call(event_loop* l) noexcept : loop(l) {}
-  executor_call(const executor_call&) = delete;
-  executor_call& operator=(const executor_call&) = delete;
-  void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void release() noexcept {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
-
-  /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
-  /// caller's reference goes with the completion, so that the executor thread holds none once
-  /// the loop may see the outcome: the last release (and with it the outcome, an exception
-  /// the awaiter may still be reading included) always happens on the loop thread.
-  void execute(loop_link& link) noexcept {
-    invoke();
-    if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
-  }
-
-  // Loop side.
-  event_loop* const loop;
-  bool done = false;
-  bool consumed = false;
-  future_core* waiting = nullptr;  // the suspended task, if any
-  const void* awaiter = nullptr;   // which awaiter it suspended in
-
- protected:
-  virtual ~executor_call() = default;
-  virtual void invoke() noexcept = 0;
-  std::exception_ptr error_;  // written by the executor thread, read by the loop
-
- private:
-  static void complete(void* self, bool run) noexcept {
-    auto* call = static_cast<executor_call*>(self);
-    call->loop->expected_post_arrived();
-    if (run) {
-      call->done = true;
-      call->awaiter = nullptr;
-      if (future_core* task = std::exchange(call->waiting, nullptr)) task->wake();
-    }
-    call->release();
-  }
-  std::atomic<std::uint32_t> refs_{1};
-};
-
-/// The typed outcome: the value (or error) the awaiter takes.
-template <class R>
-class executor_result : public executor_call {
- public:
-  using executor_call::executor_call;
-  R take() {
-    if (error_) std::rethrow_exception(error_);
-    if (consumed) throw invalid_state_error("run_in_executor: the result was already taken");
-    consumed = true;
-    if constexpr (!std::is_void_v<R>) return R(std::move(*value_));
-  }
-
- protected:
-  struct nothing {};
-  std::optional<std::conditional_t<std::is_void_v<R>, nothing, R>> value_;
-};
-
-template <class R, class Fn>
-class executor_job final : public executor_result<R> {
- public:
-  executor_job(event_loop* l, Fn fn) : executor_result<R>(l), fn_(std::move(fn)) {}
-
- private:
-  void invoke() noexcept override {
-    try {
-      if constexpr (std::is_void_v<R>) fn_();
-      else this->value_.emplace(fn_());
-    } catch (...) {
-      this->error_ = std::current_exception();
-    }
-  }
-  Fn fn_;
-};
-
-/// A counted reference to an executor_call, copyable so that it fits a std::function job.
-template <class T>
-class call_ref {
- public:
-  call_ref() noexcept = default;
-  call_ref(T* p, bool adopt) noexcept : p_(p) {
-    if (p_ && !adopt) p_->add_ref();
-  }
-  call_ref(const call_ref& other) noexcept : call_ref(other.p_, false) {}
-  call_ref(call_ref&& other) noexcept : p_(std::exchange(other.p_, nullptr)) {}
-  call_ref& operator=(call_ref other) noexcept {
-    std::swap(p_, other.p_);
-    return *this;
-  }
-  ~call_ref() {
-    if (p_) p_->release();
-  }
-  T* operator->() const noexcept { return p_; }
-  T* get() const noexcept { return p_; }
-  explicit operator bool() const noexcept { return p_ != nullptr; }
-  /// Gives the reference up to the caller, who releases it.
-  T* release() noexcept { return std::exchange(p_, nullptr); }
-
- private:
-  T* p_ = nullptr;
-};
-
-/// A loop's executor part: the default executor (made on first use), replaced ones still
-/// finishing, helper threads of shutdown_default_executor, and the link jobs post through.
-struct executor_slot {
-  explicit executor_slot(event_loop* loop) : link(std::make_shared<loop_link>(loop)) {}
-  executor_slot(const executor_slot&) = delete;
-  executor_slot& operator=(const executor_slot&) = delete;
-  ~executor_slot() {
-    shutdown_now();
-    link->cut();
-  }
-
-  executor& get() {
-    if (shutdown_called) throw std::runtime_error("Executor shutdown has been called");
-    if (!current) current = std::make_shared<thread_pool_executor>();
-    return *current;
-  }
-
-  void submit(executor_call& call) {
-    executor& e = get();
-    // The job hands its reference to execute(); one never run (dropped by an executor of the
-    // user's) releases it when destroyed.
-    e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
-    call.loop->expect_post();
-  }
-
-  /// Blocks until every job has run and every thread is joined.
-  void shutdown_now() noexcept {
-    shutdown_called = true;
-    for (auto& t : helpers) t.join();
-    helpers.clear();
-    for (auto& e : retired) stop(*e);
-    retired.clear();
-    if (current) stop(*current);
-  }
-  static void stop(executor& e) noexcept {
-    try {
-      e.shutdown(true);
-    } catch (...) {
-      try {
-        log(log_level::error, "executor shutdown failed: " + describe(std::current_exception()));
-      } catch (...) {
-      }
-    }
-  }
-
-  std::shared_ptr<executor> current;
-  std::vector<std::shared_ptr<executor>> retired;
-  std::shared_ptr<loop_link> link;
-  std::vector<std::thread> helpers;
-  bool shutdown_called = false;
-};
-
-inline executor_slot& slot_of(event_loop& loop) {
-  auto& slot = loop.executor_slot();
-  if (!slot) slot = erased_ptr<executor_slot>(new executor_slot(&loop), [](executor_slot* s) { delete s; });
-  return *slot;
-}
-
-}  // namespace detail
-
-/// What run_in_executor returns: an awaitable (asyncio's wrapped concurrent future) yielding
-/// the job's result or rethrowing its exception. The job was submitted already; awaiting is
-/// optional. Cancelling the awaiting task throws cancelled_error at once; the job runs on and
-/// its result is dropped. Await it once, from a task of the loop it came from.
-template <class R>
-class [[nodiscard]] executor_future : detail::cancel_hook {
- public:
-  using value_type = R;
-  explicit executor_future(detail::executor_result<R>* call) noexcept : call_(call, true) {}
-  executor_future(executor_future&& other) noexcept : call_(std::move(other.call_)) {}
-  executor_future& operator=(executor_future&&) = delete;
-  ~executor_future() {
-    if (call_ && call_->awaiter == this) {
-      call_->awaiter = nullptr;
-      call_->waiting = nullptr;
-    }
-  }
-
-  /// True once the result (or the exception) has reached the loop.
-  bool done() const noexcept { return call_ && call_->done; }
-
-  bool await_ready() const noexcept { return done(); }
-  void await_suspend(std::coroutine_handle<> h) {
-    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
-    task_ = &detail::current_task_core("run_in_executor");
-    if (task_->loop() != call_->loop) throw std::runtime_error("run_in_executor: awaited from another event loop");
-    if (call_->waiting) throw invalid_state_error("run_in_executor: already awaited by another task");
-    cancel = [](detail::cancel_hook* c) {
-      auto* self = static_cast<executor_future*>(c);
-      self->call_->waiting = nullptr;
-      self->call_->awaiter = nullptr;
-      self->withdrawn_ = true;
-      self->task_->wake();
-      return true;
-    };
-    call_->waiting = task_;
-    call_->awaiter = this;
-    task_->suspend_on(this, h);
-  }
-  R await_resume() {
-    if (!call_) throw invalid_state_error("run_in_executor: empty (moved-from) result");
-    if (task_) task_->throw_if_cancelled(withdrawn_);
-    return call_->take();
-  }
-
- private:
-  detail::call_ref<detail::executor_result<R>> call_;
-  detail::future_core* task_ = nullptr;
-  bool withdrawn_ = false;
-};
-
-namespace detail {
-/// What both run_in_executor overloads do: fn(args...) with everything moved into a job, the
-/// future owning the job's creation reference, and `submit(job)` handing it to an executor.
-template <class Submit, class F, class... Args>
-auto start_executor_job(event_loop* loop, Submit submit, F fn, Args... args) {
-  static_assert(std::is_invocable_v<F&&, Args&&...>, "run_in_executor: fn cannot be called with these arguments");
-  using R = std::remove_cvref_t<std::invoke_result_t<F&&, Args&&...>>;
-  static_assert(std::is_void_v<R> || std::is_move_constructible_v<R>, "run_in_executor: the result must be movable");
-  auto work = [f = std::move(fn), ... a = std::move(args)]() mutable -> R { return std::invoke(std::move(f), std::move(a)...); };
-  auto* call = new executor_job<R, decltype(work)>(loop, std::move(work));
-  executor_future<R> result(call);  // owns the creation reference
-  submit(call);
-  return result;
-}
-}  // namespace detail
-
-/// asyncio's loop.run_in_executor(None, fn, *args): runs fn(args...) on the default executor
-/// (a thread_pool_executor made on first use). fn and args are moved or copied into the job,
-/// never referenced: pass std::ref explicitly to share. Throws std::runtime_error after
-/// shutdown_default_executor() or when the loop is closed.
-///
-/// g++ 12 bug: a lambda with non-trivially-copyable captures written inside a co_await
-/// expression (`co_await run_in_executor([p] {...})`) is copied bitwise and destroyed twice by
-/// the compiler, whatever the callee does. Pass such values as args, or name the lambda first.
-template <class F, class... Args>
-  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
-auto event_loop::run_in_executor(F fn, Args... args) {
-  check_open();
-  return detail::start_executor_job(this, [this](auto* call) { detail::slot_of(*this).submit(*call); }, std::move(fn), std::move(args)...);
-}
-
-/// loop.run_in_executor(executor, fn, *args): as above on the given executor, which must
-/// outlive the job (the loop neither owns nor shuts it down). Its submit() errors propagate.
-template <class F, class... Args>
-auto event_loop::run_in_executor(executor& where, F fn, Args... args) {
-  check_open();
-  auto submit = [this, &where](auto* call) {
-    where.submit([ref = detail::call_ref<detail::executor_call>(call, false), l = detail::slot_of(*this).link]() mutable {
-      ref.release()->execute(*l);
-    });
-    expect_post();
-  };
-  return detail::start_executor_job(this, submit, std::move(fn), std::move(args)...);
-}
-
-/// asyncio's loop.set_default_executor. Takes any executor implementation (shared with the
-/// caller) or a worker count for a new thread_pool_executor (std::invalid_argument for 0). A
-/// replaced executor is not stopped at once: its jobs finish and the loop's shutdown (run(),
-/// close(), shutdown_default_executor) shuts it down and joins it, as it does the current one.
-
-#if ASYNC_UTILS_DEFINITIONS
-ASYNC_UTILS_LINK void event_loop::set_default_executor(std::shared_ptr<executor> e) {
-  if (!e) throw std::invalid_argument("set_default_executor: null executor");
-  check_open();
-  detail::executor_slot& slot = detail::slot_of(*this);
-  slot.retired.reserve(slot.retired.size() + 1);
-  if (slot.current) slot.retired.push_back(std::move(slot.current));
-  slot.current = std::move(e);
-}
-ASYNC_UTILS_LINK void event_loop::set_default_executor(std::size_t max_workers) {
-  set_default_executor(std::make_shared<thread_pool_executor>(max_workers));
-}
-
-/// asyncio's loop.shutdown_default_executor: a helper thread waits for the running and queued
-/// jobs and joins the workers while the loop keeps running; later run_in_executor calls throw
-/// std::runtime_error. Cancelling the await leaves the helper to be joined at close().
-ASYNC_UTILS_LINK coroutine<void> event_loop::shutdown_default_executor() {
-  check_open();
-  detail::executor_slot& slot = detail::slot_of(*this);
-  slot.shutdown_called = true;
-  std::vector<std::shared_ptr<executor>> all = slot.retired;
-  if (slot.current) all.push_back(slot.current);
-  if (all.empty()) co_return;
-  auto work = [all] {
-    for (auto& e : all) detail::executor_slot::stop(*e);
-  };
-  auto* call = new detail::executor_job<void, decltype(work)>(this, std::move(work));
-  executor_future<void> done(call);
-  std::thread& helper = slot.helpers.emplace_back();
-  try {
-    helper = detail::start_thread_without_signals(
-        [ref = detail::call_ref<detail::executor_call>(call, false), l = slot.link]() mutable { ref.release()->execute(*l); });
-  } catch (...) {
-    slot.helpers.pop_back();
-    throw;
-  }
-  const auto id = helper.get_id();
-  co_await done;
-  // The helper has posted its completion and is about to return: joining it is short.
-  auto it = std::find_if(slot.helpers.begin(), slot.helpers.end(), [id](const std::thread& t) { return t.get_id() == id; });
-  if (it != slot.helpers.end()) {
-    it->join();
-    slot.helpers.erase(it);
-  }
-}
-
-/// Blocking form, used by run() and close(): waits for every job and joins every thread.
-ASYNC_UTILS_LINK void event_loop::shutdown_default_executor_now() {
-  if (executor_) executor_->shutdown_now();
-}
-#endif  // ASYNC_UTILS_DEFINITIONS
-
-/// loop.run_in_executor(None, fn, *args) on the running loop.
-template <class F, class... Args>
-  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
-auto run_in_executor(F fn, Args... args) {
-  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
-}
-
-/// asyncio.to_thread(fn, *args): fn(args...) on the running loop's default executor, awaited
-/// for its result. Arguments are moved or copied in (std::ref to share).
-template <class F, class... Args>
-  requires(!std::is_base_of_v<executor, std::remove_cvref_t<F>>)
-auto to_thread(F fn, Args... args) {
-  return event_loop::current().run_in_executor(std::move(fn), std::move(args)...);
-}
-
-}  // namespace codestare::async_utils
-
-#ifdef ASYNC_UTILS_TESTS
-#include <latch>
-
-namespace codestare::async_utils::testing {
-/// Sleeps in steps of 1 ms until done() or about two seconds have passed.
-inline coroutine<void> wait_until(std::function<bool()> done) {
-  for (int i = 0; i < 2000 && !done(); ++i) co_await sleep(std::chrono::milliseconds(1));
-}
-}  // namespace codestare::async_utils::testing
-
-TEST_SUITE("executor") {
-  using namespace codestare::async_utils;
-  using namespace std::chrono_literals;
-
-  TEST_CASE("results come back on the loop thread; arguments are moved or copied in") {
-    testing::run_bounded([]() -> coroutine<void> {
-      const auto me = std::this_thread::get_id();
-      std::thread::id worker;
-      co_await run_in_executor([&] { worker = std::this_thread::get_id(); });
-      CHECK(worker != me);
-      CHECK(worker != std::thread::id{});
-      std::string text = "x";
-      auto pending = run_in_executor([](std::string s, int n) { return s + std::to_string(n); }, text, 4);
-      text = "changed";  // the job holds its own copy
-      CHECK(co_await std::move(pending) == "x4");
-      auto owned = std::make_unique<int>(7);
-      CHECK(co_await event_loop::current().run_in_executor([](std::unique_ptr<int> p) { return *p * 6; }, std::move(owned)) == 42);
-      CHECK(std::this_thread::get_id() == me);
-    }());
-  }
-
-  TEST_CASE("to_thread, and run_in_executor on an executor of the caller's") {
-    testing::run_bounded([]() -> coroutine<void> {
-      const auto me = std::this_thread::get_id();
-      auto where = [] { return std::this_thread::get_id(); };
-      CHECK(co_await to_thread(where) != me);
-      CHECK(co_await to_thread([](int a, int b) { return a * b; }, 6, 7) == 42);
-      auto fails = to_thread([] { throw std::domain_error("in thread"); });
-      CHECK_THROWS_AS(co_await fails, std::domain_error);
-      thread_pool_executor pool(1);
-      auto first = event_loop::current().run_in_executor(pool, where);
-      auto second = event_loop::current().run_in_executor(pool, [](std::string s) { return s + "!"; }, std::string("own"));
-      const auto worker = co_await first;
-      CHECK(worker != me);
-      CHECK(co_await second == "own!");
-      CHECK(co_await event_loop::current().run_in_executor(pool, where) == worker);  // one worker: the same thread
-      pool.shutdown(true);
-      CHECK_THROWS_AS((void)event_loop::current().run_in_executor(pool, where), std::runtime_error);  // a stopped executor refuses
-    }());
-  }
-
-  TEST_CASE("exceptions reach the awaiter; a result is taken once") {
-    testing::run_bounded([]() -> coroutine<void> {
-      auto fails = run_in_executor([]() -> int { throw std::domain_error("in job"); });
-      CHECK_THROWS_AS(co_await fails, std::domain_error);
-      auto once = run_in_executor([] { return 1; });
-      CHECK(co_await once == 1);
-      CHECK_THROWS_AS(co_await once, invalid_state_error);
-    }());
-  }
-
-  TEST_CASE("cancelling the awaiter throws at once; the job finishes and its result is dropped") {
-    static std::atomic<int> alive{0};
-    static std::atomic<bool> job_finished{false};
-    struct tracked {
-      std::vector<int> payload = std::vector<int>(1000, 1);
-      tracked() { ++alive; }
-      tracked(tracked&& other) noexcept : payload(std::move(other.payload)) { ++alive; }
-      ~tracked() { --alive; }
-    };
-    auto release = std::make_shared<std::latch>(1);
-    testing::run_bounded([release]() -> coroutine<void> {
-      // Parameters, not captures: the lambda object is gone when the task runs.
-      auto waiter = create_task([](std::shared_ptr<std::latch> release) -> coroutine<int> {
-        // The latch goes in as an argument: see the g++ 12 note at run_in_executor.
-        tracked t = co_await run_in_executor(
-            [](std::shared_ptr<std::latch> latch) {
-              latch->wait();
-              tracked result;
-              job_finished = true;
-              return result;
-            },
-            release);
-        co_return static_cast<int>(t.payload.size());
-      }(release));
-      co_await sleep(5ms);
-      const auto before = std::chrono::steady_clock::now();
-      waiter.cancel();
-      CHECK_THROWS_AS(co_await waiter, cancelled_error);
-      CHECK(std::chrono::steady_clock::now() - before < 1s);
-      CHECK_FALSE(job_finished);  // still blocked in the pool
-      release->count_down();
-      co_await testing::wait_until([] { return job_finished && alive == 0; });
-      CHECK(job_finished);
-      CHECK(alive == 0);
-    }());
-    CHECK(alive == 0);
-  }
-
-  TEST_CASE("a cancelled awaiter whose loop ends before the job: run() joins, nothing leaks") {
-    static std::atomic<bool> finished{false};
-    const int threads_before = testing::threads();
-    testing::run_bounded([]() -> coroutine<void> {
-      auto t = create_task([]() -> coroutine<void> {
-        co_await run_in_executor([] {
-          std::this_thread::sleep_for(30ms);
-          finished = true;
-          return std::string(100, 'x');
-        });
-      }());
-      co_await sleep(1ms);
-      t.cancel();
-      CHECK_THROWS_AS(co_await t, cancelled_error);
-    }());
-    CHECK(finished);
-    CHECK(testing::threads_after_join(threads_before) == threads_before);
-  }
-
-  TEST_CASE("10,000 jobs in flight") {
-    testing::run_bounded(
-        []() -> coroutine<void> {
-          std::vector<executor_future<long>> pending;
-          pending.reserve(10000);
-          for (long i = 0; i < 10000; ++i) pending.push_back(run_in_executor([](long x) { return x * 2; }, i));
-          long sum = 0;
-          for (auto& f : pending) sum += co_await f;
-          CHECK(sum == 2 * (10000L * 9999L / 2));
-          // And as many tasks each waiting on its own job.
-          std::vector<task<int>> tasks;
-          for (int i = 0; i < 10000; ++i)
-            tasks.push_back(create_task([](int x) -> coroutine<int> { co_return co_await run_in_executor([x] { return x; }); }(i)));
-          long total = 0;
-          for (auto& t : tasks) total += co_await t;
-          CHECK(total == 10000L * 9999L / 2);
-        }(),
-        std::chrono::seconds(60));
-  }
-
-  TEST_CASE("shutdown_default_executor waits for running jobs without blocking the loop") {
-    const int threads_before = testing::threads();
-    testing::run_bounded([]() -> coroutine<void> {
-      event_loop& loop = event_loop::current();
-      std::atomic<int> finished{0};
-      std::atomic<int> ticks{0};
-      std::vector<executor_future<void>> jobs;
-      // The jobs end once the loop has ticked three times (or after 5 s, when the check below
-      // fails): a blocked loop shows, however slow the machine.
-      for (int i = 0; i < 4; ++i) jobs.push_back(run_in_executor([&finished, &ticks] {
-        for (int waited = 0; ticks.load() < 3 && waited < 5000; ++waited) std::this_thread::sleep_for(1ms);
-        ++finished;
-      }));
-      auto ticker = create_task([](std::atomic<int>& count) -> coroutine<void> {
-        for (;;) {
-          co_await sleep(2ms);
-          ++count;
-        }
-      }(ticks));
-      co_await loop.shutdown_default_executor();
-      CHECK(finished == 4);
-      CHECK(ticks >= 3);  // the loop kept running while the helper thread waited
-      for (auto& j : jobs) co_await j;  // their completions were delivered
-      CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
-      co_await loop.shutdown_default_executor();  // again: nothing to do
-      ticker.cancel();
-    }());
-    CHECK(testing::threads_after_join(threads_before) == threads_before);
-  }
-
-  TEST_CASE("no executor thread outlives run(), even with jobs still running") {
-    const int threads_before = testing::threads();
-    static std::atomic<int> finished{0};
-    testing::run_bounded([threads_before]() -> coroutine<void> {
-      event_loop::current().set_default_executor(8);
-      for (int i = 0; i < 8; ++i) (void)run_in_executor([] {
-        std::this_thread::sleep_for(20ms);
-        ++finished;
-      });
-      co_await sleep(1ms);
-      CHECK(testing::threads() > threads_before);
-    }());
-    CHECK(finished == 8);
-    CHECK(testing::threads_after_join(threads_before) == threads_before);
-  }
-
-  TEST_CASE("set_default_executor: a worker count or any executor implementation") {
-    struct counting : executor {
-      std::shared_ptr<thread_pool_executor> pool = std::make_shared<thread_pool_executor>(2);
-      std::atomic<int> submitted{0};
-      bool shut = false;
-      void submit(std::function<void()> job) override {
-        ++submitted;
-        pool->submit(std::move(job));
-      }
-      void shutdown(bool wait) override {
-        shut = true;
-        pool->shutdown(wait);
-      }
-    };
-    auto mine = std::make_shared<counting>();
-    testing::run_bounded([mine]() -> coroutine<void> {
-      event_loop& loop = event_loop::current();
-      CHECK_THROWS_AS(loop.set_default_executor(0), std::invalid_argument);
-      CHECK_THROWS_AS(loop.set_default_executor(std::shared_ptr<executor>()), std::invalid_argument);
-      loop.set_default_executor(2);
-      std::atomic<int> running{0}, most{0};
-      std::vector<executor_future<void>> jobs;
-      for (int i = 0; i < 8; ++i) jobs.push_back(run_in_executor([&] {
-        int now = ++running;
-        int seen = most.load();
-        while (now > seen && !most.compare_exchange_weak(seen, now)) {
-        }
-        std::this_thread::sleep_for(2ms);
-        --running;
-      }));
-      for (auto& j : jobs) co_await j;
-      CHECK(most <= 2);
-      loop.set_default_executor(mine);
-      CHECK(co_await run_in_executor([] { return 5; }) == 5);
-      CHECK(mine->submitted == 1);
-    }());
-    CHECK(mine->shut);  // run() shut the default executor down
-  }
-
-  TEST_CASE("run_in_executor needs a running, open loop") {
-    CHECK_THROWS_AS((void)run_in_executor([] {}), std::runtime_error);
-    event_loop loop;
-    loop.close();
-    CHECK_THROWS_AS((void)loop.run_in_executor([] {}), std::runtime_error);
-  }
-}
-#endif
-// ---- end src/runtime/executor.hpp ----
 // ---- begin src/runtime/signals.hpp ----
 // Signals: asyncio's loop.add_signal_handler / remove_signal_handler on top of signal_source.
 
@@ -11348,69 +11626,83 @@ struct signal_registry {
   explicit signal_registry(event_loop& l) : loop(l) { loop.watch_internal(source.fd(), &on_readable, this); }
   signal_registry(const signal_registry&) = delete;
   signal_registry& operator=(const signal_registry&) = delete;
-  ~signal_registry() {
-    for (auto& e : entries) e->call.cancel();
-    loop.unwatch_internal(source.fd());
-    // source's destructor then restores every disposition and mask bit.
-  }
+  ~signal_registry();
 
-  std::shared_ptr<entry>* find(int sig) noexcept {
-    for (auto& e : entries) {
-      if (e->sig == sig) return &e;
-    }
-    return nullptr;
-  }
+  std::shared_ptr<entry>* find(int sig) noexcept;
 
-  void add(int sig, std::function<void()> fn) {
-    if (auto* e = find(sig)) {
-      (*e)->fn = std::move(fn);  // a queued call runs the new handler
-      return;
-    }
-    auto e = std::make_shared<entry>();
-    e->sig = sig;
-    e->fn = std::move(fn);
-    entries.reserve(entries.size() + 1);
-    source.add(sig);  // throws with nothing changed
-    entries.push_back(std::move(e));
-  }
+  void add(int sig, std::function<void()> fn);
 
-  bool remove(int sig) noexcept {
-    auto* e = find(sig);
-    if (!e) return false;
-    (*e)->call.cancel();
-    source.remove(sig);
-    entries.erase(entries.begin() + (e - entries.data()));
-    return true;
-  }
+  bool remove(int sig) noexcept;
 
-  static void on_readable(void* self) noexcept {
-    auto* reg = static_cast<signal_registry*>(self);
-    try {
-      reg->source.drain([reg](int sig) { reg->arrived(sig); });
-    } catch (...) {
-      reg->loop.call_exception_handler({"Error while reading signals", std::current_exception(), std::nullopt, std::nullopt});
-    }
-  }
+  static void on_readable(void* self) noexcept;
 
-  void arrived(int sig) {
-    auto* found = find(sig);
-    if (!found || (*found)->queued) return;
-    std::shared_ptr<entry> e = *found;
-    // Weak: the entry holds the call's handle, so a strong capture would be a cycle.
-    e->call = loop.call_soon([weak = std::weak_ptr<entry>(e)] {
-      auto self = weak.lock();
-      if (!self) return;
-      self->queued = false;
-      auto fn = self->fn;  // a handler may replace or remove itself while it runs
-      fn();
-    });
-    e->queued = true;
-  }
+  void arrived(int sig);
 
   event_loop& loop;
   signal_source source;
   std::vector<std::shared_ptr<entry>> entries;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK signal_registry::~signal_registry() {
+  for (auto& e : entries) e->call.cancel();
+  loop.unwatch_internal(source.fd());
+  // source's destructor then restores every disposition and mask bit.
+}
+
+ASYNC_UTILS_LINK std::shared_ptr<signal_registry::entry>* signal_registry::find(int sig) noexcept {
+  for (auto& e : entries) {
+    if (e->sig == sig) return &e;
+  }
+  return nullptr;
+}
+
+ASYNC_UTILS_LINK void signal_registry::add(int sig, std::function<void()> fn) {
+  if (auto* e = find(sig)) {
+    (*e)->fn = std::move(fn);  // a queued call runs the new handler
+    return;
+  }
+  auto e = std::make_shared<entry>();
+  e->sig = sig;
+  e->fn = std::move(fn);
+  entries.reserve(entries.size() + 1);
+  source.add(sig);  // throws with nothing changed
+  entries.push_back(std::move(e));
+}
+
+ASYNC_UTILS_LINK bool signal_registry::remove(int sig) noexcept {
+  auto* e = find(sig);
+  if (!e) return false;
+  (*e)->call.cancel();
+  source.remove(sig);
+  entries.erase(entries.begin() + (e - entries.data()));
+  return true;
+}
+
+ASYNC_UTILS_LINK void signal_registry::on_readable(void* self) noexcept {
+  auto* reg = static_cast<signal_registry*>(self);
+  try {
+    reg->source.drain([reg](int sig) { reg->arrived(sig); });
+  } catch (...) {
+    reg->loop.call_exception_handler({"Error while reading signals", std::current_exception(), std::nullopt, std::nullopt});
+  }
+}
+
+ASYNC_UTILS_LINK void signal_registry::arrived(int sig) {
+  auto* found = find(sig);
+  if (!found || (*found)->queued) return;
+  std::shared_ptr<entry> e = *found;
+  // Weak: the entry holds the call's handle, so a strong capture would be a cycle.
+  e->call = loop.call_soon([weak = std::weak_ptr<entry>(e)] {
+    auto self = weak.lock();
+    if (!self) return;
+    self->queued = false;
+    auto fn = self->fn;  // a handler may replace or remove itself while it runs
+    fn();
+  });
+  e->queued = true;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -11427,7 +11719,8 @@ struct signal_registry {
 /// sigaction handler writes to a self-pipe (poll) or kqueue records it (EVFILT_SIGNAL).
 /// With signalfd, processes forked from the loop's thread inherit the blocked bit while the
 /// handler is installed (as with any signalfd user): unblock it in the child before exec.
-inline void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
   check_open();
   detail::check_signal_number(sig);
   if (!fn) throw std::invalid_argument("add_signal_handler: empty callback");
@@ -11437,14 +11730,17 @@ inline void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
   }
   signals_->add(sig, std::move(fn));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio's loop.remove_signal_handler: false when sig had no handler here. Restores the
 /// disposition (and, with signalfd, the thread's mask bit) that sig had before; arrivals not
 /// yet delivered are dropped. Throws std::invalid_argument for a bad number.
-inline bool event_loop::remove_signal_handler(int sig) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool event_loop::remove_signal_handler(int sig) {
   detail::check_signal_number(sig);
   return signals_ && signals_->remove(sig);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 
@@ -11804,9 +12100,13 @@ void from_destructor(const char* what, F&& fn) noexcept {
 
 /// A primitive's destructor: every task still waiting on it (parked or woken) gets
 /// cancelled_error instead of a pointer to a dead object (SPEC: destroying ends waits).
-inline void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
+ASYNC_UTILS_LINK void abandon_all(intrusive_list<parked_task>& waiters) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
   while (parked_task* w = waiters.pop_front()) from_destructor("abandoning a waiter failed", [w] { w->abandon(); });
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -11895,11 +12195,7 @@ class lock {
   [[nodiscard]] detail::lock_acquire acquire() noexcept { return detail::lock_acquire(*this); }
   /// Lock.release(): frees the lock and wakes the first waiter. Throws std::runtime_error when
   /// the lock is not locked.
-  void release() {
-    if (!locked_) throw std::runtime_error("lock.release(): the lock is not acquired");
-    locked_ = false;
-    wake_first();
-  }
+  void release();
   /// Lock.locked().
   bool locked() const noexcept { return locked_; }
   /// `async with lock:` — `auto guard = co_await lk.scoped();` releases when guard dies.
@@ -11910,20 +12206,32 @@ class lock {
   friend struct detail::condition_wait;
 
   /// Takes the lock at once when that does not jump the queue.
-  bool try_take() noexcept {
-    if (locked_ || !waiters_.empty()) return false;
-    locked_ = true;
-    return true;
-  }
+  bool try_take() noexcept;
   /// Hands the free lock to the head waiter, unless it was handed to it already.
-  void wake_first() {
-    if (locked_ || waiters_.empty() || waiters_.front().woken) return;
-    waiters_.front().wake_up();
-  }
+  void wake_first();
 
   bool locked_ = false;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void lock::release() {
+  if (!locked_) throw std::runtime_error("lock.release(): the lock is not acquired");
+  locked_ = false;
+  wake_first();
+}
+
+ASYNC_UTILS_LINK bool lock::try_take() noexcept {
+  if (locked_ || !waiters_.empty()) return false;
+  locked_ = true;
+  return true;
+}
+
+ASYNC_UTILS_LINK void lock::wake_first() {
+  if (locked_ || waiters_.empty() || waiters_.front().woken) return;
+  waiters_.front().wake_up();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 
@@ -12334,10 +12642,7 @@ class condition {
   /// Condition() with a lock of its own.
   condition() noexcept : lock_(&own_) {}
   /// Condition(lock) sharing `shared`; throws std::invalid_argument when it is null.
-  explicit condition(std::shared_ptr<lock> shared) : shared_(std::move(shared)) {
-    if (!shared_) throw std::invalid_argument("condition: null lock");
-    lock_ = shared_.get();
-  }
+  explicit condition(std::shared_ptr<lock> shared);
   /// Condition(lock) over a lock the caller keeps alive for as long as this condition.
   explicit condition(lock& borrowed) noexcept : lock_(&borrowed) {}
   condition(const condition&) = delete;
@@ -12372,34 +12677,47 @@ class condition {
 
   /// Condition.notify(n): wakes up to n waiters, longest waiting first. Throws
   /// std::runtime_error when the lock is not held.
-  void notify(std::size_t n = 1) {
-    if (!locked()) throw std::runtime_error("condition.notify(): the lock is not acquired");
-    wake(n);
-  }
+  void notify(std::size_t n = 1);
   /// Condition.notify_all().
-  void notify_all() {
-    if (!locked()) throw std::runtime_error("condition.notify_all(): the lock is not acquired");
-    wake(std::numeric_limits<std::size_t>::max());
-  }
+  void notify_all();
 
  private:
   friend struct detail::condition_wait;
   template <class Predicate>
   friend struct detail::condition_wait_for;
 
-  void wake(std::size_t n) {
-    for (; n != 0 && !waiters_.empty(); --n) {
-      auto& w = static_cast<detail::condition_wait&>(waiters_.front());
-      w.notified = true;
-      w.queue_for_lock();
-    }
-  }
+  void wake(std::size_t n);
 
   lock own_;
   std::shared_ptr<lock> shared_;
   lock* lock_;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK condition::condition(std::shared_ptr<lock> shared) : shared_(std::move(shared)) {
+  if (!shared_) throw std::invalid_argument("condition: null lock");
+  lock_ = shared_.get();
+}
+
+ASYNC_UTILS_LINK void condition::notify(std::size_t n) {
+  if (!locked()) throw std::runtime_error("condition.notify(): the lock is not acquired");
+  wake(n);
+}
+
+ASYNC_UTILS_LINK void condition::notify_all() {
+  if (!locked()) throw std::runtime_error("condition.notify_all(): the lock is not acquired");
+  wake(std::numeric_limits<std::size_t>::max());
+}
+
+ASYNC_UTILS_LINK void condition::wake(std::size_t n) {
+  for (; n != 0 && !waiters_.empty(); --n) {
+    auto& w = static_cast<detail::condition_wait&>(waiters_.front());
+    w.notified = true;
+    w.queue_for_lock();
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 
@@ -12878,11 +13196,7 @@ class event {
   ~event() { detail::abandon_all(waiters_); }
 
   /// Event.set(): sets the flag and wakes all waiters (they run on later iterations).
-  void set() {
-    if (flag_) return;
-    flag_ = true;
-    while (detail::parked_task* w = waiters_.pop_front()) w->wake_up();
-  }
+  void set();
   /// Event.clear().
   void clear() noexcept { flag_ = false; }
   /// Event.is_set().
@@ -12895,6 +13209,14 @@ class event {
   bool flag_ = false;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event::set() {
+  if (flag_) return;
+  flag_ = true;
+  while (detail::parked_task* w = waiters_.pop_front()) w->wake_up();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 
@@ -13017,21 +13339,14 @@ class semaphore {
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
   /// Waits still queued, and those handed a unit but not yet resumed, end with cancelled_error.
-  ~semaphore() {
-    detail::abandon_all(waiters_);
-    detail::abandon_all(handed_);
-  }
+  ~semaphore();
 
   /// Semaphore.acquire(): `co_await sem.acquire()` takes a unit; yields true. Cancelled after
   /// being handed a unit, it gives the unit to the next waiter.
   [[nodiscard]] detail::semaphore_acquire acquire() noexcept { return detail::semaphore_acquire(*this); }
   /// Semaphore.release(): returns a unit, waking the first waiter. A bounded semaphore throws
   /// std::invalid_argument when that would exceed its initial value.
-  void release() {
-    if (value_ >= bound_) throw std::invalid_argument("bounded_semaphore released too many times");
-    ++value_;
-    wake_next();
-  }
+  void release();
   /// Semaphore.locked(): true when acquire() would wait.
   bool locked() const noexcept { return value_ == 0 || !waiters_.empty(); }
   /// `async with semaphore:` — `auto guard = co_await sem.scoped();`.
@@ -13043,30 +13358,49 @@ class semaphore {
  private:
   friend struct detail::semaphore_acquire;
 
-  static std::size_t checked(std::ptrdiff_t value) {
-    if (value < 0) throw std::invalid_argument("semaphore initial value must be >= 0");
-    return static_cast<std::size_t>(value);
-  }
+  static std::size_t checked(std::ptrdiff_t value);
   /// Hands free units to waiters, first come first served.
-  void wake_next() {
-    while (value_ > 0 && !waiters_.empty()) {
-      --value_;
-      detail::parked_task* w = waiters_.pop_front();
-      handed_.push_back(*w);  // reachable until it resumes, for the destructor
-      w->wake_up();
-    }
-  }
+  void wake_next();
   /// A unit handed to a waiter that will not use it goes back round.
-  void give_back() {
-    ++value_;
-    wake_next();
-  }
+  void give_back();
 
   std::size_t value_;
   std::size_t bound_;
   detail::intrusive_list<detail::parked_task> waiters_;
   detail::intrusive_list<detail::parked_task> handed_;  // woken, not yet resumed
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK semaphore::~semaphore() {
+  detail::abandon_all(waiters_);
+  detail::abandon_all(handed_);
+}
+
+ASYNC_UTILS_LINK void semaphore::release() {
+  if (value_ >= bound_) throw std::invalid_argument("bounded_semaphore released too many times");
+  ++value_;
+  wake_next();
+}
+
+ASYNC_UTILS_LINK std::size_t semaphore::checked(std::ptrdiff_t value) {
+  if (value < 0) throw std::invalid_argument("semaphore initial value must be >= 0");
+  return static_cast<std::size_t>(value);
+}
+
+ASYNC_UTILS_LINK void semaphore::wake_next() {
+  while (value_ > 0 && !waiters_.empty()) {
+    --value_;
+    detail::parked_task* w = waiters_.pop_front();
+    handed_.push_back(*w);  // reachable until it resumes, for the destructor
+    w->wake_up();
+  }
+}
+
+ASYNC_UTILS_LINK void semaphore::give_back() {
+  ++value_;
+  wake_next();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.BoundedSemaphore: release() beyond the initial value throws std::invalid_argument.
 class bounded_semaphore : public semaphore {
@@ -13715,13 +14049,7 @@ class awaitable_predicate {
   using duration = std::chrono::steady_clock::duration;
 
   explicit awaitable_predicate(predicate_type predicate, std::shared_ptr<async_utils::condition> cond = nullptr,
-                               std::optional<duration> timeout = std::nullopt)
-      : predicate_(std::move(predicate)),
-        condition_(cond ? std::move(cond) : std::make_shared<async_utils::condition>()),
-        timeout_(timeout) {
-    if (!predicate_) throw std::invalid_argument("awaitable_predicate: empty predicate");
-    if (timeout_ && *timeout_ < duration::zero()) throw std::invalid_argument("awaitable_predicate: negative timeout");
-  }
+                               std::optional<duration> timeout = std::nullopt);
 
   /// The predicate's value now (no lock taken).
   explicit operator bool() const { return predicate_(); }
@@ -13743,6 +14071,17 @@ class awaitable_predicate {
   std::shared_ptr<async_utils::condition> condition_;
   std::optional<duration> timeout_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK awaitable_predicate::awaitable_predicate(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
+                             std::optional<duration> timeout)
+    : predicate_(std::move(predicate)),
+      condition_(cond ? std::move(cond) : std::make_shared<async_utils::condition>()),
+      timeout_(timeout) {
+  if (!predicate_) throw std::invalid_argument("awaitable_predicate: empty predicate");
+  if (timeout_ && *timeout_ < duration::zero()) throw std::invalid_argument("awaitable_predicate: negative timeout");
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
@@ -14372,11 +14711,15 @@ std::string_view pretty_type_name() noexcept {
 }
 
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
-inline std::string demangle(const std::type_info& type) {
+ASYNC_UTILS_LINK std::string demangle(const std::type_info& type);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string demangle(const std::type_info& type) {
   int status = 0;
   std::unique_ptr<char, void (*)(void*)> name(abi::__cxa_demangle(type.name(), nullptr, nullptr, &status), std::free);
   return status == 0 && name ? std::string(name.get()) : std::string(type.name());
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 #endif
 
 /// The qualified name of T ("T" for a class T at global scope, "ns::T" in a namespace).
@@ -14400,7 +14743,10 @@ std::string dynamic_type_name(const T& object) {
 }
 
 /// Python's repr of a str: single quotes, with backslashes, quotes and control characters escaped.
-inline std::string python_repr(std::string_view text) {
+ASYNC_UTILS_LINK std::string python_repr(std::string_view text);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string python_repr(std::string_view text) {
   std::string out = "'";
   for (char c : text) {
     switch (c) {
@@ -14422,6 +14768,7 @@ inline std::string python_repr(std::string_view text) {
   }
   return out + "'";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// A registry key as a string: strings as they are, numbers via to_string, else operator<<.
 template <class K>
@@ -15030,15 +15377,7 @@ class async_exit_stack {
   async_exit_stack(const async_exit_stack&) = delete;  // the callbacks must run once
   async_exit_stack& operator=(const async_exit_stack&) = delete;
   async_exit_stack& operator=(async_exit_stack&&) = delete;  // would drop pending callbacks
-  ~async_exit_stack() {
-    if (!exits_.empty()) {
-      try {
-        log(log_level::warning, "async_exit_stack destroyed with " + std::to_string(exits_.size()) +
-                                    " exit callback(s) that never ran: call aclose() or use async_with()");
-      } catch (...) {
-      }
-    }
-  }
+  ~async_exit_stack();
 
   /// Enters `cm` and registers its aexit; yields aenter's result (a reference comes as
   /// std::reference_wrapper). An lvalue is used by reference (it must outlive the stack's
@@ -15119,11 +15458,7 @@ class async_exit_stack {
   }
 
   /// Moves every registered callback to a new stack, leaving this one empty.
-  async_exit_stack pop_all() noexcept {
-    async_exit_stack moved;
-    moved.exits_ = std::exchange(exits_, {});
-    return moved;
-  }
+  async_exit_stack pop_all() noexcept;
 
   /// Unwinds the stack (aexit without an exception).
   coroutine<void> aclose();
@@ -15165,6 +15500,24 @@ class async_exit_stack {
 
   std::vector<exit_callback> exits_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK async_exit_stack::~async_exit_stack() {
+  if (!exits_.empty()) {
+    try {
+      log(log_level::warning, "async_exit_stack destroyed with " + std::to_string(exits_.size()) +
+                                  " exit callback(s) that never ran: call aclose() or use async_with()");
+    } catch (...) {
+    }
+  }
+}
+
+ASYNC_UTILS_LINK async_exit_stack async_exit_stack::pop_all() noexcept {
+  async_exit_stack moved;
+  moved.exits_ = std::exchange(exits_, {});
+  return moved;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> async_exit_stack::aclose() { co_await aexit(nullptr); }
@@ -15674,7 +16027,10 @@ struct ready_bool {
   bool await_resume() const noexcept { return value; }
 };
 
-inline bool is_cancellation(const std::exception_ptr& error) {
+ASYNC_UTILS_LINK bool is_cancellation(const std::exception_ptr& error);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool is_cancellation(const std::exception_ptr& error) {
   if (!error) return false;
   try {
     std::rethrow_exception(error);
@@ -15684,6 +16040,7 @@ inline bool is_cancellation(const std::exception_ptr& error) {
     return false;
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -15696,9 +16053,7 @@ class timeout_scope {
 
   /// std::nullopt: no deadline (reschedule() may set one later).
   explicit timeout_scope(std::optional<time_point> when) noexcept : when_(when) {}
-  timeout_scope(timeout_scope&& other) : when_(other.when_) {
-    if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
-  }
+  timeout_scope(timeout_scope&& other);
   timeout_scope& operator=(timeout_scope&&) = delete;
   ~timeout_scope() { timer_.cancel(); }
 
@@ -15709,51 +16064,20 @@ class timeout_scope {
 
   /// Moves the deadline (std::nullopt: never; a past time: at the next loop iteration). Only
   /// inside the scope: std::runtime_error before it is entered or after it is left.
-  void reschedule(std::optional<time_point> when) {
-    if (state_ == state::created) throw std::runtime_error("timeout: has not been entered");
-    if (state_ != state::entered) throw std::runtime_error("timeout: cannot reschedule an expired or finished timeout");
-    when_ = when;
-    timer_.cancel();
-    timer_ = {};
-    if (!when) return;
-    event_loop& loop = *task_->loop();
-    if (*when <= loop.time()) timer_ = loop.call_soon([this] { on_timeout(); });
-    else timer_ = loop.call_at(*when, [this] { on_timeout(); });
-  }
+  void reschedule(std::optional<time_point> when);
 
   /// Enters the scope in the running task (std::runtime_error outside a task, or when entered
   /// twice); yields the scope.
-  detail::ready_ref<timeout_scope> aenter() {
-    if (state_ != state::created) throw std::runtime_error("timeout: has already been entered");
-    task_ = &detail::current_task_core("timeout");
-    state_ = state::entered;
-    cancelling_ = task_->cancel_requests();
-    reschedule(when_);
-    return {*this};
-  }
+  detail::ready_ref<timeout_scope> aenter();
 
   /// Leaves the scope: a cancellation the deadline caused, with no other cancel() pending,
   /// leaves as timeout_error (the cancelled_error nested); anything else passes through.
-  detail::ready_bool aexit(std::exception_ptr error) {
-    timer_.cancel();
-    timer_ = {};
-    if (state_ == state::expiring) {
-      state_ = state::expired;
-      if (task_->uncancel() <= cancelling_ && detail::is_cancellation(error)) throw timeout_error("timeout: the deadline passed");
-    } else if (state_ == state::entered) {
-      state_ = state::exited;
-    }
-    return {false};
-  }
+  detail::ready_bool aexit(std::exception_ptr error);
 
  private:
   enum class state { created, entered, expiring, expired, exited };
 
-  void on_timeout() {
-    task_->cancel({});
-    state_ = state::expiring;
-    timer_ = {};
-  }
+  void on_timeout();
 
   std::optional<time_point> when_;
   state state_ = state::created;
@@ -15761,6 +16085,51 @@ class timeout_scope {
   unsigned cancelling_ = 0;
   handle timer_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK timeout_scope::timeout_scope(timeout_scope&& other) : when_(other.when_) {
+  if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
+}
+
+ASYNC_UTILS_LINK void timeout_scope::reschedule(std::optional<time_point> when) {
+  if (state_ == state::created) throw std::runtime_error("timeout: has not been entered");
+  if (state_ != state::entered) throw std::runtime_error("timeout: cannot reschedule an expired or finished timeout");
+  when_ = when;
+  timer_.cancel();
+  timer_ = {};
+  if (!when) return;
+  event_loop& loop = *task_->loop();
+  if (*when <= loop.time()) timer_ = loop.call_soon([this] { on_timeout(); });
+  else timer_ = loop.call_at(*when, [this] { on_timeout(); });
+}
+
+ASYNC_UTILS_LINK detail::ready_ref<timeout_scope> timeout_scope::aenter() {
+  if (state_ != state::created) throw std::runtime_error("timeout: has already been entered");
+  task_ = &detail::current_task_core("timeout");
+  state_ = state::entered;
+  cancelling_ = task_->cancel_requests();
+  reschedule(when_);
+  return {*this};
+}
+
+ASYNC_UTILS_LINK detail::ready_bool timeout_scope::aexit(std::exception_ptr error) {
+  timer_.cancel();
+  timer_ = {};
+  if (state_ == state::expiring) {
+    state_ = state::expired;
+    if (task_->uncancel() <= cancelling_ && detail::is_cancellation(error)) throw timeout_error("timeout: the deadline passed");
+  } else if (state_ == state::entered) {
+    state_ = state::exited;
+  }
+  return {false};
+}
+
+ASYNC_UTILS_LINK void timeout_scope::on_timeout() {
+  task_->cancel({});
+  state_ = state::expiring;
+  timer_ = {};
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.timeout(delay): a scope whose deadline is `delay` from now. Any unit; zero or less
 /// expires at the first await; duration::max() (or more than the clock holds) never expires.
@@ -15947,9 +16316,7 @@ namespace codestare::async_utils {
 class task_group {
  public:
   task_group() = default;
-  task_group(task_group&& other) {
-    if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
-  }
+  task_group(task_group&& other);
   task_group& operator=(task_group&&) = delete;
 
   /// A task of the group (create_task's rules for `aw`). std::runtime_error before the group is
@@ -15977,14 +16344,7 @@ class task_group {
 
   /// Enters the group in the running task (std::runtime_error outside a task or when entered
   /// twice); yields the group.
-  detail::ready_ref<task_group> aenter() {
-    if (entered_) throw std::runtime_error("task_group: has already been entered");
-    auto parent = current_task();
-    if (!parent) throw std::runtime_error("task_group: must be entered inside a task");
-    parent_ = *parent;
-    entered_ = true;
-    return {*this};
-  }
+  detail::ready_ref<task_group> aenter();
 
   /// Waits for every task; then rethrows as asyncio does: an outside cancellation as
   /// cancelled_error when nothing failed, else every failure (the body's last) in one
@@ -15992,40 +16352,13 @@ class task_group {
   coroutine<bool> aexit(std::exception_ptr error);
 
  private:
-  void abort() {
-    aborting_ = true;
-    for (auto& t : tasks_)
-      if (!t.done()) t.cancel();
-  }
+  void abort();
 
-  void on_task_done(const any_task& done) {
-    --pending_;
-    drop_finished();
-    if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
-    if (done.cancelled()) return;
-    std::exception_ptr e = done.exception();
-    if (!e) return;
-    errors_.push_back(e);
-    if (parent_.done()) {
-      log(log_level::error, "task_group: a task failed after its parent task had finished: " + describe(e));
-      return;
-    }
-    if (!aborting_ && !parent_cancel_requested_) {
-      abort();
-      parent_cancel_requested_ = true;
-      parent_.cancel();
-    }
-  }
+  void on_task_done(const any_task& done);
 
   /// Lets go of the finished children once they make up half of tasks_ (amortised O(1) per
   /// child), so a long-lived group holds about as many handles as it has running children.
-  void drop_finished() {
-    // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
-    if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
-    finished_since_drop_ = 0;
-    std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
-    if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
-  }
+  void drop_finished();
 
   std::vector<any_task> tasks_;  // the children, finished ones dropped in batches
   std::size_t pending_ = 0;
@@ -16038,6 +16371,54 @@ class task_group {
   bool aborting_ = false;
   bool parent_cancel_requested_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK task_group::task_group(task_group&& other) {
+  if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
+}
+
+ASYNC_UTILS_LINK detail::ready_ref<task_group> task_group::aenter() {
+  if (entered_) throw std::runtime_error("task_group: has already been entered");
+  auto parent = current_task();
+  if (!parent) throw std::runtime_error("task_group: must be entered inside a task");
+  parent_ = *parent;
+  entered_ = true;
+  return {*this};
+}
+
+ASYNC_UTILS_LINK void task_group::abort() {
+  aborting_ = true;
+  for (auto& t : tasks_)
+    if (!t.done()) t.cancel();
+}
+
+ASYNC_UTILS_LINK void task_group::on_task_done(const any_task& done) {
+  --pending_;
+  drop_finished();
+  if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
+  if (done.cancelled()) return;
+  std::exception_ptr e = done.exception();
+  if (!e) return;
+  errors_.push_back(e);
+  if (parent_.done()) {
+    log(log_level::error, "task_group: a task failed after its parent task had finished: " + describe(e));
+    return;
+  }
+  if (!aborting_ && !parent_cancel_requested_) {
+    abort();
+    parent_cancel_requested_ = true;
+    parent_.cancel();
+  }
+}
+
+ASYNC_UTILS_LINK void task_group::drop_finished() {
+  // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
+  if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
+  finished_since_drop_ = 0;
+  std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
+  if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<bool> task_group::aexit(std::exception_ptr error) {
@@ -17033,18 +17414,26 @@ struct nursery_state {
   std::optional<async_exit_stack> unwinding;
 
   /// Pending children of this nursery and of those it adopted, but not `except`.
-  std::vector<any_task> pending_children(const std::optional<any_task>& except) const {
-    std::vector<any_task> out;
-    auto add = [&](const nursery_state& s) {
-      for (const any_task& t : s.tasks)
-        if (!t.done() && !(except && *except == t)) out.push_back(t);
-    };
-    add(*this);
-    if (responsible)
-      for (const auto& a : adopted) add(*a);
-    return out;
-  }
+  std::vector<any_task> pending_children(const std::optional<any_task>& except) const;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::vector<any_task> nursery_state::pending_children(const std::optional<any_task>& except) const {
+  std::vector<any_task> out;
+  auto add = [&](const nursery_state& s) {
+    for (const any_task& t : s.tasks)
+      if (!t.done() && !(except && *except == t)) out.push_back(t);
+  };
+  add(*this);
+  if (responsible)
+    for (const auto& a : adopted) add(*a);
+  return out;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+// shutdown.hpp defines attach_nursery (it includes this file), so tests/self_contained.py
+// links this part together with it:
+// Links with: utilities/shutdown.hpp
 
 /// Registers `state` with the shutdown handling of its loop (shutdown.hpp).
 void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state);
@@ -17116,52 +17505,12 @@ class nursery_name {
 class task_nursery : public async_exit_stack, public registry<task_nursery> {
  public:
   /// The unique name (computed now when the nursery was given a name function).
-  std::string name() const {
-    if (const auto* fixed = std::get_if<std::string>(&name_)) return *fixed;
-    return std::get<2>(name_)();
-  }
+  std::string name() const;
   static constexpr auto unique_key = &task_nursery::name;
 
   /// A nursery on `loop` (default: the running one). Throws std::invalid_argument when a live
   /// nursery has this name (nothing is registered or started then).
-  explicit task_nursery(nursery_name given = {}, event_loop* loop = nullptr)
-      : registry_base(defer_registration), state_(std::make_shared<detail::nursery_state>()) {
-    event_loop& target = loop ? *loop : event_loop::current();
-    target.check_open();
-    state_->loop = &target;
-    name_ = std::move(given.value_);
-    if (std::holds_alternative<std::monostate>(name_)) {
-      static std::atomic<std::uint64_t> counter{0};
-      for (;;) {  // the automatic name skips names a user gave
-        name_ = "TaskNursery-" + std::to_string(counter.fetch_add(1));
-        try {
-          publish_unique();
-          break;
-        } catch (const std::invalid_argument&) {
-        }
-      }
-    } else {
-      publish_unique();
-    }
-    try {
-      state_->name = this->name();
-      state_->owner = this;
-      state_->tasks.reserve(4);
-      detail::attach_nursery(target, state_);
-      state_->sentinel = target.create_task(sentinel_body(state_), "sentinel:" + state_->name);
-      // A sentinel cancelled before it started never runs its body: shut down from here then.
-      state_->sentinel.add_done_callback([weak = std::weak_ptr<detail::nursery_state>(state_)](any_task) {
-        auto st = weak.lock();
-        if (!st || st->sentinel_woke || st->closing || !st->owner) return;
-        st->loop->create_task(close_later(st), "shutdown:" + st->name);
-      });
-    } catch (...) {
-      withdraw();
-      if (state_->sentinel) state_->sentinel.cancel();
-      state_->owner = nullptr;
-      throw;
-    }
-  }
+  explicit task_nursery(nursery_name given = {}, event_loop* loop = nullptr);
   task_nursery(nursery_name name, event_loop& loop) : task_nursery(std::move(name), &loop) {}
 
   task_nursery(const task_nursery&) = delete;
@@ -17169,29 +17518,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   task_nursery(task_nursery&&) = delete;  // the sentinel and the children's callbacks point here
   task_nursery& operator=(task_nursery&&) = delete;
 
-  ~task_nursery() {
-    withdraw();
-    auto& st = *state_;
-    if (st.closing && !st.closed) {
-      try {
-        log(log_level::error, "task_nursery " + detail::python_repr(st.name) + " destroyed while it shuts down");
-      } catch (...) {
-      }
-    }
-    if (!st.closing && st.responsible) {
-      auto pending = st.pending_children(std::nullopt);
-      if (!pending.empty()) {
-        try {
-          log(log_level::warning, "task_nursery " + detail::python_repr(st.name) + " destroyed with " + std::to_string(pending.size()) +
-                                      " pending task(s) without being shut down: they are cancelled");
-        } catch (...) {
-        }
-        for (auto& t : pending) t.cancel();
-      }
-    }
-    st.owner = nullptr;
-    if (st.sentinel && !st.sentinel.done()) st.sentinel.cancel();  // ends without touching us
-  }
+  ~task_nursery();
 
   /// The static add_shutdown_handling of the original: installs setup_shutdown_handling(loop)
   /// once per loop (shutdown.hpp).
@@ -17231,28 +17558,13 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
 
   /// Stops one of this nursery's tasks (see the free stop_task); std::invalid_argument when
   /// `t` is not one of tasks().
-  coroutine<std::exception_ptr> stop_task(const any_task& t) {
-    const auto& list = state_->tasks;
-    if (!t || std::find(list.begin(), list.end(), t) == list.end())
-      throw std::invalid_argument("task_nursery::stop_task: the task is not one of the pending tasks of " + detail::python_repr(state_->name));
-    return codestare::async_utils::stop_task(t);
-  }
+  coroutine<std::exception_ptr> stop_task(const any_task& t);
 
   /// A new nursery (automatic name, same loop) that takes over the exit callbacks and the
   /// responsibility for the tasks. Closing this one afterwards does nothing (its tasks keep
   /// running, its sentinel stays); closing the new one stops those tasks, shuts this one down
   /// and ends the new one.
-  std::unique_ptr<task_nursery> pop_all() {
-    auto adopter = std::make_unique<task_nursery>(nursery_name(), state_->loop);
-    auto& st = *state_;
-    adopter->state_->adopted.reserve(st.adopted.size() + 1);
-    if (!empty()) adopter->push_async_exit(async_exit_stack::pop_all());
-    adopter->state_->adopted.push_back(state_);
-    for (auto& a : st.adopted) adopter->state_->adopted.push_back(std::move(a));
-    st.adopted.clear();
-    st.responsible = false;
-    return adopter;
-  }
+  std::unique_ptr<task_nursery> pop_all();
 
   /// Shuts the nursery down (see the class).
   coroutine<void> aclose();
@@ -17277,25 +17589,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
  private:
   static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st);
 
-  static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
-    auto st = weak.lock();
-    if (!st) return;
-    auto& list = st->tasks;
-    list.erase(std::remove(list.begin(), list.end(), done), list.end());
-    if (done.cancelled()) return;
-    std::exception_ptr error = done.exception();
-    if (!error) return;
-    try {
-      std::rethrow_exception(error);
-    } catch (const cancelled_error&) {
-      return;  // it raised cancelled_error itself: a cancellation
-    } catch (...) {
-    }
-    if (!st->loop || st->loop->is_closed()) return;
-    std::optional<any_task> sentinel;
-    if (st->sentinel) sentinel = st->sentinel;
-    st->loop->call_exception_handler({"Exception in a task of task_nursery " + detail::python_repr(st->name), error, done, sentinel});
-  }
+  static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done);
 
   /// The shutdown. `sentinel_ending`: the sentinel runs it or is done already (do not wait for it).
   coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending);
@@ -17315,6 +17609,115 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   std::variant<std::monostate, std::string, std::function<std::string()>> name_;
   std::shared_ptr<detail::nursery_state> state_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string task_nursery::name() const {
+  if (const auto* fixed = std::get_if<std::string>(&name_)) return *fixed;
+  return std::get<2>(name_)();
+}
+
+ASYNC_UTILS_LINK task_nursery::task_nursery(nursery_name given, event_loop* loop)
+    : registry_base(defer_registration), state_(std::make_shared<detail::nursery_state>()) {
+  event_loop& target = loop ? *loop : event_loop::current();
+  target.check_open();
+  state_->loop = &target;
+  name_ = std::move(given.value_);
+  if (std::holds_alternative<std::monostate>(name_)) {
+    static std::atomic<std::uint64_t> counter{0};
+    for (;;) {  // the automatic name skips names a user gave
+      name_ = "TaskNursery-" + std::to_string(counter.fetch_add(1));
+      try {
+        publish_unique();
+        break;
+      } catch (const std::invalid_argument&) {
+      }
+    }
+  } else {
+    publish_unique();
+  }
+  try {
+    state_->name = this->name();
+    state_->owner = this;
+    state_->tasks.reserve(4);
+    detail::attach_nursery(target, state_);
+    state_->sentinel = target.create_task(sentinel_body(state_), "sentinel:" + state_->name);
+    // A sentinel cancelled before it started never runs its body: shut down from here then.
+    state_->sentinel.add_done_callback([weak = std::weak_ptr<detail::nursery_state>(state_)](any_task) {
+      auto st = weak.lock();
+      if (!st || st->sentinel_woke || st->closing || !st->owner) return;
+      st->loop->create_task(close_later(st), "shutdown:" + st->name);
+    });
+  } catch (...) {
+    withdraw();
+    if (state_->sentinel) state_->sentinel.cancel();
+    state_->owner = nullptr;
+    throw;
+  }
+}
+
+ASYNC_UTILS_LINK task_nursery::~task_nursery() {
+  withdraw();
+  auto& st = *state_;
+  if (st.closing && !st.closed) {
+    try {
+      log(log_level::error, "task_nursery " + detail::python_repr(st.name) + " destroyed while it shuts down");
+    } catch (...) {
+    }
+  }
+  if (!st.closing && st.responsible) {
+    auto pending = st.pending_children(std::nullopt);
+    if (!pending.empty()) {
+      try {
+        log(log_level::warning, "task_nursery " + detail::python_repr(st.name) + " destroyed with " + std::to_string(pending.size()) +
+                                    " pending task(s) without being shut down: they are cancelled");
+      } catch (...) {
+      }
+      for (auto& t : pending) t.cancel();
+    }
+  }
+  st.owner = nullptr;
+  if (st.sentinel && !st.sentinel.done()) st.sentinel.cancel();  // ends without touching us
+}
+
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> task_nursery::stop_task(const any_task& t) {
+  const auto& list = state_->tasks;
+  if (!t || std::find(list.begin(), list.end(), t) == list.end())
+    throw std::invalid_argument("task_nursery::stop_task: the task is not one of the pending tasks of " + detail::python_repr(state_->name));
+  return codestare::async_utils::stop_task(t);
+}
+
+ASYNC_UTILS_LINK std::unique_ptr<task_nursery> task_nursery::pop_all() {
+  auto adopter = std::make_unique<task_nursery>(nursery_name(), state_->loop);
+  auto& st = *state_;
+  adopter->state_->adopted.reserve(st.adopted.size() + 1);
+  if (!empty()) adopter->push_async_exit(async_exit_stack::pop_all());
+  adopter->state_->adopted.push_back(state_);
+  for (auto& a : st.adopted) adopter->state_->adopted.push_back(std::move(a));
+  st.adopted.clear();
+  st.responsible = false;
+  return adopter;
+}
+
+ASYNC_UTILS_LINK void task_nursery::child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
+  auto st = weak.lock();
+  if (!st) return;
+  auto& list = st->tasks;
+  list.erase(std::remove(list.begin(), list.end(), done), list.end());
+  if (done.cancelled()) return;
+  std::exception_ptr error = done.exception();
+  if (!error) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const cancelled_error&) {
+    return;  // it raised cancelled_error itself: a cancellation
+  } catch (...) {
+  }
+  if (!st->loop || st->loop->is_closed()) return;
+  std::optional<any_task> sentinel;
+  if (st->sentinel) sentinel = st->sentinel;
+  st->loop->call_exception_handler({"Exception in a task of task_nursery " + detail::python_repr(st->name), error, done, sentinel});
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> task_nursery::aclose() { co_await shut_down(nullptr, false); }
@@ -17788,14 +18191,18 @@ struct loop_shutdown {
   std::vector<int> signals;       // the signals whose handlers we installed
   std::vector<std::weak_ptr<nursery_state>> nurseries;
 
-  std::vector<std::shared_ptr<nursery_state>> live_nurseries() {
-    std::vector<std::shared_ptr<nursery_state>> out;
-    std::erase_if(nurseries, [](const std::weak_ptr<nursery_state>& w) { return w.expired(); });
-    for (auto& w : nurseries)
-      if (auto s = w.lock()) out.push_back(std::move(s));
-    return out;
-  }
+  std::vector<std::shared_ptr<nursery_state>> live_nurseries();
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::vector<std::shared_ptr<nursery_state>> loop_shutdown::live_nurseries() {
+  std::vector<std::shared_ptr<nursery_state>> out;
+  std::erase_if(nurseries, [](const std::weak_ptr<nursery_state>& w) { return w.expired(); });
+  for (auto& w : nurseries)
+    if (auto s = w.lock()) out.push_back(std::move(s));
+  return out;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
@@ -17818,13 +18225,17 @@ struct loop_shutdown_guard {
   explicit loop_shutdown_guard(std::shared_ptr<loop_shutdown> e) : entry(std::move(e)) {}
   loop_shutdown_guard(const loop_shutdown_guard&) = delete;
   loop_shutdown_guard& operator=(const loop_shutdown_guard&) = delete;
-  ~loop_shutdown_guard() {
-    auto& table = shutdown_table();
-    std::lock_guard lock(table.mutex);
-    auto it = table.entries.find(entry->loop);
-    if (it != table.entries.end() && it->second == entry) table.entries.erase(it);
-  }
+  ~loop_shutdown_guard();
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK loop_shutdown_guard::~loop_shutdown_guard() {
+  auto& table = shutdown_table();
+  std::lock_guard lock(table.mutex);
+  auto it = table.entries.find(entry->loop);
+  if (it != table.entries.end() && it->second == entry) table.entries.erase(it);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The entry of `loop` and the guard that keeps it listed (created when missing).
 ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop);
@@ -18278,98 +18689,112 @@ struct stream_state {
   stream_state(int f, std::size_t lim) : loop(&event_loop::current()), fd(f), limit(lim), closed(loop->create_future<void>()) {}
   stream_state(const stream_state&) = delete;
   stream_state& operator=(const stream_state&) = delete;
-  ~stream_state() {
-    if (writer_armed && fd) loop->remove_writer(fd.get());
-  }
+  ~stream_state();
 
   std::size_t available() const noexcept { return tail - head; }
   std::size_t buffered() const noexcept { return wbuf.size() - whead; }
 
   /// Room for at least `n` more bytes after tail.
-  void reserve(std::size_t n) {
-    if (head == tail) head = tail = 0;
-    if (rbuf.size() - tail >= n) return;
-    if (head > 0) {
-      std::memmove(rbuf.data(), rbuf.data() + head, tail - head);
-      tail -= head;
-      head = 0;
-    }
-    if (rbuf.size() - tail < n) rbuf.resize(std::max(tail + n, rbuf.size() * 2));
-  }
+  void reserve(std::size_t n);
 
   /// The first n buffered bytes; moved out without a copy when they are all of the buffer.
-  std::string take(std::size_t n) {
-    std::string out;
-    if (head == 0 && n == tail) {
-      out = std::move(rbuf);
-      out.resize(n);
-      rbuf = std::string();
-      tail = 0;
-    } else {
-      out.assign(rbuf.data() + head, n);
-      head += n;
-      if (head == tail) head = tail = 0;
+  std::string take(std::size_t n);
+
+  void wake_drainers();
+
+  void finish_close();
+
+  void flush();
+};
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK stream_state::~stream_state() {
+  if (writer_armed && fd) loop->remove_writer(fd.get());
+}
+
+ASYNC_UTILS_LINK void stream_state::reserve(std::size_t n) {
+  if (head == tail) head = tail = 0;
+  if (rbuf.size() - tail >= n) return;
+  if (head > 0) {
+    std::memmove(rbuf.data(), rbuf.data() + head, tail - head);
+    tail -= head;
+    head = 0;
+  }
+  if (rbuf.size() - tail < n) rbuf.resize(std::max(tail + n, rbuf.size() * 2));
+}
+
+ASYNC_UTILS_LINK std::string stream_state::take(std::size_t n) {
+  std::string out;
+  if (head == 0 && n == tail) {
+    out = std::move(rbuf);
+    out.resize(n);
+    rbuf = std::string();
+    tail = 0;
+  } else {
+    out.assign(rbuf.data() + head, n);
+    head += n;
+    if (head == tail) head = tail = 0;
+  }
+  return out;
+}
+
+ASYNC_UTILS_LINK void stream_state::wake_drainers() {
+  for (auto& f : drainers)
+    if (!f.done()) f.set_result();
+  drainers.clear();
+}
+
+ASYNC_UTILS_LINK void stream_state::finish_close() {
+  if (writer_armed) {
+    loop->remove_writer(fd.get());
+    writer_armed = false;
+  }
+  wake_drainers();
+  if (reading) {
+    ::shutdown(fd.get(), SHUT_RDWR);  // the pending read sees EOF and closes after it
+    return;
+  }
+  fd.reset();
+  if (!closed.done()) closed.set_result();
+}
+
+ASYNC_UTILS_LINK void stream_state::flush() {
+  while (buffered() > 0) {
+    ssize_t n = ::send(fd.get(), wbuf.data() + whead, buffered(), send_flags);
+    if (n >= 0) {
+      whead += static_cast<std::size_t>(n);
+      continue;
     }
-    return out;
+    if (errno == EINTR) continue;
+    if (would_block(errno)) break;
+    write_error = errno;
+    wbuf.clear();
+    whead = 0;
+    break;
   }
-
-  void wake_drainers() {
-    for (auto& f : drainers)
-      if (!f.done()) f.set_result();
-    drainers.clear();
+  if (buffered() == 0) {
+    wbuf.clear();
+    whead = 0;
   }
-
-  void finish_close() {
+  if (buffered() <= stream_low_water) wake_drainers();
+  if (buffered() == 0 || write_error) {
     if (writer_armed) {
       loop->remove_writer(fd.get());
       writer_armed = false;
     }
-    wake_drainers();
-    if (reading) {
-      ::shutdown(fd.get(), SHUT_RDWR);  // the pending read sees EOF and closes after it
-      return;
+    if (closing && fd) {
+      finish_close();
+    } else if (eof_pending && !write_error) {
+      eof_pending = false;
+      eof_written = true;
+      ::shutdown(fd.get(), SHUT_WR);
     }
-    fd.reset();
-    if (!closed.done()) closed.set_result();
+  } else if (!writer_armed) {
+    loop->add_writer(fd.get(), [this] { flush(); });
+    writer_armed = true;
   }
-
-  void flush() {
-    while (buffered() > 0) {
-      ssize_t n = ::send(fd.get(), wbuf.data() + whead, buffered(), send_flags);
-      if (n >= 0) {
-        whead += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (errno == EINTR) continue;
-      if (would_block(errno)) break;
-      write_error = errno;
-      wbuf.clear();
-      whead = 0;
-      break;
-    }
-    if (buffered() == 0) {
-      wbuf.clear();
-      whead = 0;
-    }
-    if (buffered() <= stream_low_water) wake_drainers();
-    if (buffered() == 0 || write_error) {
-      if (writer_armed) {
-        loop->remove_writer(fd.get());
-        writer_armed = false;
-      }
-      if (closing && fd) {
-        finish_close();
-      } else if (eof_pending && !write_error) {
-        eof_pending = false;
-        eof_written = true;
-        ::shutdown(fd.get(), SHUT_WR);
-      }
-    } else if (!writer_armed) {
-      loop->add_writer(fd.get(), [this] { flush(); });
-      writer_armed = true;
-    }
-  }
-};
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Receives into the stream's buffer. The bytes are counted in the state at once, so a read
 /// cancelled after the kernel handed them over keeps them for the next read.
@@ -18620,32 +19045,7 @@ class stream_writer {
   explicit stream_writer(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
 
   /// Sends what the socket takes now and buffers the rest; drain() waits for the buffer.
-  void write(std::string_view data) {
-    auto& s = *st();
-    if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
-    if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
-    if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
-    std::size_t sent = 0;
-    if (s.buffered() == 0) {
-      while (sent < data.size()) {
-        ssize_t n = ::send(s.fd.get(), data.data() + sent, data.size() - sent, detail::send_flags);
-        if (n >= 0) {
-          sent += static_cast<std::size_t>(n);
-          continue;
-        }
-        if (errno == EINTR) continue;
-        if (detail::would_block(errno)) break;
-        s.write_error = errno;
-        return;
-      }
-      if (sent == data.size()) return;
-    }
-    s.wbuf.append(data.data() + sent, data.size() - sent);
-    if (!s.writer_armed) {
-      s.loop->add_writer(s.fd.get(), [p = &s] { p->flush(); });
-      s.writer_armed = true;
-    }
-  }
+  void write(std::string_view data);
   template <class Range>
   void writelines(const Range& lines) {
     for (const auto& line : lines) write(std::string_view(line));
@@ -18656,41 +19056,14 @@ class stream_writer {
   coroutine<void> drain() { return detail::stream_drain(st()); }
 
   /// Closes the connection once the buffer is flushed.
-  void close() {
-    auto& s = *st();
-    if (s.closing) return;
-    s.closing = true;
-    if (s.buffered() == 0 && s.fd) s.finish_close();
-  }
+  void close();
   bool is_closing() const { return st()->closing; }
   coroutine<void> wait_closed() { return detail::stream_wait_closed(st()); }
   bool can_write_eof() const noexcept { return true; }
   /// Shuts the sending side down after the buffer is flushed.
-  void write_eof() {
-    auto& s = *st();
-    if (s.closing || s.eof_written || s.eof_pending) return;
-    if (s.buffered() == 0) {
-      s.eof_written = true;
-      ::shutdown(s.fd.get(), SHUT_WR);
-    } else {
-      s.eof_pending = true;
-    }
-  }
+  void write_eof();
   /// "peername" or "sockname" as "host:port" ("[v6]:port", or a Unix path); none for others.
-  std::optional<std::string> get_extra_info(std::string_view name) const {
-    if (!st()->fd) return std::nullopt;
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    int r;
-    if (name == "peername")
-      r = ::getpeername(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
-    else if (name == "sockname")
-      r = ::getsockname(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
-    else
-      return std::nullopt;
-    if (r != 0) return std::nullopt;
-    return detail::format_address(a, len);
-  }
+  std::optional<std::string> get_extra_info(std::string_view name) const;
   /// The descriptor (owned by the stream; -1 once closed).
   int fileno() const { return st()->fd.get(); }
 
@@ -18698,6 +19071,68 @@ class stream_writer {
   const std::shared_ptr<detail::stream_state>& st() const { return detail::live(s_, "stream_writer"); }
   std::shared_ptr<detail::stream_state> s_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void stream_writer::write(std::string_view data) {
+  auto& s = *st();
+  if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
+  if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
+  if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
+  std::size_t sent = 0;
+  if (s.buffered() == 0) {
+    while (sent < data.size()) {
+      ssize_t n = ::send(s.fd.get(), data.data() + sent, data.size() - sent, detail::send_flags);
+      if (n >= 0) {
+        sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (detail::would_block(errno)) break;
+      s.write_error = errno;
+      return;
+    }
+    if (sent == data.size()) return;
+  }
+  s.wbuf.append(data.data() + sent, data.size() - sent);
+  if (!s.writer_armed) {
+    s.loop->add_writer(s.fd.get(), [p = &s] { p->flush(); });
+    s.writer_armed = true;
+  }
+}
+
+ASYNC_UTILS_LINK void stream_writer::close() {
+  auto& s = *st();
+  if (s.closing) return;
+  s.closing = true;
+  if (s.buffered() == 0 && s.fd) s.finish_close();
+}
+
+ASYNC_UTILS_LINK void stream_writer::write_eof() {
+  auto& s = *st();
+  if (s.closing || s.eof_written || s.eof_pending) return;
+  if (s.buffered() == 0) {
+    s.eof_written = true;
+    ::shutdown(s.fd.get(), SHUT_WR);
+  } else {
+    s.eof_pending = true;
+  }
+}
+
+ASYNC_UTILS_LINK std::optional<std::string> stream_writer::get_extra_info(std::string_view name) const {
+  if (!st()->fd) return std::nullopt;
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  int r;
+  if (name == "peername")
+    r = ::getpeername(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  else if (name == "sockname")
+    r = ::getsockname(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  else
+    return std::nullopt;
+  if (r != 0) return std::nullopt;
+  return detail::format_address(a, len);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Takes a connected socket (made non-blocking here) and returns its reader and writer, which
 /// own it from now on.
@@ -18891,22 +19326,28 @@ struct server_options {
 struct listening_socket {
   int fd = -1;
   /// The bound address as "host:port" ("[v6]:port", or the Unix path).
-  std::string sockname() const {
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return {};
-    return detail::format_address(a, len);
-  }
+  std::string sockname() const;
   /// The bound port (0 for a Unix socket).
-  int port() const {
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
-    if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
-    if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
-    return 0;
-  }
+  int port() const;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string listening_socket::sockname() const {
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return {};
+  return detail::format_address(a, len);
+}
+
+ASYNC_UTILS_LINK int listening_socket::port() const {
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+  return 0;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 
@@ -18931,37 +19372,47 @@ struct server_state : std::enable_shared_from_this<server_state> {
   server_state& operator=(const server_state&) = delete;
   ~server_state() { close(); }
 
-  void start() {
-    if (serving || closed) return;
-    serving = true;
-    for (auto& l : listeners) loop->add_reader(l.get(), [this, fd = l.get()] { accept_ready(fd); });
-  }
-  void pause() {
-    if (!serving) return;
-    serving = false;
-    for (auto& l : listeners) loop->remove_reader(l.get());
-  }
-  void close() {
-    if (closed) return;
-    pause();
-    closed = true;
-    retry.cancel();
-    listeners.clear();  // stops accepting; connections already made go on
-    if (!unix_path.empty()) ::unlink(unix_path.c_str());
-    if (forever && !forever->done()) forever->cancel();
-    maybe_wake();
-  }
-  void maybe_wake() {
-    if (!closed || active > 0) return;
-    for (auto& f : closed_waiters)
-      if (!f.done()) f.set_result();
-    closed_waiters.clear();
-  }
+  void start();
+  void pause();
+  void close();
+  void maybe_wake();
 
   // Accepts what is pending (at most a backlog's worth per wake-up, as asyncio).
   void accept_ready(int fd);
   static coroutine<void> serve(std::shared_ptr<server_state> self, unique_fd conn);
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void server_state::start() {
+  if (serving || closed) return;
+  serving = true;
+  for (auto& l : listeners) loop->add_reader(l.get(), [this, fd = l.get()] { accept_ready(fd); });
+}
+
+ASYNC_UTILS_LINK void server_state::pause() {
+  if (!serving) return;
+  serving = false;
+  for (auto& l : listeners) loop->remove_reader(l.get());
+}
+
+ASYNC_UTILS_LINK void server_state::close() {
+  if (closed) return;
+  pause();
+  closed = true;
+  retry.cancel();
+  listeners.clear();  // stops accepting; connections already made go on
+  if (!unix_path.empty()) ::unlink(unix_path.c_str());
+  if (forever && !forever->done()) forever->cancel();
+  maybe_wake();
+}
+
+ASYNC_UTILS_LINK void server_state::maybe_wake() {
+  if (!closed || active > 0) return;
+  for (auto& f : closed_waiters)
+    if (!f.done()) f.set_result();
+  closed_waiters.clear();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -19973,5 +20424,11 @@ TEST_SUITE("composition") {
 }
 #endif
 // ---- end src/utilities/composition.hpp ----
+
+// The end of the library's code: the implementation TU's warnings come back for what follows
+// (config.hpp turned -Wsubobject-linkage off for the library's coroutine frames).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #endif  // ASYNC_UTILS_HPP_INCLUDED

@@ -40,9 +40,9 @@
 #include "runtime/wait.hpp"
 #include "runtime/as_completed.hpp"
 #include "runtime/io.hpp"
+#include "runtime/executor.hpp"
 #include "runtime/run.hpp"
 #include "runtime/async_generator.hpp"
-#include "runtime/executor.hpp"
 #include "runtime/signals.hpp"
 
 // Primitives: asyncio's locks, conditions, events, semaphores and queues.
@@ -68,3 +68,9 @@
 #include "utilities/shutdown.hpp"
 #include "utilities/streams.hpp"
 #include "utilities/composition.hpp"
+
+// The end of the library's code: the implementation TU's warnings come back for what follows
+// (config.hpp turned -Wsubobject-linkage off for the library's coroutine frames).
+#if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

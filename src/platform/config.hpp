@@ -68,9 +68,10 @@
 #define ASYNC_UTILS_DEFINITIONS 0
 #endif
 // g++ warns (-Wsubobject-linkage) about coroutine frames of non-inline functions that hold a
-// lambda; the implementation TU is their only home, so the warning is off there (that TU is meant
-// to hold just the #include).
+// lambda; the implementation TU is their only home, so the warning is off there, for the
+// library's code only: the root file (src/async_utils.hpp) pops it after its last part.
 #if defined(ASYNC_UTILS_IMPLEMENTATION) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wsubobject-linkage"
 #endif
 

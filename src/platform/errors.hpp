@@ -15,13 +15,17 @@ class cancelled_error : public std::exception {
   explicit cancelled_error(std::string message) : message_(std::move(message)) {}
   /// The message given to cancel(), empty when none was.
   const std::string& message() const noexcept { return message_; }
-  const char* what() const noexcept override {
-    return message_.empty() ? "cancelled" : message_.c_str();
-  }
+  const char* what() const noexcept override;
 
  private:
   std::string message_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* cancelled_error::what() const noexcept {
+  return message_.empty() ? "cancelled" : message_.c_str();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.TimeoutError: a wait_for() or awaitable_predicate timed out.
 class timeout_error : public std::runtime_error {

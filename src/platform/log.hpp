@@ -21,11 +21,19 @@ struct log_state {
   std::recursive_mutex mutex;  // recursive: a sink may log itself
   log_handler handler;  // empty: the stderr default
 };
-inline log_state& log_sink() {
+ASYNC_UTILS_LINK log_state& log_sink();
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_state& log_sink() {
   static log_state state;
   return state;
 }
-inline const char* level_name(log_level level) noexcept {
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK const char* level_name(log_level level) noexcept {
   switch (level) {
     case log_level::debug: return "DEBUG";
     case log_level::info: return "INFO";
@@ -34,18 +42,26 @@ inline const char* level_name(log_level level) noexcept {
   }
   return "?";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 }  // namespace detail
 
 /// Replaces the sink (an empty function restores the stderr default). Returns the previous one.
-inline log_handler set_log_handler(log_handler handler) {
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK log_handler set_log_handler(log_handler handler) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   std::swap(sink.handler, handler);
   return handler;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Sends one message to the sink. Sinks are called one at a time (under a recursive mutex), so they need no locking.
-inline void log(log_level level, std::string_view message) {
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void log(log_level level, std::string_view message) {
   auto& sink = detail::log_sink();
   std::lock_guard guard(sink.mutex);
   if (sink.handler) {
@@ -55,6 +71,7 @@ inline void log(log_level level, std::string_view message) {
                  static_cast<int>(message.size()), message.data());
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

@@ -1,6 +1,8 @@
 // Small POSIX helpers shared by the backends: errno to exceptions, an owning fd, readiness bits.
 #pragma once
 
+#include "config.hpp"
+
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -137,9 +139,13 @@ inline void unpark(park_word& word, int count) noexcept {
 #endif
 
 /// Throws std::system_error(EBADF) unless fd is an open descriptor.
-inline void require_open_fd(int fd, const char* what) {
+ASYNC_UTILS_LINK void require_open_fd(int fd, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_open_fd(int fd, const char* what) {
   if (fd < 0 || ::fcntl(fd, F_GETFD) == -1) throw_errno(EBADF, std::string(what) + ": bad file descriptor " + std::to_string(fd));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Owns one descriptor; closes it on destruction.
 class unique_fd {
@@ -166,12 +172,16 @@ class unique_fd {
 };
 
 /// Sets O_NONBLOCK and FD_CLOEXEC, the state every descriptor the loop owns must be in.
-inline void make_nonblocking_cloexec(int fd) {
+ASYNC_UTILS_LINK void make_nonblocking_cloexec(int fd);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void make_nonblocking_cloexec(int fd) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags == -1 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1) throw_errno("fcntl(O_NONBLOCK)");
   flags = ::fcntl(fd, F_GETFD);
   if (flags == -1 || ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == -1) throw_errno("fcntl(FD_CLOEXEC)");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Milliseconds for poll-style calls: rounded up, so a timer is never woken early and spun on.
 inline int timeout_ms(std::chrono::nanoseconds timeout) noexcept {

@@ -42,129 +42,30 @@ class executor {
 class thread_pool_executor final : public executor {
  public:
   /// Python's default: min(32, cpu count + 4).
-  static std::size_t default_max_workers() noexcept {
-    return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
-  }
+  static std::size_t default_max_workers() noexcept;
 
   /// Throws std::invalid_argument when max_workers is 0 (Python's ValueError).
-  explicit thread_pool_executor(std::size_t max_workers = default_max_workers()) : max_workers_(max_workers) {
-    if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
-  }
+  explicit thread_pool_executor(std::size_t max_workers = default_max_workers());
   thread_pool_executor(const thread_pool_executor&) = delete;
   thread_pool_executor& operator=(const thread_pool_executor&) = delete;
   /// Waits for the queued jobs and joins (Python's `with ThreadPoolExecutor()` exit).
   ~thread_pool_executor() override { shutdown(true); }
 
-  void submit(std::function<void()> job) override {
-    if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
-    bool wake = false;
-    {
-      std::lock_guard guard(mutex_);
-      if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
-      jobs_.push_back(std::move(job));
-      if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
-        try {
-          workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
-        } catch (...) {
-          if (workers_.empty()) {  // nobody could ever run it: undo and report
-            jobs_.pop_back();
-            throw;
-          }
-        }
-      }
-      queued_.store(jobs_.size(), std::memory_order_release);
-      // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
-      // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
-      // and not at all when nobody is parked (no system call for a worker already awake).
-      wake = parked_ > 0 && jobs_.size() > spinning_;
-    }
-    // After the unlock: a woken worker does not run into the lock we still hold.
-    if (wake) wake_all(1);
-  }
+  void submit(std::function<void()> job) override;
 
-  void shutdown(bool wait) override {
-    {
-      std::lock_guard guard(mutex_);
-      stopping_ = true;
-    }
-    wake_all(INT_MAX);
-    if (!wait) return;
-    std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
-    std::vector<std::thread> workers;
-    {
-      std::lock_guard guard(mutex_);
-      workers.swap(workers_);
-    }
-    for (auto& t : workers) {
-      if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
-      else t.join();
-    }
-  }
+  void shutdown(bool wait) override;
 
   std::size_t max_workers() const noexcept { return max_workers_; }
   /// Threads started so far (and not yet joined).
-  std::size_t worker_count() const {
-    std::lock_guard guard(mutex_);
-    return workers_.size();
-  }
+  std::size_t worker_count() const;
 
  private:
-  void work() noexcept {
-    std::unique_lock lock(mutex_);
-    detail::adaptive_spin spin;
-    for (;;) {
-      ++idle_;
-      if (jobs_.empty() && !stopping_ && detail::may_spin()) {
-        // Spin a moment before sleeping: a caller that submits one job after another (an
-        // awaited run_in_executor in a loop) then never pays a wake-up.
-        ++spinning_;
-        lock.unlock();
-        spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
-        lock.lock();
-        --spinning_;
-      }
-      while (jobs_.empty() && !stopping_) {
-        // Park on our own word rather than a condition variable: the word is read under the
-        // lock, so a job queued after we looked changes it and the park returns at once; and
-        // nothing re-takes the lock as contended on the way out (glibc's condition variable
-        // did, which cost an extra FUTEX_WAKE per job).
-        const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
-        ++parked_;
-        lock.unlock();
-        detail::park(wake_word_, seen);
-        lock.lock();
-        --parked_;
-      }
-      --idle_;
-      if (jobs_.empty()) return;  // stopping, and nothing left to do
-      std::function<void()> job = std::move(jobs_.front());
-      jobs_.pop_front();
-      queued_.store(jobs_.size(), std::memory_order_relaxed);
-      lock.unlock();
-      try {
-        job();
-      } catch (const std::exception& e) {
-        report(e.what());
-      } catch (...) {
-        report("unknown exception");
-      }
-      job = nullptr;  // whatever it holds goes before we sleep again
-      lock.lock();
-    }
-  }
+  void work() noexcept;
 
   /// Changes the word the parked workers sleep on, then wakes up to count of them.
-  void wake_all(int count) noexcept {
-    wake_word_.fetch_add(1, std::memory_order_relaxed);
-    detail::unpark(wake_word_, count);
-  }
+  void wake_all(int count) noexcept;
 
-  static void report(const char* what) noexcept {
-    try {
-      log(log_level::error, std::string("Exception in executor job: ") + what);
-    } catch (...) {
-    }
-  }
+  static void report(const char* what) noexcept;
 
   static constexpr std::chrono::microseconds spin_time{30};
   const std::size_t max_workers_;
@@ -179,6 +80,123 @@ class thread_pool_executor final : public executor {
   bool stopping_ = false;
   std::mutex join_mutex_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::size_t thread_pool_executor::default_max_workers() noexcept {
+  return std::min<std::size_t>(32, std::size_t{std::thread::hardware_concurrency()} + 4);
+}
+
+ASYNC_UTILS_LINK thread_pool_executor::thread_pool_executor(std::size_t max_workers) : max_workers_(max_workers) {
+  if (max_workers == 0) throw std::invalid_argument("thread_pool_executor: max_workers must be greater than 0");
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::submit(std::function<void()> job) {
+  if (!job) throw std::invalid_argument("thread_pool_executor::submit: empty job");
+  bool wake = false;
+  {
+    std::lock_guard guard(mutex_);
+    if (stopping_) throw std::runtime_error("cannot schedule new jobs after shutdown");
+    jobs_.push_back(std::move(job));
+    if (jobs_.size() > idle_ && workers_.size() < max_workers_) {
+      try {
+        workers_.push_back(detail::start_thread_without_signals([this] { work(); }));
+      } catch (...) {
+        if (workers_.empty()) {  // nobody could ever run it: undo and report
+          jobs_.pop_back();
+          throw;
+        }
+      }
+    }
+    queued_.store(jobs_.size(), std::memory_order_release);
+    // A spinning worker takes a job by itself: wake a parked one only for the jobs spinners
+    // cannot take (a worker stops spinning only under the lock, and then looks at the queue),
+    // and not at all when nobody is parked (no system call for a worker already awake).
+    wake = parked_ > 0 && jobs_.size() > spinning_;
+  }
+  // After the unlock: a woken worker does not run into the lock we still hold.
+  if (wake) wake_all(1);
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::shutdown(bool wait) {
+  {
+    std::lock_guard guard(mutex_);
+    stopping_ = true;
+  }
+  wake_all(INT_MAX);
+  if (!wait) return;
+  std::lock_guard joining(join_mutex_);  // a second caller waits for the first to finish
+  std::vector<std::thread> workers;
+  {
+    std::lock_guard guard(mutex_);
+    workers.swap(workers_);
+  }
+  for (auto& t : workers) {
+    if (t.get_id() == std::this_thread::get_id()) t.detach();  // shutdown from one of our jobs
+    else t.join();
+  }
+}
+
+ASYNC_UTILS_LINK std::size_t thread_pool_executor::worker_count() const {
+  std::lock_guard guard(mutex_);
+  return workers_.size();
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::work() noexcept {
+  std::unique_lock lock(mutex_);
+  detail::adaptive_spin spin;
+  for (;;) {
+    ++idle_;
+    if (jobs_.empty() && !stopping_ && detail::may_spin()) {
+      // Spin a moment before sleeping: a caller that submits one job after another (an
+      // awaited run_in_executor in a loop) then never pays a wake-up.
+      ++spinning_;
+      lock.unlock();
+      spin.wait([this] { return queued_.load(std::memory_order_acquire) != 0; }, spin_time);
+      lock.lock();
+      --spinning_;
+    }
+    while (jobs_.empty() && !stopping_) {
+      // Park on our own word rather than a condition variable: the word is read under the
+      // lock, so a job queued after we looked changes it and the park returns at once; and
+      // nothing re-takes the lock as contended on the way out (glibc's condition variable
+      // did, which cost an extra FUTEX_WAKE per job).
+      const std::uint32_t seen = wake_word_.load(std::memory_order_relaxed);
+      ++parked_;
+      lock.unlock();
+      detail::park(wake_word_, seen);
+      lock.lock();
+      --parked_;
+    }
+    --idle_;
+    if (jobs_.empty()) return;  // stopping, and nothing left to do
+    std::function<void()> job = std::move(jobs_.front());
+    jobs_.pop_front();
+    queued_.store(jobs_.size(), std::memory_order_relaxed);
+    lock.unlock();
+    try {
+      job();
+    } catch (const std::exception& e) {
+      report(e.what());
+    } catch (...) {
+      report("unknown exception");
+    }
+    job = nullptr;  // whatever it holds goes before we sleep again
+    lock.lock();
+  }
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::wake_all(int count) noexcept {
+  wake_word_.fetch_add(1, std::memory_order_relaxed);
+  detail::unpark(wake_word_, count);
+}
+
+ASYNC_UTILS_LINK void thread_pool_executor::report(const char* what) noexcept {
+  try {
+    log(log_level::error, std::string("Exception in executor job: ") + what);
+  } catch (...) {
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

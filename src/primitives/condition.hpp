@@ -146,10 +146,7 @@ class condition {
   /// Condition() with a lock of its own.
   condition() noexcept : lock_(&own_) {}
   /// Condition(lock) sharing `shared`; throws std::invalid_argument when it is null.
-  explicit condition(std::shared_ptr<lock> shared) : shared_(std::move(shared)) {
-    if (!shared_) throw std::invalid_argument("condition: null lock");
-    lock_ = shared_.get();
-  }
+  explicit condition(std::shared_ptr<lock> shared);
   /// Condition(lock) over a lock the caller keeps alive for as long as this condition.
   explicit condition(lock& borrowed) noexcept : lock_(&borrowed) {}
   condition(const condition&) = delete;
@@ -184,34 +181,47 @@ class condition {
 
   /// Condition.notify(n): wakes up to n waiters, longest waiting first. Throws
   /// std::runtime_error when the lock is not held.
-  void notify(std::size_t n = 1) {
-    if (!locked()) throw std::runtime_error("condition.notify(): the lock is not acquired");
-    wake(n);
-  }
+  void notify(std::size_t n = 1);
   /// Condition.notify_all().
-  void notify_all() {
-    if (!locked()) throw std::runtime_error("condition.notify_all(): the lock is not acquired");
-    wake(std::numeric_limits<std::size_t>::max());
-  }
+  void notify_all();
 
  private:
   friend struct detail::condition_wait;
   template <class Predicate>
   friend struct detail::condition_wait_for;
 
-  void wake(std::size_t n) {
-    for (; n != 0 && !waiters_.empty(); --n) {
-      auto& w = static_cast<detail::condition_wait&>(waiters_.front());
-      w.notified = true;
-      w.queue_for_lock();
-    }
-  }
+  void wake(std::size_t n);
 
   lock own_;
   std::shared_ptr<lock> shared_;
   lock* lock_;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK condition::condition(std::shared_ptr<lock> shared) : shared_(std::move(shared)) {
+  if (!shared_) throw std::invalid_argument("condition: null lock");
+  lock_ = shared_.get();
+}
+
+ASYNC_UTILS_LINK void condition::notify(std::size_t n) {
+  if (!locked()) throw std::runtime_error("condition.notify(): the lock is not acquired");
+  wake(n);
+}
+
+ASYNC_UTILS_LINK void condition::notify_all() {
+  if (!locked()) throw std::runtime_error("condition.notify_all(): the lock is not acquired");
+  wake(std::numeric_limits<std::size_t>::max());
+}
+
+ASYNC_UTILS_LINK void condition::wake(std::size_t n) {
+  for (; n != 0 && !waiters_.empty(); --n) {
+    auto& w = static_cast<detail::condition_wait&>(waiters_.front());
+    w.notified = true;
+    w.queue_for_lock();
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 

@@ -49,11 +49,7 @@ class event {
   ~event() { detail::abandon_all(waiters_); }
 
   /// Event.set(): sets the flag and wakes all waiters (they run on later iterations).
-  void set() {
-    if (flag_) return;
-    flag_ = true;
-    while (detail::parked_task* w = waiters_.pop_front()) w->wake_up();
-  }
+  void set();
   /// Event.clear().
   void clear() noexcept { flag_ = false; }
   /// Event.is_set().
@@ -66,6 +62,14 @@ class event {
   bool flag_ = false;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event::set() {
+  if (flag_) return;
+  flag_ = true;
+  while (detail::parked_task* w = waiters_.pop_front()) w->wake_up();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 

@@ -63,11 +63,7 @@ class lock {
   [[nodiscard]] detail::lock_acquire acquire() noexcept { return detail::lock_acquire(*this); }
   /// Lock.release(): frees the lock and wakes the first waiter. Throws std::runtime_error when
   /// the lock is not locked.
-  void release() {
-    if (!locked_) throw std::runtime_error("lock.release(): the lock is not acquired");
-    locked_ = false;
-    wake_first();
-  }
+  void release();
   /// Lock.locked().
   bool locked() const noexcept { return locked_; }
   /// `async with lock:` — `auto guard = co_await lk.scoped();` releases when guard dies.
@@ -78,20 +74,32 @@ class lock {
   friend struct detail::condition_wait;
 
   /// Takes the lock at once when that does not jump the queue.
-  bool try_take() noexcept {
-    if (locked_ || !waiters_.empty()) return false;
-    locked_ = true;
-    return true;
-  }
+  bool try_take() noexcept;
   /// Hands the free lock to the head waiter, unless it was handed to it already.
-  void wake_first() {
-    if (locked_ || waiters_.empty() || waiters_.front().woken) return;
-    waiters_.front().wake_up();
-  }
+  void wake_first();
 
   bool locked_ = false;
   detail::intrusive_list<detail::parked_task> waiters_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void lock::release() {
+  if (!locked_) throw std::runtime_error("lock.release(): the lock is not acquired");
+  locked_ = false;
+  wake_first();
+}
+
+ASYNC_UTILS_LINK bool lock::try_take() noexcept {
+  if (locked_ || !waiters_.empty()) return false;
+  locked_ = true;
+  return true;
+}
+
+ASYNC_UTILS_LINK void lock::wake_first() {
+  if (locked_ || waiters_.empty() || waiters_.front().woken) return;
+  waiters_.front().wake_up();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 

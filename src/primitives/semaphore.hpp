@@ -55,21 +55,14 @@ class semaphore {
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
   /// Waits still queued, and those handed a unit but not yet resumed, end with cancelled_error.
-  ~semaphore() {
-    detail::abandon_all(waiters_);
-    detail::abandon_all(handed_);
-  }
+  ~semaphore();
 
   /// Semaphore.acquire(): `co_await sem.acquire()` takes a unit; yields true. Cancelled after
   /// being handed a unit, it gives the unit to the next waiter.
   [[nodiscard]] detail::semaphore_acquire acquire() noexcept { return detail::semaphore_acquire(*this); }
   /// Semaphore.release(): returns a unit, waking the first waiter. A bounded semaphore throws
   /// std::invalid_argument when that would exceed its initial value.
-  void release() {
-    if (value_ >= bound_) throw std::invalid_argument("bounded_semaphore released too many times");
-    ++value_;
-    wake_next();
-  }
+  void release();
   /// Semaphore.locked(): true when acquire() would wait.
   bool locked() const noexcept { return value_ == 0 || !waiters_.empty(); }
   /// `async with semaphore:` — `auto guard = co_await sem.scoped();`.
@@ -81,30 +74,49 @@ class semaphore {
  private:
   friend struct detail::semaphore_acquire;
 
-  static std::size_t checked(std::ptrdiff_t value) {
-    if (value < 0) throw std::invalid_argument("semaphore initial value must be >= 0");
-    return static_cast<std::size_t>(value);
-  }
+  static std::size_t checked(std::ptrdiff_t value);
   /// Hands free units to waiters, first come first served.
-  void wake_next() {
-    while (value_ > 0 && !waiters_.empty()) {
-      --value_;
-      detail::parked_task* w = waiters_.pop_front();
-      handed_.push_back(*w);  // reachable until it resumes, for the destructor
-      w->wake_up();
-    }
-  }
+  void wake_next();
   /// A unit handed to a waiter that will not use it goes back round.
-  void give_back() {
-    ++value_;
-    wake_next();
-  }
+  void give_back();
 
   std::size_t value_;
   std::size_t bound_;
   detail::intrusive_list<detail::parked_task> waiters_;
   detail::intrusive_list<detail::parked_task> handed_;  // woken, not yet resumed
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK semaphore::~semaphore() {
+  detail::abandon_all(waiters_);
+  detail::abandon_all(handed_);
+}
+
+ASYNC_UTILS_LINK void semaphore::release() {
+  if (value_ >= bound_) throw std::invalid_argument("bounded_semaphore released too many times");
+  ++value_;
+  wake_next();
+}
+
+ASYNC_UTILS_LINK std::size_t semaphore::checked(std::ptrdiff_t value) {
+  if (value < 0) throw std::invalid_argument("semaphore initial value must be >= 0");
+  return static_cast<std::size_t>(value);
+}
+
+ASYNC_UTILS_LINK void semaphore::wake_next() {
+  while (value_ > 0 && !waiters_.empty()) {
+    --value_;
+    detail::parked_task* w = waiters_.pop_front();
+    handed_.push_back(*w);  // reachable until it resumes, for the destructor
+    w->wake_up();
+  }
+}
+
+ASYNC_UTILS_LINK void semaphore::give_back() {
+  ++value_;
+  wake_next();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.BoundedSemaphore: release() beyond the initial value throws std::invalid_argument.
 class bounded_semaphore : public semaphore {

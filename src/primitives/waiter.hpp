@@ -1,6 +1,7 @@
 // The parked task every primitive queues: a node in the awaiting frame, plus the scoped guard.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/log.hpp"
 #include "../runtime/intrusive_list.hpp"
 #include "../runtime/future_core.hpp"
@@ -89,9 +90,13 @@ void from_destructor(const char* what, F&& fn) noexcept {
 
 /// A primitive's destructor: every task still waiting on it (parked or woken) gets
 /// cancelled_error instead of a pointer to a dead object (SPEC: destroying ends waits).
-inline void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
+ASYNC_UTILS_LINK void abandon_all(intrusive_list<parked_task>& waiters) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void abandon_all(intrusive_list<parked_task>& waiters) noexcept {
   while (parked_task* w = waiters.pop_front()) from_destructor("abandoning a waiter failed", [w] { w->abandon(); });
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 

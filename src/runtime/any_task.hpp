@@ -2,6 +2,7 @@
 // exception_context given to the loop's exception handler.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "future_core.hpp"
 
@@ -11,6 +12,17 @@
 #include <utility>
 
 namespace codestare::async_utils {
+
+namespace detail {
+// Here, before event_loop.hpp, whose definitions name tasks in their messages.
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string future_core::name() const {
+  if (extras_ && !extras_->name.empty()) return extras_->name;
+  if (!is_task_) return {};
+  return "Task-" + std::to_string(number_);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+}  // namespace detail
 
 /// A handle to a task of any result type (asyncio.Task as seen by all_tasks()).
 /// Copyable; use it on its loop's thread only.
@@ -79,7 +91,10 @@ struct exception_context {
 };
 
 /// A readable one-line description of an exception_ptr (the what() of std::exception).
-inline std::string describe(const std::exception_ptr& error) {
+ASYNC_UTILS_LINK std::string describe(const std::exception_ptr& error);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string describe(const std::exception_ptr& error) {
   if (!error) return "no exception";
   try {
     std::rethrow_exception(error);
@@ -91,5 +106,6 @@ inline std::string describe(const std::exception_ptr& error) {
     return "unknown exception";
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils

@@ -2,6 +2,7 @@
 // completion awaiter behind it, wait_for and run().
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "timer_heap.hpp"
 #include "future_core.hpp"
@@ -16,11 +17,15 @@ namespace codestare::async_utils {
 namespace detail {
 
 /// now + timeout, or nothing ("never"): wait_for(aw, duration::max()) waits for ever.
-inline std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
+ASYNC_UTILS_LINK std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::optional<clock::time_point> deadline_after(clock::duration timeout) noexcept {
   const clock::time_point when = saturating_deadline(timeout);
   if (when == never) return std::nullopt;
   return when;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Waits until `core` is done, with an optional deadline. Cancelling the waiting task cancels
 /// the awaited one (unless shielded). At the deadline the waiting task itself is cancelled, as
@@ -89,10 +94,14 @@ struct done_waiter {
 
 /// Waits until a task or future is done, whatever its outcome, without retrieving it and
 /// without cancelling it when the waiter is cancelled. Holds its own handle.
-inline detail::done_waiter wait_done(const any_task& t) {
+ASYNC_UTILS_LINK detail::done_waiter wait_done(const any_task& t);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK detail::done_waiter wait_done(const any_task& t) {
   if (!t) throw invalid_state_error("empty task handle");
   return {t};
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 template <class T>
 detail::done_waiter wait_done(const future<T>& f) {
   return {any_task(f.state_ptr())};

@@ -79,6 +79,10 @@ struct fd_watch {
   }
 };
 
+// future_core's out-of-line members (task_steps.hpp, which includes this file) are called by
+// the loop's definitions, so tests/self_contained.py links this part together with them:
+// Links with: runtime/task_steps.hpp
+
 struct signal_registry;  // signals.hpp
 struct executor_slot;    // executor.hpp
 template <class T>
@@ -118,9 +122,7 @@ class event_loop {
   void stop() noexcept { stopping_ = true; }
   bool is_running() const noexcept { return running_; }
   /// The loop's thread: the one running it, or else the one that ran or created it last.
-  bool on_loop_thread() const noexcept {
-    return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
-  }
+  bool on_loop_thread() const noexcept;
   /// Cancels nothing: ends pending tasks (destroying their coroutines), drops queued callbacks,
   /// removes signal handlers, shuts the executor down. Throws if the loop is running.
   void close();
@@ -129,13 +131,7 @@ class event_loop {
   time_point time() const noexcept { return clock::now(); }
   /// The I/O backend this loop runs on: "epoll", "poll", "kqueue" or "io_uring" ("epoll" when
   /// io_uring was selected but the kernel refused it).
-  const char* backend_name() const noexcept {
-#ifdef ASYNC_UTILS_BACKEND_IO_URING
-    return backend_.active_name();
-#else
-    return detail::io_backend::name;
-#endif
-  }
+  const char* backend_name() const noexcept;
 
   handle call_soon(std::function<void()> fn);
   /// The only method safe from any thread; wakes the loop if it sleeps.
@@ -204,16 +200,10 @@ class event_loop {
   bool post_held(detail::job j);
   /// Loop thread: a post is on its way (an executor job was submitted); until it arrives the
   /// loop spins briefly before it sleeps, when spinning can pay (detail::may_spin).
-  void expect_post() noexcept {
-    ++expected_posts_;
-    expected_since_ = clock::now();
-  }
+  void expect_post() noexcept;
   void expected_post_arrived() noexcept { expected_posts_ -= (expected_posts_ != 0); }
   detail::future_core* running_task() const noexcept { return current_; }
-  void add_timer(detail::timer_node& node, time_point when) {
-    node.when = when;
-    timers_.push(node);
-  }
+  void add_timer(detail::timer_node& node, time_point when);
   void remove_timer(detail::timer_node& node) noexcept { timers_.remove(node); }
   /// Waits for readiness of fd; wake-ups go through waiter.ready.
   void add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter);
@@ -223,10 +213,7 @@ class event_loop {
   void descriptor_opened(int fd) noexcept;
   /// The loop's record of fd, or null when nothing waits on it (nodes stay put until erased,
   /// which happens only in rearm()). The sock_* operations keep what they learn in it.
-  detail::fd_watch* io_record(int fd) noexcept {
-    auto it = fds_.find(fd);
-    return it == fds_.end() ? nullptr : &it->second;
-  }
+  detail::fd_watch* io_record(int fd) noexcept;
   /// Permanent read watch run synchronously on the loop thread (signal descriptors).
   void watch_internal(int fd, void (*fn)(void*), void* context);
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
@@ -257,13 +244,7 @@ class event_loop {
   void mark_dirty(int fd, detail::fd_watch& w);
   void forget_arming(detail::fd_watch& w) noexcept;
   void forget_if_idle(std::unordered_map<int, detail::fd_watch>::iterator it) noexcept;
-  bool backend_busy() const noexcept {
-#ifdef ASYNC_UTILS_BACKEND_IO_URING
-    return backend_.busy();
-#else
-    return false;
-#endif
-  }
+  bool backend_busy() const noexcept;
   void confirm_registrations();
   /// Wakes the loop out of the sleep a poster saw it in (state: a value of sleeping_).
   void wake(std::uint32_t state) noexcept;
@@ -315,6 +296,43 @@ class event_loop {
   bool stopping_ = false;
   bool closed_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool event_loop::on_loop_thread() const noexcept {
+  return detail::running_loop == this || (!running_ && owner_.load() == std::this_thread::get_id());
+}
+
+ASYNC_UTILS_LINK const char* event_loop::backend_name() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  return backend_.active_name();
+#else
+  return detail::io_backend::name;
+#endif
+}
+
+ASYNC_UTILS_LINK void event_loop::expect_post() noexcept {
+  ++expected_posts_;
+  expected_since_ = clock::now();
+}
+
+ASYNC_UTILS_LINK void event_loop::add_timer(detail::timer_node& node, time_point when) {
+  node.when = when;
+  timers_.push(node);
+}
+
+ASYNC_UTILS_LINK detail::fd_watch* event_loop::io_record(int fd) noexcept {
+  auto it = fds_.find(fd);
+  return it == fds_.end() ? nullptr : &it->second;
+}
+
+ASYNC_UTILS_LINK bool event_loop::backend_busy() const noexcept {
+#ifdef ASYNC_UTILS_BACKEND_IO_URING
+  return backend_.busy();
+#else
+  return false;
+#endif
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 // ---- event_loop ------------------------------------------------------------------------------
 
@@ -429,9 +447,8 @@ ASYNC_UTILS_LINK void event_loop::take_posted() {
   posted_pending_.store(false, std::memory_order_relaxed);
   ready_.splice(posted_);
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post(detail::job j) {
   // All of it under the lock: once the job is queued the loop may run it, finish and be
   // destroyed, so nothing of the loop may be touched after the unlock (the wake-up used to be
   // sent after it). The loop takes posted jobs, and close() stops taking posts, under this lock.
@@ -444,7 +461,7 @@ inline bool event_loop::post(detail::job j) {
   return true;
 }
 
-inline void event_loop::wake(std::uint32_t state) noexcept {
+ASYNC_UTILS_LINK void event_loop::wake(std::uint32_t state) noexcept {
   if (state == polling) {
     wakeup_.notify();
   } else if (state == parked) {
@@ -457,7 +474,7 @@ inline void event_loop::wake(std::uint32_t state) noexcept {
   }
 }
 
-inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
+ASYNC_UTILS_LINK void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #if defined(__linux__)
   detail::park(sleeping_, parked, timeout);
 #else
@@ -465,7 +482,6 @@ inline void event_loop::park_for(std::chrono::nanoseconds timeout) noexcept {
 #endif
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   // Only waits that began before the previous round and saw no report since are checked: a
   // descriptor in steady use is never re-armed, a forgotten registration is found within two
@@ -489,9 +505,8 @@ ASYNC_UTILS_LINK void event_loop::confirm_registrations() {
   ++confirm_round_;
   if (keep) confirm_at_ = clock::now() + confirm_after_;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline bool event_loop::post_held(detail::job j) {
+ASYNC_UTILS_LINK bool event_loop::post_held(detail::job j) {
   std::uint32_t state = awake;
   {
     std::lock_guard guard(posted_mutex_);
@@ -503,7 +518,7 @@ inline bool event_loop::post_held(detail::job j) {
   return true;
 }
 
-inline detail::fd_watch& event_loop::watch_of(int fd) {
+ASYNC_UTILS_LINK detail::fd_watch& event_loop::watch_of(int fd) {
   if (auto it = fds_.find(fd); it != fds_.end()) {
     detail::fd_watch& w = it->second;
     if (!w.known && !w.internal) {
@@ -521,14 +536,14 @@ inline detail::fd_watch& event_loop::watch_of(int fd) {
   return w;
 }
 
-inline void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
+ASYNC_UTILS_LINK void event_loop::mark_dirty(int fd, detail::fd_watch& w) {
   if (!w.dirty) {
     w.dirty = true;
     dirty_.push_back(fd);
   }
 }
 
-inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
+ASYNC_UTILS_LINK void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& waiter) {
   check_open();
   if constexpr (edge_) {
     // The registration stays: after EAGAIN the next edge is reported without any syscall. A wait
@@ -563,7 +578,6 @@ inline void event_loop::add_io_waiter(int fd, unsigned bit, detail::io_waiter& w
   if (!(w.armed & bit)) mark_dirty(fd, w);
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::io_waiter_withdrawn(int fd) noexcept {
   if constexpr (edge_) {
     // Without this the record would stay (and count as polled) until the descriptor is used again.
@@ -601,9 +615,7 @@ ASYNC_UTILS_LINK void event_loop::forget_arming(detail::fd_watch& w) noexcept {
   polled_ -= (w.armed != 0);
   w.armed = 0;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::rearm() {
   // Arming is deferred to here, so a wait that begins and ends within one iteration costs nothing.
   std::vector<int> failed;
@@ -749,9 +761,8 @@ ASYNC_UTILS_LINK void event_loop::add_reader(int fd, std::function<void()> fn) {
 ASYNC_UTILS_LINK bool event_loop::remove_reader(int fd) { return clear_callback(fd, true); }
 ASYNC_UTILS_LINK void event_loop::add_writer(int fd, std::function<void()> fn) { set_callback(fd, false, std::move(fn)); }
 ASYNC_UTILS_LINK bool event_loop::remove_writer(int fd) { return clear_callback(fd, false); }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline handle event_loop::call_soon(std::function<void()> fn) {
+ASYNC_UTILS_LINK handle event_loop::call_soon(std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_soon: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -760,7 +771,6 @@ inline handle event_loop::call_soon(std::function<void()> fn) {
   return h;
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("call_soon_threadsafe: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -771,9 +781,8 @@ ASYNC_UTILS_LINK handle event_loop::call_soon_threadsafe(std::function<void()> f
   }
   return h;
 }
-#endif  // ASYNC_UTILS_DEFINITIONS
 
-inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
+ASYNC_UTILS_LINK handle event_loop::call_at(time_point when, std::function<void()> fn) {
   check_open();
   if (!fn) throw std::invalid_argument("call_at: empty callback");
   auto* state = new detail::handle_state(this, std::move(fn));
@@ -790,7 +799,7 @@ inline handle event_loop::call_at(time_point when, std::function<void()> fn) {
   return h;
 }
 
-inline void handle::cancel() noexcept {
+ASYNC_UTILS_LINK void handle::cancel() noexcept {
   if (!state_ || state_->cancelled.exchange(true)) return;
   // On the loop's own thread a timer leaves the heap now; elsewhere it is skipped when due.
   // (Another thread must not touch the heap, not even read a node's position in it, running
@@ -804,7 +813,7 @@ inline void handle::cancel() noexcept {
   }
 }
 
-inline void detail::handle_state::run_job(void* self, bool run) noexcept {
+ASYNC_UTILS_LINK void detail::handle_state::run_job(void* self, bool run) noexcept {
   auto* state = static_cast<handle_state*>(self);
   if (run && !state->cancelled.load(std::memory_order_acquire)) {
     try {
@@ -816,7 +825,6 @@ inline void detail::handle_state::run_job(void* self, bool run) noexcept {
   state->release();
 }
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK void event_loop::default_exception_handler(const exception_context& context) {
   std::string text = context.message.empty() ? "Unhandled exception in event loop" : context.message;
   if (context.task && *context.task) text += " (task " + context.task->name() + ")";

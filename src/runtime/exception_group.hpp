@@ -24,13 +24,7 @@ class exception_group : public std::exception {
  public:
   /// Throws std::invalid_argument for an empty list or a null pointer in it (Python's ValueError
   /// / TypeError).
-  exception_group(std::string message, std::vector<std::exception_ptr> exceptions)
-      : message_(std::move(message)), exceptions_(std::move(exceptions)) {
-    if (exceptions_.empty()) throw std::invalid_argument("exception_group: needs at least one exception");
-    for (const auto& e : exceptions_)
-      if (!e) throw std::invalid_argument("exception_group: a null exception_ptr");
-    what_ = message_ + " (" + std::to_string(exceptions_.size()) + (exceptions_.size() == 1 ? " sub-exception)" : " sub-exceptions)");
-  }
+  exception_group(std::string message, std::vector<std::exception_ptr> exceptions);
 
   const std::string& message() const noexcept { return message_; }
   const std::vector<std::exception_ptr>& exceptions() const noexcept { return exceptions_; }
@@ -76,15 +70,7 @@ class exception_group : public std::exception {
  private:
   bool same_object(const exception_group& other) const noexcept { return exceptions_ == other.exceptions_ && message_ == other.message_; }
 
-  static const exception_group* as_group(const std::exception_ptr& e) {
-    try {
-      std::rethrow_exception(e);
-    } catch (const exception_group& g) {
-      return &g;  // the exception object lives as long as `e` does
-    } catch (...) {
-      return nullptr;
-    }
-  }
+  static const exception_group* as_group(const std::exception_ptr& e);
 
   template <class E>
   static bool is_a(const std::exception_ptr& e) {
@@ -97,29 +83,51 @@ class exception_group : public std::exception {
     }
   }
 
-  void print(std::ostream& out, int depth) const {
-    out << std::string(static_cast<std::size_t>(depth) * 2, ' ') << "exception_group: " << what_ << '\n';
-    for (const auto& e : exceptions_) {
-      if (const auto* inner = as_group(e)) {
-        inner->print(out, depth + 1);
-        continue;
-      }
-      out << std::string(static_cast<std::size_t>(depth + 1) * 2, ' ');
-      try {
-        std::rethrow_exception(e);
-      } catch (const std::exception& ex) {
-        out << ex.what();
-      } catch (...) {
-        out << "(an exception not derived from std::exception)";
-      }
-      out << '\n';
-    }
-  }
+  void print(std::ostream& out, int depth) const;
 
   std::string message_;
   std::vector<std::exception_ptr> exceptions_;
   std::string what_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK exception_group::exception_group(std::string message, std::vector<std::exception_ptr> exceptions)
+    : message_(std::move(message)), exceptions_(std::move(exceptions)) {
+  if (exceptions_.empty()) throw std::invalid_argument("exception_group: needs at least one exception");
+  for (const auto& e : exceptions_)
+    if (!e) throw std::invalid_argument("exception_group: a null exception_ptr");
+  what_ = message_ + " (" + std::to_string(exceptions_.size()) + (exceptions_.size() == 1 ? " sub-exception)" : " sub-exceptions)");
+}
+
+ASYNC_UTILS_LINK const exception_group* exception_group::as_group(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const exception_group& g) {
+    return &g;  // the exception object lives as long as `e` does
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+ASYNC_UTILS_LINK void exception_group::print(std::ostream& out, int depth) const {
+  out << std::string(static_cast<std::size_t>(depth) * 2, ' ') << "exception_group: " << what_ << '\n';
+  for (const auto& e : exceptions_) {
+    if (const auto* inner = as_group(e)) {
+      inner->print(out, depth + 1);
+      continue;
+    }
+    out << std::string(static_cast<std::size_t>(depth + 1) * 2, ' ');
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& ex) {
+      out << ex.what();
+    } catch (...) {
+      out << "(an exception not derived from std::exception)";
+    }
+    out << '\n';
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

@@ -16,7 +16,7 @@
 #include "coroutine.hpp"
 #include "sleep.hpp"
 #include "task.hpp"
-#include "run.hpp"
+#include "io.hpp"  // before the tests: g++ 12 rejects io.hpp's event_loop::sock_* definitions after them
 
 #include <algorithm>
 #include <atomic>
@@ -37,17 +37,23 @@ namespace detail {
 /// touches a dead loop.
 struct loop_link {
   explicit loop_link(event_loop* l) noexcept : loop(l) {}
-  bool post(job j) {
-    std::lock_guard guard(mutex);  // held: cut(), which the loop's close() calls, waits for us
-    return loop && loop->post_held(j);
-  }
-  void cut() noexcept {
-    std::lock_guard guard(mutex);
-    loop = nullptr;
-  }
+  bool post(job j);
+  void cut() noexcept;
   std::mutex mutex;
   event_loop* loop;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool loop_link::post(job j) {
+  std::lock_guard guard(mutex);  // held: cut(), which the loop's close() calls, waits for us
+  return loop && loop->post_held(j);
+}
+
+ASYNC_UTILS_LINK void loop_link::cut() noexcept {
+  std::lock_guard guard(mutex);
+  loop = nullptr;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// One run_in_executor call, shared by the thread that runs it and the loop that waits for
 /// it. Counted atomically, since either side may hold the last reference (a cancelled awaiter
@@ -59,18 +65,13 @@ class executor_call {
   executor_call(const executor_call&) = delete;
   executor_call& operator=(const executor_call&) = delete;
   void add_ref() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void release() noexcept {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
+  void release() noexcept;
 
   /// Executor thread: runs the job, stores its outcome, posts the completion to the loop. The
   /// caller's reference goes with the completion, so that the executor thread holds none once
   /// the loop may see the outcome: the last release (and with it the outcome, an exception
   /// the awaiter may still be reading included) always happens on the loop thread.
-  void execute(loop_link& link) noexcept {
-    invoke();
-    if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
-  }
+  void execute(loop_link& link) noexcept;
 
   // Loop side.
   event_loop* const loop;
@@ -85,18 +86,31 @@ class executor_call {
   std::exception_ptr error_;  // written by the executor thread, read by the loop
 
  private:
-  static void complete(void* self, bool run) noexcept {
-    auto* call = static_cast<executor_call*>(self);
-    call->loop->expected_post_arrived();
-    if (run) {
-      call->done = true;
-      call->awaiter = nullptr;
-      if (future_core* task = std::exchange(call->waiting, nullptr)) task->wake();
-    }
-    call->release();
-  }
+  static void complete(void* self, bool run) noexcept;
   std::atomic<std::uint32_t> refs_{1};
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void executor_call::release() noexcept {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+}
+
+ASYNC_UTILS_LINK void executor_call::execute(loop_link& link) noexcept {
+  invoke();
+  if (!link.post({&complete, this})) release();  // the loop is gone: nobody is waiting
+}
+
+ASYNC_UTILS_LINK void executor_call::complete(void* self, bool run) noexcept {
+  auto* call = static_cast<executor_call*>(self);
+  call->loop->expected_post_arrived();
+  if (run) {
+    call->done = true;
+    call->awaiter = nullptr;
+    if (future_core* task = std::exchange(call->waiting, nullptr)) task->wake();
+  }
+  call->release();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The typed outcome: the value (or error) the awaiter takes.
 template <class R>
@@ -165,44 +179,15 @@ struct executor_slot {
   explicit executor_slot(event_loop* loop) : link(std::make_shared<loop_link>(loop)) {}
   executor_slot(const executor_slot&) = delete;
   executor_slot& operator=(const executor_slot&) = delete;
-  ~executor_slot() {
-    shutdown_now();
-    link->cut();
-  }
+  ~executor_slot();
 
-  executor& get() {
-    if (shutdown_called) throw std::runtime_error("Executor shutdown has been called");
-    if (!current) current = std::make_shared<thread_pool_executor>();
-    return *current;
-  }
+  executor& get();
 
-  void submit(executor_call& call) {
-    executor& e = get();
-    // The job hands its reference to execute(); one never run (dropped by an executor of the
-    // user's) releases it when destroyed.
-    e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
-    call.loop->expect_post();
-  }
+  void submit(executor_call& call);
 
   /// Blocks until every job has run and every thread is joined.
-  void shutdown_now() noexcept {
-    shutdown_called = true;
-    for (auto& t : helpers) t.join();
-    helpers.clear();
-    for (auto& e : retired) stop(*e);
-    retired.clear();
-    if (current) stop(*current);
-  }
-  static void stop(executor& e) noexcept {
-    try {
-      e.shutdown(true);
-    } catch (...) {
-      try {
-        log(log_level::error, "executor shutdown failed: " + describe(std::current_exception()));
-      } catch (...) {
-      }
-    }
-  }
+  void shutdown_now() noexcept;
+  static void stop(executor& e) noexcept;
 
   std::shared_ptr<executor> current;
   std::vector<std::shared_ptr<executor>> retired;
@@ -211,11 +196,56 @@ struct executor_slot {
   bool shutdown_called = false;
 };
 
-inline executor_slot& slot_of(event_loop& loop) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK executor_slot::~executor_slot() {
+  shutdown_now();
+  link->cut();
+}
+
+ASYNC_UTILS_LINK executor& executor_slot::get() {
+  if (shutdown_called) throw std::runtime_error("Executor shutdown has been called");
+  if (!current) current = std::make_shared<thread_pool_executor>();
+  return *current;
+}
+
+ASYNC_UTILS_LINK void executor_slot::submit(executor_call& call) {
+  executor& e = get();
+  // The job hands its reference to execute(); one never run (dropped by an executor of the
+  // user's) releases it when destroyed.
+  e.submit([ref = call_ref<executor_call>(&call, false), l = link]() mutable { ref.release()->execute(*l); });
+  call.loop->expect_post();
+}
+
+ASYNC_UTILS_LINK void executor_slot::shutdown_now() noexcept {
+  shutdown_called = true;
+  for (auto& t : helpers) t.join();
+  helpers.clear();
+  for (auto& e : retired) stop(*e);
+  retired.clear();
+  if (current) stop(*current);
+}
+
+ASYNC_UTILS_LINK void executor_slot::stop(executor& e) noexcept {
+  try {
+    e.shutdown(true);
+  } catch (...) {
+    try {
+      log(log_level::error, "executor shutdown failed: " + describe(std::current_exception()));
+    } catch (...) {
+    }
+  }
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+ASYNC_UTILS_LINK executor_slot& slot_of(event_loop& loop);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK executor_slot& slot_of(event_loop& loop) {
   auto& slot = loop.executor_slot();
   if (!slot) slot = erased_ptr<executor_slot>(new executor_slot(&loop), [](executor_slot* s) { delete s; });
   return *slot;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 

@@ -47,31 +47,12 @@ namespace detail {
 /// its creation: cancelling the gather cancels the children, and the gather then ends cancelled.
 class gather_control : public cancel_hook {
  public:
-  gather_control(std::vector<future_core*> children, bool return_exceptions)
-      : children_(std::move(children)), waiters_(new child_waiter[children_.size()]), return_exceptions_(return_exceptions) {
-    cancel = &cancel_children;
-    for (std::size_t i = 0; i < children_.size(); ++i) {
-      future_core* child = children_[i];
-      if (child->done()) {
-        note(child);
-        continue;
-      }
-      ++remaining_;
-      waiters_[i].owner = this;
-      waiters_[i].child = child;
-      waiters_[i].notify = &child_done;
-      child->add_waiter(waiters_[i]);
-    }
-    if (decided()) mark_children_retrieved();
-  }
+  gather_control(std::vector<future_core*> children, bool return_exceptions);
   gather_control(const gather_control&) = delete;
   gather_control& operator=(const gather_control&) = delete;
 
   /// The gather task, waiting on this from before its first step.
-  void attach(future_core& task) noexcept {
-    task_ = &task;
-    task.wait_on(this);
-  }
+  void attach(future_core& task) noexcept;
 
   /// What the gather task awaits: nothing once decided; then the first failure, or the
   /// cancellation it asked for, is thrown.
@@ -98,33 +79,10 @@ class gather_control : public cancel_hook {
   };
   static bool failed(const future_core* c) noexcept { return c->cancelled() || c->has_error(); }
   bool decided() const noexcept { return remaining_ == 0 || (!return_exceptions_ && first_failure_); }
-  void note(future_core* child) noexcept {
-    if (!first_failure_ && failed(child)) first_failure_ = child;
-  }
-  void mark_children_retrieved() noexcept {
-    for (future_core* c : children_) c->mark_retrieved();
-  }
-  static void child_done(completion_waiter* w) {
-    auto* cw = static_cast<child_waiter*>(w);
-    gather_control& g = *cw->owner;
-    const bool was_decided = g.decided();
-    --g.remaining_;
-    g.note(cw->child);
-    if (was_decided || !g.decided()) return;
-    g.mark_children_retrieved();
-    if (g.waiting_) {
-      g.waiting_ = false;
-      g.task_->wake();
-    }
-  }
-  static bool cancel_children(cancel_hook* hook) {
-    auto& g = static_cast<gather_control&>(*hook);
-    if (g.decided()) return false;  // asyncio: the gathering future is done already
-    bool any = false;
-    for (future_core* c : g.children_) any = c->cancel(g.task_->cancel_message()) || any;
-    if (any) g.cancel_requested_ = true;
-    return any;
-  }
+  void note(future_core* child) noexcept;
+  void mark_children_retrieved() noexcept;
+  static void child_done(completion_waiter* w);
+  static bool cancel_children(cancel_hook* hook);
 
   std::vector<future_core*> children_;  // kept alive by the gather task's handles
   std::unique_ptr<child_waiter[]> waiters_;
@@ -135,6 +93,62 @@ class gather_control : public cancel_hook {
   bool cancel_requested_ = false;
   bool waiting_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK gather_control::gather_control(std::vector<future_core*> children, bool return_exceptions)
+    : children_(std::move(children)), waiters_(new child_waiter[children_.size()]), return_exceptions_(return_exceptions) {
+  cancel = &cancel_children;
+  for (std::size_t i = 0; i < children_.size(); ++i) {
+    future_core* child = children_[i];
+    if (child->done()) {
+      note(child);
+      continue;
+    }
+    ++remaining_;
+    waiters_[i].owner = this;
+    waiters_[i].child = child;
+    waiters_[i].notify = &child_done;
+    child->add_waiter(waiters_[i]);
+  }
+  if (decided()) mark_children_retrieved();
+}
+
+ASYNC_UTILS_LINK void gather_control::attach(future_core& task) noexcept {
+  task_ = &task;
+  task.wait_on(this);
+}
+
+ASYNC_UTILS_LINK void gather_control::note(future_core* child) noexcept {
+  if (!first_failure_ && failed(child)) first_failure_ = child;
+}
+
+ASYNC_UTILS_LINK void gather_control::mark_children_retrieved() noexcept {
+  for (future_core* c : children_) c->mark_retrieved();
+}
+
+ASYNC_UTILS_LINK void gather_control::child_done(completion_waiter* w) {
+  auto* cw = static_cast<child_waiter*>(w);
+  gather_control& g = *cw->owner;
+  const bool was_decided = g.decided();
+  --g.remaining_;
+  g.note(cw->child);
+  if (was_decided || !g.decided()) return;
+  g.mark_children_retrieved();
+  if (g.waiting_) {
+    g.waiting_ = false;
+    g.task_->wake();
+  }
+}
+
+ASYNC_UTILS_LINK bool gather_control::cancel_children(cancel_hook* hook) {
+  auto& g = static_cast<gather_control&>(*hook);
+  if (g.decided()) return false;  // asyncio: the gathering future is done already
+  bool any = false;
+  for (future_core* c : g.children_) any = c->cancel(g.task_->cancel_message()) || any;
+  if (any) g.cancel_requested_ = true;
+  return any;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 template <class T>
 gathered_t<T> gathered_value(future<T>& f) {

@@ -45,11 +45,15 @@ inline constexpr int send_flags = MSG_DONTWAIT;
 
 inline bool would_block(int err) noexcept { return err == EAGAIN || err == EWOULDBLOCK; }
 
-inline void require_nonblocking(int fd, const char* what) {
+ASYNC_UTILS_LINK void require_nonblocking(int fd, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_nonblocking(int fd, const char* what) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags == -1) throw_errno(std::string(what) + ": bad file descriptor " + std::to_string(fd));
   if (!(flags & O_NONBLOCK)) throw std::invalid_argument(std::string(what) + ": the socket must be non-blocking");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 // ---- What a socket operation learns about the socket's queues --------------------------------
 // A receive that leaves a TCP socket's receive queue empty, or a send that fills its send buffer,
@@ -67,13 +71,20 @@ inline void require_nonblocking(int fd, const char* what) {
 enum socket_kinds : std::uint8_t { kind_unknown = 0, kind_other = 1, kind_tcp = 2, kind_tcp_inq = 3 };
 
 /// The running loop's record of fd, null when there is none (first operation on fd, no loop).
-inline fd_watch* socket_record(int fd) noexcept {
+ASYNC_UTILS_LINK fd_watch* socket_record(int fd) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK fd_watch* socket_record(int fd) noexcept {
   event_loop* loop = running_loop;
   return loop ? loop->io_record(fd) : nullptr;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Learns once per record whether fd is a TCP socket, and enables TCP_INQ on it if it is.
-inline void classify_socket(fd_watch& w, int fd) noexcept {
+ASYNC_UTILS_LINK void classify_socket(fd_watch& w, int fd) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void classify_socket(fd_watch& w, int fd) noexcept {
   w.socket_kind = kind_other;
 #if defined(SO_PROTOCOL) && defined(IPPROTO_TCP)
   int protocol = 0;
@@ -88,9 +99,13 @@ inline void classify_socket(fd_watch& w, int fd) noexcept {
   (void)fd;
 #endif
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// recv(fd, data, size, MSG_DONTWAIT) that records an emptied receive queue in w (may be null).
-inline ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept {
+ASYNC_UTILS_LINK ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w) noexcept {
   if (!w) return ::recv(fd, data, size, MSG_DONTWAIT);
   if (w->socket_kind == kind_unknown) classify_socket(*w, fd);
   ssize_t n;
@@ -121,9 +136,13 @@ inline ssize_t socket_receive(int fd, char* data, std::size_t size, fd_watch* w)
   if (n < 0 && would_block(errno)) w->drained |= io_read;
   return n;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// send(fd, data, size, send_flags) that records a full send buffer in w (may be null).
-inline ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept {
+ASYNC_UTILS_LINK ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch* w) noexcept {
   const ssize_t n = ::send(fd, data, size, send_flags);
   if (!w) return n;
   if (n >= 0 && static_cast<std::size_t>(n) < size) {
@@ -136,6 +155,7 @@ inline ssize_t socket_send(int fd, const char* data, std::size_t size, fd_watch*
   }
   return n;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// An I/O wait driven by Op: `bool attempt(bool after_event)` does the I/O and says whether the
 /// operation is over (result or error kept in the op); `result()` returns it or throws.
@@ -347,9 +367,13 @@ struct connect_op : op_status {
   void result() const { check(); }
 };
 
-inline void require_buffer(const void* data, std::size_t size, const char* what) {
+ASYNC_UTILS_LINK void require_buffer(const void* data, std::size_t size, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void require_buffer(const void* data, std::size_t size, const char* what) {
   if (!data && size) throw std::invalid_argument(std::string(what) + ": null buffer");
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 

@@ -17,6 +17,7 @@
 #include "task.hpp"
 #include "wait_for.hpp"
 #include "io.hpp"
+#include "executor.hpp"
 
 namespace codestare::async_utils {
 namespace detail {

@@ -32,69 +32,83 @@ struct signal_registry {
   explicit signal_registry(event_loop& l) : loop(l) { loop.watch_internal(source.fd(), &on_readable, this); }
   signal_registry(const signal_registry&) = delete;
   signal_registry& operator=(const signal_registry&) = delete;
-  ~signal_registry() {
-    for (auto& e : entries) e->call.cancel();
-    loop.unwatch_internal(source.fd());
-    // source's destructor then restores every disposition and mask bit.
-  }
+  ~signal_registry();
 
-  std::shared_ptr<entry>* find(int sig) noexcept {
-    for (auto& e : entries) {
-      if (e->sig == sig) return &e;
-    }
-    return nullptr;
-  }
+  std::shared_ptr<entry>* find(int sig) noexcept;
 
-  void add(int sig, std::function<void()> fn) {
-    if (auto* e = find(sig)) {
-      (*e)->fn = std::move(fn);  // a queued call runs the new handler
-      return;
-    }
-    auto e = std::make_shared<entry>();
-    e->sig = sig;
-    e->fn = std::move(fn);
-    entries.reserve(entries.size() + 1);
-    source.add(sig);  // throws with nothing changed
-    entries.push_back(std::move(e));
-  }
+  void add(int sig, std::function<void()> fn);
 
-  bool remove(int sig) noexcept {
-    auto* e = find(sig);
-    if (!e) return false;
-    (*e)->call.cancel();
-    source.remove(sig);
-    entries.erase(entries.begin() + (e - entries.data()));
-    return true;
-  }
+  bool remove(int sig) noexcept;
 
-  static void on_readable(void* self) noexcept {
-    auto* reg = static_cast<signal_registry*>(self);
-    try {
-      reg->source.drain([reg](int sig) { reg->arrived(sig); });
-    } catch (...) {
-      reg->loop.call_exception_handler({"Error while reading signals", std::current_exception(), std::nullopt, std::nullopt});
-    }
-  }
+  static void on_readable(void* self) noexcept;
 
-  void arrived(int sig) {
-    auto* found = find(sig);
-    if (!found || (*found)->queued) return;
-    std::shared_ptr<entry> e = *found;
-    // Weak: the entry holds the call's handle, so a strong capture would be a cycle.
-    e->call = loop.call_soon([weak = std::weak_ptr<entry>(e)] {
-      auto self = weak.lock();
-      if (!self) return;
-      self->queued = false;
-      auto fn = self->fn;  // a handler may replace or remove itself while it runs
-      fn();
-    });
-    e->queued = true;
-  }
+  void arrived(int sig);
 
   event_loop& loop;
   signal_source source;
   std::vector<std::shared_ptr<entry>> entries;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK signal_registry::~signal_registry() {
+  for (auto& e : entries) e->call.cancel();
+  loop.unwatch_internal(source.fd());
+  // source's destructor then restores every disposition and mask bit.
+}
+
+ASYNC_UTILS_LINK std::shared_ptr<signal_registry::entry>* signal_registry::find(int sig) noexcept {
+  for (auto& e : entries) {
+    if (e->sig == sig) return &e;
+  }
+  return nullptr;
+}
+
+ASYNC_UTILS_LINK void signal_registry::add(int sig, std::function<void()> fn) {
+  if (auto* e = find(sig)) {
+    (*e)->fn = std::move(fn);  // a queued call runs the new handler
+    return;
+  }
+  auto e = std::make_shared<entry>();
+  e->sig = sig;
+  e->fn = std::move(fn);
+  entries.reserve(entries.size() + 1);
+  source.add(sig);  // throws with nothing changed
+  entries.push_back(std::move(e));
+}
+
+ASYNC_UTILS_LINK bool signal_registry::remove(int sig) noexcept {
+  auto* e = find(sig);
+  if (!e) return false;
+  (*e)->call.cancel();
+  source.remove(sig);
+  entries.erase(entries.begin() + (e - entries.data()));
+  return true;
+}
+
+ASYNC_UTILS_LINK void signal_registry::on_readable(void* self) noexcept {
+  auto* reg = static_cast<signal_registry*>(self);
+  try {
+    reg->source.drain([reg](int sig) { reg->arrived(sig); });
+  } catch (...) {
+    reg->loop.call_exception_handler({"Error while reading signals", std::current_exception(), std::nullopt, std::nullopt});
+  }
+}
+
+ASYNC_UTILS_LINK void signal_registry::arrived(int sig) {
+  auto* found = find(sig);
+  if (!found || (*found)->queued) return;
+  std::shared_ptr<entry> e = *found;
+  // Weak: the entry holds the call's handle, so a strong capture would be a cycle.
+  e->call = loop.call_soon([weak = std::weak_ptr<entry>(e)] {
+    auto self = weak.lock();
+    if (!self) return;
+    self->queued = false;
+    auto fn = self->fn;  // a handler may replace or remove itself while it runs
+    fn();
+  });
+  e->queued = true;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -111,7 +125,8 @@ struct signal_registry {
 /// sigaction handler writes to a self-pipe (poll) or kqueue records it (EVFILT_SIGNAL).
 /// With signalfd, processes forked from the loop's thread inherit the blocked bit while the
 /// handler is installed (as with any signalfd user): unblock it in the child before exec.
-inline void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
   check_open();
   detail::check_signal_number(sig);
   if (!fn) throw std::invalid_argument("add_signal_handler: empty callback");
@@ -121,14 +136,17 @@ inline void event_loop::add_signal_handler(int sig, std::function<void()> fn) {
   }
   signals_->add(sig, std::move(fn));
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio's loop.remove_signal_handler: false when sig had no handler here. Restores the
 /// disposition (and, with signalfd, the thread's mask bit) that sig had before; arrivals not
 /// yet delivered are dropped. Throws std::invalid_argument for a bad number.
-inline bool event_loop::remove_signal_handler(int sig) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool event_loop::remove_signal_handler(int sig) {
   detail::check_signal_number(sig);
   return signals_ && signals_->remove(sig);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils
 

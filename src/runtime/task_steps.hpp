@@ -2,6 +2,7 @@
 // cancel, finish), written after event_loop because it schedules on it.
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../platform/errors.hpp"
 #include "../platform/log.hpp"
 #include "future_core.hpp"
@@ -24,11 +25,15 @@ inline future_core& current_task_core(const char* what) {
   throw std::runtime_error(std::string(what) + ": the future or task is attached to a different loop");
 }
 
-inline void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
+ASYNC_UTILS_LINK void check_same_loop(const future_core& core, const event_loop* loop, const char* what);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void check_same_loop(const future_core& core, const event_loop* loop, const char* what) {
   // A closed loop forgot its futures (loop() is null): their outcome is final and may be read.
   if (core.loop() != loop && core.loop()) [[unlikely]]
     throw_other_loop(what);
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
@@ -53,7 +58,8 @@ inline void future_core::release() noexcept {
   dispose();
 }
 
-inline void future_core::check_result() {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::check_result() {
   switch (status_) {
     case future_status::pending: throw invalid_state_error("result is not set yet");
     case future_status::cancelled: retrieved_ = true; throw cancelled_error(cancel_message());
@@ -63,14 +69,14 @@ inline void future_core::check_result() {
   }
 }
 
-inline std::exception_ptr future_core::exception() {
+ASYNC_UTILS_LINK std::exception_ptr future_core::exception() {
   if (status_ == future_status::pending) throw invalid_state_error("exception is not set yet");
   if (status_ == future_status::cancelled) throw cancelled_error(cancel_message());
   retrieved_ = true;
   return error_;
 }
 
-inline void future_core::set_exception(std::exception_ptr error) {
+ASYNC_UTILS_LINK void future_core::set_exception(std::exception_ptr error) {
   if (is_task_) throw std::logic_error("a task's outcome is set by its coroutine, not by set_exception");
   if (done()) throw invalid_state_error("future is already done");
   if (!error) throw std::invalid_argument("set_exception: null exception_ptr");
@@ -78,7 +84,7 @@ inline void future_core::set_exception(std::exception_ptr error) {
   finish(future_status::finished);
 }
 
-inline bool future_core::cancel(std::string message) {
+ASYNC_UTILS_LINK bool future_core::cancel(std::string message) {
   if (done()) return false;
   set_cancel_message(std::move(message));  // may allocate: before anything changes
   ++cancel_requests_;
@@ -93,7 +99,7 @@ inline bool future_core::cancel(std::string message) {
   return true;
 }
 
-inline callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
+ASYNC_UTILS_LINK callback_id future_core::add_done_callback(std::function<void(future_core&)> fn) {
   if (!fn) throw std::invalid_argument("add_done_callback: empty callback");
   static thread_local callback_id last_id = 0;  // unique per thread, the futures' loop thread
   std::unique_ptr<done_callback> node(new done_callback);
@@ -108,7 +114,7 @@ inline callback_id future_core::add_done_callback(std::function<void(future_core
   return id;
 }
 
-inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
+ASYNC_UTILS_LINK std::size_t future_core::remove_done_callback(callback_id id) noexcept {
   std::size_t removed = 0;
   waiters_.for_each([&](completion_waiter& w) {
     if (w.notify != &done_callback::schedule || static_cast<done_callback&>(w).id != id) return;
@@ -119,7 +125,7 @@ inline std::size_t future_core::remove_done_callback(callback_id id) noexcept {
   return removed;
 }
 
-inline void future_core::drop_callbacks() noexcept {
+ASYNC_UTILS_LINK void future_core::drop_callbacks() noexcept {
   waiters_.for_each([](completion_waiter& w) {
     if (w.notify != &done_callback::schedule) return;
     w.unlink();
@@ -127,7 +133,7 @@ inline void future_core::drop_callbacks() noexcept {
   });
 }
 
-inline void future_core::done_callback::schedule(completion_waiter* w) {
+ASYNC_UTILS_LINK void future_core::done_callback::schedule(completion_waiter* w) {
   auto* self = static_cast<done_callback*>(w);
   event_loop* loop = self->core->loop_;
   if (!loop || loop->is_closed()) {  // nothing will run it any more
@@ -138,7 +144,7 @@ inline void future_core::done_callback::schedule(completion_waiter* w) {
   self->core->add_ref();  // the job's (after schedule, which may throw)
 }
 
-inline void future_core::done_callback::run(void* arg, bool run) noexcept {
+ASYNC_UTILS_LINK void future_core::done_callback::run(void* arg, bool run) noexcept {
   auto* self = static_cast<done_callback*>(arg);
   future_core* core = self->core;
   if (run) {
@@ -152,6 +158,7 @@ inline void future_core::done_callback::run(void* arg, bool run) noexcept {
   delete self;
   core->release();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::finish(future_status status) noexcept {
   if (status_ != future_status::pending) return;
@@ -160,13 +167,8 @@ inline void future_core::finish(future_status status) noexcept {
   while (completion_waiter* w = waiters_.pop_front()) w->notify(w);
 }
 
-inline std::string future_core::name() const {
-  if (extras_ && !extras_->name.empty()) return extras_->name;
-  if (!is_task_) return {};
-  return "Task-" + std::to_string(number_);
-}
-
-inline void future_core::start(std::coroutine_handle<> top, std::string&& name) {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::start(std::coroutine_handle<> top, std::string&& name) {
   if (!name.empty()) extras().name = std::move(name);
   number_ = loop_->next_task_number();
   resume_at_ = top;
@@ -174,6 +176,7 @@ inline void future_core::start(std::coroutine_handle<> top, std::string&& name) 
   scheduled_ = true;
   loop_->schedule({&run_step, this});  // never inline: the task starts on a later iteration
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void future_core::suspend_on(cancel_hook* hook, std::coroutine_handle<> where) {
   resume_at_ = where;
@@ -207,11 +210,12 @@ inline void future_core::throw_if_cancelled(bool withdrawn) {
   throw cancelled_error(cancel_message());
 }
 
-inline void future_core::run_step(void* self, bool run) noexcept {
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void future_core::run_step(void* self, bool run) noexcept {
   if (run) static_cast<future_core*>(self)->step();
 }
 
-inline void future_core::step() {
+ASYNC_UTILS_LINK void future_core::step() {
   scheduled_ = false;
   if (!started_) {
     started_ = true;
@@ -237,7 +241,7 @@ inline void future_core::step() {
   if (frame_done()) complete();
 }
 
-inline void future_core::complete() noexcept {
+ASYNC_UTILS_LINK void future_core::complete() noexcept {
   harvest();
   destroy_frame();
   future_status status = future_status::finished;
@@ -261,7 +265,7 @@ inline void future_core::complete() noexcept {
   release();  // the running reference
 }
 
-inline void future_core::abandon() noexcept {
+ASYNC_UTILS_LINK void future_core::abandon() noexcept {
   waiting_on_ = nullptr;
   gate_ = nullptr;
   must_cancel_ = false;
@@ -269,5 +273,6 @@ inline void future_core::abandon() noexcept {
   finish(future_status::cancelled);
   release();
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace codestare::async_utils::detail

@@ -58,11 +58,15 @@ clock::time_point saturating_deadline(std::chrono::duration<Rep, Period> delay) 
 }
 
 /// Time left until `when`, never negative; a huge value for `never` (callers test for it first).
-inline clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept;
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK clock::duration time_until(clock::time_point when, clock::time_point now) noexcept {
   if (when <= now) return clock::duration::zero();
   if (now < clock::time_point{} && when > now + clock::duration::max()) return clock::duration::max();
   return when - now;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// A timer lives in whoever waits (a sleeping frame, a call_later handle); the heap only points.
 struct timer_node {

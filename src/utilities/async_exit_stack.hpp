@@ -233,15 +233,7 @@ class async_exit_stack {
   async_exit_stack(const async_exit_stack&) = delete;  // the callbacks must run once
   async_exit_stack& operator=(const async_exit_stack&) = delete;
   async_exit_stack& operator=(async_exit_stack&&) = delete;  // would drop pending callbacks
-  ~async_exit_stack() {
-    if (!exits_.empty()) {
-      try {
-        log(log_level::warning, "async_exit_stack destroyed with " + std::to_string(exits_.size()) +
-                                    " exit callback(s) that never ran: call aclose() or use async_with()");
-      } catch (...) {
-      }
-    }
-  }
+  ~async_exit_stack();
 
   /// Enters `cm` and registers its aexit; yields aenter's result (a reference comes as
   /// std::reference_wrapper). An lvalue is used by reference (it must outlive the stack's
@@ -322,11 +314,7 @@ class async_exit_stack {
   }
 
   /// Moves every registered callback to a new stack, leaving this one empty.
-  async_exit_stack pop_all() noexcept {
-    async_exit_stack moved;
-    moved.exits_ = std::exchange(exits_, {});
-    return moved;
-  }
+  async_exit_stack pop_all() noexcept;
 
   /// Unwinds the stack (aexit without an exception).
   coroutine<void> aclose();
@@ -368,6 +356,24 @@ class async_exit_stack {
 
   std::vector<exit_callback> exits_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK async_exit_stack::~async_exit_stack() {
+  if (!exits_.empty()) {
+    try {
+      log(log_level::warning, "async_exit_stack destroyed with " + std::to_string(exits_.size()) +
+                                  " exit callback(s) that never ran: call aclose() or use async_with()");
+    } catch (...) {
+    }
+  }
+}
+
+ASYNC_UTILS_LINK async_exit_stack async_exit_stack::pop_all() noexcept {
+  async_exit_stack moved;
+  moved.exits_ = std::exchange(exits_, {});
+  return moved;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> async_exit_stack::aclose() { co_await aexit(nullptr); }

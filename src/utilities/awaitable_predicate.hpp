@@ -29,13 +29,7 @@ class awaitable_predicate {
   using duration = std::chrono::steady_clock::duration;
 
   explicit awaitable_predicate(predicate_type predicate, std::shared_ptr<async_utils::condition> cond = nullptr,
-                               std::optional<duration> timeout = std::nullopt)
-      : predicate_(std::move(predicate)),
-        condition_(cond ? std::move(cond) : std::make_shared<async_utils::condition>()),
-        timeout_(timeout) {
-    if (!predicate_) throw std::invalid_argument("awaitable_predicate: empty predicate");
-    if (timeout_ && *timeout_ < duration::zero()) throw std::invalid_argument("awaitable_predicate: negative timeout");
-  }
+                               std::optional<duration> timeout = std::nullopt);
 
   /// The predicate's value now (no lock taken).
   explicit operator bool() const { return predicate_(); }
@@ -57,6 +51,17 @@ class awaitable_predicate {
   std::shared_ptr<async_utils::condition> condition_;
   std::optional<duration> timeout_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK awaitable_predicate::awaitable_predicate(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,
+                             std::optional<duration> timeout)
+    : predicate_(std::move(predicate)),
+      condition_(cond ? std::move(cond) : std::make_shared<async_utils::condition>()),
+      timeout_(timeout) {
+  if (!predicate_) throw std::invalid_argument("awaitable_predicate: empty predicate");
+  if (timeout_ && *timeout_ < duration::zero()) throw std::invalid_argument("awaitable_predicate: negative timeout");
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type predicate, std::shared_ptr<async_utils::condition> cond,

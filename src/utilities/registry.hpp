@@ -37,11 +37,15 @@ std::string_view pretty_type_name() noexcept {
 }
 
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
-inline std::string demangle(const std::type_info& type) {
+ASYNC_UTILS_LINK std::string demangle(const std::type_info& type);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string demangle(const std::type_info& type) {
   int status = 0;
   std::unique_ptr<char, void (*)(void*)> name(abi::__cxa_demangle(type.name(), nullptr, nullptr, &status), std::free);
   return status == 0 && name ? std::string(name.get()) : std::string(type.name());
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 #endif
 
 /// The qualified name of T ("T" for a class T at global scope, "ns::T" in a namespace).
@@ -65,7 +69,10 @@ std::string dynamic_type_name(const T& object) {
 }
 
 /// Python's repr of a str: single quotes, with backslashes, quotes and control characters escaped.
-inline std::string python_repr(std::string_view text) {
+ASYNC_UTILS_LINK std::string python_repr(std::string_view text);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string python_repr(std::string_view text) {
   std::string out = "'";
   for (char c : text) {
     switch (c) {
@@ -87,6 +94,7 @@ inline std::string python_repr(std::string_view text) {
   }
   return out + "'";
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// A registry key as a string: strings as they are, numbers via to_string, else operator<<.
 template <class K>

@@ -32,6 +32,7 @@
 #include "../runtime/task.hpp"
 #include "../runtime/wait_for.hpp"
 #include "../runtime/run.hpp"
+#include "../runtime/signals.hpp"
 #include "../primitives/lock.hpp"
 #include "task_nursery.hpp"
 
@@ -59,14 +60,18 @@ struct loop_shutdown {
   std::vector<int> signals;       // the signals whose handlers we installed
   std::vector<std::weak_ptr<nursery_state>> nurseries;
 
-  std::vector<std::shared_ptr<nursery_state>> live_nurseries() {
-    std::vector<std::shared_ptr<nursery_state>> out;
-    std::erase_if(nurseries, [](const std::weak_ptr<nursery_state>& w) { return w.expired(); });
-    for (auto& w : nurseries)
-      if (auto s = w.lock()) out.push_back(std::move(s));
-    return out;
-  }
+  std::vector<std::shared_ptr<nursery_state>> live_nurseries();
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::vector<std::shared_ptr<nursery_state>> loop_shutdown::live_nurseries() {
+  std::vector<std::shared_ptr<nursery_state>> out;
+  std::erase_if(nurseries, [](const std::weak_ptr<nursery_state>& w) { return w.expired(); });
+  for (auto& w : nurseries)
+    if (auto s = w.lock()) out.push_back(std::move(s));
+  return out;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
@@ -89,13 +94,17 @@ struct loop_shutdown_guard {
   explicit loop_shutdown_guard(std::shared_ptr<loop_shutdown> e) : entry(std::move(e)) {}
   loop_shutdown_guard(const loop_shutdown_guard&) = delete;
   loop_shutdown_guard& operator=(const loop_shutdown_guard&) = delete;
-  ~loop_shutdown_guard() {
-    auto& table = shutdown_table();
-    std::lock_guard lock(table.mutex);
-    auto it = table.entries.find(entry->loop);
-    if (it != table.entries.end() && it->second == entry) table.entries.erase(it);
-  }
+  ~loop_shutdown_guard();
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK loop_shutdown_guard::~loop_shutdown_guard() {
+  auto& table = shutdown_table();
+  std::lock_guard lock(table.mutex);
+  auto it = table.entries.find(entry->loop);
+  if (it != table.entries.end() && it->second == entry) table.entries.erase(it);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// The entry of `loop` and the guard that keeps it listed (created when missing).
 ASYNC_UTILS_LINK std::shared_ptr<loop_shutdown_guard> shutdown_guard_of(event_loop& loop);

@@ -4,6 +4,7 @@
 // socket does not take is buffered, flushed by an add_writer callback (asyncio's transport).
 #pragma once
 
+#include "../platform/config.hpp"
 #include "../runtime/executor.hpp"
 #include "../runtime/future.hpp"
 #include "../runtime/io.hpp"
@@ -86,98 +87,112 @@ struct stream_state {
   stream_state(int f, std::size_t lim) : loop(&event_loop::current()), fd(f), limit(lim), closed(loop->create_future<void>()) {}
   stream_state(const stream_state&) = delete;
   stream_state& operator=(const stream_state&) = delete;
-  ~stream_state() {
-    if (writer_armed && fd) loop->remove_writer(fd.get());
-  }
+  ~stream_state();
 
   std::size_t available() const noexcept { return tail - head; }
   std::size_t buffered() const noexcept { return wbuf.size() - whead; }
 
   /// Room for at least `n` more bytes after tail.
-  void reserve(std::size_t n) {
-    if (head == tail) head = tail = 0;
-    if (rbuf.size() - tail >= n) return;
-    if (head > 0) {
-      std::memmove(rbuf.data(), rbuf.data() + head, tail - head);
-      tail -= head;
-      head = 0;
-    }
-    if (rbuf.size() - tail < n) rbuf.resize(std::max(tail + n, rbuf.size() * 2));
-  }
+  void reserve(std::size_t n);
 
   /// The first n buffered bytes; moved out without a copy when they are all of the buffer.
-  std::string take(std::size_t n) {
-    std::string out;
-    if (head == 0 && n == tail) {
-      out = std::move(rbuf);
-      out.resize(n);
-      rbuf = std::string();
-      tail = 0;
-    } else {
-      out.assign(rbuf.data() + head, n);
-      head += n;
-      if (head == tail) head = tail = 0;
+  std::string take(std::size_t n);
+
+  void wake_drainers();
+
+  void finish_close();
+
+  void flush();
+};
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK stream_state::~stream_state() {
+  if (writer_armed && fd) loop->remove_writer(fd.get());
+}
+
+ASYNC_UTILS_LINK void stream_state::reserve(std::size_t n) {
+  if (head == tail) head = tail = 0;
+  if (rbuf.size() - tail >= n) return;
+  if (head > 0) {
+    std::memmove(rbuf.data(), rbuf.data() + head, tail - head);
+    tail -= head;
+    head = 0;
+  }
+  if (rbuf.size() - tail < n) rbuf.resize(std::max(tail + n, rbuf.size() * 2));
+}
+
+ASYNC_UTILS_LINK std::string stream_state::take(std::size_t n) {
+  std::string out;
+  if (head == 0 && n == tail) {
+    out = std::move(rbuf);
+    out.resize(n);
+    rbuf = std::string();
+    tail = 0;
+  } else {
+    out.assign(rbuf.data() + head, n);
+    head += n;
+    if (head == tail) head = tail = 0;
+  }
+  return out;
+}
+
+ASYNC_UTILS_LINK void stream_state::wake_drainers() {
+  for (auto& f : drainers)
+    if (!f.done()) f.set_result();
+  drainers.clear();
+}
+
+ASYNC_UTILS_LINK void stream_state::finish_close() {
+  if (writer_armed) {
+    loop->remove_writer(fd.get());
+    writer_armed = false;
+  }
+  wake_drainers();
+  if (reading) {
+    ::shutdown(fd.get(), SHUT_RDWR);  // the pending read sees EOF and closes after it
+    return;
+  }
+  fd.reset();
+  if (!closed.done()) closed.set_result();
+}
+
+ASYNC_UTILS_LINK void stream_state::flush() {
+  while (buffered() > 0) {
+    ssize_t n = ::send(fd.get(), wbuf.data() + whead, buffered(), send_flags);
+    if (n >= 0) {
+      whead += static_cast<std::size_t>(n);
+      continue;
     }
-    return out;
+    if (errno == EINTR) continue;
+    if (would_block(errno)) break;
+    write_error = errno;
+    wbuf.clear();
+    whead = 0;
+    break;
   }
-
-  void wake_drainers() {
-    for (auto& f : drainers)
-      if (!f.done()) f.set_result();
-    drainers.clear();
+  if (buffered() == 0) {
+    wbuf.clear();
+    whead = 0;
   }
-
-  void finish_close() {
+  if (buffered() <= stream_low_water) wake_drainers();
+  if (buffered() == 0 || write_error) {
     if (writer_armed) {
       loop->remove_writer(fd.get());
       writer_armed = false;
     }
-    wake_drainers();
-    if (reading) {
-      ::shutdown(fd.get(), SHUT_RDWR);  // the pending read sees EOF and closes after it
-      return;
+    if (closing && fd) {
+      finish_close();
+    } else if (eof_pending && !write_error) {
+      eof_pending = false;
+      eof_written = true;
+      ::shutdown(fd.get(), SHUT_WR);
     }
-    fd.reset();
-    if (!closed.done()) closed.set_result();
+  } else if (!writer_armed) {
+    loop->add_writer(fd.get(), [this] { flush(); });
+    writer_armed = true;
   }
-
-  void flush() {
-    while (buffered() > 0) {
-      ssize_t n = ::send(fd.get(), wbuf.data() + whead, buffered(), send_flags);
-      if (n >= 0) {
-        whead += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (errno == EINTR) continue;
-      if (would_block(errno)) break;
-      write_error = errno;
-      wbuf.clear();
-      whead = 0;
-      break;
-    }
-    if (buffered() == 0) {
-      wbuf.clear();
-      whead = 0;
-    }
-    if (buffered() <= stream_low_water) wake_drainers();
-    if (buffered() == 0 || write_error) {
-      if (writer_armed) {
-        loop->remove_writer(fd.get());
-        writer_armed = false;
-      }
-      if (closing && fd) {
-        finish_close();
-      } else if (eof_pending && !write_error) {
-        eof_pending = false;
-        eof_written = true;
-        ::shutdown(fd.get(), SHUT_WR);
-      }
-    } else if (!writer_armed) {
-      loop->add_writer(fd.get(), [this] { flush(); });
-      writer_armed = true;
-    }
-  }
-};
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Receives into the stream's buffer. The bytes are counted in the state at once, so a read
 /// cancelled after the kernel handed them over keeps them for the next read.
@@ -428,32 +443,7 @@ class stream_writer {
   explicit stream_writer(std::shared_ptr<detail::stream_state> s) : s_(std::move(s)) {}
 
   /// Sends what the socket takes now and buffers the rest; drain() waits for the buffer.
-  void write(std::string_view data) {
-    auto& s = *st();
-    if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
-    if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
-    if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
-    std::size_t sent = 0;
-    if (s.buffered() == 0) {
-      while (sent < data.size()) {
-        ssize_t n = ::send(s.fd.get(), data.data() + sent, data.size() - sent, detail::send_flags);
-        if (n >= 0) {
-          sent += static_cast<std::size_t>(n);
-          continue;
-        }
-        if (errno == EINTR) continue;
-        if (detail::would_block(errno)) break;
-        s.write_error = errno;
-        return;
-      }
-      if (sent == data.size()) return;
-    }
-    s.wbuf.append(data.data() + sent, data.size() - sent);
-    if (!s.writer_armed) {
-      s.loop->add_writer(s.fd.get(), [p = &s] { p->flush(); });
-      s.writer_armed = true;
-    }
-  }
+  void write(std::string_view data);
   template <class Range>
   void writelines(const Range& lines) {
     for (const auto& line : lines) write(std::string_view(line));
@@ -464,41 +454,14 @@ class stream_writer {
   coroutine<void> drain() { return detail::stream_drain(st()); }
 
   /// Closes the connection once the buffer is flushed.
-  void close() {
-    auto& s = *st();
-    if (s.closing) return;
-    s.closing = true;
-    if (s.buffered() == 0 && s.fd) s.finish_close();
-  }
+  void close();
   bool is_closing() const { return st()->closing; }
   coroutine<void> wait_closed() { return detail::stream_wait_closed(st()); }
   bool can_write_eof() const noexcept { return true; }
   /// Shuts the sending side down after the buffer is flushed.
-  void write_eof() {
-    auto& s = *st();
-    if (s.closing || s.eof_written || s.eof_pending) return;
-    if (s.buffered() == 0) {
-      s.eof_written = true;
-      ::shutdown(s.fd.get(), SHUT_WR);
-    } else {
-      s.eof_pending = true;
-    }
-  }
+  void write_eof();
   /// "peername" or "sockname" as "host:port" ("[v6]:port", or a Unix path); none for others.
-  std::optional<std::string> get_extra_info(std::string_view name) const {
-    if (!st()->fd) return std::nullopt;
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    int r;
-    if (name == "peername")
-      r = ::getpeername(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
-    else if (name == "sockname")
-      r = ::getsockname(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
-    else
-      return std::nullopt;
-    if (r != 0) return std::nullopt;
-    return detail::format_address(a, len);
-  }
+  std::optional<std::string> get_extra_info(std::string_view name) const;
   /// The descriptor (owned by the stream; -1 once closed).
   int fileno() const { return st()->fd.get(); }
 
@@ -506,6 +469,68 @@ class stream_writer {
   const std::shared_ptr<detail::stream_state>& st() const { return detail::live(s_, "stream_writer"); }
   std::shared_ptr<detail::stream_state> s_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void stream_writer::write(std::string_view data) {
+  auto& s = *st();
+  if (s.closing) throw std::runtime_error("stream_writer.write: the writer is closed");
+  if (s.eof_written || s.eof_pending) throw std::runtime_error("stream_writer.write: cannot write after write_eof()");
+  if (data.empty() || s.write_error) return;  // a lost connection is reported by drain()
+  std::size_t sent = 0;
+  if (s.buffered() == 0) {
+    while (sent < data.size()) {
+      ssize_t n = ::send(s.fd.get(), data.data() + sent, data.size() - sent, detail::send_flags);
+      if (n >= 0) {
+        sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (detail::would_block(errno)) break;
+      s.write_error = errno;
+      return;
+    }
+    if (sent == data.size()) return;
+  }
+  s.wbuf.append(data.data() + sent, data.size() - sent);
+  if (!s.writer_armed) {
+    s.loop->add_writer(s.fd.get(), [p = &s] { p->flush(); });
+    s.writer_armed = true;
+  }
+}
+
+ASYNC_UTILS_LINK void stream_writer::close() {
+  auto& s = *st();
+  if (s.closing) return;
+  s.closing = true;
+  if (s.buffered() == 0 && s.fd) s.finish_close();
+}
+
+ASYNC_UTILS_LINK void stream_writer::write_eof() {
+  auto& s = *st();
+  if (s.closing || s.eof_written || s.eof_pending) return;
+  if (s.buffered() == 0) {
+    s.eof_written = true;
+    ::shutdown(s.fd.get(), SHUT_WR);
+  } else {
+    s.eof_pending = true;
+  }
+}
+
+ASYNC_UTILS_LINK std::optional<std::string> stream_writer::get_extra_info(std::string_view name) const {
+  if (!st()->fd) return std::nullopt;
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  int r;
+  if (name == "peername")
+    r = ::getpeername(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  else if (name == "sockname")
+    r = ::getsockname(s_->fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  else
+    return std::nullopt;
+  if (r != 0) return std::nullopt;
+  return detail::format_address(a, len);
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// Takes a connected socket (made non-blocking here) and returns its reader and writer, which
 /// own it from now on.
@@ -699,22 +724,28 @@ struct server_options {
 struct listening_socket {
   int fd = -1;
   /// The bound address as "host:port" ("[v6]:port", or the Unix path).
-  std::string sockname() const {
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return {};
-    return detail::format_address(a, len);
-  }
+  std::string sockname() const;
   /// The bound port (0 for a Unix socket).
-  int port() const {
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
-    if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
-    if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
-    return 0;
-  }
+  int port() const;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string listening_socket::sockname() const {
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return {};
+  return detail::format_address(a, len);
+}
+
+ASYNC_UTILS_LINK int listening_socket::port() const {
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+  return 0;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 namespace detail {
 
@@ -739,37 +770,47 @@ struct server_state : std::enable_shared_from_this<server_state> {
   server_state& operator=(const server_state&) = delete;
   ~server_state() { close(); }
 
-  void start() {
-    if (serving || closed) return;
-    serving = true;
-    for (auto& l : listeners) loop->add_reader(l.get(), [this, fd = l.get()] { accept_ready(fd); });
-  }
-  void pause() {
-    if (!serving) return;
-    serving = false;
-    for (auto& l : listeners) loop->remove_reader(l.get());
-  }
-  void close() {
-    if (closed) return;
-    pause();
-    closed = true;
-    retry.cancel();
-    listeners.clear();  // stops accepting; connections already made go on
-    if (!unix_path.empty()) ::unlink(unix_path.c_str());
-    if (forever && !forever->done()) forever->cancel();
-    maybe_wake();
-  }
-  void maybe_wake() {
-    if (!closed || active > 0) return;
-    for (auto& f : closed_waiters)
-      if (!f.done()) f.set_result();
-    closed_waiters.clear();
-  }
+  void start();
+  void pause();
+  void close();
+  void maybe_wake();
 
   // Accepts what is pending (at most a backlog's worth per wake-up, as asyncio).
   void accept_ready(int fd);
   static coroutine<void> serve(std::shared_ptr<server_state> self, unique_fd conn);
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void server_state::start() {
+  if (serving || closed) return;
+  serving = true;
+  for (auto& l : listeners) loop->add_reader(l.get(), [this, fd = l.get()] { accept_ready(fd); });
+}
+
+ASYNC_UTILS_LINK void server_state::pause() {
+  if (!serving) return;
+  serving = false;
+  for (auto& l : listeners) loop->remove_reader(l.get());
+}
+
+ASYNC_UTILS_LINK void server_state::close() {
+  if (closed) return;
+  pause();
+  closed = true;
+  retry.cancel();
+  listeners.clear();  // stops accepting; connections already made go on
+  if (!unix_path.empty()) ::unlink(unix_path.c_str());
+  if (forever && !forever->done()) forever->cancel();
+  maybe_wake();
+}
+
+ASYNC_UTILS_LINK void server_state::maybe_wake() {
+  if (!closed || active > 0) return;
+  for (auto& f : closed_waiters)
+    if (!f.done()) f.set_result();
+  closed_waiters.clear();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 

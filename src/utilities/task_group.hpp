@@ -3,6 +3,8 @@
 // exception_group.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <exception>
 #include <optional>
 #include <stdexcept>
@@ -20,9 +22,7 @@ namespace codestare::async_utils {
 class task_group {
  public:
   task_group() = default;
-  task_group(task_group&& other) {
-    if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
-  }
+  task_group(task_group&& other);
   task_group& operator=(task_group&&) = delete;
 
   /// A task of the group (create_task's rules for `aw`). std::runtime_error before the group is
@@ -50,14 +50,7 @@ class task_group {
 
   /// Enters the group in the running task (std::runtime_error outside a task or when entered
   /// twice); yields the group.
-  detail::ready_ref<task_group> aenter() {
-    if (entered_) throw std::runtime_error("task_group: has already been entered");
-    auto parent = current_task();
-    if (!parent) throw std::runtime_error("task_group: must be entered inside a task");
-    parent_ = *parent;
-    entered_ = true;
-    return {*this};
-  }
+  detail::ready_ref<task_group> aenter();
 
   /// Waits for every task; then rethrows as asyncio does: an outside cancellation as
   /// cancelled_error when nothing failed, else every failure (the body's last) in one
@@ -65,40 +58,13 @@ class task_group {
   coroutine<bool> aexit(std::exception_ptr error);
 
  private:
-  void abort() {
-    aborting_ = true;
-    for (auto& t : tasks_)
-      if (!t.done()) t.cancel();
-  }
+  void abort();
 
-  void on_task_done(const any_task& done) {
-    --pending_;
-    drop_finished();
-    if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
-    if (done.cancelled()) return;
-    std::exception_ptr e = done.exception();
-    if (!e) return;
-    errors_.push_back(e);
-    if (parent_.done()) {
-      log(log_level::error, "task_group: a task failed after its parent task had finished: " + describe(e));
-      return;
-    }
-    if (!aborting_ && !parent_cancel_requested_) {
-      abort();
-      parent_cancel_requested_ = true;
-      parent_.cancel();
-    }
-  }
+  void on_task_done(const any_task& done);
 
   /// Lets go of the finished children once they make up half of tasks_ (amortised O(1) per
   /// child), so a long-lived group holds about as many handles as it has running children.
-  void drop_finished() {
-    // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
-    if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
-    finished_since_drop_ = 0;
-    std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
-    if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
-  }
+  void drop_finished();
 
   std::vector<any_task> tasks_;  // the children, finished ones dropped in batches
   std::size_t pending_ = 0;
@@ -111,6 +77,54 @@ class task_group {
   bool aborting_ = false;
   bool parent_cancel_requested_ = false;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK task_group::task_group(task_group&& other) {
+  if (other.entered_) throw std::logic_error("task_group: cannot be moved once entered");
+}
+
+ASYNC_UTILS_LINK detail::ready_ref<task_group> task_group::aenter() {
+  if (entered_) throw std::runtime_error("task_group: has already been entered");
+  auto parent = current_task();
+  if (!parent) throw std::runtime_error("task_group: must be entered inside a task");
+  parent_ = *parent;
+  entered_ = true;
+  return {*this};
+}
+
+ASYNC_UTILS_LINK void task_group::abort() {
+  aborting_ = true;
+  for (auto& t : tasks_)
+    if (!t.done()) t.cancel();
+}
+
+ASYNC_UTILS_LINK void task_group::on_task_done(const any_task& done) {
+  --pending_;
+  drop_finished();
+  if (on_completed_ && pending_ == 0 && !on_completed_->done()) on_completed_->set_result();
+  if (done.cancelled()) return;
+  std::exception_ptr e = done.exception();
+  if (!e) return;
+  errors_.push_back(e);
+  if (parent_.done()) {
+    log(log_level::error, "task_group: a task failed after its parent task had finished: " + describe(e));
+    return;
+  }
+  if (!aborting_ && !parent_cancel_requested_) {
+    abort();
+    parent_cancel_requested_ = true;
+    parent_.cancel();
+  }
+}
+
+ASYNC_UTILS_LINK void task_group::drop_finished() {
+  // Counted per done callback: at most one pass over tasks_ per tasks_.size() / 2 callbacks.
+  if (++finished_since_drop_ * 2 < tasks_.size() || tasks_.size() < 64) return;
+  finished_since_drop_ = 0;
+  std::erase_if(tasks_, [](const any_task& t) { return t.done(); });
+  if (tasks_.capacity() > 4 * tasks_.size() + 64) tasks_.shrink_to_fit();
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<bool> task_group::aexit(std::exception_ptr error) {

@@ -93,18 +93,26 @@ struct nursery_state {
   std::optional<async_exit_stack> unwinding;
 
   /// Pending children of this nursery and of those it adopted, but not `except`.
-  std::vector<any_task> pending_children(const std::optional<any_task>& except) const {
-    std::vector<any_task> out;
-    auto add = [&](const nursery_state& s) {
-      for (const any_task& t : s.tasks)
-        if (!t.done() && !(except && *except == t)) out.push_back(t);
-    };
-    add(*this);
-    if (responsible)
-      for (const auto& a : adopted) add(*a);
-    return out;
-  }
+  std::vector<any_task> pending_children(const std::optional<any_task>& except) const;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::vector<any_task> nursery_state::pending_children(const std::optional<any_task>& except) const {
+  std::vector<any_task> out;
+  auto add = [&](const nursery_state& s) {
+    for (const any_task& t : s.tasks)
+      if (!t.done() && !(except && *except == t)) out.push_back(t);
+  };
+  add(*this);
+  if (responsible)
+    for (const auto& a : adopted) add(*a);
+  return out;
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+// shutdown.hpp defines attach_nursery (it includes this file), so tests/self_contained.py
+// links this part together with it:
+// Links with: utilities/shutdown.hpp
 
 /// Registers `state` with the shutdown handling of its loop (shutdown.hpp).
 void attach_nursery(event_loop& loop, const std::shared_ptr<nursery_state>& state);
@@ -176,52 +184,12 @@ class nursery_name {
 class task_nursery : public async_exit_stack, public registry<task_nursery> {
  public:
   /// The unique name (computed now when the nursery was given a name function).
-  std::string name() const {
-    if (const auto* fixed = std::get_if<std::string>(&name_)) return *fixed;
-    return std::get<2>(name_)();
-  }
+  std::string name() const;
   static constexpr auto unique_key = &task_nursery::name;
 
   /// A nursery on `loop` (default: the running one). Throws std::invalid_argument when a live
   /// nursery has this name (nothing is registered or started then).
-  explicit task_nursery(nursery_name given = {}, event_loop* loop = nullptr)
-      : registry_base(defer_registration), state_(std::make_shared<detail::nursery_state>()) {
-    event_loop& target = loop ? *loop : event_loop::current();
-    target.check_open();
-    state_->loop = &target;
-    name_ = std::move(given.value_);
-    if (std::holds_alternative<std::monostate>(name_)) {
-      static std::atomic<std::uint64_t> counter{0};
-      for (;;) {  // the automatic name skips names a user gave
-        name_ = "TaskNursery-" + std::to_string(counter.fetch_add(1));
-        try {
-          publish_unique();
-          break;
-        } catch (const std::invalid_argument&) {
-        }
-      }
-    } else {
-      publish_unique();
-    }
-    try {
-      state_->name = this->name();
-      state_->owner = this;
-      state_->tasks.reserve(4);
-      detail::attach_nursery(target, state_);
-      state_->sentinel = target.create_task(sentinel_body(state_), "sentinel:" + state_->name);
-      // A sentinel cancelled before it started never runs its body: shut down from here then.
-      state_->sentinel.add_done_callback([weak = std::weak_ptr<detail::nursery_state>(state_)](any_task) {
-        auto st = weak.lock();
-        if (!st || st->sentinel_woke || st->closing || !st->owner) return;
-        st->loop->create_task(close_later(st), "shutdown:" + st->name);
-      });
-    } catch (...) {
-      withdraw();
-      if (state_->sentinel) state_->sentinel.cancel();
-      state_->owner = nullptr;
-      throw;
-    }
-  }
+  explicit task_nursery(nursery_name given = {}, event_loop* loop = nullptr);
   task_nursery(nursery_name name, event_loop& loop) : task_nursery(std::move(name), &loop) {}
 
   task_nursery(const task_nursery&) = delete;
@@ -229,29 +197,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   task_nursery(task_nursery&&) = delete;  // the sentinel and the children's callbacks point here
   task_nursery& operator=(task_nursery&&) = delete;
 
-  ~task_nursery() {
-    withdraw();
-    auto& st = *state_;
-    if (st.closing && !st.closed) {
-      try {
-        log(log_level::error, "task_nursery " + detail::python_repr(st.name) + " destroyed while it shuts down");
-      } catch (...) {
-      }
-    }
-    if (!st.closing && st.responsible) {
-      auto pending = st.pending_children(std::nullopt);
-      if (!pending.empty()) {
-        try {
-          log(log_level::warning, "task_nursery " + detail::python_repr(st.name) + " destroyed with " + std::to_string(pending.size()) +
-                                      " pending task(s) without being shut down: they are cancelled");
-        } catch (...) {
-        }
-        for (auto& t : pending) t.cancel();
-      }
-    }
-    st.owner = nullptr;
-    if (st.sentinel && !st.sentinel.done()) st.sentinel.cancel();  // ends without touching us
-  }
+  ~task_nursery();
 
   /// The static add_shutdown_handling of the original: installs setup_shutdown_handling(loop)
   /// once per loop (shutdown.hpp).
@@ -291,28 +237,13 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
 
   /// Stops one of this nursery's tasks (see the free stop_task); std::invalid_argument when
   /// `t` is not one of tasks().
-  coroutine<std::exception_ptr> stop_task(const any_task& t) {
-    const auto& list = state_->tasks;
-    if (!t || std::find(list.begin(), list.end(), t) == list.end())
-      throw std::invalid_argument("task_nursery::stop_task: the task is not one of the pending tasks of " + detail::python_repr(state_->name));
-    return codestare::async_utils::stop_task(t);
-  }
+  coroutine<std::exception_ptr> stop_task(const any_task& t);
 
   /// A new nursery (automatic name, same loop) that takes over the exit callbacks and the
   /// responsibility for the tasks. Closing this one afterwards does nothing (its tasks keep
   /// running, its sentinel stays); closing the new one stops those tasks, shuts this one down
   /// and ends the new one.
-  std::unique_ptr<task_nursery> pop_all() {
-    auto adopter = std::make_unique<task_nursery>(nursery_name(), state_->loop);
-    auto& st = *state_;
-    adopter->state_->adopted.reserve(st.adopted.size() + 1);
-    if (!empty()) adopter->push_async_exit(async_exit_stack::pop_all());
-    adopter->state_->adopted.push_back(state_);
-    for (auto& a : st.adopted) adopter->state_->adopted.push_back(std::move(a));
-    st.adopted.clear();
-    st.responsible = false;
-    return adopter;
-  }
+  std::unique_ptr<task_nursery> pop_all();
 
   /// Shuts the nursery down (see the class).
   coroutine<void> aclose();
@@ -337,25 +268,7 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
  private:
   static coroutine<void> sentinel_body(std::shared_ptr<detail::nursery_state> st);
 
-  static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
-    auto st = weak.lock();
-    if (!st) return;
-    auto& list = st->tasks;
-    list.erase(std::remove(list.begin(), list.end(), done), list.end());
-    if (done.cancelled()) return;
-    std::exception_ptr error = done.exception();
-    if (!error) return;
-    try {
-      std::rethrow_exception(error);
-    } catch (const cancelled_error&) {
-      return;  // it raised cancelled_error itself: a cancellation
-    } catch (...) {
-    }
-    if (!st->loop || st->loop->is_closed()) return;
-    std::optional<any_task> sentinel;
-    if (st->sentinel) sentinel = st->sentinel;
-    st->loop->call_exception_handler({"Exception in a task of task_nursery " + detail::python_repr(st->name), error, done, sentinel});
-  }
+  static void child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done);
 
   /// The shutdown. `sentinel_ending`: the sentinel runs it or is done already (do not wait for it).
   coroutine<bool> shut_down(std::exception_ptr error, bool sentinel_ending);
@@ -375,6 +288,115 @@ class task_nursery : public async_exit_stack, public registry<task_nursery> {
   std::variant<std::monostate, std::string, std::function<std::string()>> name_;
   std::shared_ptr<detail::nursery_state> state_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK std::string task_nursery::name() const {
+  if (const auto* fixed = std::get_if<std::string>(&name_)) return *fixed;
+  return std::get<2>(name_)();
+}
+
+ASYNC_UTILS_LINK task_nursery::task_nursery(nursery_name given, event_loop* loop)
+    : registry_base(defer_registration), state_(std::make_shared<detail::nursery_state>()) {
+  event_loop& target = loop ? *loop : event_loop::current();
+  target.check_open();
+  state_->loop = &target;
+  name_ = std::move(given.value_);
+  if (std::holds_alternative<std::monostate>(name_)) {
+    static std::atomic<std::uint64_t> counter{0};
+    for (;;) {  // the automatic name skips names a user gave
+      name_ = "TaskNursery-" + std::to_string(counter.fetch_add(1));
+      try {
+        publish_unique();
+        break;
+      } catch (const std::invalid_argument&) {
+      }
+    }
+  } else {
+    publish_unique();
+  }
+  try {
+    state_->name = this->name();
+    state_->owner = this;
+    state_->tasks.reserve(4);
+    detail::attach_nursery(target, state_);
+    state_->sentinel = target.create_task(sentinel_body(state_), "sentinel:" + state_->name);
+    // A sentinel cancelled before it started never runs its body: shut down from here then.
+    state_->sentinel.add_done_callback([weak = std::weak_ptr<detail::nursery_state>(state_)](any_task) {
+      auto st = weak.lock();
+      if (!st || st->sentinel_woke || st->closing || !st->owner) return;
+      st->loop->create_task(close_later(st), "shutdown:" + st->name);
+    });
+  } catch (...) {
+    withdraw();
+    if (state_->sentinel) state_->sentinel.cancel();
+    state_->owner = nullptr;
+    throw;
+  }
+}
+
+ASYNC_UTILS_LINK task_nursery::~task_nursery() {
+  withdraw();
+  auto& st = *state_;
+  if (st.closing && !st.closed) {
+    try {
+      log(log_level::error, "task_nursery " + detail::python_repr(st.name) + " destroyed while it shuts down");
+    } catch (...) {
+    }
+  }
+  if (!st.closing && st.responsible) {
+    auto pending = st.pending_children(std::nullopt);
+    if (!pending.empty()) {
+      try {
+        log(log_level::warning, "task_nursery " + detail::python_repr(st.name) + " destroyed with " + std::to_string(pending.size()) +
+                                    " pending task(s) without being shut down: they are cancelled");
+      } catch (...) {
+      }
+      for (auto& t : pending) t.cancel();
+    }
+  }
+  st.owner = nullptr;
+  if (st.sentinel && !st.sentinel.done()) st.sentinel.cancel();  // ends without touching us
+}
+
+ASYNC_UTILS_LINK coroutine<std::exception_ptr> task_nursery::stop_task(const any_task& t) {
+  const auto& list = state_->tasks;
+  if (!t || std::find(list.begin(), list.end(), t) == list.end())
+    throw std::invalid_argument("task_nursery::stop_task: the task is not one of the pending tasks of " + detail::python_repr(state_->name));
+  return codestare::async_utils::stop_task(t);
+}
+
+ASYNC_UTILS_LINK std::unique_ptr<task_nursery> task_nursery::pop_all() {
+  auto adopter = std::make_unique<task_nursery>(nursery_name(), state_->loop);
+  auto& st = *state_;
+  adopter->state_->adopted.reserve(st.adopted.size() + 1);
+  if (!empty()) adopter->push_async_exit(async_exit_stack::pop_all());
+  adopter->state_->adopted.push_back(state_);
+  for (auto& a : st.adopted) adopter->state_->adopted.push_back(std::move(a));
+  st.adopted.clear();
+  st.responsible = false;
+  return adopter;
+}
+
+ASYNC_UTILS_LINK void task_nursery::child_done(const std::weak_ptr<detail::nursery_state>& weak, any_task done) {
+  auto st = weak.lock();
+  if (!st) return;
+  auto& list = st->tasks;
+  list.erase(std::remove(list.begin(), list.end(), done), list.end());
+  if (done.cancelled()) return;
+  std::exception_ptr error = done.exception();
+  if (!error) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const cancelled_error&) {
+    return;  // it raised cancelled_error itself: a cancellation
+  } catch (...) {
+  }
+  if (!st->loop || st->loop->is_closed()) return;
+  std::optional<any_task> sentinel;
+  if (st->sentinel) sentinel = st->sentinel;
+  st->loop->call_exception_handler({"Exception in a task of task_nursery " + detail::python_repr(st->name), error, done, sentinel});
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 #if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK coroutine<void> task_nursery::aclose() { co_await shut_down(nullptr, false); }

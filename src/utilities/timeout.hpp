@@ -3,6 +3,8 @@
 // only one the scope accounts for, by uncancel()) becomes timeout_error.
 #pragma once
 
+#include "../platform/config.hpp"
+
 #include <chrono>
 #include <exception>
 #include <optional>
@@ -21,7 +23,10 @@ struct ready_bool {
   bool await_resume() const noexcept { return value; }
 };
 
-inline bool is_cancellation(const std::exception_ptr& error) {
+ASYNC_UTILS_LINK bool is_cancellation(const std::exception_ptr& error);
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK bool is_cancellation(const std::exception_ptr& error) {
   if (!error) return false;
   try {
     std::rethrow_exception(error);
@@ -31,6 +36,7 @@ inline bool is_cancellation(const std::exception_ptr& error) {
     return false;
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 }  // namespace detail
 
@@ -43,9 +49,7 @@ class timeout_scope {
 
   /// std::nullopt: no deadline (reschedule() may set one later).
   explicit timeout_scope(std::optional<time_point> when) noexcept : when_(when) {}
-  timeout_scope(timeout_scope&& other) : when_(other.when_) {
-    if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
-  }
+  timeout_scope(timeout_scope&& other);
   timeout_scope& operator=(timeout_scope&&) = delete;
   ~timeout_scope() { timer_.cancel(); }
 
@@ -56,51 +60,20 @@ class timeout_scope {
 
   /// Moves the deadline (std::nullopt: never; a past time: at the next loop iteration). Only
   /// inside the scope: std::runtime_error before it is entered or after it is left.
-  void reschedule(std::optional<time_point> when) {
-    if (state_ == state::created) throw std::runtime_error("timeout: has not been entered");
-    if (state_ != state::entered) throw std::runtime_error("timeout: cannot reschedule an expired or finished timeout");
-    when_ = when;
-    timer_.cancel();
-    timer_ = {};
-    if (!when) return;
-    event_loop& loop = *task_->loop();
-    if (*when <= loop.time()) timer_ = loop.call_soon([this] { on_timeout(); });
-    else timer_ = loop.call_at(*when, [this] { on_timeout(); });
-  }
+  void reschedule(std::optional<time_point> when);
 
   /// Enters the scope in the running task (std::runtime_error outside a task, or when entered
   /// twice); yields the scope.
-  detail::ready_ref<timeout_scope> aenter() {
-    if (state_ != state::created) throw std::runtime_error("timeout: has already been entered");
-    task_ = &detail::current_task_core("timeout");
-    state_ = state::entered;
-    cancelling_ = task_->cancel_requests();
-    reschedule(when_);
-    return {*this};
-  }
+  detail::ready_ref<timeout_scope> aenter();
 
   /// Leaves the scope: a cancellation the deadline caused, with no other cancel() pending,
   /// leaves as timeout_error (the cancelled_error nested); anything else passes through.
-  detail::ready_bool aexit(std::exception_ptr error) {
-    timer_.cancel();
-    timer_ = {};
-    if (state_ == state::expiring) {
-      state_ = state::expired;
-      if (task_->uncancel() <= cancelling_ && detail::is_cancellation(error)) throw timeout_error("timeout: the deadline passed");
-    } else if (state_ == state::entered) {
-      state_ = state::exited;
-    }
-    return {false};
-  }
+  detail::ready_bool aexit(std::exception_ptr error);
 
  private:
   enum class state { created, entered, expiring, expired, exited };
 
-  void on_timeout() {
-    task_->cancel({});
-    state_ = state::expiring;
-    timer_ = {};
-  }
+  void on_timeout();
 
   std::optional<time_point> when_;
   state state_ = state::created;
@@ -108,6 +81,51 @@ class timeout_scope {
   unsigned cancelling_ = 0;
   handle timer_;
 };
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK timeout_scope::timeout_scope(timeout_scope&& other) : when_(other.when_) {
+  if (other.state_ != state::created) throw std::logic_error("timeout: cannot be moved once entered");
+}
+
+ASYNC_UTILS_LINK void timeout_scope::reschedule(std::optional<time_point> when) {
+  if (state_ == state::created) throw std::runtime_error("timeout: has not been entered");
+  if (state_ != state::entered) throw std::runtime_error("timeout: cannot reschedule an expired or finished timeout");
+  when_ = when;
+  timer_.cancel();
+  timer_ = {};
+  if (!when) return;
+  event_loop& loop = *task_->loop();
+  if (*when <= loop.time()) timer_ = loop.call_soon([this] { on_timeout(); });
+  else timer_ = loop.call_at(*when, [this] { on_timeout(); });
+}
+
+ASYNC_UTILS_LINK detail::ready_ref<timeout_scope> timeout_scope::aenter() {
+  if (state_ != state::created) throw std::runtime_error("timeout: has already been entered");
+  task_ = &detail::current_task_core("timeout");
+  state_ = state::entered;
+  cancelling_ = task_->cancel_requests();
+  reschedule(when_);
+  return {*this};
+}
+
+ASYNC_UTILS_LINK detail::ready_bool timeout_scope::aexit(std::exception_ptr error) {
+  timer_.cancel();
+  timer_ = {};
+  if (state_ == state::expiring) {
+    state_ = state::expired;
+    if (task_->uncancel() <= cancelling_ && detail::is_cancellation(error)) throw timeout_error("timeout: the deadline passed");
+  } else if (state_ == state::entered) {
+    state_ = state::exited;
+  }
+  return {false};
+}
+
+ASYNC_UTILS_LINK void timeout_scope::on_timeout() {
+  task_->cancel({});
+  state_ = state::expiring;
+  timer_ = {};
+}
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 /// asyncio.timeout(delay): a scope whose deadline is `delay` from now. Any unit; zero or less
 /// expires at the first await; duration::max() (or more than the clock holds) never expires.

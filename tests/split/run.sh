@@ -34,6 +34,20 @@ for cxx in "$@"; do
   else
     bad "$name: without the implementation TU the link fails, but not with undefined references"
   fi
+  if [ "$name" = "${CXX_GCC:-g++}" ] || [[ $name == g++* ]]; then
+    # The implementation TU turns -Wsubobject-linkage off for the library's code only: a user
+    # header included after it still gets the warning.
+    printf '#pragma once\nnamespace { struct hidden {}; }\nstruct holder { hidden h; };\n' >"$o.user.hpp"
+    printf '#define ASYNC_UTILS_IMPLEMENTATION\n#include "async_utils.hpp"\n#include "%s"\n' "$o.user.hpp" >"$o.impl_user.cpp"
+    # shellcheck disable=SC2086
+    if "$cxx" $WARN -pthread -I. -fsyntax-only "$o.impl_user.cpp" >"$o.impl_user.log" 2>&1; then
+      bad "$name: the implementation TU silences -Wsubobject-linkage past the header"
+    elif grep -q "subobject-linkage" "$o.impl_user.log"; then
+      ok "$name: -Wsubobject-linkage is off for the library's code only"
+    else
+      bad "$name: a user header after the implementation TU: $(head -c 600 "$o.impl_user.log")"
+    fi
+  fi
   cp "$o.impl.o" "$o.impl2.o"
   if "$cxx" -pthread "$o.main.o" "$o.other.o" "$o.impl.o" "$o.impl2.o" -o "$o.twoimpl" >"$o.twoimpl.log" 2>&1; then
     bad "$name: two implementation TUs still link"
