@@ -242,8 +242,6 @@
 #ifndef ASYNC_UTILS_HPP_INCLUDED
 #define ASYNC_UTILS_HPP_INCLUDED
 
-#include <algorithm>
-#include <arpa/inet.h>
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -268,7 +266,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <new>
@@ -279,15 +276,12 @@
 #include <sched.h>
 #include <signal.h>
 #include <span>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
-#include <sys/un.h>
 #include <system_error>
 #include <thread>
 #include <tuple>
@@ -846,9 +840,11 @@ using epoll_backend = basic_epoll_backend<false>;
 // with one io_uring_enter per loop iteration that both submits and waits. Epoll if refused.
 
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
+#include <algorithm>
 #include <linux/io_uring.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 
 namespace codestare::async_utils::detail {
@@ -2131,6 +2127,10 @@ std::thread start_thread_without_signals(F&& fn) {
 // executor / thread_pool_executor: concurrent.futures' Executor and ThreadPoolExecutor, as plain
 // job runners (no futures: the loop side brings its own result slot, executor.hpp).
 
+#if ASYNC_UTILS_DEFINITIONS
+#include <algorithm>
+#endif
+
 namespace codestare::async_utils {
 
 /// concurrent.futures.Executor as an event loop uses it: something that runs jobs on other
@@ -2407,6 +2407,9 @@ TEST_SUITE("thread_pool") {
 
 #ifdef ASYNC_UTILS_TESTS
 #include <dirent.h>
+#if ASYNC_UTILS_DEFINITIONS
+#include <sstream>
+#endif
 
 namespace codestare::async_utils {
 template <class T>
@@ -2486,6 +2489,10 @@ inline bool allocations_are_counted() {
 // ---- begin src/runtime/exception_group.hpp ----
 // exception_group: Python's ExceptionGroup, what a task_group throws when children fail.
 // subgroup<E>() and split<E>() do what `except* E` does; nested groups keep their shape.
+
+#if ASYNC_UTILS_DEFINITIONS
+#include <sstream>
+#endif
 
 namespace codestare::async_utils {
 
@@ -3284,6 +3291,9 @@ TEST_SUITE("frame_cache") {
 // ---- end src/runtime/frame_cache.hpp ----
 // ---- begin src/runtime/job_queue.hpp ----
 // The loop's ready queue: a ring buffer of two-word jobs, so scheduling never allocates once warm.
+
+#if ASYNC_UTILS_DEFINITIONS
+#endif
 
 namespace codestare::async_utils::detail {
 
@@ -7049,6 +7059,9 @@ TEST_SUITE("task") {
 // wait_for(aw, timeout): asyncio.wait_for. On timeout the inner task is cancelled, awaited, and
 // timeout_error is thrown.
 
+#if ASYNC_UTILS_DEFINITIONS
+#endif
+
 namespace codestare::async_utils {
 namespace detail {
 
@@ -7910,6 +7923,9 @@ TEST_SUITE("shield") {
 // timeout passes and returns the handles split into done and pending; it cancels nothing and
 // raises nothing of the children's.
 
+#if ASYNC_UTILS_DEFINITIONS
+#endif
+
 namespace codestare::async_utils {
 
 /// asyncio's FIRST_COMPLETED, FIRST_EXCEPTION and ALL_COMPLETED: when wait() returns.
@@ -8585,6 +8601,8 @@ TEST_SUITE("as_completed") {
 // Each operation is tried first and waits only on EAGAIN; retries run in the loop's dispatch,
 // so a spurious wake-up never resumes the task.
 
+#if ASYNC_UTILS_DEFINITIONS
+#endif
 #ifdef ASYNC_UTILS_BACKEND_IO_URING
 #endif
 
@@ -9294,6 +9312,7 @@ inline auto event_loop::wait_writable(int fd) { return async_utils::wait_writabl
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <arpa/inet.h>
 #include <poll.h>
 TEST_SUITE("io") {
   using namespace codestare::async_utils;
@@ -10084,6 +10103,9 @@ TEST_SUITE("io") {
 // ---- begin src/runtime/executor.hpp ----
 // run_in_executor and the loop's default executor: asyncio's loop.run_in_executor,
 // set_default_executor and shutdown_default_executor.
+
+#if ASYNC_UTILS_DEFINITIONS
+#endif
 
 namespace codestare::async_utils {
 namespace detail {
@@ -14095,6 +14117,7 @@ ASYNC_UTILS_LINK coroutine<void> awaitable_predicate::wait_impl(predicate_type p
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <sstream>
 TEST_SUITE("awaitable_predicate") {
   using namespace codestare::async_utils;
   using namespace std::chrono_literals;
@@ -14692,8 +14715,12 @@ TEST_SUITE("condition_property") {
 // registry<Derived>: codestare's RegistryMeta / Registry. A class lists its live instances,
 // keyed by a member it names (or a default key), in Derived::registry().
 
+#if ASYNC_UTILS_DEFINITIONS
+#endif
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
+#if ASYNC_UTILS_DEFINITIONS
 #include <cxxabi.h>
+#endif
 #endif
 
 namespace codestare::async_utils {
@@ -16694,6 +16721,7 @@ void detail::exit_on_exc_callback<CM>::operator()(const Task& t) const {
 }  // namespace codestare::async_utils
 
 #ifdef ASYNC_UTILS_TESTS
+#include <algorithm>
 
 namespace async_exit_on_exc_tests {
 using namespace codestare::async_utils;
@@ -17355,6 +17383,11 @@ TEST_SUITE("make_async") {
 // task_nursery: codestare's TaskNursery, an async_exit_stack that also owns tasks and closes
 // when its sentinel task is cancelled; and the free stop_task(t). (Nursery or task_group: see
 // the class comment.)
+
+#if ASYNC_UTILS_DEFINITIONS
+#endif
+#if ASYNC_UTILS_DEFINITIONS
+#endif
 
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
@@ -18176,6 +18209,11 @@ TEST_SUITE("task_nursery") {
 // restores the previous dispositions), so late signals are absorbed instead of killing the
 // process half-way through its cleanup.
 
+#if ASYNC_UTILS_DEFINITIONS
+#endif
+#if ASYNC_UTILS_DEFINITIONS
+#endif
+
 ASYNC_UTILS_USER_TYPES_IN_FRAMES_BEGIN
 
 namespace codestare::async_utils {
@@ -18204,13 +18242,16 @@ ASYNC_UTILS_LINK std::vector<std::shared_ptr<nursery_state>> loop_shutdown::live
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
+// Defined only where the definitions are compiled: user TUs of the split mode need no <map>.
+struct loop_shutdown_table;
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
+
+#if ASYNC_UTILS_DEFINITIONS
 struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
   std::map<event_loop*, std::shared_ptr<loop_shutdown>> entries;
 };
-ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table() {
   static loop_shutdown_table table;
   return table;
@@ -18628,6 +18669,19 @@ TEST_SUITE("shutdown") {
 // descriptor. Reads fill a buffer owned by the stream (so a cancelled read loses no byte) and
 // hand it out by move when a read takes all of it; writes go out at once and only what the
 // socket does not take is buffered, flushed by an add_writer callback (asyncio's transport).
+
+#if ASYNC_UTILS_DEFINITIONS
+#include <arpa/inet.h>
+#endif
+#if ASYNC_UTILS_DEFINITIONS
+#include <netdb.h>
+#endif
+#if ASYNC_UTILS_DEFINITIONS
+#include <sys/stat.h>
+#endif
+#if ASYNC_UTILS_DEFINITIONS
+#include <sys/un.h>
+#endif
 
 namespace codestare::async_utils {
 

@@ -7,7 +7,9 @@
 #include "posix.hpp"
 #include "signal_source.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <atomic>
 #include <chrono>
 #include <climits>

@@ -8,7 +8,9 @@
 #include <exception>
 #include <optional>
 #include <ostream>
+#if ASYNC_UTILS_DEFINITIONS
 #include <sstream>
+#endif
 #include <stdexcept>
 #include <string>
 #include <type_traits>

@@ -18,7 +18,9 @@
 #include "task.hpp"
 #include "io.hpp"  // before the tests: g++ 12 rejects io.hpp's event_loop::sock_* definitions after them
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <atomic>
 #include <functional>
 #include <memory>

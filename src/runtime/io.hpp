@@ -17,7 +17,9 @@
 #include "task.hpp"
 #include "wait_for.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <cstring>
 #include <netinet/in.h>
 #include <netinet/tcp.h>

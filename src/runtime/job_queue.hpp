@@ -4,7 +4,9 @@
 #include "../platform/config.hpp"
 #include "frame_cache.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <cstddef>
 #include <vector>
 

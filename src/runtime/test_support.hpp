@@ -9,7 +9,9 @@
 #include <chrono>
 #include <cstddef>
 #include <new>
+#if ASYNC_UTILS_DEFINITIONS
 #include <sstream>
+#endif
 #include <string>
 #include <thread>
 

@@ -18,7 +18,9 @@
 #include "completion.hpp"
 #include "task.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <chrono>
 #include <initializer_list>
 #include <iterator>

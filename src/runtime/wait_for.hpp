@@ -16,7 +16,9 @@
 #include "completion.hpp"
 #include "task.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <chrono>
 #include <limits>
 

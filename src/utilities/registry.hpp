@@ -11,14 +11,18 @@
 #include <memory>
 #include <mutex>
 #include <ostream>
+#if ASYNC_UTILS_DEFINITIONS
 #include <sstream>
+#endif
 #include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__cpp_rtti) || defined(__GXX_RTTI)
+#if ASYNC_UTILS_DEFINITIONS
 #include <cxxabi.h>
+#endif
 #include <typeinfo>
 #endif
 

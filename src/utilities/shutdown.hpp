@@ -36,9 +36,13 @@
 #include "../primitives/lock.hpp"
 #include "task_nursery.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <csignal>
+#if ASYNC_UTILS_DEFINITIONS
 #include <map>
+#endif
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -73,13 +77,16 @@ ASYNC_UTILS_LINK std::vector<std::shared_ptr<nursery_state>> loop_shutdown::live
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
+// Defined only where the definitions are compiled: user TUs of the split mode need no <map>.
+struct loop_shutdown_table;
+ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
+
+#if ASYNC_UTILS_DEFINITIONS
 struct loop_shutdown_table {
   std::mutex mutex;  // loops of several threads register here
   std::map<event_loop*, std::shared_ptr<loop_shutdown>> entries;
 };
-ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table();
 
-#if ASYNC_UTILS_DEFINITIONS
 ASYNC_UTILS_LINK loop_shutdown_table& shutdown_table() {
   static loop_shutdown_table table;
   return table;

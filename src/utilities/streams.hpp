@@ -12,8 +12,12 @@
 #include "../runtime/task.hpp"
 #include "async_exit_stack.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <arpa/inet.h>
+#endif
+#if ASYNC_UTILS_DEFINITIONS
 #include <netdb.h>
+#endif
 #include <netinet/tcp.h>
 #include <cstdint>
 #include <cstring>
@@ -23,8 +27,12 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#if ASYNC_UTILS_DEFINITIONS
 #include <sys/stat.h>
+#endif
+#if ASYNC_UTILS_DEFINITIONS
 #include <sys/un.h>
+#endif
 #include <vector>
 
 namespace codestare::async_utils {

@@ -20,14 +20,18 @@
 #include "registry.hpp"
 #include "async_exit_stack.hpp"
 
+#if ASYNC_UTILS_DEFINITIONS
 #include <algorithm>
+#endif
 #include <atomic>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
+#if ASYNC_UTILS_DEFINITIONS
 #include <sstream>
+#endif
 #include <stdexcept>
 #include <string>
 #include <type_traits>
