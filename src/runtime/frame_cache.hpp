@@ -166,9 +166,29 @@ inline frame_chunk* chunk_of_block(void* p) noexcept {
   return reinterpret_cast<block_header*>(static_cast<std::byte*>(p) - frame_granule)->chunk;
 }
 
-/// Gives `count` blocks back to `chunk`; the last one frees it.
-inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
-  if (chunk->live.fetch_sub(count, std::memory_order_acq_rel) == count) {
+// The cold paths, out of line in the split build (declared only where the definitions are not
+// compiled: g++ rejects `noinline` on an inline declaration).
+#if !ASYNC_UTILS_DEFINITIONS
+/// Frees `chunk`, whose last block came back.
+void free_chunk(frame_chunk* chunk) noexcept;
+/// Returns every block cached by this thread to its chunk, and the uncarved rest of this
+/// thread's current chunks: chunks with nothing in use go back to the system (the cache stays
+/// usable).
+void frame_cache_trim() noexcept;
+[[gnu::cold]] void arm_frame_cache_reaper_now(frame_cache_state& c);
+void* allocate_uncached_block(std::size_t n);
+/// A new chunk for class k; the class's previous chunk is fully carved by now.
+void* carve_from_new_chunk(frame_cache_state& c, std::size_t k);
+#ifdef ASYNC_UTILS_HUGE_CHUNKS
+/// `bytes` (a multiple of huge_chunk_bytes) of fresh memory aligned to huge_chunk_bytes and
+/// marked for transparent huge pages, or null. Given back with munmap.
+void* map_huge_region(std::size_t bytes) noexcept;
+#endif
+#endif
+
+#if ASYNC_UTILS_DEFINITIONS
+[[gnu::noinline]] ASYNC_UTILS_LINK void free_chunk(frame_chunk* chunk) noexcept {
+  {
     const std::size_t mapped = chunk->mapped_bytes;
     chunk->~frame_chunk();
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
@@ -185,11 +205,15 @@ inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
 #endif
   }
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
-/// Returns every block cached by this thread to its chunk, and the uncarved rest of this
-/// thread's current chunks: chunks with nothing in use go back to the system (the cache stays
-/// usable).
-inline void frame_cache_trim() noexcept {
+/// Gives `count` blocks back to `chunk`; the last one frees it.
+inline void release_to_chunk(frame_chunk* chunk, std::size_t count) noexcept {
+  if (chunk->live.fetch_sub(count, std::memory_order_acq_rel) == count) free_chunk(chunk);
+}
+
+#if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK void frame_cache_trim() noexcept {
   frame_cache_state& c = frame_cache_tls;
   for (std::size_t k = 0; k < frame_classes; ++k) {
     while (free_block* b = c.heads[k]) {
@@ -216,24 +240,18 @@ struct frame_cache_reaper {
   }
 };
 
-[[gnu::noinline, gnu::cold]] inline void arm_frame_cache_reaper_now(frame_cache_state& c) {
+[[gnu::noinline, gnu::cold]] ASYNC_UTILS_LINK void arm_frame_cache_reaper_now(frame_cache_state& c) {
   c.reaper_armed = true;
   thread_local frame_cache_reaper reaper;  // first use registers the thread-exit drain
   (void)reaper;
 }
-inline void arm_frame_cache_reaper(frame_cache_state& c) {
-  if (!c.reaper_armed) arm_frame_cache_reaper_now(c);
-}
-
-[[gnu::noinline]] inline void* allocate_uncached_block(std::size_t n) {
+[[gnu::noinline]] ASYNC_UTILS_LINK void* allocate_uncached_block(std::size_t n) {
   auto* header = ::new (::operator new(frame_granule + n)) block_header{nullptr, 0};
   return reinterpret_cast<std::byte*>(header) + frame_granule;
 }
 
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
-/// `bytes` (a multiple of huge_chunk_bytes) of fresh memory aligned to huge_chunk_bytes and
-/// marked for transparent huge pages, or null. Given back with munmap.
-inline void* map_huge_region(std::size_t bytes) noexcept {
+ASYNC_UTILS_LINK void* map_huge_region(std::size_t bytes) noexcept {
   // huge_chunk_bytes more, then the unaligned ends cut off: the kernel aligns nothing by itself.
   const std::size_t span = bytes + huge_chunk_bytes;
   void* raw = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -247,8 +265,14 @@ inline void* map_huge_region(std::size_t bytes) noexcept {
 }
 #endif
 
-/// A new chunk for class k; the class's previous chunk is fully carved by now.
-[[gnu::noinline]] inline void* carve_from_new_chunk(frame_cache_state& c, std::size_t k) {
+#endif  // ASYNC_UTILS_DEFINITIONS
+
+inline void arm_frame_cache_reaper(frame_cache_state& c) {
+  if (!c.reaper_armed) arm_frame_cache_reaper_now(c);
+}
+
+#if ASYNC_UTILS_DEFINITIONS
+[[gnu::noinline]] ASYNC_UTILS_LINK void* carve_from_new_chunk(frame_cache_state& c, std::size_t k) {
   if (c.closed) return allocate_uncached_block((k + 1) * frame_granule);  // no reaper left to retire a chunk
   arm_frame_cache_reaper(c);
   const std::size_t block = frame_granule * (k + 2);
@@ -304,6 +328,7 @@ inline void* map_huge_region(std::size_t bytes) noexcept {
   ::new (static_cast<void*>(first)) block_header{chunk, k};
   return first + frame_granule;
 }
+#endif  // ASYNC_UTILS_DEFINITIONS
 
 inline void* cached_allocate(std::size_t n) {
 #ifndef ASYNC_UTILS_NO_FRAME_CACHE

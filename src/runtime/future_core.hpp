@@ -54,7 +54,7 @@ class future_core : public list_node {
   future_core(event_loop* loop, bool is_task) noexcept : loop_(loop), is_task_(is_task) {}
   future_core(const future_core&) = delete;
   future_core& operator=(const future_core&) = delete;
-  virtual ~future_core() { drop_callbacks(); }
+  virtual ~future_core();
 
   void add_ref() noexcept { ++refs_; }
   void release() noexcept;
@@ -171,6 +171,9 @@ class future_core : public list_node {
   void complete() noexcept;
   [[noreturn]] void throw_cancelled();
   void wake_refused();
+  /// release() at zero with an exception nobody retrieved: reports it (the handler may keep a
+  /// reference); true when the state is to be freed now.
+  [[gnu::cold]] bool report_never_retrieved() noexcept;
 
   intrusive_list<completion_waiter> waiters_;  // awaiting tasks and done callbacks, in order
   std::unique_ptr<extra_state> extras_;

@@ -37,28 +37,32 @@ ASYNC_UTILS_LINK void check_same_loop(const future_core& core, const event_loop*
 
 inline void future_core::release() noexcept {
   if (--refs_ != 0) return;
-  if (status_ == future_status::finished && error_ && !retrieved_) {
-    retrieved_ = true;
-    refs_ = 1;  // a handle for the report; the handler may even keep it
-    {
-      exception_context context{is_task_ ? "Task exception was never retrieved" : "Future exception was never retrieved",
-                                error_, std::nullopt, std::nullopt};
-      if (is_task_) context.task = any_task(this);
-      if (loop_) {
-        loop_->call_exception_handler(context);
-      } else {
-        try {
-          log(log_level::error, context.message + ": " + describe(error_));
-        } catch (...) {
-        }
-      }
-    }
-    if (--refs_ != 0) return;
-  }
+  if (status_ == future_status::finished && error_ && !retrieved_ && !report_never_retrieved()) return;
   dispose();
 }
 
 #if ASYNC_UTILS_DEFINITIONS
+ASYNC_UTILS_LINK future_core::~future_core() { drop_callbacks(); }
+
+ASYNC_UTILS_LINK bool future_core::report_never_retrieved() noexcept {
+  retrieved_ = true;
+  refs_ = 1;  // a handle for the report; the handler may even keep it
+  {
+    exception_context context{is_task_ ? "Task exception was never retrieved" : "Future exception was never retrieved",
+                              error_, std::nullopt, std::nullopt};
+    if (is_task_) context.task = any_task(this);
+    if (loop_) {
+      loop_->call_exception_handler(context);
+    } else {
+      try {
+        log(log_level::error, context.message + ": " + describe(error_));
+      } catch (...) {
+      }
+    }
+  }
+  return --refs_ == 0;
+}
+
 ASYNC_UTILS_LINK void future_core::check_result() {
   switch (status_) {
     case future_status::pending: throw invalid_state_error("result is not set yet");
