@@ -2972,22 +2972,20 @@ void* map_huge_region(std::size_t bytes) noexcept;
 
 #if ASYNC_UTILS_DEFINITIONS
 [[gnu::noinline]] ASYNC_UTILS_LINK void free_chunk(frame_chunk* chunk) noexcept {
-  {
-    const std::size_t mapped = chunk->mapped_bytes;
-    chunk->~frame_chunk();
+  const std::size_t mapped = chunk->mapped_bytes;
+  chunk->~frame_chunk();
 #ifdef ASYNC_UTILS_HUGE_CHUNKS
-    if (mapped) {
-      // The bit goes first: once unmapped, the addresses may come back from anywhere.
-      mark_huge_chunk(huge_chunk_map.load(std::memory_order_acquire), chunk, false);
-      ::munmap(static_cast<void*>(chunk), mapped);
-    } else
+  if (mapped) {
+    // The bit goes first: once unmapped, the addresses may come back from anywhere.
+    mark_huge_chunk(huge_chunk_map.load(std::memory_order_acquire), chunk, false);
+    ::munmap(static_cast<void*>(chunk), mapped);
+  } else
 #endif
-      ::operator delete(static_cast<void*>(chunk));
-    (void)mapped;
+    ::operator delete(static_cast<void*>(chunk));
+  (void)mapped;
 #ifdef ASYNC_UTILS_TESTS
-    frame_chunks_alive.fetch_sub(1, std::memory_order_relaxed);
+  frame_chunks_alive.fetch_sub(1, std::memory_order_relaxed);
 #endif
-  }
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
 
