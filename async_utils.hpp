@@ -3054,6 +3054,22 @@ inline void arm_frame_cache_reaper(frame_cache_state& c) {
 }
 
 #if ASYNC_UTILS_DEFINITIONS
+/// Makes `raw` the current chunk of class k, with `count` blocks `stride` bytes apart (mapped:
+/// its mapping's size, 0 for operator new), and returns its first block, already taken.
+inline std::byte* start_chunk(frame_cache_state& c, std::size_t k, void* raw, std::size_t count, std::size_t stride,
+                              std::size_t mapped) noexcept {
+  auto* chunk = ::new (raw) frame_chunk{count, mapped};
+#ifdef ASYNC_UTILS_TESTS
+  frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
+#endif
+  std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
+  c.current[k] = chunk;
+  c.carve[k] = first + stride;
+  c.uncarved[k] = count - 1;
+  c.huge[k] = mapped != 0;
+  return first;
+}
+
 [[gnu::noinline]] ASYNC_UTILS_LINK void* carve_from_new_chunk(frame_cache_state& c, std::size_t k) {
   if (c.closed) return allocate_uncached_block((k + 1) * frame_granule);  // no reaper left to retire a chunk
   arm_frame_cache_reaper(c);
@@ -3069,22 +3085,12 @@ inline void arm_frame_cache_reaper(frame_cache_state& c) {
       if (raw) {
         const std::size_t stride = block - frame_granule;  // no header
         const std::size_t count = (huge_chunk_bytes - chunk_header_size) / stride;
-        ::new (raw) frame_chunk{count, huge_chunk_bytes};
         mark_huge_chunk(map, raw, true);
-#ifdef ASYNC_UTILS_TESTS
-        frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
-#endif
-        std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
-        c.current[k] = static_cast<frame_chunk*>(raw);
-        c.carve[k] = first + stride;
-        c.uncarved[k] = count - 1;
-        c.huge[k] = true;
-        return first;
+        return start_chunk(c, k, raw, count, stride, huge_chunk_bytes);
       }
     }
   }
 #endif
-  c.huge[k] = false;
   const std::size_t count = blocks_per_chunk(k, c.growth[k]);
   if (c.growth[k] <= max_chunk_growth) ++c.growth[k];
   const std::size_t bytes = chunk_header_size + count * block;
@@ -3099,15 +3105,8 @@ inline void arm_frame_cache_reaper(frame_cache_state& c) {
     if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
   }
 #endif
-  auto* chunk = ::new (raw) frame_chunk{count, 0};
-#ifdef ASYNC_UTILS_TESTS
-  frame_chunks_alive.fetch_add(1, std::memory_order_relaxed);
-#endif
-  std::byte* first = static_cast<std::byte*>(raw) + chunk_header_size;
-  c.current[k] = chunk;
-  c.carve[k] = first + block;
-  c.uncarved[k] = count - 1;
-  ::new (static_cast<void*>(first)) block_header{chunk, k};
+  std::byte* first = start_chunk(c, k, raw, count, block, 0);
+  ::new (static_cast<void*>(first)) block_header{c.current[k], k};
   return first + frame_granule;
 }
 #endif  // ASYNC_UTILS_DEFINITIONS
